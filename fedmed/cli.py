@@ -1,0 +1,296 @@
+"""The `fedmed` command.
+
+Progress goes to stderr (rich); results go to stdout, whose LAST line is the run directory, so
+scripts can do ``run=$(fedmed simulate --quiet | tail -1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Offline by default: no telemetry, no update checks, no per-run dependency installs.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+from fedmed.config import RunConfig, load_run_config, resolve_config_path
+from fedmed.errors import FedmedError
+
+ENGINES = ("inprocess", "ray")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="run config: a TOML path or a shipped name (default: demo)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set rounds=20 --set train.lr=0.01",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmed",
+        description="Federated learning for hospitals: Flower federation with differential "
+        "privacy and honest per-site evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sim = sub.add_parser(
+        "simulate",
+        help="run a multi-hospital study on this machine",
+        description="Run a study (default: the shipped demo) with every site simulated on this "
+        "machine. Writes runs/<name>-<mode>-<timestamp>/ and prints its path last.",
+    )
+    _add_config_args(sim)
+    sim.add_argument(
+        "--mode",
+        choices=("federated", "pooled", "local"),
+        default=None,
+        help="federated (default), pooled (train on the union: upper reference) "
+        "or local (each site alone)",
+    )
+    sim.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="inprocess",
+        help="inprocess (fast, default) or ray (Flower's Ray simulation engine)",
+    )
+    sim.add_argument("--output-dir", default=None, help="parent folder of the run directory")
+    sim.add_argument("--quiet", action="store_true", help="no progress display or summary")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+
+    chk = sub.add_parser(
+        "check-data",
+        help="validate every site's table against the schema, without training",
+        description="Load and validate each site's table as a run would; print rows and class "
+        "balance per site, or the first problem found with how to fix it.",
+    )
+    _add_config_args(chk)
+
+    show = sub.add_parser(
+        "show-config",
+        help="print a run config with defaults and overrides",
+        description="Print the fully resolved run config as JSON.",
+    )
+    _add_config_args(show)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    cfg = load_run_config(resolve_config_path(args.config), args.overrides)
+    changes = {}
+    if getattr(args, "mode", None):
+        changes["mode"] = args.mode
+    if getattr(args, "output_dir", None):
+        changes["output_dir"] = args.output_dir
+    return cfg.replace(**changes) if changes else cfg
+
+
+def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
+    """Validate every site's table up front; fix the feature list in the config for the sites.
+
+    In a simulation all tables are on this machine, so a malformed CSV is reported once, here,
+    as a one-line error instead of as failed replies from a site in round 1.
+    """
+    from dataclasses import replace
+
+    from fedmed.data import load_site_table
+
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+    features = tables[0].features
+    for t in tables[1:]:
+        if t.features != features:
+            raise FedmedError(
+                f"sites '{tables[0].name}' and '{t.name}' have different feature columns; "
+                "list the shared ones in data.schema.features"
+            )
+    schema = replace(cfg.data.schema, features=features)
+    return cfg.replace(data=replace(cfg.data, schema=schema)), tables
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedmed.study import RunPlan, new_run_dir
+
+    cfg, _ = preflight(_load(args))
+    if args.engine == "ray" and cfg.mode != "federated":
+        raise FedmedError("--engine ray runs federated studies; drop it for pooled/local")
+    if not args.verbose:
+        # Flower resets its logger's level while starting apps; a filter sticks.
+        logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
+    plan = RunPlan(cfg, new_run_dir(cfg), engine=args.engine if cfg.mode == "federated" else "-")
+    progress = None if args.quiet else _Progress(cfg)
+    try:
+        payload = _dispatch(plan, args, progress)
+    except BaseException:
+        if plan.run_dir.is_dir() and not any(plan.run_dir.iterdir()):
+            shutil.rmtree(plan.run_dir)
+        raise
+    finally:
+        if progress:
+            progress.close()
+    if not args.quiet:
+        _print_summary(payload)
+    print(plan.run_dir)
+    return 0
+
+
+def _dispatch(plan, args: argparse.Namespace, progress) -> dict:
+    on_round = progress.update if progress else None
+    cfg = plan.config
+    if cfg.mode == "pooled":
+        from fedmed.baselines import run_pooled
+
+        return run_pooled(plan, on_round)
+    if cfg.mode == "local":
+        from fedmed.baselines import run_local
+
+        return run_local(plan, on_round)
+    from fedmed.client_app import app as client_app
+    from fedmed.server_app import build_server_app
+
+    server_app = build_server_app(plan, on_round)
+    if args.engine == "ray":
+        from fedmed.runtime.ray import run_ray
+
+        run_ray(server_app, client_app, len(cfg.sites), verbose=args.verbose)
+    else:
+        from fedmed.runtime.inprocess import run_inprocess
+
+        run_inprocess(server_app, client_app, len(cfg.sites), plan.to_run_config())
+    metrics = plan.run_dir / "metrics.json"
+    if not metrics.is_file():
+        raise FedmedError(
+            "the federation ended without results; rerun with --verbose to see Flower's log"
+        )
+    import json
+
+    return json.loads(metrics.read_text())
+
+
+class _Progress:
+    """A rich progress bar on stderr with the running average metrics and the worst ε."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        label = f"{cfg.name} ({cfg.mode}, {len(cfg.sites)} sites)"
+        self.task = self.progress.add_task(label, total=cfg.rounds, info="")
+
+    def update(self, rnd: int, history) -> None:
+        avg = history.average(rnd)
+        parts = [
+            f"acc {avg.get('accuracy', math.nan):.3f}",
+            f"auc {avg.get('roc_auc', math.nan):.3f}",
+        ]
+        eps = history.epsilon(rnd)
+        if any(eps.values()):
+            parts.append(f"ε≤{max(eps.values()):.2f}")
+        failed = {f["site"] for f in history.failures.get(rnd, [])}
+        if failed:
+            parts.append(f"[red]failed: {', '.join(sorted(failed))}[/red]")
+        self.progress.update(self.task, completed=rnd, info=" · ".join(parts))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float) and value.is_integer() and value > 1:
+        return str(int(value))
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _print_summary(payload: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    final = payload["final"]
+    table = Table(title=f"{payload['name']} · {payload['mode']} · round {final['round']}")
+    cols = ["accuracy", "roc_auc", "f1", "precision", "recall", "num-examples", "epsilon"]
+    table.add_column("site")
+    for c in cols:
+        table.add_column(c, justify="right")
+    order = payload.get("sites") or list(final["sites"])
+    for site in order:
+        m = final["sites"].get(site)
+        if m is None:
+            continue
+        table.add_row(site, *[_fmt(m.get(c)) for c in cols])
+    avg = final["average"]
+    table.add_row(
+        "[bold]average[/bold]",
+        *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
+    )
+    Console(file=sys.stdout, width=120).print(table)
+    if final.get("missing_sites"):
+        print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    cfg, tables = preflight(_load(args))
+    for t in tables:
+        print(
+            f"{t.name}: {len(t.y_train)} train / {len(t.y_test)} test rows, "
+            f"{int(t.y_train.sum() + t.y_test.sum())} positive, {len(t.features)} features "
+            f"({t.origin})"
+        )
+    print(f"ok: {len(tables)} sites valid for {cfg.task}")
+    return 0
+
+
+def cmd_show_config(args: argparse.Namespace) -> int:
+    import json
+
+    print(json.dumps(_load(args).to_dict(), indent=2))
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "check-data": cmd_check_data, "show-config": cmd_show_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FedmedError as exc:
+        print(f"fedmed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["Path", "main"]

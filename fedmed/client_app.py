@@ -1,0 +1,171 @@
+"""The hospital side: a thin Flower ClientApp (data -> privacy -> train -> reply).
+
+The study plan (RunConfig as JSON) arrives in every message from the coordinator; the site's own
+identity comes from its node config (``partition-id`` in simulation). Failures are answered with
+a short, wire-safe reason: details (paths, rows, stack traces) stay in the site's own log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmed.config import RunConfig, SiteSpec
+from fedmed.data import SiteData, load_site_data
+from fedmed.data.table import input_names
+from fedmed.errors import DataError, FedmedError, PrivacyBudgetExceeded
+from fedmed.privacy import Entry, epsilon_spent, train_private
+from fedmed.tasks import get_task
+from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
+
+RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
+SITE_KEY = "site"  # reply ConfigRecord naming the replying site
+PRIVACY_STATE = "fedmed.privacy"  # per-node Context.state record holding the DP step history
+
+log = logging.getLogger("fedmed.site")
+app = ClientApp()
+
+
+# -- what a message needs ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_run(text: str) -> RunConfig:
+    return RunConfig.from_json(text)
+
+
+@functools.lru_cache(maxsize=32)
+def _site_data(run_json: str, site_name: str) -> SiteData:
+    run = _parse_run(run_json)
+    return load_site_data(run, next(s for s in run.sites if s.name == site_name))
+
+
+def _site_of(run: RunConfig, context: Context) -> SiteSpec:
+    index = int(context.node_config.get("partition-id", -1))
+    if not 0 <= index < len(run.sites):
+        raise FedmedError(
+            f"node has partition-id {index} but the study lists {len(run.sites)} sites"
+        )
+    return run.sites[index]
+
+
+def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
+    task = get_task(run.task)
+    model = task.build_model(len(input_names(run.data.schema.features, run.data.schema)), run.model)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
+
+
+def _history(context: Context) -> list[Entry]:
+    rec = context.state.get(PRIVACY_STATE)
+    if rec is None:
+        return []
+    return list(zip(rec["noise"], rec["rate"], rec["steps"], strict=True))
+
+
+def _save_history(context: Context, history: list[Entry]) -> None:
+    context.state[PRIVACY_STATE] = ConfigRecord(
+        {
+            "noise": [float(h[0]) for h in history],
+            "rate": [float(h[1]) for h in history],
+            "steps": [int(h[2]) for h in history],
+        }
+    )
+
+
+def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
+    """Turn any failure into an error reply that names the site and says little else."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            site = "?"
+            with contextlib.suppress(Exception):
+                site = _site_of(_parse_run(msg.content["config"][RUN_KEY]), context).name
+            log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
+            if isinstance(exc, PrivacyBudgetExceeded):
+                reason = "privacy budget exhausted"
+            elif isinstance(exc, DataError):
+                reason = "site data failed validation (details in the site's log)"
+            else:
+                reason = "site failed (details in the site's log)"
+            return Message(Error(code=500, reason=f"site '{site}': {reason}"), reply_to=msg)
+
+    return wrapped
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+@app.train()
+@_fail_closed
+def train(msg: Message, context: Context) -> Message:
+    run_json = str(msg.content["config"][RUN_KEY])
+    run = _parse_run(run_json)
+    site = _site_of(run, context)
+    data = _site_data(run_json, site.name)
+    model = _model(run, msg)
+    server_round = int(msg.content["config"]["server-round"])
+    seed = derive_seed(run.seed, server_round, site.name)
+    device = resolve_device(run.device)
+    task = get_task(run.task)
+    epsilon = 0.0
+    if run.privacy.enabled:
+        result, history = train_private(
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            run,
+            seed=seed,
+            device=device,
+            history=_history(context),
+        )
+        _save_history(context, history)
+        epsilon = epsilon_spent(history, run.privacy)
+    else:
+        result = train_plain(
+            model, data.x_train, data.y_train, task, run.train, seed=seed, device=device
+        )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train_loss": result.loss,
+            "steps": result.steps,
+            "epsilon": epsilon,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.cpu().state_dict()),
+            "metrics": metrics,
+            SITE_KEY: ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+@_fail_closed
+def evaluate_global(msg: Message, context: Context) -> Message:
+    run_json = str(msg.content["config"][RUN_KEY])
+    run = _parse_run(run_json)
+    site = _site_of(run, context)
+    data = _site_data(run_json, site.name)
+    model = _model(run, msg)
+    metrics = evaluate(
+        model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
+    )
+    metrics["num-examples"] = len(data.y_test)
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)

@@ -1,0 +1,378 @@
+"""Run configuration: parsed once, at the edge, into frozen dataclasses.
+
+A run is a TOML file (see simulations/). Everything downstream receives these objects, never raw
+dicts, so a typo is caught here with the list of valid keys instead of surfacing as a KeyError in
+round 7. The same objects travel to sites as JSON (``to_json``/``from_json``): no pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedmed.errors import ConfigError
+
+DEFAULT_DATA_DIR = "../shared/datasets"
+
+
+def data_dir() -> Path:
+    """Where shared datasets live: $FEDMED_DATA_DIR, else ../shared/datasets."""
+    return Path(os.environ.get("FEDMED_DATA_DIR", DEFAULT_DATA_DIR))
+
+
+def _choices(*names: str) -> dict[str, tuple[str, ...]]:
+    return {"choices": names}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network the task builds. ``hidden`` is ignored by ``logreg``."""
+
+    kind: str = field(default="mlp", metadata=_choices("logreg", "mlp"))
+    hidden: tuple[int, ...] = (32,)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site, per round. Set exactly one of local_epochs/local_steps."""
+
+    local_epochs: float | None = None
+    local_steps: int | None = None
+    batch_size: int = 16
+    optimizer: str = field(default="sgd", metadata=_choices("sgd", "adam"))
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.local_epochs is not None and self.local_steps is not None:
+            raise ConfigError(
+                "set only one of train.local_epochs and train.local_steps "
+                "(e.g. --set train.local_epochs=none to use local_steps)"
+            )
+        if self.local_epochs is None and self.local_steps is None:
+            object.__setattr__(self, "local_epochs", 1.0)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Coordinator-side aggregation. ``server_lr`` feeds FedAdam/FedYogi/FedAdagrad/FedAvgM."""
+
+    name: str = "fedavg"
+    min_sites: int = 0  # 0 = every configured site must reply
+    server_lr: float = 0.01
+    server_momentum: float = 0.9
+    tau: float = 1e-3
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Local DP-SGD at every site, calibrated for the WHOLE planned study (all rounds)."""
+
+    enabled: bool = False
+    target_epsilon: float = 3.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = field(default="rdp", metadata=_choices("rdp", "prv"))
+
+
+@dataclass(frozen=True)
+class SchemaConfig:
+    """What a site's table looks like and how it becomes tensors.
+
+    ``features`` empty means every column except the target (and the split column).
+    ``categorical`` maps a column to its allowed values; the values are declared (not inferred)
+    so every hospital produces the same one-hot layout without revealing which values it has.
+    """
+
+    target: str = "target"
+    features: tuple[str, ...] = ()
+    categorical: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    drop_first: bool = False
+    column_names: tuple[str, ...] = ()  # for header-less files (e.g. UCI)
+    na_values: tuple[str, ...] = ()
+    drop_columns: tuple[str, ...] = ()
+    positive_above: float | None = None  # label = target > this; None = target is already 0/1
+    missing: str = field(default="drop", metadata=_choices("drop", "mean", "error"))
+    standardize: str = field(default="numeric", metadata=_choices("numeric", "all", "none"))
+    test_fraction: float = 0.3
+    split_seed: int = 43
+    stratify: bool = True
+    split_column: str = ""  # values "train"/"test"; overrides test_fraction when set
+    min_rows: int = 10
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the sites' tables come from.
+
+    ``builtin`` names a table shipped inside an installed package (e.g. ``sklearn:breast_cancer``)
+    which is then partitioned across the sites: simulation only, for demos and tests.
+    """
+
+    builtin: str = ""
+    partition_sizes: tuple[float, ...] = ()
+    dirichlet_alpha: float = 1.0  # label skew across sites: lower = more skewed
+    partition_seed: int = 0
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One hospital in a simulation: a name and either a table path or a builtin shard."""
+
+    name: str
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole study: what to train, where, how, and where results go."""
+
+    name: str = "run"
+    task: str = "tabular-classification"
+    mode: str = field(default="federated", metadata=_choices("federated", "pooled", "local"))
+    rounds: int = 5
+    seed: int = 0
+    device: str = field(default="auto", metadata=_choices("auto", "cpu", "cuda", "mps"))
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sites: tuple[SiteSpec, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_run(self)
+
+    # -- serialization (the wire format to sites and the model card) --------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        return parse_run_config(json.loads(text))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.sites)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that span several fields
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_run(cfg: RunConfig) -> None:
+    _positive("rounds", cfg.rounds)
+    _positive("train.batch_size", cfg.train.batch_size)
+    _positive("train.lr", cfg.train.lr)
+    if cfg.train.local_epochs is not None:
+        _positive("train.local_epochs", cfg.train.local_epochs)
+    if cfg.train.local_steps is not None:
+        _positive("train.local_steps", cfg.train.local_steps)
+    if cfg.privacy.enabled:
+        _positive("privacy.target_epsilon", cfg.privacy.target_epsilon)
+        _positive("privacy.max_grad_norm", cfg.privacy.max_grad_norm)
+        if not 0 < cfg.privacy.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
+    schema = cfg.data.schema
+    if not 0 < schema.test_fraction < 1:
+        raise ConfigError(
+            f"data.schema.test_fraction must be in (0, 1), got {schema.test_fraction}"
+        )
+    if not cfg.sites:
+        raise ConfigError("no [[sites]] in the config: list at least one site (name + path)")
+    names = [s.name for s in cfg.sites]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"site names must be unique; repeated: {', '.join(dupes)}")
+    if cfg.data.builtin:
+        if cfg.data.partition_sizes and len(cfg.data.partition_sizes) != len(cfg.sites):
+            raise ConfigError(
+                f"data.partition_sizes has {len(cfg.data.partition_sizes)} entries but there are "
+                f"{len(cfg.sites)} sites: give one size per site"
+            )
+    else:
+        missing = [s.name for s in cfg.sites if not s.path]
+        if missing:
+            raise ConfigError(
+                f"sites without a path: {', '.join(missing)}; give each [[sites]] a path "
+                "or set data.builtin to a packaged table"
+            )
+    if cfg.mode == "federated" and len(cfg.sites) < 2:
+        raise ConfigError("a federated run needs at least 2 sites; use --mode local for one site")
+    if cfg.strategy.min_sites > len(cfg.sites):
+        raise ConfigError(
+            f"strategy.min_sites={cfg.strategy.min_sites} exceeds the {len(cfg.sites)} sites"
+        )
+    for col in schema.categorical:
+        if not schema.categorical[col]:
+            raise ConfigError(f"data.schema.categorical.{col} lists no categories")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic dict -> frozen dataclass parsing with key checking
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a plain dict (TOML or JSON), naming any bad key or value."""
+    return _build(RunConfig, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a table, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"[{prefix.rstrip('.')}]" if prefix else "top level"
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' at {where}; valid keys: "
+            f"{', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        f = fields[name]
+        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", f.metadata.get("choices"))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field (e.g. a site's name) is missing
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, choices)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, f"{key}.")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if args and args[0] is SiteSpec:
+            return tuple(_build(SiteSpec, v, f"{key}[{i}].") for i, v in enumerate(value))
+        item = args[0] if args and args[0] is not Any else None
+        return tuple(
+            _coerce(item, v, f"{key}[{i}]", None) if item else v for i, v in enumerate(value)
+        )
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table, got {value!r}")
+        return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{key}='{value}' is not valid; choose one of: {', '.join(choices)}")
+        return value
+    return value
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and command-line overrides
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_config_path(name: str | None) -> Path:
+    """A path as given, else a config shipped with fedmed (``demo`` -> simulations/demo.toml)."""
+    if name is None:
+        name = "demo"
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.stem if path.suffix == ".toml" else path.name
+    packaged = resources.files("fedmed.simulations").joinpath(f"{stem}.toml")
+    if packaged.is_file():
+        return Path(str(packaged))
+    shipped = sorted(
+        p.name.removesuffix(".toml")
+        for p in resources.files("fedmed.simulations").iterdir()
+        if p.name.endswith(".toml")
+    )
+    raise ConfigError(
+        f"config file '{name}' not found; give a path to a TOML file or one of the shipped "
+        f"configs: {', '.join(shipped)}"
+    )
+
+
+def load_run_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML run config and apply ``key.sub=value`` overrides, then validate once."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return parse_run_config(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``--set a.b=value`` in place; the value is read as TOML, else as a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. --set rounds=20), got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a table")
+        node = child
+    node[parts[-1]] = value

@@ -1,0 +1,30 @@
+"""Site datasets: read (sources), check and split (table), spread a demo table (partition)."""
+
+from __future__ import annotations
+
+from fedmed.config import RunConfig, SiteSpec
+from fedmed.data.sources import load_site_frame
+from fedmed.data.table import SiteData, SiteTable, prepare, validate_table
+
+__all__ = ["SiteData", "SiteTable", "load_site_data", "load_site_table", "site_spec"]
+
+
+def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
+    """The configured site called ``name``; an unknown name lists the valid ones."""
+    for site in cfg.sites:
+        if site.name == name:
+            return site
+    from fedmed.errors import ConfigError
+
+    raise ConfigError(f"unknown site '{name}'; configured sites: {', '.join(cfg.site_names)}")
+
+
+def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable:
+    """Read and validate one site's table (raw units, split into train/test)."""
+    frame, origin = load_site_frame(cfg, site)
+    return validate_table(site.name, frame, cfg.data.schema, origin)
+
+
+def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:
+    """Model-ready arrays for one site, preprocessing fitted on its own train split."""
+    return prepare(load_site_table(cfg, site), cfg.data.schema)

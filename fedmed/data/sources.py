@@ -1,0 +1,110 @@
+"""Where a site's raw table comes from: a local CSV/Parquet file, or a packaged demo table.
+
+Rows keep their position in the source as the DataFrame index (1-based line numbers for files)
+so that validation errors can point a data steward at the exact rows to fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedmed.config import RunConfig, SchemaConfig, SiteSpec, data_dir
+from fedmed.data.partition import partition_rows
+from fedmed.errors import ConfigError, DataError
+
+
+def resolve_site_path(path: str) -> str:
+    """Expand ``{data_dir}`` (FEDMED_DATA_DIR, default ../shared/datasets) in a site path."""
+    return path.replace("{data_dir}", str(data_dir()))
+
+
+def read_table(path: str, schema: SchemaConfig) -> pd.DataFrame:
+    """Read a CSV/TSV/Parquet file into a DataFrame indexed by the file's line numbers."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        hint = (
+            " (set FEDMED_DATA_DIR to the folder holding the datasets)" if "{" not in path else ""
+        )
+        raise DataError(f"{path}: file not found{hint}")
+    if file.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty; export the table again with a header row")
+    suffix = file.suffix.lower()
+    names = list(schema.column_names) or None
+    try:
+        if suffix in (".parquet", ".pq"):
+            try:
+                df = pd.read_parquet(file)
+            except ImportError:
+                raise DataError(
+                    f"{path}: reading Parquet needs pyarrow; run: pip install 'fedmed[parquet]'"
+                ) from None
+            first_line = 1
+        else:
+            sep = "\t" if suffix in (".tsv", ".tab") else ","
+            df = pd.read_csv(
+                file,
+                sep=sep,
+                header=None if names else "infer",
+                names=names,
+                na_values=list(schema.na_values) or None,
+                skipinitialspace=True,
+                dtype=str,
+            )
+            first_line = 1 if names else 2
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file has no rows; export the table again") from None
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: not a well-formed table ({exc}); fix the file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text; save it as UTF-8 CSV") from None
+    if df.empty:
+        raise DataError(f"{path}: file has a header but no data rows")
+    df.index = pd.RangeIndex(first_line, first_line + len(df))
+    return df
+
+
+def builtin_table(name: str) -> pd.DataFrame:
+    """A real medical table shipped inside an installed package (works offline)."""
+    if name == "sklearn:breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        bunch = load_breast_cancer(as_frame=True)
+        df = bunch.frame.copy()
+        # sklearn codes 0 = malignant; hospitals think "positive = disease", so flip it.
+        df["malignant"] = (df.pop("target") == 0).astype(int)
+        df.columns = [c.replace(" ", "_") for c in df.columns]
+    else:
+        raise ConfigError(
+            f"data.builtin='{name}' is not a packaged table; choose one of: {', '.join(BUILTINS)}"
+        )
+    df.index = pd.RangeIndex(1, len(df) + 1)
+    return df
+
+
+BUILTINS = ("sklearn:breast_cancer",)
+
+
+def load_site_frame(cfg: RunConfig, site: SiteSpec) -> tuple[pd.DataFrame, str]:
+    """The raw table of one site and a human label for where it came from."""
+    if cfg.data.builtin:
+        table = builtin_table(cfg.data.builtin)
+        target = cfg.data.schema.target
+        if target not in table.columns:
+            raise ConfigError(
+                f"data.schema.target='{target}' is not a column of {cfg.data.builtin}; "
+                f"columns: {', '.join(table.columns)}"
+            )
+        labels = np.asarray(table[target])
+        shards = partition_rows(
+            labels,
+            sizes=cfg.data.partition_sizes or (1.0,) * len(cfg.sites),
+            alpha=cfg.data.dirichlet_alpha,
+            seed=cfg.data.partition_seed,
+        )
+        index = cfg.site_names.index(site.name)
+        return table.iloc[shards[index]], f"{cfg.data.builtin}[{site.name}]"
+    path = resolve_site_path(site.path)
+    return read_table(path, cfg.data.schema), path

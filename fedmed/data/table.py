@@ -1,0 +1,299 @@
+"""A site's table -> validated, split, preprocessed arrays.
+
+Order of operations is the order a data steward would check by hand: the columns exist, the
+values parse, nothing is empty, there are enough rows and both classes; only then split, and fit
+preprocessing on the site's OWN train split (never on its test rows, never on other sites).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from fedmed.config import SchemaConfig
+from fedmed.errors import DataError
+
+MAX_ROWS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class SiteTable:
+    """A validated table, split into train and test, still in raw units."""
+
+    name: str
+    origin: str
+    features: tuple[str, ...]
+    x_train: pd.DataFrame
+    y_train: np.ndarray
+    x_test: pd.DataFrame
+    y_test: np.ndarray
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """Model-ready arrays for one site (float32 features, {0,1} labels)."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    input_names: tuple[str, ...]
+    preprocessing: dict[str, Any]
+
+    @property
+    def n_train(self) -> int:
+        return len(self.y_train)
+
+
+def _rows(index: pd.Index) -> str:
+    shown = ", ".join(str(i) for i in list(index[:MAX_ROWS_SHOWN]))
+    more = f" and {len(index) - MAX_ROWS_SHOWN} more" if len(index) > MAX_ROWS_SHOWN else ""
+    return f"row{'s' if len(index) > 1 else ''} {shown}{more}"
+
+
+def resolve_features(columns: list[str], schema: SchemaConfig) -> tuple[str, ...]:
+    """The feature columns: as declared, or every column but the target and split column."""
+    if schema.features:
+        return schema.features
+    skip = {schema.target, schema.split_column, *schema.drop_columns}
+    return tuple(c for c in columns if c not in skip)
+
+
+def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: str) -> SiteTable:
+    """Check a raw table against the schema and split it; every failure is a DataError."""
+    df = df.drop(columns=[c for c in schema.drop_columns if c in df.columns])
+    features = resolve_features(list(df.columns), schema)
+    needed = [schema.target, *features] + ([schema.split_column] if schema.split_column else [])
+    absent = [c for c in needed if c not in df.columns]
+    if absent:
+        raise DataError(
+            f"{origin}: column '{absent[0]}' is missing (columns present: "
+            f"{', '.join(map(str, df.columns))}); add it to the table or fix the schema"
+        )
+    x = pd.DataFrame(index=df.index)
+    for col in features:
+        x[col] = _parse_column(df[col], col, schema, origin)
+    y_raw = _numeric(df[schema.target], schema.target, origin)
+
+    # Missing values: the policy decides; the target is never imputed.
+    missing_y = y_raw.isna()
+    if missing_y.any() and schema.missing != "drop":
+        raise DataError(
+            f"{origin}: target '{schema.target}' is empty at {_rows(df.index[missing_y])}; "
+            "fill it in or set data.schema.missing='drop'"
+        )
+    missing_x = x.isna().any(axis=1)
+    if schema.missing == "error" and missing_x.any():
+        bad_col = x.columns[x.isna().any()][0]
+        raise DataError(
+            f"{origin}: column '{bad_col}' has missing values at "
+            f"{_rows(df.index[x[bad_col].isna()])}; fill them or set data.schema.missing="
+            "'drop' or 'mean'"
+        )
+    keep = ~missing_y
+    if schema.missing == "drop":
+        keep &= ~missing_x
+    x, y_raw = x[keep], y_raw[keep]
+    split_values = df.loc[keep, schema.split_column] if schema.split_column else None
+
+    y = _labels(y_raw, schema, origin)
+    if len(y) < schema.min_rows:
+        raise DataError(
+            f"{origin}: only {len(y)} usable rows after removing missing values (need at least "
+            f"{schema.min_rows}); add rows, set data.schema.missing='mean', or lower "
+            "data.schema.min_rows"
+        )
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise DataError(
+            f"{origin}: every usable row has label {int(classes[0])}; a site needs both classes "
+            "to train a classifier (check the target column or data.schema.positive_above)"
+        )
+    x_tr, y_tr, x_te, y_te = _split(x, y, split_values, schema, origin)
+    return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te)
+
+
+def _parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) -> pd.Series:
+    if raw.isna().all():
+        raise DataError(
+            f"{origin}: column '{col}' is empty in all {len(raw)} rows; fill it or drop it "
+            "from data.schema.features"
+        )
+    if col not in schema.categorical:
+        return _numeric(raw, col, origin)
+    allowed = schema.categorical[col]
+    numeric_cats = all(isinstance(c, int | float) for c in allowed)
+    values = _numeric(raw, col, origin) if numeric_cats else raw.astype("string").str.strip()
+    bad = values.notna() & ~values.isin(list(allowed))
+    if bad.any():
+        raise DataError(
+            f"{origin}: column '{col}' has value {values[bad].iloc[0]!r} at {_rows(raw.index[bad])}"
+            f", not among the declared categories {list(allowed)}; fix the rows or add the value "
+            f"to data.schema.categorical.{col}"
+        )
+    return values
+
+
+def _numeric(raw: pd.Series, col: str, origin: str) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        return raw.astype(float)
+    text = raw.astype("string").str.strip()
+    text = text.mask(text == "")
+    values = pd.to_numeric(text, errors="coerce")
+    bad = text.notna() & values.isna()
+    if bad.any():
+        raise DataError(
+            f"{origin}: column '{col}' has non-numeric value {text[bad].iloc[0]!r} at "
+            f"{_rows(raw.index[bad])}; fix those rows, mark them missing (data.schema.na_values), "
+            f"or declare '{col}' in data.schema.categorical"
+        )
+    return values.astype(float)
+
+
+def _labels(y: pd.Series, schema: SchemaConfig, origin: str) -> np.ndarray:
+    if schema.positive_above is not None:
+        return (y.to_numpy() > schema.positive_above).astype(np.float32)
+    bad = ~y.isin([0.0, 1.0])
+    if bad.any():
+        raise DataError(
+            f"{origin}: target '{schema.target}' has value {y[bad].iloc[0]:g} at "
+            f"{_rows(y.index[bad])}; a binary target must be 0/1, or set "
+            "data.schema.positive_above (label = value > threshold)"
+        )
+    return y.to_numpy().astype(np.float32)
+
+
+def _split(
+    x: pd.DataFrame,
+    y: np.ndarray,
+    split_values: pd.Series | None,
+    schema: SchemaConfig,
+    origin: str,
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame, np.ndarray]:
+    if split_values is not None:
+        tag = split_values.astype("string").str.strip().str.lower()
+        bad = ~tag.isin(["train", "test"])
+        if bad.any():
+            raise DataError(
+                f"{origin}: split column '{schema.split_column}' must be 'train' or 'test'; "
+                f"found {tag[bad].iloc[0]!r} at {_rows(tag.index[bad])}"
+            )
+        is_test = (tag == "test").to_numpy()
+        if is_test.all() or not is_test.any():
+            raise DataError(
+                f"{origin}: split column '{schema.split_column}' puts every row in one split; "
+                "mark some rows 'train' and some 'test'"
+            )
+        return x[~is_test], y[~is_test], x[is_test], y[is_test]
+    # Stratify when sklearn can (each class needs 2+ rows), as FLamby does.
+    counts = np.unique(y, return_counts=True)[1]
+    stratify = y if schema.stratify and counts.min() > 2 else None
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        x,
+        y,
+        train_size=1 - schema.test_fraction,
+        test_size=schema.test_fraction,
+        random_state=schema.split_seed,
+        shuffle=True,
+        stratify=stratify,
+    )
+    return x_tr, y_tr, x_te, y_te
+
+
+class Preprocessor:
+    """Imputation, one-hot and standardization fitted on one train split.
+
+    The layout (columns, one-hot order) depends only on the schema, so every site yields the
+    same inputs for the shared model; the statistics are the site's own.
+    """
+
+    def __init__(self, features: tuple[str, ...], schema: SchemaConfig) -> None:
+        self.features = features
+        self.schema = schema
+        layout = self._layout()
+        self.input_names = tuple(name for name, _ in layout)
+        self._numeric_mask = np.array([numeric for _, numeric in layout], dtype=bool)
+        self.fill: dict[str, float] = {}
+        self.mean = np.zeros(len(self.input_names), dtype=np.float64)
+        self.std = np.ones(len(self.input_names), dtype=np.float64)
+
+    def _layout(self) -> list[tuple[str, bool]]:
+        """(input name, is numeric) per model input, from the schema alone."""
+        names: list[tuple[str, bool]] = []
+        for col in self.features:
+            cats = self.schema.categorical.get(col)
+            if cats is None:
+                names.append((col, True))
+            else:
+                kept = cats[1:] if self.schema.drop_first else cats
+                names.extend((f"{col}={c}", False) for c in kept)
+        return names
+
+    def fit(self, x: pd.DataFrame) -> Preprocessor:
+        numeric = [c for c in self.features if c not in self.schema.categorical]
+        self.fill = {c: float(x[c].mean()) if x[c].notna().any() else 0.0 for c in numeric}
+        encoded = self._encode(x)
+        scale = self._scaled_columns()
+        mean = encoded.mean(axis=0)
+        std = encoded.std(axis=0)
+        # A constant column (e.g. Switzerland's cholesterol, all 0) keeps std 1: dividing by 0
+        # would turn a harmless column into NaN.
+        std = np.where(std > 1e-12, std, 1.0)
+        self.mean = np.where(scale, mean, 0.0)
+        self.std = np.where(scale, std, 1.0)
+        return self
+
+    def transform(self, x: pd.DataFrame) -> np.ndarray:
+        return ((self._encode(x) - self.mean) / self.std).astype(np.float32)
+
+    def _encode(self, x: pd.DataFrame) -> np.ndarray:
+        blocks = []
+        for col in self.features:
+            cats = self.schema.categorical.get(col)
+            if cats is None:
+                blocks.append(x[col].fillna(self.fill.get(col, 0.0)).to_numpy(dtype=np.float64))
+                continue
+            kept = cats[1:] if self.schema.drop_first else cats
+            for c in kept:
+                blocks.append((x[col] == c).to_numpy(dtype=np.float64))
+        return np.stack(blocks, axis=1) if blocks else np.zeros((len(x), 0))
+
+    def _scaled_columns(self) -> np.ndarray:
+        if self.schema.standardize == "none":
+            return np.zeros(len(self.input_names), dtype=bool)
+        if self.schema.standardize == "all":
+            return np.ones(len(self.input_names), dtype=bool)
+        return self._numeric_mask
+
+    def to_dict(self) -> dict[str, Any]:
+        """Fitted parameters, for the model card (so a served model can reuse them)."""
+        return {
+            "inputs": list(self.input_names),
+            "impute_mean": self.fill,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+        }
+
+
+def prepare(table: SiteTable, schema: SchemaConfig, fitted: Preprocessor | None = None) -> SiteData:
+    """Arrays for training; ``fitted`` reuses another fit (pooled baseline), else fit on train."""
+    pre = fitted or Preprocessor(table.features, schema).fit(table.x_train)
+    return SiteData(
+        name=table.name,
+        x_train=pre.transform(table.x_train),
+        y_train=table.y_train.astype(np.float32),
+        x_test=pre.transform(table.x_test),
+        y_test=table.y_test.astype(np.float32),
+        input_names=pre.input_names,
+        preprocessing=pre.to_dict(),
+    )
+
+
+def input_names(features: tuple[str, ...], schema: SchemaConfig) -> tuple[str, ...]:
+    """The model's input layout from the schema alone (what the coordinator needs)."""
+    return Preprocessor(features, schema).input_names

@@ -1,0 +1,231 @@
+"""Per-round, per-site metrics -> metrics.json, metrics.csv and a PNG plot.
+
+The history is recorded as replies arrive (see strategies.SiteRecorder) and written once at the
+end, atomically: a crashed run leaves no half-written report that looks complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "loss")
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+@dataclass
+class RunHistory:
+    """What every site reported, round by round."""
+
+    sites: tuple[str, ...]
+    rounds: dict[int, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
+    failures: dict[int, list[dict[str, str]]] = field(default_factory=dict)
+
+    def record(self, rnd: int, phase: str, site: str, metrics: dict[str, float]) -> None:
+        self.rounds.setdefault(rnd, {}).setdefault(phase, {})[site] = dict(metrics)
+
+    def record_failure(self, rnd: int, phase: str, reason: str) -> None:
+        match = re.match(r"site '([^']+)'", reason)
+        site = match.group(1) if match else "unknown"
+        self.failures.setdefault(rnd, []).append({"site": site, "phase": phase, "reason": reason})
+        self.rounds.setdefault(rnd, {})
+
+    # -- summaries -------------------------------------------------------------------------------
+    def evaluated(self, rnd: int) -> dict[str, dict[str, float]]:
+        return self.rounds.get(rnd, {}).get("evaluate", {})
+
+    def average(self, rnd: int) -> dict[str, float]:
+        """Unweighted mean over the sites that reported (FLamby's 'average over centers')."""
+        per_site = self.evaluated(rnd)
+        keys = sorted({k for m in per_site.values() for k in m if k != "num-examples"})
+        return {k: _mean([m[k] for m in per_site.values() if k in m]) for k in keys}
+
+    def weighted_average(self, rnd: int) -> dict[str, float]:
+        """Mean weighted by each site's number of test rows."""
+        per_site = self.evaluated(rnd)
+        keys = sorted({k for m in per_site.values() for k in m if k != "num-examples"})
+        out = {}
+        for k in keys:
+            pairs = [
+                (m[k], m.get("num-examples", 0.0))
+                for m in per_site.values()
+                if k in m and not math.isnan(m[k])
+            ]
+            weight = sum(w for _, w in pairs)
+            out[k] = sum(v * w for v, w in pairs) / weight if pairs and weight else math.nan
+        return out
+
+    def epsilon(self, rnd: int) -> dict[str, float]:
+        """ε spent so far by each site, as of round ``rnd`` (carried forward if it sat out)."""
+        out: dict[str, float] = {}
+        for r in sorted(self.rounds):
+            if r > rnd:
+                break
+            for site, m in self.rounds[r].get("train", {}).items():
+                if "epsilon" in m:
+                    out[site] = m["epsilon"]
+        return out
+
+    def last_round(self) -> int:
+        done = [r for r in self.rounds if self.evaluated(r)]
+        return max(done) if done else 0
+
+    def final(self) -> dict[str, Any]:
+        rnd = self.last_round()
+        sites = {s: dict(m) for s, m in self.evaluated(rnd).items()}
+        for site, eps in self.epsilon(rnd).items():
+            sites.setdefault(site, {})["epsilon"] = eps
+        return {
+            "round": rnd,
+            "average": self.average(rnd),
+            "weighted_average": self.weighted_average(rnd),
+            "sites": sites,
+            "missing_sites": sorted(set(self.sites) - set(self.evaluated(rnd))),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        history = []
+        for rnd in sorted(self.rounds):
+            phases = self.rounds[rnd]
+            history.append(
+                {
+                    "round": rnd,
+                    "average": self.average(rnd),
+                    "sites": {
+                        site: {
+                            ph: phases.get(ph, {}).get(site)
+                            for ph in ("train", "evaluate")
+                            if phases.get(ph, {}).get(site) is not None
+                        }
+                        for site in self.sites
+                    },
+                    "epsilon": self.epsilon(rnd),
+                    "failures": self.failures.get(rnd, []),
+                }
+            )
+        return {"sites": list(self.sites), "final": self.final(), "history": history}
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Long format: one row per (round, site, phase, metric)."""
+        out = []
+        for rnd in sorted(self.rounds):
+            for phase, per_site in sorted(self.rounds[rnd].items()):
+                for site, metrics in sorted(per_site.items()):
+                    for name, value in sorted(metrics.items()):
+                        out.append(
+                            {
+                                "round": rnd,
+                                "site": site,
+                                "phase": phase,
+                                "metric": name,
+                                "value": value,
+                            }
+                        )
+            for name, value in sorted(self.average(rnd).items()):
+                out.append(
+                    {
+                        "round": rnd,
+                        "site": "average",
+                        "phase": "evaluate",
+                        "metric": name,
+                        "value": value,
+                    }
+                )
+        return out
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: write null (e.g. ROC-AUC on a one-class test split)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file + rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps(_json_safe(payload), indent=2, sort_keys=False)
+    atomic_write(path, (text + "\n").encode())
+
+
+def write_metrics(run_dir: Path, history: RunHistory, header: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json, metrics.csv and metrics.png; returns the JSON payload."""
+    payload = {**header, **history.to_dict()}
+    write_json(run_dir / "metrics.json", payload)
+    rows = history.rows()
+    tmp = run_dir / ".metrics.csv.tmp"
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["round", "site", "phase", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, run_dir / "metrics.csv")
+    plot_history(history, run_dir / "metrics.png", title=str(header.get("name", "")))
+    return payload
+
+
+def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
+    """Per-site lines and the average (black) by round, one panel per metric (+ ε if private)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in sorted(history.rounds) if history.evaluated(r)]
+    has_eps = any(history.epsilon(r) for r in rounds)
+    panels = [*SUMMARY_METRICS, "epsilon"] if has_eps else list(SUMMARY_METRICS)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], panels, strict=True):
+        for site in history.sites:
+            if metric == "epsilon":
+                ys = [history.epsilon(r).get(site, math.nan) for r in rounds]
+            else:
+                ys = [history.evaluated(r).get(site, {}).get(metric, math.nan) for r in rounds]
+            ax.plot(rounds, ys, marker="o", markersize=3, linewidth=1.2, label=site)
+        if metric != "epsilon":
+            ax.plot(
+                rounds,
+                [history.average(r).get(metric, math.nan) for r in rounds],
+                color="black",
+                linewidth=2.2,
+                label="average",
+            )
+        ax.set_title("ε spent (per site)" if metric == "epsilon" else metric)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

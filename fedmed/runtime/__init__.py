@@ -1,0 +1,1 @@
+"""How the same ServerApp/ClientApp pair runs: in-process, on Ray, or deployed (later)."""

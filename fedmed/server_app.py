@@ -1,0 +1,66 @@
+"""The coordinator side: a thin Flower ServerApp (strategy stack from the plan, run, hand off)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedmed.client_app import RUN_KEY
+from fedmed.data.table import input_names
+from fedmed.report import RunHistory
+from fedmed.strategies import SiteRecorder, build_strategy
+from fedmed.study import RunPlan, finish_run
+from fedmed.tasks import get_task
+
+RoundCallback = Callable[[int, RunHistory], None]
+
+
+def initial_model(plan: RunPlan) -> torch.nn.Module:
+    """The round-0 global model, seeded by the run seed (same in every runtime)."""
+    cfg = plan.config
+    torch.manual_seed(cfg.seed)
+    n_inputs = len(input_names(cfg.data.schema.features, cfg.data.schema))
+    return get_task(cfg.task).build_model(n_inputs, cfg.model)
+
+
+def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
+    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json."""
+    started = time.time()
+    cfg = plan.config
+    history = RunHistory(sites=cfg.site_names)
+    model = initial_model(plan)
+    strategy = SiteRecorder(
+        build_strategy(cfg),
+        history,
+        on_round=(lambda rnd: on_round(rnd, history)) if on_round else None,
+    )
+    study = ConfigRecord({RUN_KEY: cfg.to_json()})
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.rounds,
+        train_config=study,
+        evaluate_config=ConfigRecord({RUN_KEY: cfg.to_json()}),
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    return finish_run(plan, history, {"model": model}, started)
+
+
+def build_server_app(
+    plan: RunPlan | None = None, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp for ``plan``; without one it reads the plan from Flower's run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_federated(grid, plan or RunPlan.from_run_config(dict(context.run_config)), on_round)
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,1 @@
+"""Getting the trained model out of the federation: files now, HTTP serving later."""

@@ -1,0 +1,109 @@
+"""Model files: safetensors weights + a JSON model card. Never pickle.
+
+The card carries everything a clinic needs to use the weights correctly (task, input layout,
+schema, preprocessing) and to judge them (sites, rounds, per-site metrics, ε), plus the SHA-256
+of the weights file so a swapped or edited file is detected on load.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from fedmed import __version__
+from fedmed.config import RunConfig
+from fedmed.data.table import input_names
+from fedmed.errors import ConfigError
+from fedmed.report import _json_safe, atomic_write
+from fedmed.tasks import get_task
+
+CARD_FORMAT = "fedmed-model/1"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_model(
+    out_dir: Path, stem: str, model: torch.nn.Module, cfg: RunConfig, extra: dict[str, Any]
+) -> Path:
+    """Write ``<stem>.safetensors`` and ``<stem>.card.json``; returns the weights path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = out_dir / f"{stem}.safetensors"
+    tmp = out_dir / f".{stem}.safetensors.tmp"
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
+    tmp.replace(weights)
+    schema = cfg.data.schema
+    card = {
+        "format": CARD_FORMAT,
+        "fedmed_version": __version__,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "weights": weights.name,
+        "weights_sha256": _sha256(weights),
+        "task": cfg.task,
+        "model": cfg.to_dict()["model"],
+        "inputs": list(input_names(schema.features, schema)),
+        "schema": {
+            "target": schema.target,
+            "features": list(schema.features),
+            "categorical": {k: list(v) for k, v in schema.categorical.items()},
+            "drop_first": schema.drop_first,
+            "positive_above": schema.positive_above,
+            "missing": schema.missing,
+            "standardize": schema.standardize,
+        },
+        "study": {
+            "name": cfg.name,
+            "mode": cfg.mode,
+            "rounds": cfg.rounds,
+            "seed": cfg.seed,
+            "strategy": cfg.strategy.name,
+            "sites": list(cfg.site_names),
+        },
+        "privacy": cfg.to_dict()["privacy"],
+        **extra,
+    }
+    atomic_write(
+        out_dir / f"{stem}.card.json", (json.dumps(_json_safe(card), indent=2) + "\n").encode()
+    )
+    return weights
+
+
+def load_model(weights: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load weights + card, checking the hash; errors say which file is wrong and what to do."""
+    weights = Path(weights)
+    card_path = weights.with_name(weights.name.removesuffix(".safetensors") + ".card.json")
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: model file not found")
+    if not card_path.is_file():
+        raise ConfigError(f"{card_path}: model card missing; export the model again with fedmed")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{card_path}: not valid JSON ({exc}); export the model again") from None
+    if card.get("format") != CARD_FORMAT:
+        raise ConfigError(f"{card_path}: not a {CARD_FORMAT} card")
+    if _sha256(weights) != card.get("weights_sha256"):
+        raise ConfigError(
+            f"{weights}: SHA-256 does not match its model card; the file was changed or "
+            "corrupted: re-export it from the run directory"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
+    from fedmed.config import ModelConfig, _build
+
+    model = get_task(card["task"]).build_model(
+        len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
+    )
+    model.load_state_dict(state)
+    return model.eval(), card

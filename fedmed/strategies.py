@@ -1,0 +1,152 @@
+"""Coordinator strategies: a registry over Flower's own implementations, plus a recording wrapper.
+
+Aggregation itself is Flower's. What fedmed adds is a wrapper (``SiteRecorder``) that keeps every
+site's reply per round (Flower only keeps the weighted mean) and how privacy numbers aggregate:
+ε is a MAX over sites (averaging ε would understate the worst-off hospital's exposure).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
+
+from fedmed.config import RunConfig
+from fedmed.errors import ConfigError
+from fedmed.report import RunHistory
+
+MAX_KEYS = ("epsilon",)
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Unweighted mean over sites (FLamby's 'average over centers'); ε as max; NaN-aware."""
+    values: dict[str, list[float]] = {}
+    for record in records:
+        for metric_record in record.metric_records.values():
+            for key, value in metric_record.items():
+                if key != weight_key and isinstance(value, int | float):
+                    values.setdefault(key, []).append(float(value))
+    out = MetricRecord()
+    for key, vals in values.items():
+        finite = [v for v in vals if not math.isnan(v)]
+        if not finite:
+            out[key] = math.nan
+        elif key in MAX_KEYS:
+            out[key] = max(finite)
+        else:
+            out[key] = sum(finite) / len(finite)
+    return out
+
+
+def _common(cfg: RunConfig) -> dict[str, Any]:
+    n = len(cfg.sites)
+    needed = cfg.strategy.min_sites or n
+    return {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 1.0,
+        "min_train_nodes": needed,
+        "min_evaluate_nodes": needed,
+        "min_available_nodes": n,
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_metrics,
+    }
+
+
+def _fedopt(cls: type) -> Callable[[RunConfig], Strategy]:
+    def build(cfg: RunConfig) -> Strategy:
+        return cls(
+            **_common(cfg), eta=cfg.strategy.server_lr, eta_l=cfg.train.lr, tau=cfg.strategy.tau
+        )
+
+    return build
+
+
+STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
+    "fedavg": lambda cfg: FedAvg(**_common(cfg)),
+    "fedavgm": lambda cfg: FedAvgM(
+        **_common(cfg),
+        server_learning_rate=cfg.strategy.server_lr,
+        server_momentum=cfg.strategy.server_momentum,
+    ),
+    "fedadam": _fedopt(FedAdam),
+    "fedyogi": _fedopt(FedYogi),
+    "fedadagrad": _fedopt(FedAdagrad),
+}
+
+
+def build_strategy(cfg: RunConfig) -> Strategy:
+    try:
+        factory = STRATEGIES[cfg.strategy.name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown strategy.name '{cfg.strategy.name}'; valid: {', '.join(sorted(STRATEGIES))}"
+        ) from None
+    return factory(cfg)
+
+
+def _site_name(msg: Message) -> str:
+    record = msg.content.get("site")
+    return (
+        str(record["name"])
+        if isinstance(record, ConfigRecord)
+        else f"node-{msg.metadata.src_node_id}"
+    )
+
+
+def _site_metrics(msg: Message) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for record in msg.content.metric_records.values():
+        out.update({k: float(v) for k, v in record.items() if isinstance(v, int | float)})
+    return out
+
+
+class SiteRecorder(Strategy):
+    """Wraps any strategy; records each site's train and evaluate replies and failures."""
+
+    def __init__(
+        self, inner: Strategy, history: RunHistory, on_round: Callable[[int], None] | None = None
+    ) -> None:
+        self.inner = inner
+        self.history = history
+        self.on_round = on_round
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record(server_round, "train", replies)
+        return self.inner.aggregate_train(server_round, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._record(server_round, "evaluate", replies)
+        aggregated = self.inner.aggregate_evaluate(server_round, replies)
+        if self.on_round:
+            self.on_round(server_round)
+        return aggregated
+
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        for msg in replies:
+            if msg.has_error():
+                self.history.record_failure(server_round, phase, msg.error.reason or "failed")
+            else:
+                self.history.record(server_round, phase, _site_name(msg), _site_metrics(msg))

@@ -1,0 +1,96 @@
+"""A planned run: the frozen config, where its outputs go, and how its results are written.
+
+The plan travels to the ServerApp as two plain strings in Flower's run_config (JSON + a path), so
+the same ServerApp works in-process, on Ray and on a SuperLink.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmed import __version__
+from fedmed.config import RunConfig
+from fedmed.errors import ConfigError
+from fedmed.report import RunHistory, write_metrics
+from fedmed.serving.export import save_model
+
+CONFIG_KEY = "fedmed-config"
+RUN_DIR_KEY = "fedmed-run-dir"
+ENGINE_KEY = "fedmed-engine"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    config: RunConfig
+    run_dir: Path
+    engine: str = "inprocess"
+
+    def to_run_config(self) -> dict[str, str]:
+        return {
+            CONFIG_KEY: self.config.to_json(),
+            RUN_DIR_KEY: str(self.run_dir),
+            ENGINE_KEY: self.engine,
+        }
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> RunPlan:
+        if CONFIG_KEY not in run_config:
+            raise ConfigError(
+                f"the ServerApp needs '{CONFIG_KEY}' in its run config; start runs with "
+                "`fedmed simulate` (or pass --run-config with the study JSON)"
+            )
+        return cls(
+            RunConfig.from_json(str(run_config[CONFIG_KEY])),
+            Path(str(run_config.get(RUN_DIR_KEY, "runs/unnamed"))),
+            str(run_config.get(ENGINE_KEY, "deployment")),
+        )
+
+
+def new_run_dir(cfg: RunConfig) -> Path:
+    """runs/<name>-<timestamp>[-N]: never reuses (and so never overwrites) an earlier run."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{cfg.mode}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def finish_run(
+    plan: RunPlan, history: RunHistory, models: dict[str, torch.nn.Module], started: float
+) -> dict[str, Any]:
+    """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json."""
+    cfg = plan.config
+    header = {
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "engine": plan.engine,
+        "fedmed_version": __version__,
+        "wall_seconds": round(time.time() - started, 3),
+        "config": cfg.to_dict(),
+    }
+    payload = write_metrics(plan.run_dir, history, header)
+    final = payload["final"]
+    for stem, model in models.items():
+        save_model(
+            plan.run_dir,
+            stem,
+            model,
+            cfg,
+            {
+                "metrics": {
+                    "round": final["round"],
+                    "average": final["average"],
+                    "sites": final["sites"],
+                }
+            },
+        )
+    return payload

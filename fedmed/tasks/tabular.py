@@ -1,0 +1,71 @@
+"""Binary classification from a clinical table: logistic regression or a small MLP.
+
+Models end in one logit; the loss is BCE-with-logits (stable in float32, and what DP-SGD clips).
+Only Linear/ReLU/Dropout layers: every one of them is Opacus-compatible as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+from torch import nn
+
+from fedmed.config import ModelConfig
+
+METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "loss")
+
+
+class Task(Protocol):
+    """What a task family provides to training, evaluation and the coordinator."""
+
+    name: str
+    metrics: tuple[str, ...]
+
+    def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module: ...
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    def scores(self, output: torch.Tensor) -> np.ndarray: ...
+
+    def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]: ...
+
+
+class TabularClassification:
+    name = "tabular-classification"
+    metrics = METRICS
+
+    def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
+        if cfg.kind == "logreg":
+            return nn.Sequential(nn.Linear(n_inputs, 1))
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for hidden in cfg.hidden:
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            if cfg.dropout > 0:
+                layers.append(nn.Dropout(cfg.dropout))
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        return nn.Sequential(*layers)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(output.squeeze(-1), target)
+
+    def scores(self, output: torch.Tensor) -> np.ndarray:
+        return torch.sigmoid(output.squeeze(-1)).detach().cpu().numpy()
+
+    def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]:
+        """Threshold 0.5. ROC-AUC is NaN when the test split holds one class (undefined)."""
+        pred = (scores >= 0.5).astype(int)
+        both = len(np.unique(y_true)) == 2
+        return {
+            "accuracy": float(accuracy_score(y_true, pred)),
+            "precision": float(precision_score(y_true, pred, zero_division=0)),
+            "recall": float(recall_score(y_true, pred, zero_division=0)),
+            "f1": float(f1_score(y_true, pred, zero_division=0)),
+            "roc_auc": float(roc_auc_score(y_true, scores)) if both else math.nan,
+            "loss": float(loss),
+        }

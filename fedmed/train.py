@@ -1,0 +1,139 @@
+"""Local training and evaluation: plain PyTorch loops, no Flower import.
+
+Keeping this Flower-free means the same loops serve the federated ClientApp, the pooled and local
+baselines and the benchmarks, and can be tested without any runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedmed.config import TrainConfig
+from fedmed.errors import ConfigError
+from fedmed.tasks import Task
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda > mps > cpu; asking for an absent accelerator is a ConfigError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA GPU is visible; use device='auto' or 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but MPS is not available; use device='auto' or 'cpu'")
+    return torch.device(name)
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable seed from run seed, round and site: same numbers in every runtime and process."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def steps_per_round(n_train: int, cfg: TrainConfig) -> int:
+    """Optimizer steps a site takes per round (epochs are converted at the nominal batch size)."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps
+    assert cfg.local_epochs is not None
+    return max(1, math.ceil(cfg.local_epochs * n_train / cfg.batch_size))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+
+
+def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
+    return DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, generator=generator
+    )
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    num_examples: int
+
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    task: Task,
+    steps: int,
+    device: torch.device,
+) -> float:
+    """Take exactly ``steps`` optimizer steps, cycling the loader; returns the mean loss."""
+    model.train()
+    total, seen = 0.0, 0
+    batches = iter(loader)
+    for _ in range(steps):
+        try:
+            xb, yb = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            xb, yb = next(batches)
+        xb, yb = xb.to(device), yb.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        # Poisson sampling may draw an empty batch; Opacus then takes a noise-only step, which
+        # still counts (and is accounted) as a step.
+        loss = task.loss(model(xb), yb)
+        loss.backward()
+        optimizer.step()
+        if len(yb):
+            total += float(loss.detach()) * len(yb)
+            seen += len(yb)
+    return total / max(seen, 1)
+
+
+def train_plain(
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    task: Task,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device,
+) -> TrainResult:
+    """Non-private local training for one round."""
+    torch.manual_seed(seed)
+    model.to(device)
+    steps = steps_per_round(len(y), cfg)
+    loss = run_steps(
+        model,
+        make_optimizer(model, cfg),
+        make_loader(x, y, cfg.batch_size, seed),
+        task,
+        steps,
+        device,
+    )
+    return TrainResult(loss=loss, steps=steps, num_examples=len(y))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, task: Task, device: torch.device
+) -> dict[str, float]:
+    """Metrics of ``model`` on one site's held-out rows."""
+    model.to(device).eval()
+    output = model(torch.from_numpy(x).to(device))
+    loss = float(task.loss(output, torch.from_numpy(y).to(device)))
+    return task.evaluate(y, task.scores(output), loss)

@@ -1,0 +1,1 @@
+"""Ready-to-run study configs, installed with fedmed so `fedmed simulate NAME` finds them."""
