@@ -23,6 +23,12 @@ from fedmed.errors import ConfigError
 from fedmed.tasks import Task
 from fedmed.train import TrainResult, make_loader, make_optimizer, run_steps, steps_per_round
 
+# Known, documented Opacus/PyTorch notices that would otherwise repeat every round at every site:
+# secure_mode needs torchcsprng (see README, "Privacy"); the backward-hook notice is harmless for
+# input layers that need no input gradient.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 # One accountant entry: (noise multiplier, sample rate, number of steps), as Opacus stores it.
 Entry = tuple[float, float, int]
 
@@ -117,16 +123,14 @@ def train_private(
     torch.manual_seed(seed)
     model.to(device).train()
     engine = PrivacyEngine(accountant=cfg.privacy.accountant)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "secure RNG turned off": documented, see README
-        dp_model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=make_optimizer(model, cfg.train),
-            data_loader=make_loader(x, y, cfg.train.batch_size, seed),
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=cfg.privacy.max_grad_norm,
-            poisson_sampling=True,
-        )
+    dp_model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=make_optimizer(model, cfg.train),
+        data_loader=make_loader(x, y, cfg.train.batch_size, seed),
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        poisson_sampling=True,
+    )
     try:
         loss = run_steps(dp_model, optimizer, loader, task, plan.steps_per_round, device)
     finally:

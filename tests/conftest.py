@@ -1,0 +1,80 @@
+"""Shared fixtures: small, fast studies built from packaged data or tables written by the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmed.config import RunConfig, load_run_config, parse_run_config, resolve_config_path
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+DATA_DIR = Path(os.environ.get("FEDMED_DATA_DIR", "../shared/datasets"))
+HEART_DIR = DATA_DIR / "uci_heart_disease"
+
+needs_shared_data = pytest.mark.shared_data
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Shared-data tests skip on a laptop without ../shared, but FAIL in CI (which has it)."""
+    if item.get_closest_marker("shared_data") is None or HEART_DIR.is_dir():
+        return
+    reason = f"shared datasets not found at {DATA_DIR.resolve()} (set FEDMED_DATA_DIR)"
+    if os.environ.get("FEDMED_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(f"{reason}; FEDMED_REQUIRE_SHARED_DATA=1 makes them required")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def demo_config(tmp_path: Path) -> RunConfig:
+    """The shipped demo, shortened to 2 rounds and writing under tmp_path."""
+    cfg = load_run_config(resolve_config_path("demo"), ["rounds=2"])
+    return cfg.replace(output_dir=str(tmp_path / "runs"))
+
+
+def write_site_csv(path: Path, n: int, seed: int, positive_rate: float = 0.4) -> Path:
+    """A small clinical-looking table with a learnable binary outcome."""
+    rng = np.random.default_rng(seed)
+    age = rng.normal(60, 10, n).round(0)
+    bp = rng.normal(130, 15, n).round(0)
+    smoker = rng.choice(["yes", "no"], n)
+    risk = 0.05 * (age - 60) + 0.03 * (bp - 130) + (smoker == "yes") * 1.0
+    threshold = np.quantile(risk, 1 - positive_rate)
+    outcome = (risk + rng.normal(0, 0.5, n) > threshold).astype(int)
+    df = pd.DataFrame({"age": age, "bp": bp, "smoker": smoker, "outcome": outcome})
+    df.to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def csv_study(tmp_path: Path) -> RunConfig:
+    """Three hospitals with their own CSV files (a categorical column included)."""
+    sites = []
+    for i, (name, n) in enumerate([("alpha", 120), ("beta", 90), ("gamma", 60)]):
+        path = write_site_csv(tmp_path / f"{name}.csv", n, seed=i)
+        sites.append({"name": name, "path": str(path)})
+    return parse_run_config(
+        {
+            "name": "csvstudy",
+            "rounds": 3,
+            "seed": 1,
+            "output_dir": str(tmp_path / "runs"),
+            "model": {"kind": "logreg"},
+            "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
+            "data": {
+                "schema": {
+                    "target": "outcome",
+                    "features": ["age", "bp", "smoker"],
+                    "categorical": {"smoker": ["no", "yes"]},
+                    "drop_first": True,
+                    "test_fraction": 0.3,
+                }
+            },
+            "sites": sites,
+        }
+    )

@@ -1,0 +1,122 @@
+"""DP accounting: our ε is Opacus' own RDP accountant on the true step history, across rounds."""
+
+from __future__ import annotations
+
+import torch
+from opacus.accountants import RDPAccountant
+
+from fedmed.config import RunConfig
+from fedmed.data import load_site_data
+from fedmed.privacy import epsilon_spent, merge_history, plan_for_site, train_private
+from fedmed.tasks import get_task
+
+
+def _site(cfg: RunConfig, index: int = 0):
+    return load_site_data(cfg, cfg.sites[index])
+
+
+def test_epsilon_matches_an_independent_rdp_accountant(demo_config: RunConfig) -> None:
+    data = _site(demo_config)
+    task = get_task(demo_config.task)
+    model = task.build_model(data.x_train.shape[1], demo_config.model)
+    history: list = []
+    for rnd in range(1, demo_config.rounds + 1):
+        _, history = train_private(
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            demo_config,
+            seed=rnd,
+            device=torch.device("cpu"),
+            history=history,
+        )
+
+    plan = plan_for_site(data.n_train, demo_config)
+    reference = RDPAccountant()
+    for _ in range(plan.steps_per_round * demo_config.rounds):  # step by step, no merging
+        reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    expected = reference.get_epsilon(delta=demo_config.privacy.delta)
+
+    assert epsilon_spent(history, demo_config.privacy) == expected
+    assert sum(n for _, _, n in history) == plan.steps_per_round * demo_config.rounds
+
+
+def test_noise_is_calibrated_for_the_whole_study_not_one_round(demo_config: RunConfig) -> None:
+    demo_config = demo_config.replace(rounds=10)
+    data = _site(demo_config)
+    plan = plan_for_site(data.n_train, demo_config)
+    full = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
+    one_round = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+
+    # The whole study lands on the target (from below), one round spends only part of it.
+    assert epsilon_spent(full, demo_config.privacy) <= demo_config.privacy.target_epsilon + 1e-6
+    assert epsilon_spent(full, demo_config.privacy) > 0.95 * demo_config.privacy.target_epsilon
+    assert epsilon_spent(one_round, demo_config.privacy) < 0.6 * demo_config.privacy.target_epsilon
+
+
+def test_more_rounds_means_more_noise(demo_config: RunConfig) -> None:
+    n = _site(demo_config).n_train
+    short = plan_for_site(n, demo_config)
+    long = plan_for_site(n, demo_config.replace(rounds=demo_config.rounds * 10))
+
+    assert long.noise_multiplier > short.noise_multiplier
+
+
+def test_epsilon_never_decreases_across_rounds(demo_config: RunConfig) -> None:
+    cfg = demo_config.replace(rounds=4)
+    data = _site(cfg, 1)
+    task = get_task(cfg.task)
+    model = task.build_model(data.x_train.shape[1], cfg.model)
+    history: list = []
+    spent = []
+    for rnd in range(1, cfg.rounds + 1):
+        _, history = train_private(
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            cfg,
+            seed=rnd,
+            device=torch.device("cpu"),
+            history=history,
+        )
+        spent.append(epsilon_spent(history, cfg.privacy))
+
+    assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
+    assert spent[-1] <= cfg.privacy.target_epsilon + 1e-6
+
+
+def test_private_training_keeps_original_keys_and_changes_weights(demo_config: RunConfig) -> None:
+    data = _site(demo_config)
+    task = get_task(demo_config.task)
+    model = task.build_model(data.x_train.shape[1], demo_config.model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    train_private(
+        model,
+        data.x_train,
+        data.y_train,
+        task,
+        demo_config,
+        seed=0,
+        device=torch.device("cpu"),
+        history=[],
+    )
+
+    after = model.state_dict()
+    assert set(after) == set(before)  # no "_module." prefix leaks out
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merge_history_only_merges_identical_mechanisms() -> None:
+    merged = merge_history([(1.0, 0.1, 5), (1.0, 0.1, 3), (2.0, 0.1, 1), (1.0, 0.1, 2)])
+
+    assert merged == [(1.0, 0.1, 8), (2.0, 0.1, 1), (1.0, 0.1, 2)]
+    assert (
+        epsilon_spent(
+            [], demo_privacy := RunConfig.__dataclass_fields__["privacy"].default_factory()
+        )
+        == 0.0
+    )  # type: ignore[misc]
+    del demo_privacy
