@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedmed.config import RunConfig
+from fedmed.config import PrivacyConfig, RunConfig
 from fedmed.data import load_site_data
 from fedmed.privacy import epsilon_spent, merge_history, plan_for_site, train_private
 from fedmed.tasks import get_task
@@ -83,7 +85,7 @@ def test_epsilon_never_decreases_across_rounds(demo_config: RunConfig) -> None:
         )
         spent.append(epsilon_spent(history, cfg.privacy))
 
-    assert all(b > a for a, b in zip(spent, spent[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(spent))
     assert spent[-1] <= cfg.privacy.target_epsilon + 1e-6
 
 
@@ -113,10 +115,4 @@ def test_merge_history_only_merges_identical_mechanisms() -> None:
     merged = merge_history([(1.0, 0.1, 5), (1.0, 0.1, 3), (2.0, 0.1, 1), (1.0, 0.1, 2)])
 
     assert merged == [(1.0, 0.1, 8), (2.0, 0.1, 1), (1.0, 0.1, 2)]
-    assert (
-        epsilon_spent(
-            [], demo_privacy := RunConfig.__dataclass_fields__["privacy"].default_factory()
-        )
-        == 0.0
-    )  # type: ignore[misc]
-    del demo_privacy
+    assert epsilon_spent([], PrivacyConfig()) == 0.0
