@@ -35,6 +35,8 @@ class _Trainer:
         self.cfg = plan.config
         self.name = name
         self.model = initial_model(plan)
+        # Baselines are references, not site activity: their privacy history stays in memory
+        # and never touches a site's ledger.
         self.history: list[Entry] = []
         self.task = get_task(self.cfg.task)
         self.device = resolve_device(self.cfg.device)
@@ -42,7 +44,7 @@ class _Trainer:
     def train_round(self, rnd: int, data: SiteData) -> dict[str, float]:
         seed = derive_seed(self.cfg.seed, rnd, self.name)
         if self.cfg.privacy.enabled:
-            result, self.history = train_private(
+            result, entries = train_private(
                 self.model,
                 data.x_train,
                 data.y_train,
@@ -50,8 +52,8 @@ class _Trainer:
                 self.cfg,
                 seed=seed,
                 device=self.device,
-                history=self.history,
             )
+            self.history += entries
             eps = epsilon_spent(self.history, self.cfg.privacy)
         else:
             result = train_plain(

@@ -18,15 +18,17 @@ from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec
 from fedmed.data import SiteData, load_site_data
-from fedmed.data.table import input_names
 from fedmed.errors import DataError, FedmedError, PrivacyBudgetExceeded
-from fedmed.privacy import Entry, epsilon_spent, train_private
-from fedmed.tasks import get_task
+from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.privacy import planned_round, train_private
+from fedmed.tasks import build_model, get_task
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
 
 RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
 SITE_KEY = "site"  # reply ConfigRecord naming the replying site
-PRIVACY_STATE = "fedmed.privacy"  # per-node Context.state record holding the DP step history
+STUDY_KEY = (
+    "fedmed.study"  # ConfigRecord entry: this study's id (ledger entries are tagged with it)
+)
 
 log = logging.getLogger("fedmed.site")
 app = ClientApp()
@@ -56,27 +58,9 @@ def _site_of(run: RunConfig, context: Context) -> SiteSpec:
 
 
 def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
-    task = get_task(run.task)
-    model = task.build_model(len(input_names(run.data.schema.features, run.data.schema)), run.model)
+    model = build_model(run)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
-
-
-def _history(context: Context) -> list[Entry]:
-    rec = context.state.get(PRIVACY_STATE)
-    if rec is None:
-        return []
-    return list(zip(rec["noise"], rec["rate"], rec["steps"], strict=True))
-
-
-def _save_history(context: Context, history: list[Entry]) -> None:
-    context.state[PRIVACY_STATE] = ConfigRecord(
-        {
-            "noise": [float(h[0]) for h in history],
-            "rate": [float(h[1]) for h in history],
-            "steps": [int(h[2]) for h in history],
-        }
-    )
 
 
 def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
@@ -117,20 +101,19 @@ def train(msg: Message, context: Context) -> Message:
     seed = derive_seed(run.seed, server_round, site.name)
     device = resolve_device(run.device)
     task = get_task(run.task)
-    epsilon = 0.0
+    epsilon = epsilon_total = 0.0
     if run.privacy.enabled:
-        result, history = train_private(
-            model,
-            data.x_train,
-            data.y_train,
-            task,
-            run,
-            seed=seed,
-            device=device,
-            history=_history(context),
+        # Budget guard first: the site's own cap, against everything ever spent on this data.
+        ledger = PrivacyLedger(site.name)
+        dataset = fingerprint(data.x_train, data.y_train)
+        study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
+        ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
+        result, entries = train_private(
+            model, data.x_train, data.y_train, task, run, seed=seed, device=device
         )
-        _save_history(context, history)
-        epsilon = epsilon_spent(history, run.privacy)
+        ledger.record(dataset, study, server_round, entries)
+        epsilon = ledger.spent(dataset, run.privacy, study=study)
+        epsilon_total = ledger.spent(dataset, run.privacy)
     else:
         result = train_plain(
             model, data.x_train, data.y_train, task, run.train, seed=seed, device=device
@@ -141,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_loss": result.loss,
             "steps": result.steps,
             "epsilon": epsilon,
+            "epsilon_total": epsilon_total,
         }
     )
     content = RecordDict(

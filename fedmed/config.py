@@ -132,6 +132,9 @@ class SiteSpec:
 
     name: str
     path: str = ""
+    # The site's own cap on ε for its dataset, over all studies (see fedmed.ledger). In a
+    # deployment it comes from the site's own config, never from the coordinator.
+    epsilon_cap: float | None = None
 
 
 @dataclass(frozen=True)

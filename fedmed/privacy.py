@@ -3,9 +3,9 @@
 Two habits make the ε we print true:
 1. The noise is calibrated ONCE for the planned study: every optimizer step of every round at
    its true Poisson sample rate (not "per epoch" while a round runs many epochs).
-2. The accountant's step history is carried across rounds by the site (Flower's per-node
-   ``Context.state``) and ε is recomputed from the full history; a fresh PrivacyEngine per round
-   is only used for its mechanics, never for its (reset) accountant.
+2. Every round's accountant entries go to the site's ledger (fedmed.ledger) and ε is recomputed
+   from the full history; a fresh PrivacyEngine per round is only used for its mechanics, never
+   for its (reset) accountant.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from fedmed.train import TrainResult, make_loader, make_optimizer, run_steps, st
 # input layers that need no input gradient.
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+# Opacus' default RDP orders stop at 63; small-ε studies want larger orders for a tight bound.
+RDP_ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + list(range(64, 513, 8))
 
 # One accountant entry: (noise multiplier, sample rate, number of steps), as Opacus stores it.
 Entry = tuple[float, float, int]
@@ -68,6 +71,7 @@ def _noise_for(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
                 sample_rate=sample_rate,
                 steps=steps,
                 accountant=privacy.accountant,
+                **_accountant_kwargs(privacy),
             )
         )
     except ValueError as exc:
@@ -76,6 +80,12 @@ def _noise_for(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
             f"{steps} steps at sample rate {sample_rate:.3g} ({exc}); raise the target, or "
             "train fewer rounds/steps"
         ) from None
+
+
+def planned_round(n_train: int, cfg: RunConfig) -> list[Entry]:
+    """The accountant entries one round at this site will add (for the budget check)."""
+    plan = plan_for_site(n_train, cfg)
+    return [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
 
 
 def merge_history(history: list[Entry]) -> list[Entry]:
@@ -97,7 +107,18 @@ def epsilon_spent(history: list[Entry], privacy: PrivacyConfig) -> float:
 
     accountant = create_accountant(privacy.accountant)
     accountant.history = merge_history(history)
-    return float(accountant.get_epsilon(delta=privacy.delta))
+    return float(accountant.get_epsilon(delta=privacy.delta, **_accountant_kwargs(privacy)))
+
+
+def _accountant_kwargs(privacy: PrivacyConfig) -> dict[str, object]:
+    return {"alphas": RDP_ALPHAS} if privacy.accountant == "rdp" else {}
+
+
+def make_compatible(model: nn.Module) -> nn.Module:
+    """Swap layers DP-SGD cannot handle (BatchNorm -> GroupNorm, LSTM -> DPLSTM)."""
+    from opacus.validators import ModuleValidator
+
+    return model if ModuleValidator.is_valid(model) else ModuleValidator.fix(model)
 
 
 def train_private(
@@ -109,9 +130,11 @@ def train_private(
     *,
     seed: int,
     device: object,
-    history: list[Entry],
 ) -> tuple[TrainResult, list[Entry]]:
-    """One round of DP-SGD; returns the result and the site's extended step history.
+    """One round of DP-SGD; returns the result and the accountant entries of THIS round.
+
+    The caller appends the entries to the site's ledger (or history) and computes ε from all of
+    them: a per-round engine's own accountant would forget earlier rounds.
 
     ``model`` is trained in place through Opacus' wrapper; callers keep exchanging the ORIGINAL
     module's state_dict (the wrapper's keys carry a ``_module.`` prefix).
@@ -135,5 +158,5 @@ def train_private(
         loss = run_steps(dp_model, optimizer, loader, task, plan.steps_per_round, device)
     finally:
         dp_model._close()  # drop Opacus' hooks from the original module
-    new_history = merge_history(list(history) + list(engine.accountant.history))
-    return TrainResult(loss=loss, steps=plan.steps_per_round, num_examples=len(y)), new_history
+    entries = merge_history(list(engine.accountant.history))
+    return TrainResult(loss=loss, steps=plan.steps_per_round, num_examples=len(y)), entries

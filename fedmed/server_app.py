@@ -9,22 +9,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedmed.client_app import RUN_KEY
-from fedmed.data.table import input_names
+from fedmed.client_app import RUN_KEY, STUDY_KEY
 from fedmed.report import RunHistory
 from fedmed.strategies import SiteRecorder, build_strategy
 from fedmed.study import RunPlan, finish_run
-from fedmed.tasks import get_task
+from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
 
 
 def initial_model(plan: RunPlan) -> torch.nn.Module:
     """The round-0 global model, seeded by the run seed (same in every runtime)."""
-    cfg = plan.config
-    torch.manual_seed(cfg.seed)
-    n_inputs = len(input_names(cfg.data.schema.features, cfg.data.schema))
-    return get_task(cfg.task).build_model(n_inputs, cfg.model)
+    torch.manual_seed(plan.config.seed)
+    return build_model(plan.config)
 
 
 def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
@@ -38,13 +35,13 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         history,
         on_round=(lambda rnd: on_round(rnd, history)) if on_round else None,
     )
-    study = ConfigRecord({RUN_KEY: cfg.to_json()})
+    study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.rounds,
-        train_config=study,
-        evaluate_config=ConfigRecord({RUN_KEY: cfg.to_json()}),
+        train_config=ConfigRecord(dict(study)),
+        evaluate_config=ConfigRecord(dict(study)),
     )
     model.load_state_dict(result.arrays.to_torch_state_dict())
     return finish_run(plan, history, {"model": model}, started)

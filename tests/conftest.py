@@ -30,6 +30,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True)
+def _private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own privacy ledger folder (never the user's ~/.fedmed)."""
+    path = tmp_path / "ledger"
+    monkeypatch.setenv("FEDMED_LEDGER_DIR", str(path))
+    return path
+
+
 @pytest.fixture
 def demo_config(tmp_path: Path) -> RunConfig:
     """The shipped demo, shortened to 2 rounds and writing under tmp_path."""

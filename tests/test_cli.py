@@ -35,7 +35,7 @@ def _write_toml(cfg, path: Path) -> Path:
     emit("", {k: v for k, v in raw.items()})
     for site in raw["sites"]:
         lines.append("[[sites]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in site.items()]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in site.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -105,5 +105,9 @@ def load_model(weights: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     model = get_task(card["task"]).build_model(
         len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
     )
+    if card.get("privacy", {}).get("enabled"):
+        from fedmed.privacy import make_compatible
+
+        model = make_compatible(model)
     model.load_state_dict(state)
     return model.eval(), card

@@ -1,0 +1,123 @@
+"""A site's privacy ledger: every private step ever taken on a dataset, on the site's own disk.
+
+Keyed by a fingerprint of the dataset (not by run), so ε composes across rounds, runs and restarts:
+training twice on the same patients costs twice. The site's cap is checked against the ledger
+BEFORE a round trains; the coordinator never sees or sets it.
+
+Format (JSON, one file per site, written atomically under an exclusive lock):
+{"format": "fedmed-ledger/1", "site": "...", "datasets": {"<sha256>": [
+    {"study": "...", "round": 3, "noise": 1.2, "rate": 0.05, "steps": 40, "time": "..."}]}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmed.config import PrivacyConfig
+from fedmed.errors import ConfigError, PrivacyBudgetExceeded
+from fedmed.privacy import Entry, epsilon_spent
+from fedmed.report import atomic_write
+
+FORMAT = "fedmed-ledger/1"
+
+
+def ledger_dir() -> Path:
+    """$FEDMED_LEDGER_DIR, else ~/.fedmed/ledger."""
+    return Path(os.environ.get("FEDMED_LEDGER_DIR", Path.home() / ".fedmed" / "ledger"))
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    """SHA-256 over the exact training arrays (values, dtype and shape)."""
+    digest = hashlib.sha256()
+    for arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+class PrivacyLedger:
+    """The ledger file of one site."""
+
+    def __init__(self, site: str, directory: Path | None = None) -> None:
+        self.site = site
+        self.path = (directory or ledger_dir()) / f"{site}.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"format": FORMAT, "site": self.site, "datasets": {}}
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            raise ConfigError(
+                f"privacy ledger {self.path} is not valid JSON; restore it from backup (never "
+                "delete a ledger: that would forget privacy already spent)"
+            ) from None
+        if data.get("format") != FORMAT:
+            raise ConfigError(f"{self.path} is not a {FORMAT} privacy ledger")
+        return data
+
+    def entries(self, dataset: str, study: str | None = None) -> list[Entry]:
+        rows = self._read()["datasets"].get(dataset, [])
+        return [
+            (r["noise"], r["rate"], r["steps"])
+            for r in rows
+            if study is None or r["study"] == study
+        ]
+
+    def spent(self, dataset: str, privacy: PrivacyConfig, study: str | None = None) -> float:
+        """ε spent on ``dataset`` (all studies, or just ``study``)."""
+        return epsilon_spent(self.entries(dataset, study), privacy)
+
+    def check(
+        self, dataset: str, privacy: PrivacyConfig, planned: list[Entry], cap: float | None
+    ) -> None:
+        """Refuse (PrivacyBudgetExceeded) if ``planned`` would take the dataset past ``cap``."""
+        if cap is None:
+            return
+        projected = epsilon_spent(self.entries(dataset) + planned, privacy)
+        if projected > cap:
+            raise PrivacyBudgetExceeded(
+                f"site '{self.site}': this round would bring ε to {projected:.3f}, over the "
+                f"site's cap of {cap:g}; raise the cap in the site's own config only if the "
+                "data steward agrees"
+            )
+
+    def record(self, dataset: str, study: str, rnd: int, new: list[Entry]) -> None:
+        """Append this round's steps (under lock, atomically)."""
+        with self._locked():
+            data = self._read()
+            rows = data["datasets"].setdefault(dataset, [])
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            for noise, rate, steps in new:
+                rows.append(
+                    {
+                        "study": study,
+                        "round": rnd,
+                        "noise": float(noise),
+                        "rate": float(rate),
+                        "steps": int(steps),
+                        "time": now,
+                    }
+                )
+            atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
