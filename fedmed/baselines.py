@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from fedmed.config import RunConfig
 from fedmed.data import load_site_table
 from fedmed.data.table import Preprocessor, SiteData, prepare
 from fedmed.privacy import Entry, epsilon_spent, train_private
@@ -78,9 +79,8 @@ class _Trainer:
         return {**metrics, "num-examples": len(data.y_test)}
 
 
-def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
-    started = time.time()
-    cfg = plan.config
+def pooled_site_data(cfg: RunConfig) -> tuple[SiteData, list[SiteData]]:
+    """The pooled train set and each site's arrays, all preprocessed with the pooled fit."""
     tables = [load_site_table(cfg, s) for s in cfg.sites]
     schema = cfg.data.schema
     pooled_x = pd.concat([t.x_train for t in tables], ignore_index=True)
@@ -95,6 +95,13 @@ def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
         input_names=pre.input_names,
         preprocessing=pre.to_dict(),
     )
+    return pooled, per_site
+
+
+def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
+    started = time.time()
+    cfg = plan.config
+    pooled, per_site = pooled_site_data(cfg)
     history = RunHistory(sites=cfg.site_names)
     trainer = _Trainer(plan, "pooled")
     for rnd in range(1, cfg.rounds + 1):

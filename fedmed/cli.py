@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(chk)
 
+    aud = sub.add_parser(
+        "audit-privacy",
+        help="membership-inference audit of a finished run (attack AUC per site next to ε)",
+        description="Run the loss-threshold membership-inference attack on the final model of "
+        "RUN_DIR, per site (train rows = members, held-out rows = non-members); writes "
+        "RUN_DIR/privacy_audit.json.",
+    )
+    aud.add_argument("run_dir", type=Path, help="a run directory written by fedmed simulate")
+
     show = sub.add_parser(
         "show-config",
         help="print a run config with defaults and overrides",
@@ -251,6 +260,12 @@ def _print_summary(payload: dict) -> None:
         *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
     )
     Console(file=sys.stdout, width=120).print(table)
+    if final.get("central_epsilon") is not None:
+        privacy = payload["config"]["privacy"]
+        print(
+            f"central DP ({privacy['central']} clipping): site-level ε = "
+            f"{final['central_epsilon']:.3f} at δ = {privacy['delta']:g}"
+        )
     if final.get("missing_sites"):
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
 
@@ -267,6 +282,32 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_privacy(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedmed.audit import audit_run
+
+    report = audit_run(args.run_dir)
+    table = Table(title=f"membership inference (loss threshold) · {args.run_dir}")
+    for col in ("site", "attack AUC", "TPR @ 1% FPR", "advantage", "members", "non-members", "ε"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+    for site, r in report["sites"].items():
+        table.add_row(
+            site,
+            _fmt(r["attack_auc"]),
+            _fmt(r["tpr_at_1pct_fpr"]),
+            _fmt(r["advantage"]),
+            str(r["members"]),
+            str(r["non_members"]),
+            _fmt(r["epsilon"]),
+        )
+    Console(file=sys.stdout, width=120).print(table)
+    print(f"mean attack AUC {report['mean_attack_auc']:.3f} (0.5 = no better than chance)")
+    print(args.run_dir / "privacy_audit.json")
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace) -> int:
     import json
 
@@ -274,7 +315,12 @@ def cmd_show_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "check-data": cmd_check_data, "show-config": cmd_show_config}
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "check-data": cmd_check_data,
+    "audit-privacy": cmd_audit_privacy,
+    "show-config": cmd_show_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,10 +86,23 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
     return wrapped
 
 
+def central_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower's fixedclipping_mod, but only when the coordinator asks for client-side clipping.
+
+    One ClientApp then serves studies with and without central DP.
+    """
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 # -- handlers ------------------------------------------------------------------------------------
 
 
-@app.train()
+@app.train(mods=[central_clipping_mod])
 @_fail_closed
 def train(msg: Message, context: Context) -> Message:
     run_json = str(msg.content["config"][RUN_KEY])

@@ -83,6 +83,12 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = field(default="rdp", metadata=_choices("rdp", "prv"))
+    # Central (site-level) DP at the coordinator with Flower's fixed-clipping wrappers: each
+    # site's update is clipped to central_clipping_norm (at the site for "client-side") and
+    # Gaussian noise of std central_noise_multiplier * norm / sites is added to the mean.
+    central: str = field(default="off", metadata=_choices("off", "client-side", "server-side"))
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,11 @@ def _check_run(cfg: RunConfig) -> None:
         _positive("train.local_epochs", cfg.train.local_epochs)
     if cfg.train.local_steps is not None:
         _positive("train.local_steps", cfg.train.local_steps)
+    if cfg.privacy.central != "off":
+        _positive("privacy.central_noise_multiplier", cfg.privacy.central_noise_multiplier)
+        _positive("privacy.central_clipping_norm", cfg.privacy.central_clipping_norm)
+        if not 0 < cfg.privacy.delta < 1:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
     if cfg.privacy.enabled:
         _positive("privacy.target_epsilon", cfg.privacy.target_epsilon)
         _positive("privacy.max_grad_norm", cfg.privacy.max_grad_norm)

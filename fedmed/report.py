@@ -31,6 +31,7 @@ class RunHistory:
     sites: tuple[str, ...]
     rounds: dict[int, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     failures: dict[int, list[dict[str, str]]] = field(default_factory=dict)
+    central_epsilon: dict[int, float] = field(default_factory=dict)  # coordinator-side DP
 
     def record(self, rnd: int, phase: str, site: str, metrics: dict[str, float]) -> None:
         self.rounds.setdefault(rnd, {}).setdefault(phase, {})[site] = dict(metrics)
@@ -92,6 +93,7 @@ class RunHistory:
             "weighted_average": self.weighted_average(rnd),
             "sites": sites,
             "missing_sites": sorted(set(self.sites) - set(self.evaluated(rnd))),
+            "central_epsilon": self.central_epsilon.get(rnd),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +113,7 @@ class RunHistory:
                         for site in self.sites
                     },
                     "epsilon": self.epsilon(rnd),
+                    "central_epsilon": self.central_epsilon.get(rnd),
                     "failures": self.failures.get(rnd, []),
                 }
             )
@@ -200,7 +203,7 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     rounds = [r for r in sorted(history.rounds) if history.evaluated(r)]
-    has_eps = any(history.epsilon(r) for r in rounds)
+    has_eps = any(history.epsilon(r) for r in rounds) or bool(history.central_epsilon)
     panels = [*SUMMARY_METRICS, "epsilon"] if has_eps else list(SUMMARY_METRICS)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
@@ -210,6 +213,15 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
             else:
                 ys = [history.evaluated(r).get(site, {}).get(metric, math.nan) for r in rounds]
             ax.plot(rounds, ys, marker="o", markersize=3, linewidth=1.2, label=site)
+        if metric == "epsilon" and history.central_epsilon:
+            ax.plot(
+                rounds,
+                [history.central_epsilon.get(r, math.nan) for r in rounds],
+                color="black",
+                linestyle="--",
+                linewidth=2,
+                label="central DP",
+            )
         if metric != "epsilon":
             ax.plot(
                 rounds,
@@ -218,7 +230,7 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
                 linewidth=2.2,
                 label="average",
             )
-        ax.set_title("ε spent (per site)" if metric == "epsilon" else metric)
+        ax.set_title("ε spent" if metric == "epsilon" else metric)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")

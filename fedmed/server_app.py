@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmed.client_app import RUN_KEY, STUDY_KEY
 from fedmed.report import RunHistory
-from fedmed.strategies import SiteRecorder, build_strategy
+from fedmed.strategies import SiteRecorder, build_strategy, central_epsilon
 from fedmed.study import RunPlan, finish_run
 from fedmed.tasks import build_model
 
@@ -30,11 +30,14 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     cfg = plan.config
     history = RunHistory(sites=cfg.site_names)
     model = initial_model(plan)
-    strategy = SiteRecorder(
-        build_strategy(cfg),
-        history,
-        on_round=(lambda rnd: on_round(rnd, history)) if on_round else None,
-    )
+
+    def round_done(rnd: int) -> None:
+        if cfg.privacy.central != "off":
+            history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
+        if on_round:
+            on_round(rnd, history)
+
+    strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = strategy.start(
         grid=grid,

@@ -79,13 +79,46 @@ STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
 
 
 def build_strategy(cfg: RunConfig) -> Strategy:
+    """The configured strategy, wrapped for central DP when the study asks for it."""
     try:
         factory = STRATEGIES[cfg.strategy.name]
     except KeyError:
         raise ConfigError(
             f"unknown strategy.name '{cfg.strategy.name}'; valid: {', '.join(sorted(STRATEGIES))}"
         ) from None
-    return factory(cfg)
+    strategy = factory(cfg)
+    privacy = cfg.privacy
+    if privacy.central == "off":
+        return strategy
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    wrapper = (
+        DifferentialPrivacyClientSideFixedClipping
+        if privacy.central == "client-side"
+        else DifferentialPrivacyServerSideFixedClipping
+    )
+    return wrapper(
+        strategy,
+        noise_multiplier=privacy.central_noise_multiplier,
+        clipping_norm=privacy.central_clipping_norm,
+        num_sampled_clients=len(cfg.sites),
+    )
+
+
+def central_epsilon(cfg: RunConfig, rounds: int) -> float:
+    """Site-level ε of central DP after ``rounds`` rounds (every site sampled every round).
+
+    Each round releases the clipped mean plus Gaussian noise whose std is the noise multiplier
+    times the sensitivity (norm / sites): one Gaussian mechanism per round, composed with RDP.
+    """
+    from fedmed.privacy import epsilon_spent
+
+    if cfg.privacy.central == "off" or rounds == 0:
+        return 0.0
+    return epsilon_spent([(cfg.privacy.central_noise_multiplier, 1.0, rounds)], cfg.privacy)
 
 
 def _site_name(msg: Message) -> str:

@@ -1,0 +1,85 @@
+"""Membership-inference audit of a finished run: does the model give away who trained it?
+
+The loss-threshold attack (Yeom et al., 2018): rows the model trained on tend to have lower loss
+than rows it never saw. For each site we score its train rows (members) and its held-out test rows
+(non-members) by -loss and report the attack's ROC-AUC (0.5 = no leakage) and its TPR at 1 % FPR
+(the regime that matters for individual patients), next to the ε the site spent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from fedmed.config import RunConfig, parse_run_config
+from fedmed.data import load_site_data
+from fedmed.data.table import SiteData
+from fedmed.errors import ConfigError
+from fedmed.report import write_json
+from fedmed.serving.export import load_model
+
+
+def per_example_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).squeeze(-1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, torch.from_numpy(y), reduction="none"
+        )
+    return loss.numpy()
+
+
+def loss_threshold_attack(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[str, float]:
+    """Attack AUC, TPR at 1 % FPR and the best TPR-FPR advantage."""
+    labels = np.r_[np.ones(len(member_loss)), np.zeros(len(nonmember_loss))]
+    scores = -np.r_[member_loss, nonmember_loss]
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {
+        "attack_auc": float(roc_auc_score(labels, scores)),
+        "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+        "advantage": float(np.max(tpr - fpr)),
+    }
+
+
+def _site_arrays(cfg: RunConfig) -> list[SiteData]:
+    if cfg.mode == "pooled":
+        from fedmed.baselines import pooled_site_data
+
+        return pooled_site_data(cfg)[1]
+    return [load_site_data(cfg, s) for s in cfg.sites]
+
+
+def audit_run(run_dir: Path) -> dict[str, Any]:
+    """Run the attack on every site of ``run_dir`` and write privacy_audit.json there."""
+    metrics_path = Path(run_dir) / "metrics.json"
+    if not metrics_path.is_file():
+        raise ConfigError(f"{run_dir} has no metrics.json; give the directory of a finished run")
+    payload = json.loads(metrics_path.read_text())
+    cfg = parse_run_config(payload["config"])
+    final_sites = payload["final"]["sites"]
+    results: dict[str, Any] = {}
+    for data in _site_arrays(cfg):
+        stem = f"model-{data.name}" if cfg.mode == "local" else "model"
+        model, _ = load_model(Path(run_dir) / f"{stem}.safetensors")
+        attack = loss_threshold_attack(
+            per_example_loss(model, data.x_train, data.y_train),
+            per_example_loss(model, data.x_test, data.y_test),
+        )
+        results[data.name] = {
+            **attack,
+            "members": len(data.y_train),
+            "non_members": len(data.y_test),
+            "epsilon": final_sites.get(data.name, {}).get("epsilon"),
+        }
+    report = {
+        "attack": "loss-threshold membership inference (train rows vs held-out rows per site)",
+        "privacy": payload["config"]["privacy"],
+        "sites": results,
+        "mean_attack_auc": float(np.mean([r["attack_auc"] for r in results.values()])),
+    }
+    write_json(Path(run_dir) / "privacy_audit.json", report)
+    return report
