@@ -157,6 +157,7 @@ def train_private(
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.privacy.max_grad_norm,
         poisson_sampling=True,
+        grad_sample_mode=cfg.privacy.grad_sample_mode,
     )
     try:
         loss = run_steps(dp_model, optimizer, loader, task, plan.steps_per_round, device)

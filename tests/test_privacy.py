@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
+import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
@@ -115,3 +117,24 @@ def test_merge_history_only_merges_identical_mechanisms() -> None:
 
     assert merged == [(1.0, 0.1, 8), (2.0, 0.1, 1), (1.0, 0.1, 2)]
     assert epsilon_spent([], PrivacyConfig()) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_every_grad_sample_mode_trains_and_accounts_the_same(
+    demo_config: RunConfig, mode: str
+) -> None:
+    cfg = demo_config.replace(
+        privacy=dataclasses.replace(demo_config.privacy, grad_sample_mode=mode)
+    )
+    data = _site(cfg, 2)
+    task = get_task(cfg.task)
+    model = task.build_model(data.x_train.shape[1], cfg.model)
+
+    result, entries = train_private(
+        model, data.x_train, data.y_train, task, cfg, seed=3, device=torch.device("cpu")
+    )
+
+    plan = plan_for_site(data.n_train, cfg)
+    assert entries == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert result.steps == plan.steps_per_round
