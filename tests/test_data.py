@@ -192,3 +192,19 @@ def test_heart_disease_follows_flamby_protocol() -> None:
     # FLamby's published train/test sizes per center.
     assert sizes == [(199, 104), (172, 89), (30, 16), (85, 45)]
     assert HEART_DIR.is_dir()
+
+
+def test_parquet_site_reads_like_csv(csv_study: RunConfig, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow", reason="Parquet support is the optional 'parquet' extra")
+    csv_path = Path(csv_study.sites[0].path)
+    parquet_path = tmp_path / "alpha.parquet"
+    pd.read_csv(csv_path).to_parquet(parquet_path)
+    from dataclasses import replace
+
+    as_parquet = replace(csv_study.sites[0], path=str(parquet_path))
+
+    a = load_site_data(csv_study, csv_study.sites[0])
+    b = load_site_data(csv_study, as_parquet)
+
+    np.testing.assert_allclose(a.x_train, b.x_train, rtol=1e-6)
+    np.testing.assert_array_equal(a.y_test, b.y_test)
