@@ -266,6 +266,14 @@ def _print_summary(payload: dict) -> None:
             f"central DP ({privacy['central']} clipping): site-level ε = "
             f"{final['central_epsilon']:.3f} at δ = {privacy['delta']:g}"
         )
+    failures = [f for h in payload["history"] for f in h["failures"]]
+    if failures:
+        rounds_by_reason: dict[str, list[int]] = {}
+        for h in payload["history"]:
+            for f in h["failures"]:
+                rounds_by_reason.setdefault(f"{f['phase']}: {f['reason']}", []).append(h["round"])
+        for reason, rounds in rounds_by_reason.items():
+            print(f"failed or refused in round(s) {','.join(map(str, rounds))} — {reason}")
     if final.get("missing_sites"):
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
 

@@ -138,3 +138,16 @@ def test_every_grad_sample_mode_trains_and_accounts_the_same(
     assert entries == [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert result.steps == plan.steps_per_round
+
+
+def test_prv_accountant_matches_opacus() -> None:
+    from opacus.accountants import PRVAccountant
+
+    privacy = PrivacyConfig(enabled=True, accountant="prv", delta=1e-5)
+    reference = PRVAccountant()
+    for _ in range(200):
+        reference.step(noise_multiplier=1.1, sample_rate=0.05)
+
+    assert epsilon_spent([(1.1, 0.05, 200)], privacy) == pytest.approx(
+        reference.get_epsilon(delta=1e-5), rel=1e-6
+    )
