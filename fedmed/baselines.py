@@ -22,7 +22,7 @@ from fedmed.data.table import Preprocessor, SiteData, prepare
 from fedmed.privacy import Entry, epsilon_spent, train_private
 from fedmed.report import RunHistory
 from fedmed.server_app import initial_model
-from fedmed.study import RunPlan, finish_run
+from fedmed.study import RunPlan, finish_run, live_reporter
 from fedmed.tasks import get_task
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
 
@@ -103,14 +103,14 @@ def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     cfg = plan.config
     pooled, per_site = pooled_site_data(cfg)
     history = RunHistory(sites=cfg.site_names)
+    report = live_reporter(plan, on_round)
     trainer = _Trainer(plan, "pooled")
     for rnd in range(1, cfg.rounds + 1):
         train_metrics = trainer.train_round(rnd, pooled)
         for data in per_site:
             history.record(rnd, "train", data.name, train_metrics)
             history.record(rnd, "evaluate", data.name, trainer.evaluate(data))
-        if on_round:
-            on_round(rnd, history)
+        report(rnd, history)
     return finish_run(plan, history, {"model": trainer.model}, started)
 
 
@@ -120,12 +120,12 @@ def run_local(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     sites = [prepare(load_site_table(cfg, s), cfg.data.schema) for s in cfg.sites]
     trainers = {d.name: _Trainer(plan, d.name) for d in sites}
     history = RunHistory(sites=cfg.site_names)
+    report = live_reporter(plan, on_round)
     for rnd in range(1, cfg.rounds + 1):
         for data in sites:
             trainer = trainers[data.name]
             history.record(rnd, "train", data.name, trainer.train_round(rnd, data))
             history.record(rnd, "evaluate", data.name, trainer.evaluate(data))
-        if on_round:
-            on_round(rnd, history)
+        report(rnd, history)
     models: dict[str, torch.nn.Module] = {f"model-{n}": t.model for n, t in trainers.items()}
     return finish_run(plan, history, models, started)

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmed.client_app import RUN_KEY, STUDY_KEY
 from fedmed.report import RunHistory
 from fedmed.strategies import SiteRecorder, build_strategy, central_epsilon
-from fedmed.study import RunPlan, finish_run
+from fedmed.study import RunPlan, finish_run, live_reporter
 from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
@@ -31,11 +31,12 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     history = RunHistory(sites=cfg.site_names)
     model = initial_model(plan)
 
+    report = live_reporter(plan, on_round)
+
     def round_done(rnd: int) -> None:
         if cfg.privacy.central != "off":
             history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
-        if on_round:
-            on_round(rnd, history)
+        report(rnd, history)
 
     strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}

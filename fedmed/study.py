@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from fedmed import __version__
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
-from fedmed.report import RunHistory, write_metrics
+from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
 
 CONFIG_KEY = "fedmed-config"
@@ -64,20 +65,45 @@ def new_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+def _header(plan: RunPlan) -> dict[str, Any]:
+    cfg = plan.config
+    return {
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "engine": plan.engine,
+        "fedmed_version": __version__,
+        "rounds_planned": cfg.rounds,
+        "config": cfg.to_dict(),
+    }
+
+
+def live_reporter(
+    plan: RunPlan, on_round: Callable[[int, RunHistory], None] | None = None
+) -> Callable[[int, RunHistory], None]:
+    """After each round: rewrite RUN_DIR/live.json (what the dashboard polls), then ``on_round``."""
+
+    def report(rnd: int, history: RunHistory) -> None:
+        write_json(
+            plan.run_dir / "live.json", {**_header(plan), "status": "running", **history.to_dict()}
+        )
+        if on_round:
+            on_round(rnd, history)
+
+    return report
+
+
 def finish_run(
     plan: RunPlan, history: RunHistory, models: dict[str, torch.nn.Module], started: float
 ) -> dict[str, Any]:
     """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json."""
     cfg = plan.config
     header = {
-        "name": cfg.name,
-        "mode": cfg.mode,
-        "engine": plan.engine,
-        "fedmed_version": __version__,
+        **_header(plan),
+        "status": "finished",
         "wall_seconds": round(time.time() - started, 3),
-        "config": cfg.to_dict(),
     }
     payload = write_metrics(plan.run_dir, history, header)
+    write_json(plan.run_dir / "live.json", payload)
     final = payload["final"]
     for stem, model in models.items():
         save_model(

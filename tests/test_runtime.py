@@ -99,3 +99,21 @@ def test_site_errors_are_wire_safe(csv_study: RunConfig, tmp_path: Path) -> None
     reasons = [f["reason"] for h in out["history"] for f in h["failures"]]
     assert reasons and all(r.startswith("site 'gamma'") for r in reasons)
     assert all(str(tmp_path) not in r and ".csv" not in r for r in reasons)
+
+
+def test_live_json_is_written_every_round(demo_config: RunConfig) -> None:
+    seen: list[int] = []
+
+    def watch(rnd: int, history) -> None:
+        live = json.loads((plan.run_dir / "live.json").read_text())
+        assert live["status"] == "running" and live["history"][-1]["round"] == rnd
+        seen.append(rnd)
+
+    from fedmed.cli import preflight
+
+    cfg, _ = preflight(demo_config.replace(privacy=demo_config.privacy.__class__()))
+    plan = RunPlan(cfg, new_run_dir(cfg))
+    run_inprocess(build_server_app(plan, watch), client_app, 4, plan.to_run_config())
+
+    assert seen == [1, 2]
+    assert json.loads((plan.run_dir / "live.json").read_text())["status"] == "finished"
