@@ -92,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     aud.add_argument("run_dir", type=Path, help="a run directory written by fedmed simulate")
 
+    srv = sub.add_parser(
+        "serve",
+        help="serve a trained model over HTTP (POST /predict, GET /model, GET /health)",
+        description="Serve the model of a run directory (or a .safetensors file) with FastAPI "
+        "under uvicorn. OpenAPI docs at /docs. Refuses unsigned or tampered models unless "
+        "--allow-unsigned.",
+    )
+    srv.add_argument("model", type=Path, help="run directory or model .safetensors file")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="serve a model whose card is unsigned (not for clinical use)",
+    )
+
+    prd = sub.add_parser(
+        "predict",
+        help="batch predictions for a CSV of patient rows",
+        description="Predict every row of a CSV (columns = the model's features) and write the "
+        "rows with probability and label columns.",
+    )
+    prd.add_argument("model", type=Path, help="run directory or model .safetensors file")
+    prd.add_argument("rows", type=Path, help="CSV with one patient per row")
+    prd.add_argument("--output", type=Path, default=None, help="write CSV here (default stdout)")
+    prd.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="use a model whose card is unsigned (not for clinical use)",
+    )
+
     show = sub.add_parser(
         "show-config",
         help="print a run config with defaults and overrides",
@@ -134,15 +165,20 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedmed.study import RunPlan, new_run_dir
+    from fedmed.study import RunPlan, new_run_dir, serving_preprocessing
 
-    cfg, _ = preflight(_load(args))
+    cfg, tables = preflight(_load(args))
     if args.engine == "ray" and cfg.mode != "federated":
         raise FedmedError("--engine ray runs federated studies; drop it for pooled/local")
     if not args.verbose:
         # Flower resets its logger's level while starting apps; a filter sticks.
         logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
-    plan = RunPlan(cfg, new_run_dir(cfg), engine=args.engine if cfg.mode == "federated" else "-")
+    plan = RunPlan(
+        cfg,
+        new_run_dir(cfg),
+        engine=args.engine if cfg.mode == "federated" else "-",
+        serving=serving_preprocessing(cfg, tables),
+    )
     progress = None if args.quiet else _Progress(cfg)
     try:
         payload = _dispatch(plan, args, progress)
@@ -316,6 +352,30 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedmed.serving.api import ServedModel, create_app
+    from fedmed.serving.server import serve
+
+    served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
+    if args.allow_unsigned and "signature" not in served.card:
+        print("fedmed: warning: serving an UNSIGNED model", file=sys.stderr)
+    print(f"serving {served.path} on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
+    serve(create_app(served), args.host, args.port)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedmed.serving.api import ServedModel, predict_csv
+
+    served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
+    result = predict_csv(served, args.rows, args.output)
+    if args.output is None:
+        result.to_csv(sys.stdout, index=False)
+    else:
+        print(args.output)
+    return 0
+
+
 def cmd_show_config(args: argparse.Namespace) -> int:
     import json
 
@@ -327,6 +387,8 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "check-data": cmd_check_data,
     "audit-privacy": cmd_audit_privacy,
+    "serve": cmd_serve,
+    "predict": cmd_predict,
     "show-config": cmd_show_config,
 }
 

@@ -7,6 +7,7 @@ the same ServerApp works in-process, on Ray and on a SuperLink.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
 
 CONFIG_KEY = "fedmed-config"
+SERVING_KEY = "fedmed-serving"
 RUN_DIR_KEY = "fedmed-run-dir"
 ENGINE_KEY = "fedmed-engine"
 
@@ -31,12 +33,15 @@ class RunPlan:
     config: RunConfig
     run_dir: Path
     engine: str = "inprocess"
+    # Preprocessing a served model applies to a clinic's raw rows (see serving_preprocessing).
+    serving: str = ""  # JSON
 
     def to_run_config(self) -> dict[str, str]:
         return {
             CONFIG_KEY: self.config.to_json(),
             RUN_DIR_KEY: str(self.run_dir),
             ENGINE_KEY: self.engine,
+            SERVING_KEY: self.serving,
         }
 
     @classmethod
@@ -50,6 +55,7 @@ class RunPlan:
             RunConfig.from_json(str(run_config[CONFIG_KEY])),
             Path(str(run_config.get(RUN_DIR_KEY, "runs/unnamed"))),
             str(run_config.get(ENGINE_KEY, "deployment")),
+            str(run_config.get(SERVING_KEY, "")),
         )
 
 
@@ -104,6 +110,7 @@ def finish_run(
     }
     payload = write_metrics(plan.run_dir, history, header)
     write_json(plan.run_dir / "live.json", payload)
+    serving = json.loads(plan.serving) if plan.serving else None
     final = payload["final"]
     for stem, model in models.items():
         save_model(
@@ -116,7 +123,25 @@ def finish_run(
                     "round": final["round"],
                     "average": final["average"],
                     "sites": final["sites"],
-                }
+                },
+                "preprocessing": serving,
             },
         )
     return payload
+
+
+def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
+    """Imputation/one-hot/standardization fitted on the union of the sites' train splits.
+
+    Sites standardize with their own statistics while training; a clinic calling the served model
+    needs ONE transform. The pooled fit equals the sample-size-weighted combination of the sites'
+    (n, mean, variance), so it is what federated standardization would compute. In a simulation
+    the coordinator holds every table, so it is computed directly here.
+    """
+    import pandas as pd
+
+    from fedmed.data.table import Preprocessor
+
+    pooled = pd.concat([t.x_train for t in tables], ignore_index=True)
+    fitted = Preprocessor(cfg.data.schema.features, cfg.data.schema).fit(pooled)
+    return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})

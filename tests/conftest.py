@@ -35,6 +35,7 @@ def _private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own privacy ledger folder (never the user's ~/.fedmed)."""
     path = tmp_path / "ledger"
     monkeypatch.setenv("FEDMED_LEDGER_DIR", str(path))
+    monkeypatch.setenv("FEDMED_KEY_DIR", str(tmp_path / "keys"))  # model-signing key, per test
     return path
 
 

@@ -17,11 +17,11 @@ from fedmed.server_app import build_server_app
 from fedmed.study import RunPlan, new_run_dir
 
 
-def _run(cfg: RunConfig, app: ClientApp = client_app) -> dict:
+def _run(cfg: RunConfig, app: ClientApp = client_app, serving: str = "") -> dict:
     from fedmed.cli import preflight
 
     cfg, _ = preflight(cfg)
-    plan = RunPlan(cfg, new_run_dir(cfg))
+    plan = RunPlan(cfg, new_run_dir(cfg), serving=serving)
     run_inprocess(build_server_app(plan), app, len(cfg.sites), plan.to_run_config())
     return json.loads((plan.run_dir / "metrics.json").read_text()) | {"_dir": str(plan.run_dir)}
 

@@ -77,7 +77,7 @@ def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: st
         )
     x = pd.DataFrame(index=df.index)
     for col in features:
-        x[col] = _parse_column(df[col], col, schema, origin)
+        x[col] = parse_column(df[col], col, schema, origin)
     y_raw = _numeric(df[schema.target], schema.target, origin)
 
     # Missing values: the policy decides; the target is never imputed.
@@ -118,7 +118,7 @@ def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: st
     return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te)
 
 
-def _parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) -> pd.Series:
+def parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) -> pd.Series:
     if raw.isna().all():
         raise DataError(
             f"{origin}: column '{col}' is empty in all {len(raw)} rows; fill it or drop it "
@@ -269,6 +269,21 @@ class Preprocessor:
         if self.schema.standardize == "all":
             return np.ones(len(self.input_names), dtype=bool)
         return self._numeric_mask
+
+    @classmethod
+    def from_dict(
+        cls, features: tuple[str, ...], schema: SchemaConfig, params: dict[str, Any]
+    ) -> Preprocessor:
+        """Rebuild a fitted preprocessor from a model card (serving)."""
+        pre = cls(features, schema)
+        if list(params.get("inputs", [])) != list(pre.input_names):
+            raise DataError(
+                "the model card's preprocessing does not match its schema; export the model again"
+            )
+        pre.fill = {str(k): float(v) for k, v in params["impute_mean"].items()}
+        pre.mean = np.asarray(params["mean"], dtype=np.float64)
+        pre.std = np.asarray(params["std"], dtype=np.float64)
+        return pre
 
     def to_dict(self) -> dict[str, Any]:
         """Fitted parameters, for the model card (so a served model can reuse them)."""

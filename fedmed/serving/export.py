@@ -22,6 +22,7 @@ from fedmed.config import RunConfig
 from fedmed.data.table import input_names
 from fedmed.errors import ConfigError
 from fedmed.report import _json_safe, atomic_write
+from fedmed.serving.signing import sign_card, verify_card
 from fedmed.tasks import get_task
 
 CARD_FORMAT = "fedmed-model/1"
@@ -71,15 +72,32 @@ def save_model(
         "privacy": cfg.to_dict()["privacy"],
         **extra,
     }
-    atomic_write(
-        out_dir / f"{stem}.card.json", (json.dumps(_json_safe(card), indent=2) + "\n").encode()
-    )
+    signed = sign_card(_json_safe(card))
+    atomic_write(out_dir / f"{stem}.card.json", (json.dumps(signed, indent=2) + "\n").encode())
     return weights
 
 
-def load_model(weights: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load weights + card, checking the hash; errors say which file is wrong and what to do."""
-    weights = Path(weights)
+def resolve_model_path(path: Path) -> Path:
+    """A run directory or a .safetensors file -> the weights file."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        names = ", ".join(p.name for p in found) or "none"
+        raise ConfigError(
+            f"{path}: expected one model.safetensors (found: {names}); name the model file"
+        )
+    return path
+
+
+def load_model(
+    weights: Path, *, require_signature: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load weights + card, checking the hash and (unless told not to) the card's signature."""
+    weights = resolve_model_path(weights)
     card_path = weights.with_name(weights.name.removesuffix(".safetensors") + ".card.json")
     if not weights.is_file():
         raise ConfigError(f"{weights}: model file not found")
@@ -91,6 +109,8 @@ def load_model(weights: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise ConfigError(f"{card_path}: not valid JSON ({exc}); export the model again") from None
     if card.get("format") != CARD_FORMAT:
         raise ConfigError(f"{card_path}: not a {CARD_FORMAT} card")
+    if require_signature:
+        verify_card(card, str(card_path))
     if _sha256(weights) != card.get("weights_sha256"):
         raise ConfigError(
             f"{weights}: SHA-256 does not match its model card; the file was changed or "

@@ -1,0 +1,182 @@
+"""Model as a service: a FastAPI app that serves one exported federated model.
+
+The request schema is generated from the model card, so a clinic's app gets a 422 naming the
+exact field when it sends an unknown field, misses one, or sends text where a number belongs;
+OpenAPI docs (/docs) describe the same schema. Raw patient values are transformed with the
+preprocessing stored in the card, never with statistics of the request itself.
+
+(No ``from __future__ import annotations`` here: FastAPI must see the request models, which are
+built per model card inside create_app, as real classes.)
+"""
+
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from fedmed.config import SchemaConfig
+from fedmed.data.table import Preprocessor
+from fedmed.errors import ConfigError, DataError
+from fedmed.serving.export import load_model, resolve_model_path
+
+IG_STEPS = 32
+
+
+class ServedModel:
+    """A loaded model with its card: raw rows in, probabilities (and attributions) out."""
+
+    def __init__(self, path: Path, *, allow_unsigned: bool = False) -> None:
+        self.path = resolve_model_path(path)
+        self.model, self.card = load_model(self.path, require_signature=not allow_unsigned)
+        raw = self.card["schema"]
+        self.schema = SchemaConfig(
+            target=raw["target"],
+            features=tuple(raw["features"]),
+            categorical={k: tuple(v) for k, v in raw["categorical"].items()},
+            drop_first=raw["drop_first"],
+            missing=raw["missing"],
+            standardize=raw["standardize"],
+        )
+        params = self.card.get("preprocessing")
+        if not params:
+            raise ConfigError(
+                f"{self.path}: the model card has no serving preprocessing; re-run the study "
+                "with this fedmed version to export it"
+            )
+        self.pre = Preprocessor.from_dict(self.schema.features, self.schema, params)
+
+    def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        df = pd.DataFrame(rows, columns=list(self.schema.features))
+        for col in self.schema.features:
+            if col not in self.schema.categorical:
+                df[col] = pd.to_numeric(df[col], errors="raise").astype(float)
+        return df
+
+    def predict(self, rows: list[dict[str, Any]], explain: bool = False) -> list[dict[str, Any]]:
+        x = torch.from_numpy(self.pre.transform(self.frame(rows)))
+        with torch.no_grad():
+            prob = torch.sigmoid(self.model(x).squeeze(-1)).numpy()
+        out = [{"probability": float(p), "label": int(p >= 0.5)} for p in prob]
+        if explain:
+            for item, attr in zip(out, self.attributions(x), strict=True):
+                item["explanation"] = attr
+        return out
+
+    def attributions(self, x: torch.Tensor) -> list[dict[str, float]]:
+        """Integrated gradients (baseline: the average patient, 0 after standardization).
+
+        In logit units; one-hot columns are summed back to their clinical variable. For logistic
+        regression this is exactly weight x standardized value.
+        """
+        baseline = torch.zeros_like(x)
+        total = torch.zeros_like(x)
+        for alpha in torch.linspace(1.0 / IG_STEPS, 1.0, IG_STEPS):
+            point = (baseline + alpha * (x - baseline)).requires_grad_(True)
+            self.model(point).sum().backward()
+            total += point.grad
+        attr = ((x - baseline) * total / IG_STEPS).numpy()
+        names = self.pre.input_names
+        result = []
+        for row in attr:
+            per_feature: dict[str, float] = {}
+            for name, value in zip(names, row, strict=True):
+                feature = name.split("=")[0] if name not in self.schema.features else name
+                per_feature[feature] = per_feature.get(feature, 0.0) + float(value)
+            result.append(per_feature)
+        return result
+
+
+def _row_model(served: ServedModel) -> type[BaseModel]:
+    """A pydantic model of one patient row, from the card's schema."""
+    fields: dict[str, Any] = {}
+    optional = served.schema.missing == "mean"
+    for col in served.schema.features:
+        cats = served.schema.categorical.get(col)
+        tp: Any = Literal[tuple(cats)] if cats else float  # type: ignore[valid-type]
+        if optional and not cats:
+            fields[col] = (tp | None, Field(default=None, description="missing = train mean"))
+        else:
+            fields[col] = (tp, ...)
+    return create_model("PatientRow", __config__=ConfigDict(extra="forbid", strict=False), **fields)
+
+
+def create_app(served: ServedModel) -> FastAPI:
+    """The HTTP API around ``served``: /predict, /model, /health, and OpenAPI docs at /docs."""
+    row_model = _row_model(served)
+    card = served.card
+    study = card["study"]
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rows: list[row_model] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
+        explain: bool = False
+
+    class Prediction(BaseModel):
+        probability: float
+        label: int
+        explanation: dict[str, float] | None = None
+
+    class PredictResponse(BaseModel):
+        predictions: list[Prediction]
+        model: dict[str, Any]
+
+    app = FastAPI(
+        title=f"fedmed model: {study['name']}",
+        description=(
+            f"{card['task']} trained by {study['mode']} learning across "
+            f"{len(study['sites'])} sites ({', '.join(study['sites'])}), {study['rounds']} rounds. "
+            "Probability of the positive class; not a substitute for clinical judgement."
+        ),
+        version=card.get("fedmed_version", ""),
+    )
+    identity = {"study": study["name"], "weights_sha256": card["weights_sha256"]}
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(request: PredictRequest) -> dict[str, Any]:
+        rows = [r.model_dump() for r in request.rows]
+        return {"predictions": served.predict(rows, explain=request.explain), "model": identity}
+
+    @app.get("/model")
+    def model_card() -> dict[str, Any]:
+        return card
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", **identity}
+
+    return app
+
+
+def predict_csv(served: ServedModel, rows_csv: Path, output: Path | None) -> pd.DataFrame:
+    """Batch prediction for the command line; bad rows are named like in site data checks."""
+    from fedmed.data.sources import read_table
+    from fedmed.data.table import parse_column
+
+    df = read_table(str(rows_csv), SchemaConfig())
+    missing = [c for c in served.schema.features if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{rows_csv}: column '{missing[0]}' is missing; the model needs: "
+            f"{', '.join(served.schema.features)}"
+        )
+    parsed = pd.DataFrame(index=df.index)
+    for col in served.schema.features:
+        parsed[col] = parse_column(df[col], col, served.schema, str(rows_csv))
+    if served.schema.missing != "mean" and parsed.isna().any().any():
+        col = parsed.columns[parsed.isna().any()][0]
+        rows = ", ".join(map(str, parsed.index[parsed[col].isna()][:5]))
+        raise DataError(f"{rows_csv}: column '{col}' is empty at row(s) {rows}; fill it in")
+    x = torch.from_numpy(served.pre.transform(parsed))
+    with torch.no_grad():
+        prob = torch.sigmoid(served.model(x).squeeze(-1)).numpy()
+    result = df.copy()
+    result["probability"] = np.round(prob, 6)
+    result["label"] = (prob >= 0.5).astype(int)
+    if output is not None:
+        result.to_csv(output, index=False)
+    return result

@@ -1,0 +1,54 @@
+"""Running a FastAPI app under uvicorn: in the foreground (CLI) or in a thread (tests, live views).
+
+The thread variant returns only once the socket accepts connections and stops cleanly, so a test
+or a coordinator never leaves a server behind.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Serve until interrupted (Ctrl-C)."""
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@dataclass
+class BackgroundServer:
+    server: uvicorn.Server
+    thread: threading.Thread
+    url: str
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_in_thread(
+    app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout: float = 15.0
+) -> BackgroundServer:
+    """Start ``app`` in a daemon thread; returns when it is accepting connections."""
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"HTTP server on {host}:{port} did not start")
+        time.sleep(0.05)
+    return BackgroundServer(server, thread, f"http://{host}:{port}")
