@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--output-dir", default=None, help="parent folder of the run directory")
     sim.add_argument("--quiet", action="store_true", help="no progress display or summary")
+    sim.add_argument(
+        "--dashboard",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the live dashboard on 127.0.0.1:PORT while the study runs",
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
 
     chk = sub.add_parser(
@@ -91,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN_DIR/privacy_audit.json.",
     )
     aud.add_argument("run_dir", type=Path, help="a run directory written by fedmed simulate")
+
+    dash = sub.add_parser(
+        "dashboard",
+        help="web dashboard of a run: per-site metrics and ε by round, who replied or refused",
+        description="Serve the dashboard of RUN_DIR (finished or running: it polls live.json).",
+    )
+    dash.add_argument("run_dir", type=Path, help="a run directory written by fedmed simulate")
+    dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    dash.add_argument("--port", type=int, default=8050, help="port (default 8050)")
 
     srv = sub.add_parser(
         "serve",
@@ -180,19 +196,42 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         serving=serving_preprocessing(cfg, tables),
     )
     progress = None if args.quiet else _Progress(cfg)
+    live = None
     try:
+        if args.dashboard is not None:
+            live = _start_live_dashboard(plan.run_dir, args.dashboard)
         payload = _dispatch(plan, args, progress)
-    except BaseException:
-        if plan.run_dir.is_dir() and not any(plan.run_dir.iterdir()):
-            shutil.rmtree(plan.run_dir)
+    except BaseException as exc:
+        _mark_failed(plan.run_dir, exc)
         raise
     finally:
         if progress:
             progress.close()
+        if live:
+            live.stop()
+            print(
+                f"dashboard stopped; reopen with: fedmed dashboard {plan.run_dir}", file=sys.stderr
+            )
     if not args.quiet:
         _print_summary(payload)
     print(plan.run_dir)
     return 0
+
+
+def _mark_failed(run_dir: Path, exc: BaseException) -> None:
+    """A failed run leaves no empty folder, and never a live.json that still says 'running'."""
+    import json
+
+    from fedmed.report import write_json
+
+    if run_dir.is_dir() and not any(run_dir.iterdir()):
+        shutil.rmtree(run_dir)
+        return
+    live = run_dir / "live.json"
+    if live.is_file() and not (run_dir / "metrics.json").is_file():
+        payload = json.loads(live.read_text())
+        payload.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        write_json(live, payload)
 
 
 def _dispatch(plan, args: argparse.Namespace, progress) -> dict:
@@ -352,6 +391,33 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_live_dashboard(run_dir: Path, port: int):
+    """The dashboard of ``run_dir`` in a background thread, for the duration of a run."""
+    from fedmed.serving.dashboard import create_dashboard_app
+    from fedmed.serving.server import start_in_thread
+
+    try:
+        live = start_in_thread(create_dashboard_app(run_dir), port=port)
+    except RuntimeError:
+        raise FedmedError(
+            f"could not start the dashboard on 127.0.0.1:{port} (port in use?); "
+            "choose another --dashboard PORT"
+        ) from None
+    print(f"live dashboard: {live.url}", file=sys.stderr)
+    return live
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from fedmed.serving.dashboard import create_dashboard_app
+    from fedmed.serving.server import serve
+
+    if not args.run_dir.is_dir():
+        raise FedmedError(f"{args.run_dir} is not a directory; give a run directory")
+    print(f"dashboard of {args.run_dir} on http://{args.host}:{args.port}", file=sys.stderr)
+    serve(create_dashboard_app(args.run_dir), args.host, args.port)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fedmed.serving.api import ServedModel, create_app
     from fedmed.serving.server import serve
@@ -387,6 +453,7 @@ COMMANDS = {
     "simulate": cmd_simulate,
     "check-data": cmd_check_data,
     "audit-privacy": cmd_audit_privacy,
+    "dashboard": cmd_dashboard,
     "serve": cmd_serve,
     "predict": cmd_predict,
     "show-config": cmd_show_config,
