@@ -9,7 +9,6 @@ preprocessing stored in the card, never with statistics of the request itself.
 built per model card inside create_app, as real classes.)
 """
 
-
 from pathlib import Path
 from typing import Any, Literal
 

@@ -6,6 +6,7 @@ or a coordinator never leaves a server behind.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -42,13 +43,31 @@ def start_in_thread(
 ) -> BackgroundServer:
     """Start ``app`` in a daemon thread; returns when it is accepting connections."""
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    # log_config=None: do not reconfigure the host process's logging (a coordinator, a test).
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+
+    def run() -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits this way when it cannot bind
+            server.run()
+
+    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            raise RuntimeError(f"HTTP server on {host}:{port} did not start")
-        time.sleep(0.05)
+            thread.join(timeout=5)
+            raise RuntimeError(
+                f"could not start an HTTP server on http://{host}:{port} (is the port taken?)"
+            )
+        time.sleep(0.02)
     return BackgroundServer(server, thread, f"http://{host}:{port}")
