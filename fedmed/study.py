@@ -125,6 +125,7 @@ def finish_run(
                     "sites": final["sites"],
                 },
                 "preprocessing": serving,
+                "plan_hash": plan_hash(cfg),
             },
         )
     return payload
@@ -145,3 +146,17 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
     pooled = pd.concat([t.x_train for t in tables], ignore_index=True)
     fitted = Preprocessor(cfg.data.schema.features, cfg.data.schema).fit(pooled)
     return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})
+
+
+def plan_hash(cfg: RunConfig) -> str:
+    """Content hash of what a site is asked to run: task, model architecture and data schema.
+
+    Training knobs (rounds, learning rate, seed) are deliberately left out: a hospital approves
+    WHAT is computed on its data, not how long. Same plan, same hash, on every machine.
+    """
+    import hashlib
+
+    spec = cfg.to_dict()
+    content = {"task": spec["task"], "model": spec["model"], "schema": spec["data"]["schema"]}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -53,3 +53,14 @@ def test_missing_card_is_a_clear_error(demo_config: RunConfig, tmp_path: Path) -
 
     with pytest.raises(ConfigError, match="model card missing"):
         load_model(path)
+
+
+def test_plan_hash_covers_what_runs_not_how_long(demo_config: RunConfig) -> None:
+    from fedmed.study import plan_hash
+
+    longer = demo_config.replace(rounds=50, seed=7)
+    wider = demo_config.replace(model=demo_config.model.__class__(kind="mlp", hidden=(64,)))
+
+    assert plan_hash(demo_config) == plan_hash(longer)
+    assert plan_hash(demo_config) != plan_hash(wider)
+    assert plan_hash(demo_config).startswith("sha256:")

@@ -96,6 +96,7 @@ def test_model_card_and_health(server, run_dir: Path) -> None:
     assert card["study"]["sites"] == ["alpha", "beta", "gamma"]
     assert set(card["metrics"]["sites"]) == {"alpha", "beta", "gamma"}
     assert card["signature"]["algorithm"] == "ed25519"
+    assert card["plan_hash"].startswith("sha256:") and card["created"]
     assert health["status"] == "ok" and health["weights_sha256"] == card["weights_sha256"]
     assert httpx.get(f"{server.url}/openapi.json", timeout=10).status_code == 200
 
