@@ -111,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
     data = _site_data(run_json, site.name)
     model = _model(run, msg)
     server_round = int(msg.content["config"]["server-round"])
+    # FedProx: Flower's strategy sends its mu with every train message.
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
     seed = derive_seed(run.seed, server_round, site.name)
     device = resolve_device(run.device)
     task = get_task(run.task)
@@ -122,14 +124,28 @@ def train(msg: Message, context: Context) -> Message:
         study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
         ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
         result, entries = train_private(
-            model, data.x_train, data.y_train, task, run, seed=seed, device=device
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            run,
+            seed=seed,
+            device=device,
+            proximal_mu=proximal_mu,
         )
         ledger.record(dataset, study, server_round, entries)
         epsilon = ledger.spent(dataset, run.privacy, study=study)
         epsilon_total = ledger.spent(dataset, run.privacy)
     else:
         result = train_plain(
-            model, data.x_train, data.y_train, task, run.train, seed=seed, device=device
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            run.train,
+            seed=seed,
+            device=device,
+            proximal_mu=proximal_mu,
         )
     metrics = MetricRecord(
         {

@@ -72,6 +72,13 @@ class StrategyConfig:
     server_lr: float = 0.01
     server_momentum: float = 0.9
     tau: float = 1e-3
+    proximal_mu: float = 0.01  # fedprox
+    trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end, per coordinate
+    num_malicious: int = 1  # krum / multikrum: sites assumed hostile
+    krum_select: int = 0  # multikrum: updates averaged (0 = sites - num_malicious)
+    # Update validation before aggregation (keys, shapes, dtypes, NaN/Inf, outlying norm).
+    validate_updates: bool = True
+    max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this x the round median
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,7 @@ def train_private(
     *,
     seed: int,
     device: object,
+    proximal_mu: float = 0.0,
 ) -> tuple[TrainResult, list[Entry]]:
     """One round of DP-SGD; returns the result and the accountant entries of THIS round.
 
@@ -160,7 +161,9 @@ def train_private(
         grad_sample_mode=cfg.privacy.grad_sample_mode,
     )
     try:
-        loss = run_steps(dp_model, optimizer, loader, task, plan.steps_per_round, device)
+        loss = run_steps(
+            dp_model, optimizer, loader, task, plan.steps_per_round, device, proximal_mu
+        )
     finally:
         dp_model._close()  # drop Opacus' hooks from the original module
     entries = merge_history(list(engine.accountant.history))

@@ -8,10 +8,11 @@ from collections.abc import Callable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedmed.client_app import RUN_KEY, STUDY_KEY
 from fedmed.report import RunHistory
-from fedmed.strategies import SiteRecorder, build_strategy, central_epsilon
+from fedmed.strategies import SiteRecorder, UpdateValidator, build_strategy, central_epsilon
 from fedmed.study import RunPlan, finish_run, live_reporter
 from fedmed.tasks import build_model
 
@@ -38,7 +39,14 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
             history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
         report(rnd, history)
 
-    strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
+    strategy: Strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
+    if cfg.strategy.validate_updates:
+        strategy = UpdateValidator(
+            strategy,
+            history,
+            max_norm_ratio=cfg.strategy.max_norm_ratio,
+            min_sites=cfg.strategy.min_sites or len(cfg.sites),
+        )
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = strategy.start(
         grid=grid,
@@ -47,7 +55,8 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         train_config=ConfigRecord(dict(study)),
         evaluate_config=ConfigRecord(dict(study)),
     )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
+    if len(result.arrays):  # empty when no round could aggregate: keep the initial model
+        model.load_state_dict(result.arrays.to_torch_state_dict())
     return finish_run(plan, history, {"model": model}, started)
 
 

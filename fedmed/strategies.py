@@ -7,19 +7,34 @@ site's reply per round (Flower only keeps the weighted mean) and how privacy num
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    Strategy,
+)
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
 from fedmed.report import RunHistory
 
-MAX_KEYS = ("epsilon",)
+MAX_KEYS = ("epsilon", "epsilon_total")
+log = logging.getLogger("fedmed.coordinator")
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -72,9 +87,19 @@ STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
         server_learning_rate=cfg.strategy.server_lr,
         server_momentum=cfg.strategy.server_momentum,
     ),
+    "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.strategy.proximal_mu),
     "fedadam": _fedopt(FedAdam),
     "fedyogi": _fedopt(FedYogi),
     "fedadagrad": _fedopt(FedAdagrad),
+    # Robust aggregation: tolerate a minority of broken or hostile sites.
+    "fedmedian": lambda cfg: FedMedian(**_common(cfg)),
+    "fedtrimmedavg": lambda cfg: FedTrimmedAvg(**_common(cfg), beta=cfg.strategy.trim_beta),
+    "krum": lambda cfg: Krum(**_common(cfg), num_malicious_nodes=cfg.strategy.num_malicious),
+    "multikrum": lambda cfg: MultiKrum(
+        **_common(cfg),
+        num_malicious_nodes=cfg.strategy.num_malicious,
+        num_nodes_to_select=cfg.strategy.krum_select or len(cfg.sites) - cfg.strategy.num_malicious,
+    ),
 }
 
 
@@ -183,3 +208,106 @@ class SiteRecorder(Strategy):
                 self.history.record_failure(server_round, phase, msg.error.reason or "failed")
             else:
                 self.history.record(server_round, phase, _site_name(msg), _site_metrics(msg))
+
+
+class UpdateValidator(Strategy):
+    """Rejects malformed or outlying model updates before any strategy aggregates them.
+
+    Checks, in order: the reply carries exactly the global model's keys, with the same shapes and
+    dtypes; every value is finite; and (with 3+ valid replies) the update's L2 norm is at most
+    ``max_norm_ratio`` times the round's median norm. A rejected update is recorded with the site
+    and reason and never aggregated; if fewer than ``min_sites`` remain, the round keeps the
+    previous global model instead of aggregating a rump.
+    """
+
+    def __init__(
+        self, inner: Strategy, history: RunHistory, *, max_norm_ratio: float, min_sites: int
+    ) -> None:
+        self.inner = inner
+        self.history = history
+        self.max_norm_ratio = max_norm_ratio
+        self.min_sites = min_sites
+        self._global: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._global = {k: arrays[k].numpy() for k in arrays}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        kept: list[Message] = []
+        norms: dict[int, float] = {}
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            problem, norm = self._check(msg)
+            if problem:
+                self._reject(server_round, msg, problem)
+            else:
+                norms[id(msg)] = norm
+                kept.append(msg)
+        if len(norms) >= 3:
+            limit = self.max_norm_ratio * float(np.median(list(norms.values())))
+            for msg in [m for m in kept if id(m) in norms and norms[id(m)] > limit]:
+                self._reject(
+                    server_round,
+                    msg,
+                    f"update norm {norms[id(msg)]:.3g} is over "
+                    f"{self.max_norm_ratio:g}x the round's median",
+                )
+                kept.remove(msg)
+        valid = sum(1 for m in kept if not m.has_error())
+        if valid < self.min_sites:
+            # Still let the inner strategy see the replies (for recording), but aggregate none.
+            self.inner.aggregate_train(server_round, [m for m in kept if m.has_error()])
+            return None, None
+        return self.inner.aggregate_train(server_round, kept)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def _check(self, msg: Message) -> tuple[str, float]:
+        records = list(msg.content.array_records.values())
+        if len(records) != 1:
+            return "reply must carry exactly one set of model arrays", 0.0
+        update = records[0]
+        keys = list(update.keys())
+        if set(keys) != set(self._global):
+            odd = sorted(set(keys) ^ set(self._global))
+            return f"parameter names differ from the global model ({', '.join(odd[:3])})", 0.0
+        total = 0.0
+        for key in keys:
+            array = update[key]
+            expected = self._global[key]
+            if tuple(array.shape) != tuple(expected.shape) or array.dtype != str(expected.dtype):
+                return (
+                    f"'{key}' is {array.dtype}{list(array.shape)}, expected "
+                    f"{expected.dtype}{list(expected.shape)}"
+                ), 0.0
+            values = array.numpy()
+            if not np.isfinite(values).all():
+                return f"'{key}' contains NaN or Inf", 0.0
+            total += float(np.sum((values.astype(np.float64) - expected) ** 2))
+        return "", float(np.sqrt(total))
+
+    def _reject(self, server_round: int, msg: Message, problem: str) -> None:
+        site = _site_name(msg)
+        log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
+        self.history.record_failure(
+            server_round, "train", f"site '{site}': update rejected: {problem}"
+        )
