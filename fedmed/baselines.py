@@ -24,7 +24,7 @@ from fedmed.report import RunHistory
 from fedmed.server_app import initial_model
 from fedmed.study import RunPlan, finish_run, live_reporter
 from fedmed.tasks import get_task
-from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
+from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_plain
 
 RoundCallback = Callable[[int, RunHistory], None]
 
@@ -41,6 +41,10 @@ class _Trainer:
         self.history: list[Entry] = []
         self.task = get_task(self.cfg.task)
         self.device = resolve_device(self.cfg.device)
+        # One model trained throughout: its optimizer (Adam's moments) carries across rounds,
+        # so "10 rounds x 5 epochs" is the same training as "50 epochs".
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, self.cfg.train)
 
     def train_round(self, rnd: int, data: SiteData) -> dict[str, float]:
         seed = derive_seed(self.cfg.seed, rnd, self.name)
@@ -65,6 +69,7 @@ class _Trainer:
                 self.cfg.train,
                 seed=seed,
                 device=self.device,
+                optimizer=self.optimizer,
             )
             eps = 0.0
         return {

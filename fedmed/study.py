@@ -60,15 +60,21 @@ class RunPlan:
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
-    """runs/<name>-<timestamp>[-N]: never reuses (and so never overwrites) an earlier run."""
+    """runs/<name>-<mode>-<timestamp>[-N]: never reuses (and so never overwrites) an earlier run.
+
+    mkdir without exist_ok is the lock: two runs started in the same second get -2, -3, ...
+    """
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.output_dir) / f"{cfg.name}-{cfg.mode}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
-    return path
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise ConfigError(f"cannot create a run directory next to {base}; clean up {base.parent}")
 
 
 def _header(plan: RunPlan) -> dict[str, Any]:

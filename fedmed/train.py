@@ -125,14 +125,19 @@ def train_plain(
     seed: int,
     device: torch.device,
     proximal_mu: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
-    """Non-private local training for one round."""
+    """Non-private local training for one round.
+
+    A site in a federation starts each round from new global weights, so it gets a fresh
+    optimizer; a baseline that trains one model throughout passes its own to keep Adam's state.
+    """
     torch.manual_seed(seed)
     model.to(device)
     steps = steps_per_round(len(y), cfg)
     loss = run_steps(
         model,
-        make_optimizer(model, cfg),
+        optimizer or make_optimizer(model, cfg),
         make_loader(x, y, cfg.batch_size, seed),
         task,
         steps,

@@ -117,3 +117,9 @@ def test_live_json_is_written_every_round(demo_config: RunConfig) -> None:
 
     assert seen == [1, 2]
     assert json.loads((plan.run_dir / "live.json").read_text())["status"] == "finished"
+
+
+def test_run_directories_are_never_reused(demo_config: RunConfig) -> None:
+    dirs = [new_run_dir(demo_config) for _ in range(3)]  # same second, same name
+
+    assert len(set(dirs)) == 3 and all(d.is_dir() for d in dirs)
