@@ -25,12 +25,15 @@ from fedmed.serving.export import load_model
 
 
 def per_example_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """BCE per row, computed from the signed logit margin in float64.
+
+    float32 BCE rounds to exactly 0 once the margin passes ~16.6, so confident rows tie and the
+    attack's AUC and low-FPR TPR collapse; softplus(-margin) in float64 keeps their order.
+    """
     with torch.no_grad():
-        logits = model(torch.from_numpy(x)).squeeze(-1)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, torch.from_numpy(y), reduction="none"
-        )
-    return loss.numpy()
+        logits = model(torch.from_numpy(x)).squeeze(-1).double()
+    margin = (2.0 * torch.from_numpy(y).double() - 1.0) * logits
+    return torch.nn.functional.softplus(-margin).numpy()
 
 
 def loss_threshold_attack(member_loss: np.ndarray, nonmember_loss: np.ndarray) -> dict[str, float]:
@@ -64,7 +67,9 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for data in _site_arrays(cfg):
         stem = f"model-{data.name}" if cfg.mode == "local" else "model"
-        model, _ = load_model(Path(run_dir) / f"{stem}.safetensors")
+        # An audit reads a run's own files: the weights' hash is checked, a signature is not
+        # required (older or unsigned runs can still be audited).
+        model, _ = load_model(Path(run_dir) / f"{stem}.safetensors", require_signature=False)
         attack = loss_threshold_attack(
             per_example_loss(model, data.x_train, data.y_train),
             per_example_loss(model, data.x_test, data.y_test),

@@ -43,3 +43,20 @@ def test_audit_of_a_finished_run_reports_every_site(
 def test_audit_needs_a_run_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no metrics.json"):
         audit_run(tmp_path)
+
+
+def test_confident_rows_do_not_tie_at_zero_loss() -> None:
+    import torch
+
+    from fedmed.audit import per_example_loss
+
+    model = torch.nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.0)
+    x = np.array([[20.0], [30.0], [40.0]], dtype=np.float32)  # margins far past float32's 16.6
+    y = np.ones(3, dtype=np.float32)
+
+    loss = per_example_loss(model, x, y)
+
+    assert loss[0] > loss[1] > loss[2] > 0.0
