@@ -90,7 +90,8 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = field(default="rdp", metadata=_choices("rdp", "prv"))
-    # How Opacus computes per-example gradients (benchmarks/dp_speed.py measures each).
+    # How Opacus computes per-example gradients (benchmarks/dp_speed.py measures each). "ew" is
+    # ~15 % faster on tabular models but fails on the empty batches Poisson sampling can draw.
     grad_sample_mode: str = field(default="hooks", metadata=_choices("hooks", "functorch", "ew"))
     # Central (site-level) DP at the coordinator with Flower's fixed-clipping wrappers: each
     # site's update is clipped to central_clipping_norm (at the site for "client-side") and

@@ -164,6 +164,13 @@ def train_private(
         loss = run_steps(
             dp_model, optimizer, loader, task, plan.steps_per_round, device, proximal_mu
         )
+    except RuntimeError as exc:
+        if "Batch size must be positive" in str(exc):  # expanded weights on an empty batch
+            raise ConfigError(
+                "privacy.grad_sample_mode='ew' cannot take the empty batches Poisson sampling "
+                "draws at small sites or small batch sizes; use 'hooks'"
+            ) from None
+        raise
     finally:
         dp_model._close()  # drop Opacus' hooks from the original module
     entries = merge_history(list(engine.accountant.history))

@@ -151,3 +151,29 @@ def test_prv_accountant_matches_opacus() -> None:
     assert epsilon_spent([(1.1, 0.05, 200)], privacy) == pytest.approx(
         reference.get_epsilon(delta=1e-5), rel=1e-6
     )
+
+
+def test_expanded_weights_on_an_empty_poisson_batch_is_a_clear_error(
+    demo_config: RunConfig,
+) -> None:
+    from fedmed.config import TrainConfig
+    from fedmed.errors import ConfigError
+
+    cfg = demo_config.replace(
+        train=TrainConfig(local_steps=60, batch_size=1, lr=0.1),
+        privacy=dataclasses.replace(demo_config.privacy, grad_sample_mode="ew"),
+    )
+    data = _site(cfg, 2)
+    task = get_task(cfg.task)
+    model = task.build_model(data.x_train.shape[1], cfg.model)
+
+    with pytest.raises(ConfigError, match="use 'hooks'"):
+        train_private(
+            model,
+            data.x_train[:10],
+            data.y_train[:10],
+            task,
+            cfg,
+            seed=1,
+            device=torch.device("cpu"),
+        )
