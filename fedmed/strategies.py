@@ -162,15 +162,14 @@ def _site_metrics(msg: Message) -> dict[str, float]:
     return out
 
 
-class SiteRecorder(Strategy):
-    """Wraps any strategy; records each site's train and evaluate replies and failures."""
+class StrategyWrapper(Strategy):
+    """Delegates every step to ``inner``; subclasses override only the step they change.
 
-    def __init__(
-        self, inner: Strategy, history: RunHistory, on_round: Callable[[int], None] | None = None
-    ) -> None:
+    The same pattern as Flower's DP wrappers: a cross-cutting concern wraps any strategy.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
         self.inner = inner
-        self.history = history
-        self.on_round = on_round
 
     def summary(self) -> None:
         self.inner.summary()
@@ -183,14 +182,35 @@ class SiteRecorder(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._record(server_round, "train", replies)
         return self.inner.aggregate_train(server_round, replies)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+class SiteRecorder(StrategyWrapper):
+    """Wraps any strategy; records each site's train and evaluate replies and failures."""
+
+    def __init__(
+        self, inner: Strategy, history: RunHistory, on_round: Callable[[int], None] | None = None
+    ) -> None:
+        super().__init__(inner)
+        self.history = history
+        self.on_round = on_round
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record(server_round, "train", replies)
+        return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -210,7 +230,7 @@ class SiteRecorder(Strategy):
                 self.history.record(server_round, phase, _site_name(msg), _site_metrics(msg))
 
 
-class UpdateValidator(Strategy):
+class UpdateValidator(StrategyWrapper):
     """Rejects malformed or outlying model updates before any strategy aggregates them.
 
     Checks, in order: the reply carries exactly the global model's keys, with the same shapes and
@@ -223,14 +243,11 @@ class UpdateValidator(Strategy):
     def __init__(
         self, inner: Strategy, history: RunHistory, *, max_norm_ratio: float, min_sites: int
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.history = history
         self.max_norm_ratio = max_norm_ratio
         self.min_sites = min_sites
         self._global: dict[str, np.ndarray] = {}
-
-    def summary(self) -> None:
-        self.inner.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -270,16 +287,6 @@ class UpdateValidator(Strategy):
             self.inner.aggregate_train(server_round, [m for m in kept if m.has_error()])
             return None, None
         return self.inner.aggregate_train(server_round, kept)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
 
     def _check(self, msg: Message) -> tuple[str, float]:
         records = list(msg.content.array_records.values())
