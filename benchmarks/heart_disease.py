@@ -36,7 +36,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -47,9 +46,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _common import environment, git_state, json_safe
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -362,42 +362,6 @@ def print_table(rows: list[list[str]]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    versions = {}
-    for dist in ("fedmed", "torch", "flwr", "opacus", "numpy", "scikit-learn"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return {
-        "git": git_state(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "packages": versions,
-    }
-
-
-def git_state() -> dict[str, Any]:
-    """The commit measured, and which fedmed source files differed from it (uncommitted work)."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
-            )
-        except OSError:
-            return None
-        return proc.stdout.rstrip("\n") if proc.returncode == 0 else None
-
-    changed = git("status", "--porcelain", "--", "fedmed", "simulations")
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "uncommitted_fedmed_changes": [line[3:] for line in (changed or "").splitlines()],
-    }
-
-
 def reproduce_command(argv: Sequence[str]) -> str:
     env = os.environ.get("FEDMED_DATA_DIR")
     prefix = f"FEDMED_DATA_DIR={shlex.quote(env)} " if env else ""
@@ -489,17 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.output}")
     print(f"reproduce with: {command}")
     return 0
-
-
-def json_safe(obj: Any) -> Any:
-    """NaN (the sd of a single seed) is not JSON: write null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

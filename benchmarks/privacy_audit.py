@@ -40,7 +40,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -50,9 +49,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _common import environment, json_safe, parse_seeds
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEMO_SITES = ("st-marys", "riverside", "northgate", "lakeview")
@@ -357,42 +357,6 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    versions = {}
-    for dist in ("fedmed", "torch", "flwr", "opacus", "numpy", "scikit-learn"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
-            )
-        except OSError:
-            return None
-        return proc.stdout.rstrip("\n") if proc.returncode == 0 else None
-
-    changed = git("status", "--porcelain", "--", "fedmed", "simulations")
-    return {
-        "git": {
-            "commit": git("rev-parse", "HEAD"),
-            "uncommitted_fedmed_changes": [line[3:] for line in (changed or "").splitlines()],
-        },
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "packages": versions,
-    }
-
-
-def parse_seeds(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -507,8 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("Per site (mean ± sd over seeds)")
     print_table(SITE_HEADER, prows)
     print(
-        "\n* exact-score AUC: the same attack scored with the float64 logit margin (not part of "
-        "fedmed's audit); loss=0: fraction of rows whose float32 loss is exactly 0 (tied)"
+        "\n* exact-score AUC: the same attack scored with the float64 logit margin (what "
+        "fedmed's audit uses since the tie fix; the 'attack AUC' column is what the audit "
+        "reported when the recorded results were measured); loss=0: fraction of rows whose "
+        "float32 loss is exactly 0 (tied)"
     )
     n_runs = sum(len(r["runs"]) for r in results.values())
     print(f"{n_runs} fedmed runs in this table; this invocation took {total:.0f} s")
@@ -539,16 +505,6 @@ def previous_invocations(old: dict[str, Any]) -> list[dict[str, Any]]:
         return list(old["invocations"])
     keep = ("command", "measured_at", "seeds", "wall_seconds", "environment", "environment_after")
     return [{k: old[k] for k in keep if k in old} | {"variants": list(old.get("results", {}))}]
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

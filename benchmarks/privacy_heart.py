@@ -43,7 +43,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -52,9 +51,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from _common import environment, json_safe, parse_seeds
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -343,42 +343,6 @@ def print_flamby(flamby: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    versions = {}
-    for dist in ("fedmed", "torch", "flwr", "opacus", "numpy", "scikit-learn"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, check=False
-            )
-        except OSError:
-            return None
-        return proc.stdout.rstrip("\n") if proc.returncode == 0 else None
-
-    changed = git("status", "--porcelain", "--", "fedmed", "simulations")
-    return {
-        "git": {
-            "commit": git("rev-parse", "HEAD"),
-            "uncommitted_fedmed_changes": [line[3:] for line in (changed or "").splitlines()],
-        },
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "packages": versions,
-    }
-
-
-def parse_seeds(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
-
-
 def parse_eps_seeds(items: Sequence[str]) -> dict[float, list[int]]:
     out = {}
     for item in items:
@@ -544,16 +508,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {args.output}")
     print(f"reproduce with: {command}")
     return 0
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":

@@ -151,14 +151,14 @@ class RunHistory:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """NaN/inf are not JSON: write null (e.g. ROC-AUC on a one-class test split)."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj
 
 
@@ -176,7 +176,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    text = json.dumps(_json_safe(payload), indent=2, sort_keys=False)
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=False)
     atomic_write(path, (text + "\n").encode())
 
 

@@ -21,7 +21,7 @@ from fedmed import __version__
 from fedmed.config import RunConfig
 from fedmed.data.table import input_names
 from fedmed.errors import ConfigError
-from fedmed.report import _json_safe, atomic_write
+from fedmed.report import atomic_write, json_safe
 from fedmed.serving.signing import sign_card, verify_card
 from fedmed.tasks import get_task
 
@@ -72,7 +72,7 @@ def save_model(
         "privacy": cfg.to_dict()["privacy"],
         **extra,
     }
-    signed = sign_card(_json_safe(card))
+    signed = sign_card(json_safe(card))
     atomic_write(out_dir / f"{stem}.card.json", (json.dumps(signed, indent=2) + "\n").encode())
     return weights
 

@@ -1,0 +1,61 @@
+"""Helpers every benchmark script shares: what was measured (environment) and argument parsing.
+
+Each results JSON records the code and machine it measured, so a number can be traced to a commit.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedmed.report import json_safe
+
+__all__ = ["environment", "git_state", "json_safe", "parse_seeds"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and which fedmed source files differed from it (uncommitted work)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+            )
+        except OSError:
+            return None
+        return proc.stdout.rstrip("\n") if proc.returncode == 0 else None
+
+    changed = git("status", "--porcelain", "--", "fedmed", "simulations")
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_fedmed_changes": [line[3:] for line in (changed or "").splitlines()],
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, interpreter, machine and git state at the time of the call."""
+    versions: dict[str, str | None] = {}
+    for dist in ("fedmed", "torch", "flwr", "opacus", "numpy", "scikit-learn"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "git": git_state(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "packages": versions,
+    }
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'42,43,44' -> [42, 43, 44]."""
+    return [int(s) for s in text.split(",") if s.strip()]
