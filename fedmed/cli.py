@@ -43,6 +43,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_http_args(p: argparse.ArgumentParser, default_port: int) -> None:
+    # 127.0.0.1 by default: pages and predictions about patients stay on this machine unless
+    # the operator chooses otherwise.
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedmed",
@@ -105,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the dashboard of RUN_DIR (finished or running: it polls live.json).",
     )
     dash.add_argument("run_dir", type=Path, help="a run directory written by fedmed simulate")
-    dash.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    dash.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    _add_http_args(dash, default_port=8050)
 
     srv = sub.add_parser(
         "serve",
@@ -116,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unsigned.",
     )
     srv.add_argument("model", type=Path, help="run directory or model .safetensors file")
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _add_http_args(srv, default_port=8000)
     srv.add_argument(
         "--allow-unsigned",
         action="store_true",
