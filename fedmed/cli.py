@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a model whose card is unsigned (not for clinical use)",
     )
 
+    from fedmed.cli_deploy import add_commands
+
+    add_commands(sub, _add_config_args)
+
     show = sub.add_parser(
         "show-config",
         help="print a run config with defaults and overrides",
@@ -466,6 +470,9 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedmed.cli_deploy import COMMANDS as DEPLOY_COMMANDS
+
+    COMMANDS.update(DEPLOY_COMMANDS)
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

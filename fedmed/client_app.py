@@ -1,8 +1,11 @@
 """The hospital side: a thin Flower ClientApp (data -> privacy -> train -> reply).
 
 The study plan (RunConfig as JSON) arrives in every message from the coordinator; the site's own
-identity comes from its node config (``partition-id`` in simulation). Failures are answered with
-a short, wire-safe reason: details (paths, rows, stack traces) stay in the site's own log.
+identity comes from its node config: ``partition-id`` in a simulation, ``fedmed-site`` (the path
+of the site daemon's own TOML) in a deployment, where the site's policy and audit mods run first
+(fedmed.security.policy) and the table comes from the site's dataset registry. Failures are
+answered with a short, wire-safe reason: details (paths, rows, stack traces) stay in the site's
+own log.
 """
 
 from __future__ import annotations
@@ -18,20 +21,23 @@ from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec
 from fedmed.data import SiteData, load_site_data
-from fedmed.errors import DataError, FedmedError, PrivacyBudgetExceeded
+from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
 from fedmed.privacy import planned_round, train_private
+from fedmed.security.policy import (
+    RUN_KEY,
+    STUDY_KEY,
+    site_audit_mod,
+    site_config,
+    site_policy_mod,
+)
 from fedmed.tasks import build_model, get_task
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
 
-RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
 SITE_KEY = "site"  # reply ConfigRecord naming the replying site
-STUDY_KEY = (
-    "fedmed.study"  # ConfigRecord entry: this study's id (ledger entries are tagged with it)
-)
 
 log = logging.getLogger("fedmed.site")
-app = ClientApp()
+app = ClientApp(mods=[site_audit_mod, site_policy_mod])
 
 
 # -- what a message needs ------------------------------------------------------------------------
@@ -43,18 +49,38 @@ def _parse_run(text: str) -> RunConfig:
 
 
 @functools.lru_cache(maxsize=32)
-def _site_data(run_json: str, site_name: str) -> SiteData:
-    run = _parse_run(run_json)
-    return load_site_data(run, next(s for s in run.sites if s.name == site_name))
+def _site_data(plan: str, site: SiteSpec) -> SiteData:
+    return load_site_data(_parse_run(plan), site)
+
+
+def _load_data(plan: str, site: SiteSpec, context: Context) -> SiteData:
+    data = _site_data(plan, site)
+    own = site_config(context)
+    if own is not None and data.n_train + len(data.y_test) < own.min_rows:
+        raise PolicyViolation(
+            f"the dataset has fewer rows than the site's minimum ({own.min_rows})"
+        )
+    return data
 
 
 def _site_of(run: RunConfig, context: Context) -> SiteSpec:
+    """Which site this node is, with ITS path and cap (a deployment site's come from its config)."""
+    own = site_config(context)
+    if own is not None:
+        from fedmed.data.registry import DatasetRegistry
+
+        dataset = DatasetRegistry(own.state_path).verify(run.data.dataset)
+        return SiteSpec(own.name, path=dataset.path, epsilon_cap=own.epsilon_cap)
     index = int(context.node_config.get("partition-id", -1))
     if not 0 <= index < len(run.sites):
         raise FedmedError(
             f"node has partition-id {index} but the study lists {len(run.sites)} sites"
         )
     return run.sites[index]
+
+
+def run_json(msg: Message) -> str:
+    return str(msg.content["config"][RUN_KEY])
 
 
 def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
@@ -73,10 +99,13 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
         except Exception as exc:
             site = "?"
             with contextlib.suppress(Exception):
-                site = _site_of(_parse_run(msg.content["config"][RUN_KEY]), context).name
+                own = site_config(context)
+                site = own.name if own else _site_of(_parse_run(run_json(msg)), context).name
             log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
                 reason = "privacy budget exhausted"
+            elif isinstance(exc, PolicyViolation):
+                reason = str(exc)
             elif isinstance(exc, DataError):
                 reason = "site data failed validation (details in the site's log)"
             else:
@@ -105,10 +134,10 @@ def central_clipping_mod(msg: Message, context: Context, call_next: Callable) ->
 @app.train(mods=[central_clipping_mod])
 @_fail_closed
 def train(msg: Message, context: Context) -> Message:
-    run_json = str(msg.content["config"][RUN_KEY])
-    run = _parse_run(run_json)
+    plan = run_json(msg)
+    run = _parse_run(plan)
     site = _site_of(run, context)
-    data = _site_data(run_json, site.name)
+    data = _load_data(plan, site, context)
     model = _model(run, msg)
     server_round = int(msg.content["config"]["server-round"])
     # FedProx: Flower's strategy sends its mu with every train message.
@@ -119,7 +148,8 @@ def train(msg: Message, context: Context) -> Message:
     epsilon = epsilon_total = 0.0
     if run.privacy.enabled:
         # Budget guard first: the site's own cap, against everything ever spent on this data.
-        ledger = PrivacyLedger(site.name)
+        own = site_config(context)
+        ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
         dataset = fingerprint(data.x_train, data.y_train)
         study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
         ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
@@ -169,10 +199,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_fail_closed
 def evaluate_global(msg: Message, context: Context) -> Message:
-    run_json = str(msg.content["config"][RUN_KEY])
-    run = _parse_run(run_json)
+    plan = run_json(msg)
+    run = _parse_run(plan)
     site = _site_of(run, context)
-    data = _site_data(run_json, site.name)
+    data = _load_data(plan, site, context)
     model = _model(run, msg)
     metrics = evaluate(
         model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)

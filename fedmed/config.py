@@ -136,6 +136,9 @@ class DataConfig:
     """
 
     builtin: str = ""
+    # Deployment: the name each site registered its table under (`fedmed site data add`). Runs
+    # name datasets, never paths: the site maps the name to its own file.
+    dataset: str = ""
     partition_sizes: tuple[float, ...] = ()
     dirichlet_alpha: float = 1.0  # label skew across sites: lower = more skewed
     partition_seed: int = 0
@@ -193,6 +196,64 @@ class RunConfig:
         return tuple(s.name for s in self.sites)
 
 
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's own site daemon config (sites/<name>.toml): owned by the site, never sent.
+
+    It decides what may run on the site's data: the approved plans (``fedmed plan hash``), the
+    privacy cap, a minimum cohort size, whether DP is mandatory. Relative paths in the file are
+    resolved against the file's folder.
+    """
+
+    name: str
+    coordinator: str = "127.0.0.1:9092"  # the SuperLink's address, host:port
+    ca_certificate: str = ""  # the consortium CA (pki/sites/<name>/ca.crt)
+    node_key: str = ""  # the site's node-authentication private key
+    insecure: bool = False  # plain-text gRPC, no node auth: local experiments only
+    runtime_port: int = 9094  # the SuperNode's local ClientApp API port on this machine
+    state_dir: str = ""  # dataset registry, audit log, privacy ledger; default ~/.fedmed/sites/NAME
+    approved_plans: tuple[str, ...] = ()
+    epsilon_cap: float | None = None
+    min_rows: int = 20
+    require_privacy: bool = False  # refuse any plan that trains without local DP-SGD
+
+    def __post_init__(self) -> None:
+        from fedmed.security.pki import check_site_name
+
+        check_site_name(self.name)
+        if not self.insecure and not (self.ca_certificate and self.node_key):
+            raise ConfigError(
+                f"site '{self.name}': set ca_certificate and node_key (from `fedmed pki "
+                "issue-site`), or insecure = true for a local experiment"
+            )
+        bad = [p for p in self.approved_plans if not p.startswith("sha256:")]
+        if bad:
+            raise ConfigError(
+                f"approved_plans entry '{bad[0]}' is not a plan hash; copy the line printed by "
+                "`fedmed plan hash CONFIG` (sha256:...)"
+            )
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or Path.home() / ".fedmed" / "sites" / self.name)
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    """Read sites/<name>.toml; relative file paths become absolute (next to the file)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read site config {path}: {exc.strerror}") from None
+    for key in ("ca_certificate", "node_key", "state_dir"):
+        value = raw.get(key)
+        if isinstance(value, str) and value:
+            raw[key] = str((path.parent / Path(value).expanduser()).resolve())
+    return _build(SiteConfig, raw, "")
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks that span several fields
 # ----------------------------------------------------------------------------------------------
@@ -233,12 +294,12 @@ def _check_run(cfg: RunConfig) -> None:
                 f"data.partition_sizes has {len(cfg.data.partition_sizes)} entries but there are "
                 f"{len(cfg.sites)} sites: give one size per site"
             )
-    else:
+    elif not cfg.data.dataset:
         missing = [s.name for s in cfg.sites if not s.path]
         if missing:
             raise ConfigError(
-                f"sites without a path: {', '.join(missing)}; give each [[sites]] a path "
-                "or set data.builtin to a packaged table"
+                f"sites without a path: {', '.join(missing)}; give each [[sites]] a path, "
+                "set data.builtin to a packaged table, or data.dataset to a registered dataset"
             )
     if cfg.mode == "federated" and len(cfg.sites) < 2:
         raise ConfigError("a federated run needs at least 2 sites; use --mode local for one site")

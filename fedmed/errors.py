@@ -25,3 +25,11 @@ class PrivacyBudgetExceeded(FedmedError):
 
 class UpdateRejected(FedmedError):
     """A model update failed validation at the coordinator and was not aggregated."""
+
+
+class PolicyViolation(FedmedError):
+    """A site's own policy refuses the request (unapproved plan, too few rows, no DP, ...).
+
+    Its message is written to be sent to the coordinator as is: it names the site and the rule,
+    never a path or a row.
+    """

@@ -11,22 +11,19 @@ Format (JSON, one file per site, written atomically under an exclusive lock):
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedmed.config import PrivacyConfig
-from fedmed.errors import ConfigError, PrivacyBudgetExceeded
+from fedmed.errors import PrivacyBudgetExceeded
 from fedmed.privacy import Entry, epsilon_spent
-from fedmed.report import atomic_write
+from fedmed.report import atomic_write, file_lock, read_state_json
 
 FORMAT = "fedmed-ledger/1"
 
@@ -53,29 +50,14 @@ class PrivacyLedger:
         self.site = site
         self.path = (directory or ledger_dir()) / f"{site}.json"
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def _read(self) -> dict[str, Any]:
-        if not self.path.is_file():
-            return {"format": FORMAT, "site": self.site, "datasets": {}}
-        try:
-            data = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(
-                f"privacy ledger {self.path} is not valid JSON; restore it from backup (never "
-                "delete a ledger: that would forget privacy already spent)"
-            ) from None
-        if data.get("format") != FORMAT:
-            raise ConfigError(f"{self.path} is not a {FORMAT} privacy ledger")
-        return data
+        return read_state_json(
+            self.path,
+            FORMAT,
+            {"format": FORMAT, "site": self.site, "datasets": {}},
+            "restore it from backup (never delete a ledger: that would forget privacy already "
+            "spent)",
+        )
 
     def entries(self, dataset: str, study: str | None = None) -> list[Entry]:
         rows = self._read()["datasets"].get(dataset, [])
@@ -105,7 +87,7 @@ class PrivacyLedger:
 
     def record(self, dataset: str, study: str, rnd: int, new: list[Entry]) -> None:
         """Append this round's steps (under lock, atomically)."""
-        with self._locked():
+        with file_lock(self.path):
             data = self._read()
             rows = data["datasets"].setdefault(dataset, [])
             now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

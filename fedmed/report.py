@@ -6,12 +6,15 @@ end, atomically: a crashed run leaves no half-written report that looks complete
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +176,33 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock (PATH.lock) around a read-modify-write of PATH shared by processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_state_json(path: Path, fmt: str, empty: dict[str, Any], fix: str) -> dict[str, Any]:
+    """A site's state file (ledger, registry): ``empty`` when absent, refused when damaged."""
+    from fedmed.errors import ConfigError
+
+    if not path.is_file():
+        return empty
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON; {fix}") from None
+    if data.get("format") != fmt:
+        raise ConfigError(f"{path} is not a {fmt} file; {fix}")
+    return data
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

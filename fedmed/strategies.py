@@ -65,7 +65,7 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
         "fraction_evaluate": 1.0,
         "min_train_nodes": needed,
         "min_evaluate_nodes": needed,
-        "min_available_nodes": n,
+        "min_available_nodes": needed,  # start once enough sites are online
         "train_metrics_aggr_fn": aggregate_metrics,
         "evaluate_metrics_aggr_fn": aggregate_metrics,
     }

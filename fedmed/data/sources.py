@@ -106,5 +106,11 @@ def load_site_frame(cfg: RunConfig, site: SiteSpec) -> tuple[pd.DataFrame, str]:
         )
         index = cfg.site_names.index(site.name)
         return table.iloc[shards[index]], f"{cfg.data.builtin}[{site.name}]"
+    if not site.path:
+        raise ConfigError(
+            f"site '{site.name}' has no path: data.dataset='{cfg.data.dataset}' is read from each "
+            "site's own registry, so run this study on a federation (`fedmed run`), or give "
+            "[[sites]] paths to simulate it here"
+        )
     path = resolve_site_path(site.path)
     return read_table(path, cfg.data.schema), path

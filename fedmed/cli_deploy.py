@@ -1,0 +1,454 @@
+"""`fedmed pki|coordinator|site|run|plan|demo-data`: the commands of a real federation.
+
+Kept apart from cli.py (simulation, serving) so each file reads as one story: here, a consortium
+makes its PKI, starts a coordinator, hospitals start site daemons that decide what runs on their
+data, and a study is submitted and followed to its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from fedmed.errors import ConfigError, FedmedError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _group(
+    sub: argparse._SubParsersAction, name: str, help_text: str
+) -> argparse._SubParsersAction:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+
+def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> None:
+    pki = _group(sub, "pki", "consortium PKI: CA, coordinator TLS certificate, site node keys")
+    p = pki.add_parser("init", help="create the consortium CA (ca.crt, ca.key)")
+    p.add_argument("--dir", type=Path, default=Path("pki"), help="PKI folder (default pki)")
+    p = pki.add_parser("issue-coordinator", help="TLS certificate for the coordinator")
+    p.add_argument("--dir", type=Path, default=Path("pki"))
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="a DNS name or IP the sites dial (repeat; default localhost and 127.0.0.1)",
+    )
+    p = pki.add_parser(
+        "issue-site", help="a site's node key pair + CA bundle, registered with the coordinator"
+    )
+    p.add_argument("name", help="site name, e.g. st-marys")
+    p.add_argument("--dir", type=Path, default=Path("pki"))
+
+    coord = _group(sub, "coordinator", "run the consortium's coordinator (Flower SuperLink)")
+    p = coord.add_parser("start", help="start the SuperLink (foreground; Ctrl-C stops it)")
+    _coordinator_args(p)
+    p = coord.add_parser("register", help="admit a site by its public key (node.pub)")
+    p.add_argument("name")
+    p.add_argument("public_key", type=Path)
+    _coordinator_args(p)
+
+    run = sub.add_parser(
+        "run",
+        help="submit a study to a running coordinator and follow it to the end",
+        description="Submit CONFIG to the coordinator started with `fedmed coordinator start "
+        "--dir DIR` on this machine; prints progress per round and the run directory last.",
+    )
+    add_config_args(run)
+    run.add_argument("--coordinator", type=Path, default=Path("coordinator"), help="its --dir")
+    run.add_argument("--quiet", action="store_true")
+    run.add_argument("--timeout", type=float, default=3600, help="give up after SECONDS")
+
+    site = _group(sub, "site", "run a hospital's site daemon and manage its data and audit log")
+    p = site.add_parser("start", help="start the site daemon (Flower SuperNode; Ctrl-C stops)")
+    p.add_argument("site_config", type=Path, help="sites/<name>.toml")
+    p.add_argument("--max-wait", type=float, default=None, help="give up connecting after SECONDS")
+    data = site.add_parser("data", help="the site's dataset registry")
+    data_sub = data.add_subparsers(dest="data_action", required=True, metavar="ACTION")
+    p = data_sub.add_parser("add", help="register a table under a name studies use")
+    p.add_argument("site_config", type=Path)
+    p.add_argument("name")
+    p.add_argument("path", type=Path)
+    p.add_argument("--replace", action="store_true", help="point an existing name elsewhere")
+    p = data_sub.add_parser("list", help="registered datasets")
+    p.add_argument("site_config", type=Path)
+    p = data_sub.add_parser("check", help="is each table unchanged (and valid for a study)?")
+    p.add_argument("site_config", type=Path)
+    p.add_argument("--config", default=None, help="also validate against this study's schema")
+    audit = site.add_parser("audit", help="the site's hash-chained audit log")
+    audit_sub = audit.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
+    p = audit_sub.add_parser("show", help="print the entries")
+    p.add_argument("site_config", type=Path)
+    p.add_argument("--last", type=int, default=0, help="only the last N entries")
+    p = audit_sub.add_parser("verify", help="check the chain: exit 1 if anything was altered")
+    p.add_argument("site_config", type=Path)
+
+    plan = _group(sub, "plan", "what a study asks of a site")
+    p = plan.add_parser("hash", help="content hash of a study's task, model and schema")
+    add_config_args(p)
+
+    demo = sub.add_parser(
+        "demo-data",
+        help="write each simulated site's share of a packaged demo table as CSV",
+        description="For trying a real federation on one machine: one CSV per site of the "
+        "config's packaged table (default: the demo), as a hospital would export it.",
+    )
+    demo.add_argument("out", type=Path, help="output folder")
+    add_config_args(demo)
+
+
+def _coordinator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=Path("coordinator"), help="state folder")
+    p.add_argument("--pki", type=Path, default=Path("pki"), help="PKI folder")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument(
+        "--insecure", action="store_true", help="no TLS, no node auth: local experiments only"
+    )
+
+
+# -- pki -----------------------------------------------------------------------------------------
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    from fedmed.security import pki
+
+    if args.action == "init":
+        cert = pki.init_ca(args.dir)
+        print(f"consortium CA created: {cert} (keep {args.dir / pki.CA_KEY} offline and private)")
+    elif args.action == "issue-coordinator":
+        hosts = args.host or ["localhost", "127.0.0.1"]
+        cert = pki.issue_coordinator(args.dir, hosts)
+        print(f"coordinator certificate for {', '.join(hosts)}: {cert}")
+    else:
+        bundle = pki.issue_site(args.dir, args.name)
+        print(
+            f"site '{args.name}': send {bundle}/ (node.key, node.pub, ca.crt) to the site over a "
+            "trusted channel; its key is registered with the coordinator"
+        )
+    return 0
+
+
+# -- coordinator ---------------------------------------------------------------------------------
+
+
+def _coordinator(args: argparse.Namespace):
+    from fedmed.runtime.deployment import Coordinator
+
+    c = Coordinator(
+        home=args.dir.resolve(),
+        pki_dir=None if args.insecure else args.pki.resolve(),
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
+    )
+    c.check()
+    return c
+
+
+def _save_settings(c) -> None:
+    c.home.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "host": c.host,
+        "port": c.port,
+        "insecure": c.insecure,
+        "pki": str(c.pki_dir) if c.pki_dir else None,
+    }
+    (c.home / "coordinator.json").write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def load_coordinator(home: Path):
+    """The settings `fedmed coordinator start --dir HOME` recorded."""
+    from fedmed.runtime.deployment import Coordinator
+
+    try:
+        s = json.loads((home / "coordinator.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{home} holds no coordinator; start one with `fedmed coordinator start --dir {home}`"
+        ) from None
+    return Coordinator(
+        home=home.resolve(),
+        pki_dir=Path(s["pki"]) if s.get("pki") else None,
+        host=s["host"],
+        port=int(s["port"]),
+        insecure=bool(s["insecure"]),
+    )
+
+
+def _supervise(cmd: list[str], env: dict[str, str], after_start: Callable[[], None]) -> int:
+    """Run a Flower daemon in the foreground; SIGINT/SIGTERM stop it and everything it started."""
+    import os
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_: object) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        after_start()
+        code = proc.wait()
+    finally:
+        stop()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # Flower's helpers (superexec, app processes) share the group: leave none behind.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from fedmed.runtime import deployment as dep
+    from fedmed.security import pki
+
+    c = _coordinator(args)
+    if args.action == "register":
+        pki.register_site(c.pki_dir or args.pki, args.name, args.public_key)
+        print(f"site '{args.name}' added to {args.pki}/registered")
+        try:
+            dep.wait_for_port(c.host, c.port, timeout=1)
+        except FedmedError:
+            print("the coordinator is not running: the key is registered when it starts")
+            return 0
+        print(f"site '{args.name}': {dep.register_with_superlink(c, args.name, args.public_key)}")
+        return 0
+    if c.insecure:
+        print(dep.INSECURE_WARNING, file=sys.stderr)
+    c.home.mkdir(parents=True, exist_ok=True)
+    _save_settings(c)
+    dep.write_connection(c)
+
+    def admit_sites() -> None:
+        dep.wait_for_port(c.host, c.port, timeout=60)
+        if not c.insecure and c.pki_dir is not None:
+            for name, key in pki.registered_sites(c.pki_dir).items():
+                print(f"site '{name}': {dep.register_with_superlink(c, name, key)}", flush=True)
+        mode = "INSECURE" if c.insecure else "TLS + node authentication"
+        print(f"coordinator ready on {c.address} ({mode}); state in {c.home}", flush=True)
+
+    return _supervise(dep.superlink_command(c), dep.flower_env(c.flwr_home), admit_sites)
+
+
+# -- site ----------------------------------------------------------------------------------------
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    from fedmed.config import load_site_config
+
+    site = load_site_config(args.site_config)
+    if args.action == "start":
+        return _site_start(site, args)
+    if args.action == "data":
+        return _site_data(site, args)
+    return _site_audit(site, args)
+
+
+def _site_start(site, args: argparse.Namespace) -> int:
+    from fedmed.runtime import deployment as dep
+
+    if site.insecure:
+        print(dep.INSECURE_WARNING, file=sys.stderr)
+    cmd = dep.supernode_command(site, args.site_config, max_wait=args.max_wait)
+    site.state_path.mkdir(parents=True, exist_ok=True)
+    approved = len(site.approved_plans)
+    print(
+        f"site '{site.name}' connecting to {site.coordinator}; {approved} approved plan(s); "
+        f"audit log {site.state_path / 'audit.jsonl'}",
+        flush=True,
+    )
+    return _supervise(cmd, dep.flower_env(site.state_path / "flwr"), lambda: None)
+
+
+def _site_data(site, args: argparse.Namespace) -> int:
+    from fedmed.data.registry import DatasetRegistry
+
+    registry = DatasetRegistry(site.state_path)
+    if args.data_action == "add":
+        ds = registry.add(args.name, args.path, replace=args.replace)
+        print(f"registered '{ds.name}': {ds.rows} rows, {len(ds.columns)} columns, {ds.sha256}")
+        return 0
+    if args.data_action == "list":
+        for ds in registry.list():
+            print(f"{ds.name}\t{ds.rows} rows\t{len(ds.columns)} columns\t{ds.sha256}\t{ds.path}")
+        return 0
+    return _site_data_check(site, registry, args)
+
+
+def _site_data_check(site, registry, args: argparse.Namespace) -> int:
+    problems = 0
+    run = None
+    if args.config:
+        from fedmed.config import load_run_config, resolve_config_path
+
+        run = load_run_config(resolve_config_path(args.config))
+    for ds in registry.list():
+        if run is not None and ds.name != run.data.dataset:
+            continue
+        try:
+            registry.verify(ds.name)
+            detail = "unchanged"
+            if run is not None:
+                from fedmed.config import SiteSpec
+                from fedmed.data import load_site_table
+
+                table = load_site_table(run, SiteSpec(site.name, path=ds.path))
+                detail += f", valid for '{run.name}': {len(table.y_train)} train rows"
+            print(f"{ds.name}: ok ({detail})")
+        except FedmedError as exc:
+            problems += 1
+            print(f"{ds.name}: FAILED: {exc}")
+    if run is not None and run.data.dataset not in {d.name for d in registry.list()}:
+        problems += 1
+        print(f"{run.data.dataset}: FAILED: the study's dataset is not registered at this site")
+    return 1 if problems else 0
+
+
+def _site_audit(site, args: argparse.Namespace) -> int:
+    from fedmed.security.audit import AuditLog
+
+    log = AuditLog(site.state_path)
+    if args.audit_action == "verify":
+        problems = log.verify()
+        n = len(log.entries()) if not problems else 0
+        for p in problems:
+            print(f"FAILED {p}")
+        if not problems:
+            print(f"ok: {n} entries, chain intact ({log.path})")
+        return 1 if problems else 0
+    entries = log.entries()
+    for e in entries[-args.last :] if args.last else entries:
+        outcome = e.get("outcome", "")
+        eps = f" ε={e['epsilon']:.3f}" if "epsilon" in e else ""
+        print(
+            f"{e['seq']:>5} {e['time']} {e['direction']:<8} run {e.get('run_id')} "
+            f"round {e.get('round', '-')} {e.get('message_type')} {e.get('bytes')} B "
+            f"{e.get('plan_hash', '')[:19]} {outcome}{eps}"
+        )
+    return 0
+
+
+# -- run -----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedmed.cli import _load, _print_summary
+    from fedmed.runtime import deployment as dep
+    from fedmed.study import RunPlan, new_run_dir
+
+    c = load_coordinator(args.coordinator)
+    cfg = _load(args)
+    if not cfg.data.dataset:
+        raise ConfigError(
+            "a federation reads each site's registered dataset: set data.dataset in the config "
+            "(sites register it with `fedmed site data add`)"
+        )
+    if not cfg.data.schema.features:
+        raise ConfigError(
+            "list data.schema.features: the coordinator cannot see the sites' tables to infer them"
+        )
+    cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    run_id = dep.submit(c, plan)
+    print(f"run {run_id} submitted to {c.address}; outputs in {plan.run_dir}", file=sys.stderr)
+    status = _follow(c, run_id, plan.run_dir, args.quiet, args.timeout)
+    metrics = plan.run_dir / "metrics.json"
+    if not metrics.is_file():
+        raise FedmedError(
+            f"run {run_id} ended ({status}) without results; see the coordinator's output, or "
+            f"FLWR_HOME={c.flwr_home} flwr log {run_id} {dep.CONNECTION}"
+        )
+    if not args.quiet:
+        _print_summary(json.loads(metrics.read_text()))
+    print(plan.run_dir)
+    return 0
+
+
+def _follow(c, run_id: int, run_dir: Path, quiet: bool, timeout: float) -> str:
+    """Poll live.json (the ServerApp rewrites it each round) until Flower says the run ended."""
+    from fedmed.runtime import deployment as dep
+
+    deadline = time.monotonic() + timeout
+    shown = 0
+    status = "unknown"
+    while time.monotonic() < deadline:
+        status = dep.run_status(c, run_id)
+        for entry in _new_rounds(run_dir / "live.json", shown):
+            shown = entry["round"]
+            if not quiet:
+                print(_round_line(entry), file=sys.stderr, flush=True)
+        if status.startswith("finished"):
+            return status
+        time.sleep(1.0)
+    raise FedmedError(f"run {run_id} still '{status}' after {timeout:.0f} s; it keeps running")
+
+
+def _new_rounds(live: Path, after: int) -> list[dict]:
+    try:
+        history = json.loads(live.read_text()).get("history", [])
+    except (OSError, json.JSONDecodeError):  # not written yet, or mid-replace
+        return []
+    return [h for h in history if h["round"] > after]
+
+
+def _round_line(entry: dict) -> str:
+    avg = entry.get("average", {})
+    parts = [f"round {entry['round']}"]
+    for key in ("accuracy", "roc_auc"):
+        if avg.get(key) is not None:
+            parts.append(f"{key} {avg[key]:.3f}")
+    eps = [v for v in entry.get("epsilon", {}).values() if v]
+    if eps:
+        parts.append(f"ε≤{max(eps):.2f}")
+    for f in entry.get("failures", []):
+        parts.append(f"{f['phase']} failed: {f['reason']}")
+    return " · ".join(parts)
+
+
+# -- plan / demo data ----------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fedmed.cli import _load
+    from fedmed.study import plan_hash
+
+    print(plan_hash(_load(args)))
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from fedmed.cli import _load
+    from fedmed.data.sources import load_site_frame
+
+    cfg = _load(args)
+    if not cfg.data.builtin:
+        raise ConfigError("demo-data exports a packaged table: pick a config with data.builtin")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for site in cfg.sites:
+        frame, _ = load_site_frame(cfg, site)
+        path = args.out / f"{site.name}.csv"
+        frame.to_csv(path, index=False)
+        print(f"{site.name}: {len(frame)} rows -> {path}")
+    return 0
+
+
+COMMANDS: dict[str, Handler] = {
+    "pki": cmd_pki,
+    "coordinator": cmd_coordinator,
+    "run": cmd_run,
+    "site": cmd_site,
+    "plan": cmd_plan,
+    "demo-data": cmd_demo_data,
+}

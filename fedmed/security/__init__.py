@@ -1,0 +1,1 @@
+"""Deployment security: PKI, site policy, audit log."""

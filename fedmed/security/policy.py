@@ -1,0 +1,158 @@
+"""The hospital decides: site policy and audit as ClientApp mods (deployment only).
+
+A site daemon's SuperNode carries ``fedmed-site=<path to sites/NAME.toml>`` in its node config.
+With it, every message passes two mods before any handler runs:
+
+- ``site_audit_mod`` (outermost) writes what arrived and what leaves to the site's hash-chained
+  audit log — including refusals;
+- ``site_policy_mod`` refuses a plan the site has not approved (by content hash), a study that
+  does not list the site, or one without local DP when the site requires it — BEFORE any data is
+  read, with a reason that is safe to send.
+
+Without ``fedmed-site`` (simulations) both mods step aside.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+
+from fedmed.config import RunConfig, SiteConfig, load_site_config
+from fedmed.errors import PolicyViolation
+from fedmed.security.audit import AuditLog
+
+SITE_CONFIG_KEY = "fedmed-site"  # node config entry: path to the site's own TOML
+RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
+STUDY_KEY = "fedmed.study"  # ConfigRecord entry: this study's id
+
+log = logging.getLogger("fedmed.site")
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str) -> SiteConfig:
+    return load_site_config(Path(path))
+
+
+def site_config(context: Context) -> SiteConfig | None:
+    """The site daemon's own config, or None in a simulation."""
+    path = context.node_config.get(SITE_CONFIG_KEY)
+    return _load(str(path)) if path else None
+
+
+def refuse(msg: Message, site: str, reason: str, code: int = 403) -> Message:
+    return Message(Error(code=code, reason=f"site '{site}': {reason}"), reply_to=msg)
+
+
+def check_plan(site: SiteConfig, run: RunConfig) -> None:
+    """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data."""
+    from fedmed.study import plan_hash
+
+    digest = plan_hash(run)
+    if digest not in site.approved_plans:
+        raise PolicyViolation(
+            f"plan {digest} is not approved by this site (its data steward can add it to "
+            "approved_plans after review)"
+        )
+    if site.name not in run.site_names:
+        raise PolicyViolation("this study does not list the site")
+    if site.require_privacy and not run.privacy.enabled:
+        raise PolicyViolation("the site only trains with local differential privacy")
+    if run.data.builtin or not run.data.dataset:
+        raise PolicyViolation("the plan must name a registered dataset (data.dataset)")
+
+
+def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    site = site_config(context)
+    if site is None or msg.has_error():
+        return call_next(msg, context)
+    try:
+        run = RunConfig.from_json(str(msg.content["config"][RUN_KEY]))
+        check_plan(site, run)
+    except PolicyViolation as exc:
+        log.warning("site %s refused %s: %s", site.name, msg.metadata.message_type, exc)
+        return refuse(msg, site.name, str(exc))
+    except Exception as exc:  # an unreadable plan is refused too, without details
+        log.warning("site %s could not read the plan: %s", site.name, exc)
+        return refuse(msg, site.name, "the plan could not be read", code=400)
+    return call_next(msg, context)
+
+
+# -- audit ---------------------------------------------------------------------------------------
+
+
+def _wire_bytes(msg: Message) -> int:
+    from flwr.common.serde import message_to_proto
+
+    try:
+        return message_to_proto(msg).ByteSize()
+    except Exception:  # a message Flower itself cannot serialize is logged with size -1
+        return -1
+
+
+def _update_sha256(msg: Message) -> str:
+    """SHA-256 over the model arrays a message carries (names, dtypes, shapes and bytes)."""
+    if msg.has_error() or "arrays" not in msg.content:
+        return ""
+    digest = hashlib.sha256()
+    for name, arr in sorted(msg.content["arrays"].items()):
+        digest.update(f"{name}|{arr.dtype}|{list(arr.shape)}|".encode())
+        digest.update(arr.data)
+    return "sha256:" + digest.hexdigest()
+
+
+def _plan_fields(msg: Message) -> dict[str, object]:
+    from fedmed.study import plan_hash
+
+    if msg.has_error():
+        return {}
+    config = msg.content.get("config")
+    out: dict[str, object] = {}
+    if config is not None:
+        out["round"] = int(config.get("server-round", 0))
+        out["study"] = str(config.get(STUDY_KEY, ""))
+        try:
+            out["plan_hash"] = plan_hash(RunConfig.from_json(str(config[RUN_KEY])))
+        except Exception:
+            out["plan_hash"] = "unreadable"
+    return out
+
+
+def site_audit_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    site = site_config(context)
+    if site is None:
+        return call_next(msg, context)
+    audit = AuditLog(site.state_path)
+    common = {
+        "site": site.name,
+        "run_id": int(msg.metadata.run_id),
+        "message_type": msg.metadata.message_type,
+        **_plan_fields(msg),
+    }
+    audit.append(
+        direction="received",
+        message_id=msg.metadata.message_id,
+        bytes=_wire_bytes(msg),
+        update_sha256=_update_sha256(msg),
+        **common,
+    )
+    reply = call_next(msg, context)
+    sent: dict[str, object] = {
+        "direction": "sent",
+        "bytes": _wire_bytes(reply),
+        "update_sha256": _update_sha256(reply),
+    }
+    if reply.has_error():
+        sent["outcome"] = f"refused: {reply.error.reason}"
+    else:
+        sent["outcome"] = "ok"
+        metrics = reply.content.get("metrics")
+        if metrics is not None:
+            sent["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            sent["epsilon"] = float(metrics.get("epsilon", 0.0))
+    audit.append(**sent, **common)
+    return reply
