@@ -70,6 +70,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     p = site.add_parser("start", help="start the site daemon (Flower SuperNode; Ctrl-C stops)")
     p.add_argument("site_config", type=Path, help="sites/<name>.toml")
     p.add_argument("--max-wait", type=float, default=None, help="give up connecting after SECONDS")
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="Flower's default: a fresh interpreter per message (slower; see docs/benchmarks.md)",
+    )
     data = site.add_parser("data", help="the site's dataset registry")
     data_sub = data.add_subparsers(dest="data_action", required=True, metavar="ACTION")
     p = data_sub.add_parser("add", help="register a table under a name studies use")
@@ -183,30 +188,43 @@ def load_coordinator(home: Path):
     )
 
 
-def _supervise(cmd: list[str], env: dict[str, str], after_start: Callable[[], None]) -> int:
-    """Run a Flower daemon in the foreground; SIGINT/SIGTERM stop it and everything it started."""
+def _supervise(
+    cmd: list[str],
+    env: dict[str, str],
+    after_start: Callable[[], None],
+    companion: Callable[[int], list[str]] | None = None,
+) -> int:
+    """Run a Flower daemon (and a companion given its pid) in the foreground until one exits.
+
+    SIGINT/SIGTERM stop both and everything they started (each runs in its own process group).
+    """
     import os
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True)]
 
     def stop(*_: object) -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        if companion is not None:
+            procs.append(subprocess.Popen(companion(procs[0].pid), env=env, start_new_session=True))
         after_start()
-        code = proc.wait()
+        while all(proc.poll() is None for proc in procs):
+            time.sleep(0.5)
+        code = next(proc.returncode for proc in procs if proc.poll() is not None)
     finally:
         stop()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        # Flower's helpers (superexec, app processes) share the group: leave none behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            # Flower's helpers (superexec, app processes) share the group: leave none behind.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     return code
 
 
@@ -261,7 +279,8 @@ def _site_start(site, args: argparse.Namespace) -> int:
 
     if site.insecure:
         print(dep.INSECURE_WARNING, file=sys.stderr)
-    cmd = dep.supernode_command(site, args.site_config, max_wait=args.max_wait)
+    warm = not args.cold
+    cmd = dep.supernode_command(site, args.site_config, max_wait=args.max_wait, warm=warm)
     site.state_path.mkdir(parents=True, exist_ok=True)
     approved = len(site.approved_plans)
     print(
@@ -269,7 +288,8 @@ def _site_start(site, args: argparse.Namespace) -> int:
         f"audit log {site.state_path / 'audit.jsonl'}",
         flush=True,
     )
-    return _supervise(cmd, dep.flower_env(site.state_path / "flwr"), lambda: None)
+    companion = (lambda pid: dep.executor_command(site, pid)) if warm else None
+    return _supervise(cmd, dep.flower_env(site.state_path / "flwr"), lambda: None, companion)
 
 
 def _site_data(site, args: argparse.Namespace) -> int:

@@ -195,8 +195,9 @@ def register_with_superlink(c: Coordinator, name: str, public_key: Path) -> str:
 
 
 def supernode_command(
-    site: SiteConfig, config_path: Path, max_wait: float | None = None
+    site: SiteConfig, config_path: Path, max_wait: float | None = None, warm: bool = True
 ) -> list[str]:
+    """flower-supernode for ``site``; ``warm`` leaves task launching to executor_command."""
     host, _, port = site.coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(
@@ -209,7 +210,7 @@ def supernode_command(
         "--port",
         str(site.runtime_port),
         "--isolation",
-        "subprocess",
+        "process" if warm else "subprocess",
         "--node-config",
         f"fedmed-site={json.dumps(str(Path(config_path).resolve()))}",
     ]
@@ -229,6 +230,19 @@ def supernode_command(
         site.ca_certificate,
         "--auth-supernode-private-key",
         site.node_key,
+    ]
+
+
+def executor_command(site: SiteConfig, supernode_pid: int) -> list[str]:
+    """fedmed's warm executor (fedmed.runtime.executor) serving the SuperNode's ClientApp tasks."""
+    return [
+        sys.executable,
+        "-m",
+        "fedmed.runtime.executor",
+        "--runtime-api-address",
+        f"127.0.0.1:{site.runtime_port}",
+        "--parent-pid",
+        str(supernode_pid),
     ]
 
 

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -193,7 +194,7 @@ def read_node_public_key(path: Path) -> bytes:
         key = serialization.load_ssh_public_key(data)
     except FileNotFoundError:
         raise ConfigError(f"public key {path} not found") from None
-    except ValueError:
+    except (ValueError, UnsupportedAlgorithm):
         raise ConfigError(
             f"{path} is not an OpenSSH public key; use the node.pub made by "
             "`fedmed pki issue-site` (or `ssh-keygen -t ecdsa -b 384`)"

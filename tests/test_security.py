@@ -1,0 +1,177 @@
+"""PKI, dataset registry, audit chain and site policy: the pieces a hospital's site relies on."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmed.config import SiteConfig, load_run_config, load_site_config, resolve_config_path
+from fedmed.data.registry import DatasetRegistry
+from fedmed.errors import ConfigError, DataError, PolicyViolation
+from fedmed.security import pki
+from fedmed.security.audit import AuditLog
+from fedmed.security.policy import check_plan
+from fedmed.study import plan_hash
+from tests.conftest import write_site_csv
+
+# -- PKI -------------------------------------------------------------------------------------------
+
+
+def test_pki_issues_a_chain_sites_can_verify(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    pki.issue_coordinator(tmp_path, ["localhost", "127.0.0.1", "coord.example.org"])
+    bundle = pki.issue_site(tmp_path, "st-marys")
+
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((tmp_path / "coordinator.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", "coord.example.org"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    # Private keys are owner-only; the node key is an OpenSSH ECDSA P-384 key (Flower's format).
+    for key in (tmp_path / "ca.key", tmp_path / "coordinator.key", bundle / "node.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    node = serialization.load_ssh_private_key((bundle / "node.key").read_bytes(), None)
+    assert isinstance(node, ec.EllipticCurvePrivateKey) and node.curve.name == "secp384r1"
+    assert (bundle / "ca.crt").read_bytes() == (tmp_path / "ca.crt").read_bytes()
+    assert list(pki.registered_sites(tmp_path)) == ["st-marys"]
+
+
+def test_pki_refuses_to_overwrite_and_names_the_fix(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    with pytest.raises(ConfigError, match="already exists"):
+        pki.init_ca(tmp_path)
+    pki.issue_site(tmp_path, "alpha")
+    with pytest.raises(ConfigError, match="unregister"):
+        pki.issue_site(tmp_path, "alpha")
+    with pytest.raises(ConfigError, match="lower-case"):
+        pki.issue_site(tmp_path, "../evil")
+    with pytest.raises(ConfigError, match="pki init"):
+        pki.issue_coordinator(tmp_path / "nowhere", ["localhost"])
+    (tmp_path / "bad.pub").write_text("not a key\n")
+    with pytest.raises(ConfigError, match="OpenSSH"):
+        pki.register_site(tmp_path, "beta", tmp_path / "bad.pub")
+
+
+# -- site config -----------------------------------------------------------------------------------
+
+
+def test_site_config_resolves_paths_next_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "sites").mkdir()
+    path = tmp_path / "sites" / "alpha.toml"
+    path.write_text(
+        'name = "alpha"\nca_certificate = "../pki/ca.crt"\nnode_key = "../pki/node.key"\n'
+        'state_dir = "state"\napproved_plans = ["sha256:abc"]\n'
+    )
+    site = load_site_config(path)
+    assert site.ca_certificate == str((tmp_path / "pki" / "ca.crt").resolve())
+    assert site.state_path == (tmp_path / "sites" / "state").resolve()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('name = "alpha"\n', "ca_certificate and node_key"),
+        ('name = "alpha"\ninsecure = true\napproved_plans = ["abc"]\n', "fedmed plan hash"),
+        ('name = "alpha"\ninsecure = true\nport = 1\n', "unknown config key 'port'"),
+    ],
+)
+def test_site_config_errors_name_the_fix(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "alpha.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_site_config(path)
+
+
+# -- dataset registry ------------------------------------------------------------------------------
+
+
+def test_registry_records_fingerprint_and_detects_a_changed_table(tmp_path: Path) -> None:
+    table = write_site_csv(tmp_path / "heart.csv", 40, seed=1)
+    registry = DatasetRegistry(tmp_path / "state")
+    ds = registry.add("heart", table)
+    assert (ds.rows, ds.columns) == (40, ("age", "bp", "smoker", "outcome"))
+    assert registry.verify("heart").sha256 == ds.sha256
+    with pytest.raises(ConfigError, match="--replace"):
+        registry.add("heart", table)
+
+    table.write_text(table.read_text().replace("yes", "no", 1))
+    with pytest.raises(DataError, match="changed since it was registered"):
+        registry.verify("heart")
+    registry.add("heart", table, replace=True)
+    assert registry.verify("heart").sha256 != ds.sha256
+    with pytest.raises(ConfigError, match="fedmed site data add"):
+        registry.get("cancer")
+
+
+# -- audit log -------------------------------------------------------------------------------------
+
+
+def _log_with(tmp_path: Path, n: int) -> AuditLog:
+    log = AuditLog(tmp_path)
+    for i in range(n):
+        log.append(direction="received", round=i, bytes=100 + i)
+    return log
+
+
+def test_audit_chain_verifies_when_untouched(tmp_path: Path) -> None:
+    log = _log_with(tmp_path, 4)
+    assert log.verify() == []
+    assert [e["seq"] for e in log.entries()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tamper", ["edit", "delete", "reorder", "truncate"])
+def test_audit_chain_detects_tampering(tmp_path: Path, tamper: str) -> None:
+    log = _log_with(tmp_path, 4)
+    lines = log.path.read_text().splitlines()
+    if tamper == "edit":
+        entry = json.loads(lines[1])
+        entry["bytes"] = 1
+        lines[1] = json.dumps(entry, sort_keys=True)
+    elif tamper == "delete":
+        del lines[2]
+    elif tamper == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    else:
+        lines = lines[:-1]
+    log.path.write_text("\n".join(lines) + "\n")
+    problems = log.verify()
+    assert problems, f"{tamper} went unnoticed"
+
+
+# -- site policy -----------------------------------------------------------------------------------
+
+
+def _federation(overrides: list[str] | None = None):
+    return load_run_config(resolve_config_path("federation"), overrides or [])
+
+
+def _site(**kw) -> SiteConfig:
+    return SiteConfig(name="st-marys", insecure=True, **kw)
+
+
+def test_policy_accepts_only_approved_plans() -> None:
+    run = _federation()
+    check_plan(_site(approved_plans=(plan_hash(run),)), run)  # approved: no exception
+    # A different model architecture is a different plan: refused, and the reason is wire-safe.
+    other = _federation(["model.hidden=[64]"])
+    with pytest.raises(PolicyViolation, match="not approved") as err:
+        check_plan(_site(approved_plans=(plan_hash(run),)), other)
+    assert "/" not in str(err.value).replace("sha256:", "")
+    # Training knobs do not change what runs on the data: same plan.
+    assert plan_hash(_federation(["rounds=9", "train.lr=0.5"])) == plan_hash(run)
+
+
+def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
+    run = _federation(["privacy.enabled=false"])
+    approved = (plan_hash(run),)
+    with pytest.raises(PolicyViolation, match="does not list"):
+        check_plan(SiteConfig(name="lakeview", insecure=True, approved_plans=approved), run)
+    with pytest.raises(PolicyViolation, match="differential privacy"):
+        check_plan(_site(approved_plans=approved, require_privacy=True), run)

@@ -1,0 +1,153 @@
+"""Deployment-mode sites, run in-process: policy first, registry data, audit, nothing leaks.
+
+The ClientApp behaves as under a real SuperNode (node config ``fedmed-site`` = the site's TOML);
+the in-process grid stands in for the network so every byte a site sends can be inspected.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde import message_to_proto
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedmed.client_app import app as client_app
+from fedmed.config import SiteSpec, parse_run_config
+from fedmed.data import load_site_table
+from fedmed.data.registry import DatasetRegistry
+from fedmed.errors import DataError
+from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
+from fedmed.security.audit import AuditLog
+from fedmed.security.policy import SITE_CONFIG_KEY
+from fedmed.server_app import build_server_app
+from fedmed.study import RunPlan, new_run_dir, plan_hash
+from tests.conftest import write_site_csv
+
+CANARY = 987.654321  # a blood pressure no hospital records: if it shows up, a row leaked
+CANARY_TEXT = "CANARY-ROW-7f3a"
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps the wire encoding of every reply a site sends."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[bytes] = []
+
+    def _deliver(self, msg):
+        reply = super()._deliver(msg)
+        self.sent.append(message_to_proto(reply).SerializeToString())
+        return reply
+
+
+def _study(tmp_path: Path) -> dict:
+    return {
+        "name": "cohort",
+        "rounds": 2,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "logreg"},
+        "train": {"local_epochs": 1, "batch_size": 8, "lr": 0.1},
+        "strategy": {"min_sites": 2},
+        "privacy": {"enabled": True, "target_epsilon": 4.0},
+        "data": {
+            "dataset": "cohort",
+            "schema": {
+                "target": "outcome",
+                "features": ["age", "bp", "smoker"],
+                "categorical": {"smoker": ["no", "yes"]},
+            },
+        },
+        "sites": [{"name": n} for n in ("alpha", "beta", "gamma", "delta")],
+    }
+
+
+def _site(tmp_path: Path, name: str, approved: str, table: Path | None) -> Path:
+    state = tmp_path / "state" / name
+    if table is not None:
+        DatasetRegistry(state).add("cohort", table)
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'name = "{name}"\ninsecure = true\nstate_dir = "{state}"\n'
+        f'approved_plans = ["{approved}"]\nmin_rows = 10\n'
+    )
+    return path
+
+
+def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
+    cfg = parse_run_config(_study(tmp_path))
+    approved = plan_hash(cfg)
+    tables = tmp_path / "hospital-files"
+    tables.mkdir()
+    alpha = write_site_csv(tables / "alpha.csv", 80, seed=1)
+    frame = pd.read_csv(alpha)
+    frame.loc[5, "bp"] = CANARY  # a canary row inside a table that trains normally
+    frame.to_csv(alpha, index=False)
+    beta = write_site_csv(tables / "beta.csv", 60, seed=2)
+    gamma = write_site_csv(tables / "gamma.csv", 60, seed=3)
+    frame = pd.read_csv(gamma, dtype=str)
+    frame.loc[7, "age"] = CANARY_TEXT  # fails validation: the error names file, row and value
+    frame.to_csv(gamma, index=False)
+    site_files = [
+        _site(tmp_path, "alpha", approved, alpha),
+        _site(tmp_path, "beta", approved, beta),
+        _site(tmp_path, "gamma", approved, gamma),
+        # delta never approved this plan and has no dataset: it must refuse on the plan alone.
+        _site(tmp_path, "delta", "sha256:" + "1" * 64, None),
+    ]
+
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    grid = RecordingGrid(client_app, len(site_files), plan.to_run_config())
+    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
+        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), plan.to_run_config())
+    build_server_app(plan)(grid, server)
+
+    metrics = json.loads((plan.run_dir / "metrics.json").read_text())
+    assert set(metrics["final"]["sites"]) == {"alpha", "beta"}
+    reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
+    assert any("'gamma'" in r and "failed validation" in r for r in reasons), reasons
+    assert any("'delta'" in r and "not approved" in r for r in reasons), reasons
+    assert (plan.run_dir / "model.safetensors").is_file()
+
+    # The site's own error names the file and row (for its data steward) ...
+    with pytest.raises(DataError) as local:
+        load_site_table(cfg, SiteSpec("gamma", path=str(gamma)))
+    assert str(gamma) in str(local.value)
+    # ... but nothing a site sent holds a row value, a file path or a stack trace.
+    wire = b"".join(grid.sent)
+    assert len(grid.sent) == 2 * 2 * 4  # 2 rounds x (train + evaluate) x 4 sites
+    forbidden = [
+        str(CANARY).encode(),
+        struct.pack("<d", CANARY),
+        struct.pack("<f", CANARY),
+        CANARY_TEXT.encode(),
+        str(tmp_path).encode(),
+        b"hospital-files",
+        b".csv",
+        b"Traceback",
+    ]
+    for needle in forbidden:
+        assert needle not in wire, f"{needle!r} left a site"
+
+    # Each site's audit log holds every exchange, refusals included, and verifies.
+    for name in ("alpha", "gamma", "delta"):
+        log = AuditLog(tmp_path / "state" / name)
+        entries = log.entries()
+        assert log.verify() == []
+        assert len(entries) == 2 * 2 * 2  # received + sent, per message
+        assert {e["plan_hash"] for e in entries} == {approved}
+    delta = AuditLog(tmp_path / "state" / "delta").entries()
+    assert all("not approved" in e["outcome"] for e in delta if e["direction"] == "sent")
+    alpha_sent = [e for e in AuditLog(tmp_path / "state" / "alpha").entries() if "epsilon" in e]
+    assert max(e["epsilon"] for e in alpha_sent) > 0
+    assert all(
+        e["update_sha256"].startswith("sha256:") for e in alpha_sent if "train" in e["message_type"]
+    )
