@@ -381,9 +381,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
     plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    online = dep.online_sites(c)
     run_id = dep.submit(c, plan)
-    print(f"run {run_id} submitted to {c.address}; outputs in {plan.run_dir}", file=sys.stderr)
-    status = _follow(c, run_id, plan.run_dir, args.quiet, args.timeout)
+    print(
+        f"{online} site(s) online; run {run_id} submitted to {c.address}; outputs in "
+        f"{plan.run_dir}",
+        file=sys.stderr,
+    )
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the run like Ctrl-C does
+    try:
+        status = _follow(c, run_id, plan.run_dir, args.quiet, args.timeout)
+    except KeyboardInterrupt:
+        dep.stop_run(c, run_id)
+        print(f"run {run_id} stopped on the coordinator", file=sys.stderr)
+        raise
     metrics = plan.run_dir / "metrics.json"
     if not metrics.is_file():
         raise FedmedError(
@@ -394,6 +405,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_summary(json.loads(metrics.read_text()))
     print(plan.run_dir)
     return 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _follow(c, run_id: int, run_dir: Path, quiet: bool, timeout: float) -> str:

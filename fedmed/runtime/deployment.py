@@ -53,7 +53,11 @@ def flower_bin(name: str) -> str:
 
 
 def flower_env(flwr_home: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, **FLOWER_OFFLINE}
+    """Flower's daemons start helpers (flower-superexec, flwr-serverapp) by name: put this
+    environment's bin folder first on PATH, so an unactivated venv works too."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    env = {**os.environ, **FLOWER_OFFLINE, "PATH": f"{bin_dir}{os.pathsep}{path}"}
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
@@ -167,23 +171,27 @@ def flwr_cli(c: Coordinator, *args: str, timeout: float = 120) -> subprocess.Com
     )
 
 
-def registered_keys(c: Coordinator) -> set[str]:
-    """Public keys the SuperLink already admits (so a restart does not register twice)."""
-    res = flwr_cli(c, "supernode", "list", CONNECTION, "--format", "json")
+def _flwr_json(c: Coordinator, *args: str) -> dict:
+    res = flwr_cli(c, *args, "--format", "json", timeout=60)
     try:
-        nodes = json.loads(res.stdout).get("nodes", [])
+        return json.loads(res.stdout)
     except json.JSONDecodeError:
-        return set()
-    return {str(n.get("public_key") or n.get("public-key") or "").strip() for n in nodes}
+        return {}
+
+
+def online_sites(c: Coordinator) -> int:
+    """How many site daemons are connected right now."""
+    nodes = _flwr_json(c, "supernode", "list", CONNECTION).get("nodes", [])
+    return sum(1 for n in nodes if n.get("status") == "online")
 
 
 def register_with_superlink(c: Coordinator, name: str, public_key: Path) -> str:
     """Admit one site's key; returns 'registered' or 'already registered'."""
-    key = pki.read_node_public_key(public_key).decode()
+    pki.read_node_public_key(public_key)  # a clear error for a bad key file, before Flower's
     res = flwr_cli(c, "supernode", "register", str(public_key), CONNECTION, "--name", name)
     if res.returncode == 0:
         return "registered"
-    if "already" in (res.stdout + res.stderr).lower() or key in registered_keys(c):
+    if "already" in (res.stdout + res.stderr).lower():  # a restart: the state DB remembers
         return "already registered"
     raise FedmedError(
         f"could not register site '{name}' with the coordinator: "
@@ -307,9 +315,10 @@ def submit(c: Coordinator, plan: RunPlan) -> int:
 
 def run_status(c: Coordinator, run_id: int) -> str:
     """Flower's status of a run, e.g. 'running', 'finished:completed', 'finished:failed'."""
-    res = flwr_cli(c, "ls", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
-    try:
-        runs = json.loads(res.stdout).get("runs", [])
-    except json.JSONDecodeError:
-        return "unknown"
+    runs = _flwr_json(c, "ls", CONNECTION, "--run-id", str(run_id)).get("runs", [])
     return str(runs[0].get("status", "unknown")) if runs else "unknown"
+
+
+def stop_run(c: Coordinator, run_id: int) -> None:
+    """Ask the coordinator to stop a run (what Ctrl-C on `fedmed run` means)."""
+    flwr_cli(c, "stop", str(run_id), CONNECTION, timeout=60)

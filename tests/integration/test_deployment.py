@@ -1,0 +1,207 @@
+"""A real federation on 127.0.0.1: coordinator + 3 site daemons over TLS with node authentication.
+
+Everything goes through the `fedmed` command as an operator would type it: PKI, coordinator,
+site daemons (Flower SuperLink/SuperNodes in their own processes), a 3-round study of the demo
+task, then the refusals: an unregistered key, a site without the consortium CA, a site that did
+not approve the plan; finally the sites' audit logs verify, and an edited one does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedmed.config import load_run_config, resolve_config_path
+from fedmed.runtime.deployment import Coordinator, online_sites, wait_for_port
+from fedmed.serving.server import free_port
+from fedmed.study import plan_hash
+
+pytestmark = pytest.mark.integration
+
+FEDMED = [sys.executable, "-m", "fedmed.cli"]
+SITES = ("st-marys", "riverside", "northgate")
+
+
+def fedmed(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FEDMED, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class Daemons:
+    """Started daemons, stopped (with everything they started) however the test ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [*FEDMED, *args], cwd=self.root, stdout=log, stderr=subprocess.STDOUT
+        )
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text()
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        # Belt and braces: nothing whose command line points into this test's folder survives.
+        subprocess.run(["pkill", "-KILL", "-f", str(self.root)], check=False)
+
+
+def _site_toml(root: Path, name: str, port: int, runtime_port: int, approved: str, **kw) -> Path:
+    ca = kw.get("ca", f"pki/sites/{name}/ca.crt")
+    key = kw.get("key", f"pki/sites/{name}/node.key")
+    path = root / "sites" / f"{name}.toml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(
+        f'name = "{name}"\ncoordinator = "127.0.0.1:{port}"\n'
+        f'ca_certificate = "../{ca}"\nnode_key = "../{key}"\n'
+        f'runtime_port = {runtime_port}\nstate_dir = "../state/{name}"\n'
+        f'approved_plans = ["{approved}"]\nepsilon_cap = 10.0\n'
+    )
+    return path
+
+
+def _study(root: Path) -> Path:
+    """The shipped federation study with a third hospital."""
+    text = resolve_config_path("federation").read_text()
+    text += '[[sites]]\nname = "northgate"\n'
+    path = root / "study.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[tuple[Path, Daemons, int]]:
+    root = tmp_path
+    port = free_port()
+    for cmd in (
+        ["pki", "init"],
+        ["pki", "issue-coordinator", "--host", "localhost", "--host", "127.0.0.1"],
+        *[["pki", "issue-site", s] for s in SITES],
+        ["demo-data", "tables"],
+    ):
+        res = fedmed(*cmd, cwd=root)
+        assert res.returncode == 0, res.stderr
+    study = _study(root)
+    approved = plan_hash(load_run_config(study))
+    for name in SITES:
+        # northgate's steward has not approved this plan (it approved another model).
+        plan = approved if name != "northgate" else "sha256:" + "0" * 64
+        site = _site_toml(root, name, port, free_port(), plan)
+        res = fedmed("site", "data", "add", str(site), "breast", f"tables/{name}.csv", cwd=root)
+        assert res.returncode == 0, res.stderr
+    daemons = Daemons(root)
+    try:
+        coordinator = daemons.start("coordinator", "coordinator", "start", "--port", str(port))
+        wait_for_port("127.0.0.1", port, timeout=60, proc=coordinator)
+        yield root, daemons, port
+    finally:
+        daemons.stop_all()
+
+
+def _wait_online(root: Path, port: int, n: int, timeout: float = 90) -> None:
+    c = Coordinator(home=root / "coordinator", pki_dir=root / "pki", port=port)
+    deadline = time.monotonic() + timeout
+    while online_sites(c) < n:
+        assert time.monotonic() < deadline, f"{n} sites never came online"
+        time.sleep(1)
+
+
+def test_real_federation_over_tls(federation) -> None:
+    root, daemons, port = federation
+    for name in SITES:
+        daemons.start(name, "site", "start", f"sites/{name}.toml")
+    _wait_online(root, port, len(SITES))
+
+    # -- a 3-round study; northgate refuses the unapproved plan, the others finish it ----------
+    res = fedmed("run", "study.toml", cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr + daemons.log("coordinator")[-3000:]
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["round"] for h in metrics["history"]] == [1, 2, 3]
+    assert set(metrics["final"]["sites"]) == {"st-marys", "riverside"}
+    assert metrics["final"]["average"]["accuracy"] > 0.8
+    refusals = {f["reason"] for h in metrics["history"] for f in h["failures"]}
+    assert any("'northgate'" in r and "not approved" in r for r in refusals), refusals
+    assert (run_dir / "model.safetensors").is_file() and (run_dir / "model.card.json").is_file()
+    assert "round 3" in res.stderr  # progress was streamed
+
+    # -- a key the coordinator never registered is refused ---------------------------------------
+    rogue_bundle = root / "rogue"
+    from fedmed.security.pki import make_node_key
+
+    make_node_key(rogue_bundle / "node.key")
+    plan = "sha256:" + "0" * 64
+    _site_toml(root, "rogue", port, free_port(), plan, key="rogue/node.key", ca="pki/ca.crt")
+    res = fedmed("site", "start", "sites/rogue.toml", "--max-wait", "15", cwd=root, timeout=120)
+    assert res.returncode != 0
+    assert "2004" in res.stdout + res.stderr  # Flower: failed to activate (unknown key)
+
+    # -- a site that trusts another CA cannot even open the TLS connection ----------------------
+    other = root / "other-pki"
+    assert fedmed("pki", "init", "--dir", str(other), cwd=root).returncode == 0
+    _site_toml(
+        root,
+        "stranger",
+        port,
+        free_port(),
+        plan,
+        key="pki/sites/northgate/node.key",
+        ca="other-pki/ca.crt",
+    )
+    res = fedmed("site", "start", "sites/stranger.toml", "--max-wait", "15", cwd=root, timeout=120)
+    assert res.returncode != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in res.stdout + res.stderr
+
+    # -- audit: every site's log verifies; the refusing site logged its refusals; edits show ---
+    for name in SITES:
+        res = fedmed("site", "audit", "verify", f"sites/{name}.toml", cwd=root)
+        assert res.returncode == 0, res.stdout
+    shown = fedmed("site", "audit", "show", "sites/northgate.toml", cwd=root).stdout
+    assert "not approved" in shown
+    log = root / "state" / "st-marys" / "audit.jsonl"
+    lines = log.read_text().splitlines()
+    entry = json.loads(lines[1])
+    entry["bytes"] += 1
+    lines[1] = json.dumps(entry, sort_keys=True)
+    log.write_text("\n".join(lines) + "\n")
+    res = fedmed("site", "audit", "verify", "sites/st-marys.toml", cwd=root)
+    assert res.returncode == 1 and "line 2" in res.stdout
+
+
+def test_insecure_mode_warns_loudly(tmp_path: Path) -> None:
+    site = tmp_path / "lab.toml"
+    site.write_text('name = "lab"\ninsecure = true\ncoordinator = "127.0.0.1:1"\n')
+    env = {**os.environ}
+    res = subprocess.run(
+        [*FEDMED, "site", "start", str(site), "--max-wait", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert "NOT encrypted" in res.stderr
+    assert res.returncode != 0
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
