@@ -67,6 +67,16 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     run.add_argument("--timeout", type=float, default=3600, help="give up after SECONDS")
 
     site = _group(sub, "site", "run a hospital's site daemon and manage its data and audit log")
+    p = site.add_parser("init", help="write a site config (sites/NAME.toml) to review and edit")
+    p.add_argument("name", help="site name, e.g. st-marys")
+    p.add_argument("--coordinator", default="127.0.0.1:9092", help="host:port of the SuperLink")
+    p.add_argument("--bundle", type=Path, help="folder with ca.crt and node.key (issue-site)")
+    p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp API port")
+    p.add_argument("--approve", action="append", default=[], help="an approved plan hash")
+    p.add_argument("--epsilon-cap", type=float, default=None, help="this site's cap on ε")
+    p.add_argument("--min-rows", type=int, default=20)
+    p.add_argument("--insecure", action="store_true", help="local experiments only")
+    p.add_argument("--out", type=Path, default=None, help="default sites/NAME.toml")
     p = site.add_parser("start", help="start the site daemon (Flower SuperNode; Ctrl-C stops)")
     p.add_argument("site_config", type=Path, help="sites/<name>.toml")
     p.add_argument("--max-wait", type=float, default=None, help="give up connecting after SECONDS")
@@ -255,9 +265,14 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             for name, key in pki.registered_sites(c.pki_dir).items():
                 print(f"site '{name}': {dep.register_with_superlink(c, name, key)}", flush=True)
         mode = "INSECURE" if c.insecure else "TLS + node authentication"
+        dep.ready_file(c.home).write_text(f"{c.address}\n")
         print(f"coordinator ready on {c.address} ({mode}); state in {c.home}", flush=True)
 
-    return _supervise(dep.superlink_command(c), dep.flower_env(c.flwr_home), admit_sites)
+    dep.ready_file(c.home).unlink(missing_ok=True)
+    try:
+        return _supervise(dep.superlink_command(c), dep.flower_env(c.flwr_home), admit_sites)
+    finally:
+        dep.ready_file(c.home).unlink(missing_ok=True)
 
 
 # -- site ----------------------------------------------------------------------------------------
@@ -266,12 +281,55 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_site(args: argparse.Namespace) -> int:
     from fedmed.config import load_site_config
 
+    if args.action == "init":
+        return _site_init(args)
     site = load_site_config(args.site_config)
     if args.action == "start":
         return _site_start(site, args)
     if args.action == "data":
         return _site_data(site, args)
     return _site_audit(site, args)
+
+
+def _site_init(args: argparse.Namespace) -> int:
+    """A reviewed-by-a-human starting point: every policy line is visible in the file."""
+    import os
+
+    from fedmed.config import load_site_config
+
+    out = args.out or Path("sites") / f"{args.name}.toml"
+    if out.exists():
+        raise ConfigError(f"{out} exists; edit it, or pass --out for a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def rel(path: Path) -> str:
+        return os.path.relpath(path.resolve(), out.parent.resolve())
+
+    lines = [f'name = "{args.name}"', f'coordinator = "{args.coordinator}"']
+    if args.bundle:
+        lines += [
+            f'ca_certificate = "{rel(args.bundle / "ca.crt")}"',
+            f'node_key = "{rel(args.bundle / "node.key")}"',
+        ]
+    lines += [
+        f"insecure = {str(args.insecure).lower()}",
+        f"runtime_port = {args.runtime_port}",
+        f'state_dir = "{rel(Path("state") / args.name)}"  # registry, audit log, privacy ledger',
+        "# Plans (fedmed plan hash CONFIG) this site's data steward approved:",
+        f"approved_plans = {json.dumps(args.approve)}",
+        f"min_rows = {args.min_rows}",
+        "require_privacy = false",
+    ]
+    if args.epsilon_cap is not None:
+        lines.append(f"epsilon_cap = {args.epsilon_cap}")
+    out.write_text("\n".join(lines) + "\n")
+    try:
+        load_site_config(out)
+    except ConfigError:
+        out.unlink()
+        raise
+    print(out)
+    return 0
 
 
 def _site_start(site, args: argparse.Namespace) -> int:

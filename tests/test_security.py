@@ -175,3 +175,8 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
         check_plan(SiteConfig(name="lakeview", insecure=True, approved_plans=approved), run)
     with pytest.raises(PolicyViolation, match="differential privacy"):
         check_plan(_site(approved_plans=approved, require_privacy=True), run)
+
+
+def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
+    site = load_site_config(Path(__file__).parents[1] / "sites" / "example-hospital.toml")
+    assert plan_hash(_federation()) in site.approved_plans

@@ -114,6 +114,22 @@ class Coordinator:
                 raise ConfigError(f"{self.pki_dir / name} is missing; run: {hint}")
 
 
+def ready_file(home: Path) -> Path:
+    """Exists while a coordinator is up AND has admitted the registered sites."""
+    return Path(home) / "ready"
+
+
+def wait_until_ready(home: Path, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Sites started before their keys are registered are refused: wait for this first."""
+    deadline = time.monotonic() + timeout
+    while not ready_file(home).is_file():
+        if proc is not None and proc.poll() is not None:
+            raise FedmedError(f"the coordinator exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise FedmedError(f"the coordinator in {home} is not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def superlink_command(c: Coordinator) -> list[str]:
     cmd = [
         flower_bin("flower-superlink"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.config import load_run_config, resolve_config_path
-from fedmed.runtime.deployment import Coordinator, online_sites, wait_for_port
+from fedmed.runtime.deployment import Coordinator, online_sites, wait_until_ready
 from fedmed.serving.server import free_port
 from fedmed.study import plan_hash
 
@@ -107,13 +107,30 @@ def federation(tmp_path: Path) -> Iterator[tuple[Path, Daemons, int]]:
     for name in SITES:
         # northgate's steward has not approved this plan (it approved another model).
         plan = approved if name != "northgate" else "sha256:" + "0" * 64
-        site = _site_toml(root, name, port, free_port(), plan)
+        res = fedmed(
+            "site",
+            "init",
+            name,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--bundle",
+            f"pki/sites/{name}",
+            "--runtime-port",
+            str(free_port()),
+            "--approve",
+            plan,
+            "--epsilon-cap",
+            "10",
+            cwd=root,
+        )
+        assert res.returncode == 0, res.stderr
+        site = root / "sites" / f"{name}.toml"
         res = fedmed("site", "data", "add", str(site), "breast", f"tables/{name}.csv", cwd=root)
         assert res.returncode == 0, res.stderr
     daemons = Daemons(root)
     try:
         coordinator = daemons.start("coordinator", "coordinator", "start", "--port", str(port))
-        wait_for_port("127.0.0.1", port, timeout=60, proc=coordinator)
+        wait_until_ready(root / "coordinator", timeout=120, proc=coordinator)
         yield root, daemons, port
     finally:
         daemons.stop_all()

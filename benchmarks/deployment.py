@@ -1,0 +1,181 @@
+"""Per-round wall time of a real federation vs the in-process simulation of the same study.
+
+Deployment: `fedmed coordinator start` (Flower SuperLink, TLS + node auth) and 4 `fedmed site
+start` daemons (SuperNodes) on 127.0.0.1, running the demo task (4 hospitals, MLP, DP-SGD) from
+each site's exported CSV — measured twice, side by side in one run:
+
+- cold: Flower's default subprocess isolation (a fresh `flwr-clientapp` interpreter per message),
+  i.e. before fedmed's speed work (`fedmed site start --cold`);
+- warm: fedmed's executor (`fedmed site start`): one process per site imports torch/Opacus once and
+  forks a child per message.
+
+Simulation: `fedmed simulate` of the same data, model and rounds in one process.
+
+A round's time is the gap between consecutive rounds appearing in RUN_DIR/live.json (the
+ServerApp rewrites it when a round's evaluation is aggregated), so start-up is excluded; the
+median over rounds 2..R is reported, with the first round's latency separately.
+
+Usage: python benchmarks/deployment.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import environment, json_safe
+
+from fedmed.config import resolve_config_path
+from fedmed.runtime.deployment import Coordinator, online_sites, wait_until_ready
+from fedmed.serving.server import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "deployment.json"
+FEDMED = [sys.executable, "-m", "fedmed.cli"]
+SITES = ("st-marys", "riverside", "northgate", "lakeview")
+
+
+def fedmed(root: Path, *args: str) -> str:
+    res = subprocess.run([*FEDMED, *args], cwd=root, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"fedmed {' '.join(args)} failed: {res.stderr[-2000:]}")
+    return res.stdout.strip()
+
+
+def round_times(cmd: list[str], root: Path, runs: Path) -> dict[str, float]:
+    """Run ``cmd`` (a fedmed run/simulate) and time each round as it lands in live.json."""
+    before = set(runs.glob("*")) if runs.is_dir() else set()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: dict[int, float] = {}
+    while proc.poll() is None:
+        for live in (set(runs.glob("*")) - before) if runs.is_dir() else ():
+            try:
+                history = json.loads((live / "live.json").read_text()).get("history", [])
+            except (OSError, json.JSONDecodeError):
+                continue
+            for h in history:
+                seen.setdefault(h["round"], time.perf_counter() - started)
+        time.sleep(0.05)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    wall = time.perf_counter() - started
+    marks = [seen[r] for r in sorted(seen)]
+    gaps = [b - a for a, b in itertools.pairwise(marks)]
+    return {
+        "wall_s": wall,
+        "first_round_s": marks[0] if marks else float("nan"),
+        "per_round_median_s": statistics.median(gaps) if gaps else float("nan"),
+        "per_round_s": gaps,
+    }
+
+
+def setup(root: Path, port: int, rounds: int) -> Path:
+    fedmed(root, "pki", "init")
+    fedmed(root, "pki", "issue-coordinator", "--host", "localhost", "--host", "127.0.0.1")
+    fedmed(root, "demo-data", "tables")
+    study = root / "study.toml"
+    text = resolve_config_path("federation").read_text().replace("rounds = 3", f"rounds = {rounds}")
+    study.write_text(text + '[[sites]]\nname = "northgate"\n[[sites]]\nname = "lakeview"\n')
+    approved = fedmed(root, "plan", "hash", str(study))
+    for name in SITES:
+        fedmed(root, "pki", "issue-site", name)
+        fedmed(
+            root,
+            "site",
+            "init",
+            name,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--bundle",
+            f"pki/sites/{name}",
+            "--runtime-port",
+            str(free_port()),
+            "--approve",
+            approved,
+        )
+        fedmed(root, "site", "data", "add", f"sites/{name}.toml", "breast", f"tables/{name}.csv")
+    return study
+
+
+def deployment(root: Path, port: int, study: Path, cold: bool) -> dict[str, float]:
+    c = Coordinator(home=root / "coordinator", pki_dir=root / "pki", port=port)
+    extra = ["--cold"] if cold else []
+    sites = [
+        subprocess.Popen(
+            [*FEDMED, "site", "start", f"sites/{n}.toml", *extra],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for n in SITES
+    ]
+    try:
+        deadline = time.monotonic() + 120
+        while online_sites(c) < len(SITES):
+            if time.monotonic() > deadline:
+                raise SystemExit("sites did not come online")
+            time.sleep(1)
+        return round_times([*FEDMED, "run", str(study), "--quiet"], root, root / "runs")
+    finally:
+        for proc in sites:
+            proc.send_signal(signal.SIGTERM)
+        for proc in sites:
+            proc.wait(timeout=60)
+        while online_sites(c) > 0:  # the SuperLink notices within its heartbeat interval
+            time.sleep(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    results: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="fedmed-bench-") as tmp:
+        root = Path(tmp)
+        port = free_port()
+        study = setup(root, port, args.rounds)
+        coordinator = subprocess.Popen(
+            [*FEDMED, "coordinator", "start", "--port", str(port)],
+            cwd=root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until_ready(root / "coordinator", timeout=120, proc=coordinator)
+            for label, cold in (
+                ("deployment, cold (Flower default)", True),
+                ("deployment, warm (fedmed executor)", False),
+            ):
+                results[label] = deployment(root, port, study, cold)
+                print(label, results[label], flush=True)
+        finally:
+            coordinator.send_signal(signal.SIGTERM)
+            coordinator.wait(timeout=60)
+        demo = ["demo", "--set", f"rounds={args.rounds}", "--quiet", "--output-dir", "sim"]
+        results["simulation, in-process"] = round_times(
+            [*FEDMED, "simulate", *demo], root, root / "sim"
+        )
+    base = results["simulation, in-process"]["per_round_median_s"]
+    print(f"\n{'runtime':<38} {'per round':>10} {'x in-process':>13} {'round 1':>9} {'wall':>8}")
+    for label, r in results.items():
+        print(
+            f"{label:<38} {r['per_round_median_s']:>9.2f}s {r['per_round_median_s'] / base:>12.1f}x"
+            f" {r['first_round_s']:>8.1f}s {r['wall_s']:>7.1f}s"
+        )
+    payload = {"rounds": args.rounds, "sites": len(SITES), "results": results, **environment()}
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(json_safe(payload), indent=2) + "\n")
+    print(RESULTS)
+
+
+if __name__ == "__main__":
+    main()
