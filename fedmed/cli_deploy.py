@@ -76,6 +76,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     p.add_argument("--epsilon-cap", type=float, default=None, help="this site's cap on ε")
     p.add_argument("--min-rows", type=int, default=20)
     p.add_argument("--insecure", action="store_true", help="local experiments only")
+    p.add_argument(
+        "--share-statistics",
+        action="store_true",
+        help="send feature means/stds once per study so the served model can preprocess rows",
+    )
     p.add_argument("--out", type=Path, default=None, help="default sites/NAME.toml")
     p = site.add_parser("start", help="start the site daemon (Flower SuperNode; Ctrl-C stops)")
     p.add_argument("site_config", type=Path, help="sites/<name>.toml")
@@ -319,6 +324,8 @@ def _site_init(args: argparse.Namespace) -> int:
         f"approved_plans = {json.dumps(args.approve)}",
         f"min_rows = {args.min_rows}",
         "require_privacy = false",
+        "# Feature means/stds (train split) for the served model's preprocessing, once per study:",
+        f"share_statistics = {str(args.share_statistics).lower()}",
     ]
     if args.epsilon_cap is not None:
         lines.append(f"epsilon_cap = {args.epsilon_cap}")

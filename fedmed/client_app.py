@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 from collections.abc import Callable
 
@@ -211,4 +212,23 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
     )
+    return Message(content, reply_to=msg)
+
+
+STATISTICS_KEY = "statistics"  # reply ConfigRecord entry: the site's fitted statistics as JSON
+
+
+@app.query("statistics")
+@_fail_closed
+def feature_statistics(msg: Message, context: Context) -> Message:
+    """This site's own preprocessing statistics, for the served model (deployment; opt-in)."""
+    own = site_config(context)
+    if own is not None and not own.share_statistics:
+        raise PolicyViolation("the site does not share feature statistics (share_statistics)")
+    plan = run_json(msg)
+    run = _parse_run(plan)
+    site = _site_of(run, context)
+    data = _load_data(plan, site, context)
+    stats = json.dumps({**data.preprocessing, "n": data.n_train})
+    content = RecordDict({SITE_KEY: ConfigRecord({"name": site.name, STATISTICS_KEY: stats})})
     return Message(content, reply_to=msg)

@@ -216,6 +216,9 @@ class SiteConfig:
     epsilon_cap: float | None = None
     min_rows: int = 20
     require_privacy: bool = False  # refuse any plan that trains without local DP-SGD
+    # Send the coordinator this site's feature means/stds (train split) once per study, so the
+    # served model can preprocess a clinic's raw rows. Aggregates, but outside the DP accounting.
+    share_statistics: bool = False
 
     def __post_init__(self) -> None:
         from fedmed.security.pki import check_site_name

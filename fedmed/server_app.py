@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedmed.client_app import RUN_KEY, STUDY_KEY
+from fedmed.client_app import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY
 from fedmed.report import RunHistory
 from fedmed.strategies import SiteRecorder, UpdateValidator, build_strategy, central_epsilon
-from fedmed.study import RunPlan, finish_run, live_reporter
+from fedmed.study import RunPlan, combine_site_statistics, finish_run, live_reporter
 from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
@@ -57,7 +59,27 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     )
     if len(result.arrays):  # empty when no round could aggregate: keep the initial model
         model.load_state_dict(result.arrays.to_torch_state_dict())
+    if not plan.serving:  # deployment: the coordinator never saw a table; ask the sites
+        plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
+
+
+def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
+    """Serving preprocessing from the sites that opted in (share_statistics); "" if none did."""
+    study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
+    messages = [
+        grid.create_message(
+            RecordDict({"config": study}), "query.statistics", node, group_id="statistics"
+        )
+        for node in grid.get_node_ids()
+    ]
+    sites = []
+    for reply in grid.send_and_receive(messages, timeout=300):
+        if reply.has_error():
+            history.record_failure(history.last_round(), "statistics", reply.error.reason)
+            continue
+        sites.append(json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY])))
+    return combine_site_statistics(sites)
 
 
 def build_server_app(

@@ -154,6 +154,45 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
     return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})
 
 
+def combine_site_statistics(sites: list[dict[str, Any]]) -> str:
+    """Serving preprocessing from each site's OWN fitted statistics (deployment).
+
+    Each entry is a site's ``Preprocessor.to_dict()`` plus ``n`` (train rows). Means and variances
+    combine exactly as the union's would (n-weighted moments); the imputation means are weighted by
+    train rows, not by each column's non-missing count, so with missing values they are close to,
+    not equal to, the union's. Same output format as serving_preprocessing.
+    """
+    import numpy as np
+
+    if not sites:
+        return ""
+    inputs = sites[0]["inputs"]
+    if any(s["inputs"] != inputs for s in sites):
+        raise ConfigError("sites reported different input layouts; check their schemas")
+    n = np.array([float(s["n"]) for s in sites])
+    weights = n / n.sum()
+    means = np.array([s["mean"] for s in sites], dtype=np.float64)
+    stds = np.array([s["std"] for s in sites], dtype=np.float64)
+    mean = weights @ means
+    var = weights @ (stds**2 + means**2) - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    std = np.where(std > 1e-12, std, 1.0)
+    fill = {
+        k: float(sum(w * s["impute_mean"][k] for w, s in zip(weights, sites, strict=True)))
+        for k in sites[0]["impute_mean"]
+    }
+    return json.dumps(
+        {
+            "fitted_on": f"n-weighted combination of {len(sites)} sites' train statistics",
+            "sites": len(sites),
+            "inputs": inputs,
+            "impute_mean": fill,
+            "mean": mean.tolist(),
+            "std": std.tolist(),
+        }
+    )
+
+
 def plan_hash(cfg: RunConfig) -> str:
     """Content hash of what a site is asked to run: task, model architecture and data schema.
 

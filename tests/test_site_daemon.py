@@ -67,7 +67,9 @@ def _study(tmp_path: Path) -> dict:
     }
 
 
-def _site(tmp_path: Path, name: str, approved: str, table: Path | None) -> Path:
+def _site(
+    tmp_path: Path, name: str, approved: str, table: Path | None, share: bool = False
+) -> Path:
     state = tmp_path / "state" / name
     if table is not None:
         DatasetRegistry(state).add("cohort", table)
@@ -75,6 +77,7 @@ def _site(tmp_path: Path, name: str, approved: str, table: Path | None) -> Path:
     path.write_text(
         f'name = "{name}"\ninsecure = true\nstate_dir = "{state}"\n'
         f'approved_plans = ["{approved}"]\nmin_rows = 10\n'
+        f"share_statistics = {str(share).lower()}\n"
     )
     return path
 
@@ -94,7 +97,7 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     frame.loc[7, "age"] = CANARY_TEXT  # fails validation: the error names file, row and value
     frame.to_csv(gamma, index=False)
     site_files = [
-        _site(tmp_path, "alpha", approved, alpha),
+        _site(tmp_path, "alpha", approved, alpha, share=True),
         _site(tmp_path, "beta", approved, beta),
         _site(tmp_path, "gamma", approved, gamma),
         # delta never approved this plan and has no dataset: it must refuse on the plan alone.
@@ -116,6 +119,10 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     assert any("'gamma'" in r and "failed validation" in r for r in reasons), reasons
     assert any("'delta'" in r and "not approved" in r for r in reasons), reasons
     assert (plan.run_dir / "model.safetensors").is_file()
+    # Serving statistics come only from sites that opted in (alpha); beta declined.
+    card = json.loads((plan.run_dir / "model.card.json").read_text())
+    assert card["preprocessing"]["sites"] == 1
+    assert any("'beta'" in r and "share feature statistics" in r for r in reasons), reasons
 
     # The site's own error names the file and row (for its data steward) ...
     with pytest.raises(DataError) as local:
@@ -123,7 +130,7 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     assert str(gamma) in str(local.value)
     # ... but nothing a site sent holds a row value, a file path or a stack trace.
     wire = b"".join(grid.sent)
-    assert len(grid.sent) == 2 * 2 * 4  # 2 rounds x (train + evaluate) x 4 sites
+    assert len(grid.sent) == (2 * 2 + 1) * 4  # 2 rounds x (train + evaluate) + statistics
     forbidden = [
         str(CANARY).encode(),
         struct.pack("<d", CANARY),
@@ -142,7 +149,7 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
         log = AuditLog(tmp_path / "state" / name)
         entries = log.entries()
         assert log.verify() == []
-        assert len(entries) == 2 * 2 * 2  # received + sent, per message
+        assert len(entries) == 2 * (2 * 2 + 1)  # received + sent, per message
         assert {e["plan_hash"] for e in entries} == {approved}
     delta = AuditLog(tmp_path / "state" / "delta").entries()
     assert all("not approved" in e["outcome"] for e in delta if e["direction"] == "sent")

@@ -121,6 +121,7 @@ def federation(tmp_path: Path) -> Iterator[tuple[Path, Daemons, int]]:
             plan,
             "--epsilon-cap",
             "10",
+            *(["--share-statistics"] if name == "st-marys" else []),
             cwd=root,
         )
         assert res.returncode == 0, res.stderr
@@ -162,6 +163,11 @@ def test_real_federation_over_tls(federation) -> None:
     assert any("'northgate'" in r and "not approved" in r for r in refusals), refusals
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "model.card.json").is_file()
     assert "round 3" in res.stderr  # progress was streamed
+    # The model serves a clinic's raw rows with statistics from the one site that shared them.
+    card = json.loads((run_dir / "model.card.json").read_text())
+    assert card["preprocessing"]["sites"] == 1
+    scored = fedmed("predict", str(run_dir), "tables/lakeview.csv", "--output", "s.csv", cwd=root)
+    assert scored.returncode == 0, scored.stderr
 
     # -- a key the coordinator never registered is refused ---------------------------------------
     rogue_bundle = root / "rogue"
