@@ -44,8 +44,6 @@ import json
 import math
 import os
 import shlex
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import environment, json_safe, parse_seeds
+from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, summarize
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -87,14 +85,6 @@ def key(epsilon: float | None) -> str:
 # ------------------------------------------------------------------------------------------------
 # Running the CLI
 # ------------------------------------------------------------------------------------------------
-
-
-def fedmed_command() -> list[str]:
-    beside = Path(sys.executable).with_name("fedmed")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("fedmed")
-    return [found] if found else [sys.executable, "-m", "fedmed.cli"]
 
 
 def cli_args(epsilon: float | None, seed: int | str, output_dir: Path | str) -> list[str]:
@@ -252,19 +242,6 @@ def print_flamby_true(acct: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Summaries
 # ------------------------------------------------------------------------------------------------
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
-
-def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat:
-        return "—"
-    sd = stat.get("sd", math.nan)
-    text = f"{stat['mean']:.{digits}f}"
-    return text if sd is None or math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
