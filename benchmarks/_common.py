@@ -26,6 +26,7 @@ __all__ = [
     "git_state",
     "json_safe",
     "parse_seeds",
+    "print_table",
     "summarize",
 ]
 
@@ -96,3 +97,12 @@ def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
     sd = stat.get("sd", math.nan)
     text = f"{stat['mean']:.{digits}f}"
     return text if sd is None or math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table with left-aligned columns and a rule under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

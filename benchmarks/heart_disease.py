@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, git_state, json_safe, summarize
+from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -324,13 +324,10 @@ def table_rows(results: dict[str, Any], flamby: dict[str, Any]) -> list[list[str
     return rows
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["method", "avg-clients acc", *(SHORT[s] for s in SITES), "FLamby avg-clients"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+def print_heart_table(rows: list[list[str]]) -> None:
+    print_table(
+        ["method", "avg-clients acc", *(SHORT[s] for s in SITES), "FLamby avg-clients"], rows
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = table_rows(results, flamby)
     print()
     print(f"Fed-Heart-Disease accuracy, mean ± sd over seeds {seeds} (sd: ddof=1)")
-    print_table(rows)
+    print_heart_table(rows)
     total = time.time() - started
     if git_state() != env["git"]:
         env["git_at_end"] = git_state()

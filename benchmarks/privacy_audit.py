@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, summarize
+from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, print_table, summarize
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEMO_SITES = ("st-marys", "riverside", "northgate", "lakeview")
@@ -319,14 +319,6 @@ def site_rows(results: dict[str, Any]) -> list[list[str]]:
                 ]
             )
     return rows
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 # ------------------------------------------------------------------------------------------------

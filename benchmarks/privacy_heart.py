@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, summarize
+from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, print_table, summarize
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -291,14 +291,6 @@ HEADER = [
     "FLamby δ=1e-3",
     "FLamby all δ",
 ]
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def print_flamby(flamby: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, git_state, json_safe, summarize
+from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
 
 CONFIG = "lung"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -140,14 +140,6 @@ def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for r in results.values()
     ]
     return header, rows
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
