@@ -323,3 +323,47 @@ drop_first = true
     assert card["task"] == "survival" and card["inputs"] == [
         "age_years", "stage=II", "stage=III", "smoker=yes"
     ]  # fmt: skip
+
+
+def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: Path) -> None:
+    """A saved lung model served: hazard ratio vs the reference patient, IG adds up to it."""
+    from fastapi.testclient import TestClient
+
+    from fedmed.cli import main
+    from fedmed.serving.api import ServedModel, create_app, predict_csv
+
+    out = str(tmp_path / "runs")
+    assert (
+        main(["simulate", "lung", "--quiet", "--set", "rounds=3", "--set", f"output_dir={out}"])
+        == 0
+    )
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    served = ServedModel(run_dir)
+    features = list(served.schema.features)
+    patients = load_lung()[features].dropna().head(4)
+    rows = patients.to_dict("records")
+
+    preds = served.predict(rows, explain=True)
+    reply = TestClient(create_app(served)).post("/predict", json={"rows": rows})
+    patients.to_csv(tmp_path / "patients.csv", index=False)
+    scored = predict_csv(served, tmp_path / "patients.csv", None)
+
+    x = served.pre.transform(served.frame(rows))
+    weight = served.model[0].weight.detach().numpy()[0]
+    sex = served.pre.input_names.index("sex=2")
+    for pred, z in zip(preds, x, strict=True):
+        assert pred["log_hazard_ratio"] == pytest.approx(float(z @ weight), abs=1e-5)
+        assert pred["hazard_ratio"] == pytest.approx(math.exp(pred["log_hazard_ratio"]), rel=1e-6)
+        assert sum(pred["explanation"].values()) == pytest.approx(
+            pred["log_hazard_ratio"], abs=1e-4
+        )
+        assert pred["explanation"]["sex"] == pytest.approx(weight[sex] * z[sex], abs=1e-5)
+    assert reply.status_code == 200
+    assert set(reply.json()["predictions"][0]) == {
+        "log_hazard_ratio",
+        "hazard_ratio",
+        "explanation",
+    }
+    np.testing.assert_allclose(
+        scored["hazard_ratio"], [p["hazard_ratio"] for p in preds], rtol=1e-5
+    )

@@ -19,6 +19,8 @@ allowed.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -89,6 +91,15 @@ class Survival:
     name = "survival"
     target = "survival"
     metrics = METRICS
+    prediction_fields: ClassVar[dict[str, type]] = {
+        "log_hazard_ratio": float,
+        "hazard_ratio": float,
+    }
+    prediction_doc = (
+        "Hazard ratio relative to the reference patient (the all-zero model input: numeric "
+        "covariates at the training mean, categorical ones at their first level); explanations "
+        "are in log-hazard units and add up to log_hazard_ratio"
+    )
 
     def check(self, cfg: RunConfig) -> None:
         schema = cfg.data.schema
@@ -119,6 +130,11 @@ class Survival:
 
     def scores(self, output: torch.Tensor) -> np.ndarray:
         return output.squeeze(-1).detach().cpu().numpy()
+
+    def predictions(self, scores: np.ndarray, reference: float) -> dict[str, np.ndarray]:
+        """A Cox model identifies risk only up to a constant: report it relative to a patient."""
+        log_hr = scores - reference
+        return {"log_hazard_ratio": log_hr, "hazard_ratio": np.exp(log_hr)}
 
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]:
         """Harrell's C on the site's test split (NaN when it holds no comparable pair)."""

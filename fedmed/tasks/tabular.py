@@ -7,7 +7,7 @@ Only Linear/ReLU/Dropout layers: every one of them is Opacus-compatible as is.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +26,15 @@ class Task(Protocol):
     name: str
     target: str  # the outcome kind its data carries: a key of fedmed.data.table.OUTCOMES
     metrics: tuple[str, ...]
+    # What a served prediction reports per patient (field -> type), and what it means.
+    prediction_fields: dict[str, type]
+    prediction_doc: str
 
     def check(self, cfg: RunConfig) -> None:
         """Raise ConfigError when the study asks for something this task cannot do."""
+
+    def predictions(self, scores: np.ndarray, reference: float) -> dict[str, np.ndarray]:
+        """Served values per patient from ``scores``; ``reference`` scores the all-zero input."""
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module: ...
 
@@ -57,6 +63,8 @@ class TabularClassification:
     name = "tabular-classification"
     target = "binary"
     metrics = METRICS
+    prediction_fields: ClassVar[dict[str, type]] = {"probability": float, "label": int}
+    prediction_doc = "Probability of the positive class (label: probability >= 0.5)"
 
     def check(self, cfg: RunConfig) -> None:
         schema = cfg.data.schema
@@ -74,6 +82,10 @@ class TabularClassification:
 
     def scores(self, output: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(output.squeeze(-1)).detach().cpu().numpy()
+
+    def predictions(self, scores: np.ndarray, reference: float) -> dict[str, np.ndarray]:
+        """Probabilities are absolute: ``reference`` is not needed."""
+        return {"probability": scores, "label": (scores >= 0.5).astype(int)}
 
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]:
         """Threshold 0.5. ROC-AUC is NaN when the test split holds one class (undefined)."""
