@@ -367,3 +367,20 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
     np.testing.assert_allclose(
         scored["hazard_ratio"], [p["hazard_ratio"] for p in preds], rtol=1e-5
     )
+
+
+def test_site_level_dp_is_allowed_for_survival(tmp_path: Path) -> None:
+    """Central DP clips and noises whole site updates: no per-patient decomposition needed."""
+    import json
+
+    from fedmed.cli import main
+
+    overrides = ["rounds=2", "privacy.central=server-side", f"output_dir={tmp_path / 'runs'}"]
+    args = [item for o in overrides for item in ("--set", o)]
+
+    assert main(["simulate", "lung", "--quiet", *args]) == 0
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert final["central_epsilon"] > 0
+    assert 0.0 <= final["average"]["c_index"] <= 1.0
