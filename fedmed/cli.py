@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("rows", type=Path, help="CSV with one patient per row")
     prd.add_argument("--output", type=Path, default=None, help="write CSV here (default stdout)")
     prd.add_argument(
+        "--explain",
+        action="store_true",
+        help="add explain:<feature> columns (integrated-gradients attributions)",
+    )
+    prd.add_argument(
         "--allow-unsigned",
         action="store_true",
         help="use a model whose card is unsigned (not for clinical use)",
@@ -446,7 +451,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedmed.serving.api import ServedModel, predict_csv
 
     served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
-    result = predict_csv(served, args.rows, args.output)
+    result = predict_csv(served, args.rows, args.output, explain=args.explain)
     if args.output is None:
         result.to_csv(sys.stdout, index=False)
     else:

@@ -330,7 +330,7 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
     from fastapi.testclient import TestClient
 
     from fedmed.cli import main
-    from fedmed.serving.api import ServedModel, create_app, predict_csv
+    from fedmed.serving.api import ServedModel, create_app
 
     out = str(tmp_path / "runs")
     assert (
@@ -346,7 +346,10 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
     preds = served.predict(rows, explain=True)
     reply = TestClient(create_app(served)).post("/predict", json={"rows": rows})
     patients.to_csv(tmp_path / "patients.csv", index=False)
-    scored = predict_csv(served, tmp_path / "patients.csv", None)
+    scored_csv = tmp_path / "scored.csv"
+    cli = ["predict", str(run_dir), str(tmp_path / "patients.csv"), "--output", str(scored_csv)]
+    assert main([*cli, "--explain"]) == 0
+    scored = pd.read_csv(scored_csv)
 
     x = served.pre.transform(served.frame(rows))
     weight = served.model[0].weight.detach().numpy()[0]
@@ -367,6 +370,8 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
     np.testing.assert_allclose(
         scored["hazard_ratio"], [p["hazard_ratio"] for p in preds], rtol=1e-5
     )
+    explained = scored[[f"explain:{f}" for f in features]].sum(axis=1)
+    np.testing.assert_allclose(explained, scored["log_hazard_ratio"], atol=1e-4)
 
 
 def test_site_level_dp_is_allowed_for_survival(tmp_path: Path) -> None:

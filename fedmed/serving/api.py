@@ -161,8 +161,14 @@ def create_app(served: ServedModel) -> FastAPI:
     return app
 
 
-def predict_csv(served: ServedModel, rows_csv: Path, output: Path | None) -> pd.DataFrame:
-    """Batch prediction for the command line; bad rows are named like in site data checks."""
+def predict_csv(
+    served: ServedModel, rows_csv: Path, output: Path | None, *, explain: bool = False
+) -> pd.DataFrame:
+    """Batch prediction for the command line; bad rows are named like in site data checks.
+
+    ``explain`` adds one ``explain:<feature>`` column per clinical variable (integrated
+    gradients, as in the HTTP API), so a clinician can see what drove each prediction offline.
+    """
     from fedmed.data.sources import read_table
     from fedmed.data.table import parse_column
 
@@ -180,11 +186,16 @@ def predict_csv(served: ServedModel, rows_csv: Path, output: Path | None) -> pd.
         col = parsed.columns[parsed.isna().any()][0]
         rows = ", ".join(map(str, parsed.index[parsed[col].isna()][:5]))
         raise DataError(f"{rows_csv}: column '{col}' is empty at row(s) {rows}; fill it in")
-    outputs = served.outputs(torch.from_numpy(served.pre.transform(parsed)))
+    x = torch.from_numpy(served.pre.transform(parsed))
+    outputs = served.outputs(x)
     result = df.copy()
     for name, tp in served.task.prediction_fields.items():
         values = np.array([o[name] for o in outputs])
         result[name] = np.round(values, 6) if tp is float else values
+    if explain:
+        attributions = pd.DataFrame(served.attributions(x), index=result.index)
+        for feature in attributions.columns:
+            result[f"explain:{feature}"] = attributions[feature].round(6)
     if output is not None:
         result.to_csv(output, index=False)
     return result
