@@ -389,3 +389,21 @@ def test_site_level_dp_is_allowed_for_survival(tmp_path: Path) -> None:
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
     assert final["central_epsilon"] > 0
     assert 0.0 <= final["average"]["c_index"] <= 1.0
+
+
+def test_mlp_cox_learns_through_train_plain() -> None:
+    df = _lung()
+    x = ((df[COVARIATES] - df[COVARIATES].mean()) / df[COVARIATES].std()).to_numpy(np.float32)
+    y = df[["time", "status"]].to_numpy(np.float32)
+    task = get_task("survival")
+    torch.manual_seed(0)
+    model = task.build_model(x.shape[1], parse_run_config(_run({"model.kind": "mlp"})).model)
+    cpu = torch.device("cpu")
+    before = evaluate(model, x, y, task, cpu)
+    train = TrainConfig(local_steps=200, batch_size=64, optimizer="adam", lr=0.01)
+
+    result = train_plain(model, x, y, task, train, seed=0, device=cpu)
+
+    after = evaluate(model, x, y, task, cpu)
+    assert result.steps == 200 and after["loss"] < before["loss"]
+    assert after["c_index"] > 0.62 and after["c_index"] > before["c_index"]
