@@ -5,16 +5,30 @@ Each results JSON records the code and machine it measured, so a number can be t
 
 from __future__ import annotations
 
+import math
 import os
 import platform
+import shutil
+import statistics
 import subprocess
+import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from fedmed.report import json_safe
 
-__all__ = ["environment", "git_state", "json_safe", "parse_seeds"]
+__all__ = [
+    "environment",
+    "fedmed_command",
+    "fmt",
+    "git_state",
+    "json_safe",
+    "parse_seeds",
+    "print_table",
+    "summarize",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +73,36 @@ def environment() -> dict[str, Any]:
 def parse_seeds(text: str) -> list[int]:
     """'42,43,44' -> [42, 43, 44]."""
     return [int(s) for s in text.split(",") if s.strip()]
+
+
+def fedmed_command() -> list[str]:
+    """The installed ``fedmed`` console script (next to this interpreter first): what users type."""
+    beside = Path(sys.executable).with_name("fedmed")
+    if beside.is_file():
+        return [str(beside)]
+    found = shutil.which("fedmed")
+    return [found] if found else [sys.executable, "-m", "fedmed.cli"]
+
+
+def summarize(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample sd (ddof=1; NaN for a single value)."""
+    sd = statistics.stdev(values) if len(values) > 1 else math.nan
+    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+
+
+def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    """'mean ± sd' (just the mean when sd is undefined); an em dash when there is nothing."""
+    if not stat:
+        return "—"
+    sd = stat.get("sd", math.nan)
+    text = f"{stat['mean']:.{digits}f}"
+    return text if sd is None or math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain-text table with left-aligned columns and a rule under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for i, row in enumerate([header, *rows]):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))

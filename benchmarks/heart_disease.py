@@ -34,10 +34,8 @@ import argparse
 import csv
 import datetime as dt
 import json
-import math
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, git_state, json_safe
+from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -126,15 +124,6 @@ VARIANTS = (
 # ------------------------------------------------------------------------------------------------
 # Running the CLI
 # ------------------------------------------------------------------------------------------------
-
-
-def fedmed_command() -> list[str]:
-    """The installed ``fedmed`` console script (next to this interpreter first)."""
-    beside = Path(sys.executable).with_name("fedmed")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("fedmed")
-    return [found] if found else [sys.executable, "-m", "fedmed.cli"]
 
 
 def cli_args(variant: Variant, seed: int | str, output_dir: Path | str) -> list[str]:
@@ -282,19 +271,6 @@ def flamby_reference(folder: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample sd (ddof=1; NaN for a single value)."""
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
-
-def fmt(stat: dict[str, float] | None) -> str:
-    if not stat:
-        return "—"
-    sd = stat.get("sd", math.nan)
-    return f"{stat['mean']:.3f}" + ("" if sd is None or math.isnan(sd) else f" ± {sd:.3f}")
-
-
 def summarize_variant(variant: Variant, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "average": summarize([r["average_accuracy"] for r in runs]),
@@ -348,13 +324,10 @@ def table_rows(results: dict[str, Any], flamby: dict[str, Any]) -> list[list[str
     return rows
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["method", "avg-clients acc", *(SHORT[s] for s in SITES), "FLamby avg-clients"]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+def print_heart_table(rows: list[list[str]]) -> None:
+    print_table(
+        ["method", "avg-clients acc", *(SHORT[s] for s in SITES), "FLamby avg-clients"], rows
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = table_rows(results, flamby)
     print()
     print(f"Fed-Heart-Disease accuracy, mean ± sd over seeds {seeds} (sd: ddof=1)")
-    print_table(rows)
+    print_heart_table(rows)
     total = time.time() - started
     if git_state() != env["git"]:
         env["git_at_end"] = git_state()

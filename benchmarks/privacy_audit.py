@@ -38,10 +38,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, json_safe, parse_seeds
+from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, print_table, summarize
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEMO_SITES = ("st-marys", "riverside", "northgate", "lakeview")
@@ -121,14 +119,6 @@ BY_KEY = {v.key: v for v in VARIANTS}
 # ------------------------------------------------------------------------------------------------
 # Running the CLI
 # ------------------------------------------------------------------------------------------------
-
-
-def fedmed_command() -> list[str]:
-    beside = Path(sys.executable).with_name("fedmed")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("fedmed")
-    return [found] if found else [sys.executable, "-m", "fedmed.cli"]
 
 
 def cli_args(variant: Variant, seed: int | str, output_dir: Path | str) -> list[str]:
@@ -234,19 +224,6 @@ def exact_margin_attack(run_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
-
-def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat:
-        return "—"
-    sd = stat.get("sd", math.nan)
-    text = f"{stat['mean']:.{digits}f}"
-    return text if sd is None or math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
-
-
 def summarize_runs(runs: list[dict[str, Any]], sites: Sequence[str]) -> dict[str, Any]:
     def per_site(field: str) -> dict[str, Any]:
         return {
@@ -342,14 +319,6 @@ def site_rows(results: dict[str, Any]) -> list[list[str]]:
                 ]
             )
     return rows
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,8 +44,6 @@ import json
 import math
 import os
 import shlex
-import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +52,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import environment, json_safe, parse_seeds
+from _common import environment, fedmed_command, fmt, json_safe, parse_seeds, print_table, summarize
 
 CONFIG = "heart_disease"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
@@ -87,14 +85,6 @@ def key(epsilon: float | None) -> str:
 # ------------------------------------------------------------------------------------------------
 # Running the CLI
 # ------------------------------------------------------------------------------------------------
-
-
-def fedmed_command() -> list[str]:
-    beside = Path(sys.executable).with_name("fedmed")
-    if beside.is_file():
-        return [str(beside)]
-    found = shutil.which("fedmed")
-    return [found] if found else [sys.executable, "-m", "fedmed.cli"]
 
 
 def cli_args(epsilon: float | None, seed: int | str, output_dir: Path | str) -> list[str]:
@@ -254,19 +244,6 @@ def print_flamby_true(acct: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
-
-
-def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
-    if not stat:
-        return "—"
-    sd = stat.get("sd", math.nan)
-    text = f"{stat['mean']:.{digits}f}"
-    return text if sd is None or math.isnan(sd) else f"{text} ± {sd:.{digits}f}"
-
-
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     eps_values = [e for r in runs for e in r["epsilon"].values() if e is not None]
     return {
@@ -314,14 +291,6 @@ HEADER = [
     "FLamby δ=1e-3",
     "FLamby all δ",
 ]
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def print_flamby(flamby: dict[str, Any]) -> None:

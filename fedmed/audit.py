@@ -22,6 +22,7 @@ from fedmed.data.table import SiteData
 from fedmed.errors import ConfigError
 from fedmed.report import write_json
 from fedmed.serving.export import load_model
+from fedmed.tasks import get_task
 
 
 def per_example_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -63,6 +64,11 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} has no metrics.json; give the directory of a finished run")
     payload = json.loads(metrics_path.read_text())
     cfg = parse_run_config(payload["config"])
+    if get_task(cfg.task).target != "binary":
+        raise ConfigError(
+            f"the loss-threshold audit needs a per-patient loss; task '{cfg.task}' has none "
+            "(a Cox partial likelihood is defined per risk set), so it cannot be audited this way"
+        )
     final_sites = payload["final"]["sites"]
     results: dict[str, Any] = {}
     for data in _site_arrays(cfg):

@@ -24,6 +24,15 @@ from fedmed.config import RunConfig, load_run_config, resolve_config_path
 from fedmed.errors import FedmedError
 
 ENGINES = ("inprocess", "ray")
+# Metrics shown in the progress bar and the summary table, in this order, when the task has them.
+SHOWN = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "precision": "prec", "recall": "rec",
+         "c_index": "C-index"}  # fmt: skip
+
+
+def _shown(task: str) -> list[str]:
+    from fedmed.tasks import get_task
+
+    return [m for m in SHOWN if m in get_task(task).metrics]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -138,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     prd.add_argument("model", type=Path, help="run directory or model .safetensors file")
     prd.add_argument("rows", type=Path, help="CSV with one patient per row")
     prd.add_argument("--output", type=Path, default=None, help="write CSV here (default stdout)")
+    prd.add_argument(
+        "--explain",
+        action="store_true",
+        help="add explain:<feature> columns (integrated-gradients attributions)",
+    )
     prd.add_argument(
         "--allow-unsigned",
         action="store_true",
@@ -295,13 +309,11 @@ class _Progress:
         self.progress.start()
         label = f"{cfg.name} ({cfg.mode}, {len(cfg.sites)} sites)"
         self.task = self.progress.add_task(label, total=cfg.rounds, info="")
+        self.shown = _shown(cfg.task)[:2]
 
     def update(self, rnd: int, history) -> None:
         avg = history.average(rnd)
-        parts = [
-            f"acc {avg.get('accuracy', math.nan):.3f}",
-            f"auc {avg.get('roc_auc', math.nan):.3f}",
-        ]
+        parts = [f"{SHOWN[m]} {avg.get(m, math.nan):.3f}" for m in self.shown]
         eps = history.epsilon(rnd)
         if any(eps.values()):
             parts.append(f"ε≤{max(eps.values()):.2f}")
@@ -328,7 +340,7 @@ def _print_summary(payload: dict) -> None:
 
     final = payload["final"]
     table = Table(title=f"{payload['name']} · {payload['mode']} · round {final['round']}")
-    cols = ["accuracy", "roc_auc", "f1", "precision", "recall", "num-examples", "epsilon"]
+    cols = [*_shown(payload["config"]["task"]), "num-examples", "epsilon"]
     table.add_column("site")
     for c in cols:
         table.add_column(c, justify="right")
@@ -367,7 +379,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     for t in tables:
         print(
             f"{t.name}: {len(t.y_train)} train / {len(t.y_test)} test rows, "
-            f"{int(t.y_train.sum() + t.y_test.sum())} positive, {len(t.features)} features "
+            f"{t.outcome_summary()}, {len(t.features)} features "
             f"({t.origin})"
         )
     print(f"ok: {len(tables)} sites valid for {cfg.task}")
@@ -443,7 +455,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedmed.serving.api import ServedModel, predict_csv
 
     served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
-    result = predict_csv(served, args.rows, args.output)
+    result = predict_csv(served, args.rows, args.output, explain=args.explain)
     if args.output is None:
         result.to_csv(sys.stdout, index=False)
     else:

@@ -34,9 +34,13 @@ def _choices(*names: str) -> dict[str, tuple[str, ...]]:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which network the task builds. ``hidden`` is ignored by ``logreg``."""
+    """Which network the task builds. ``hidden`` is ignored by the linear kinds.
 
-    kind: str = field(default="mlp", metadata=_choices("logreg", "mlp"))
+    ``linear`` is the task's linear model (logistic regression for classification, the linear
+    Cox predictor for survival); ``logreg`` is its classification-only name, kept for old configs.
+    """
+
+    kind: str = field(default="mlp", metadata=_choices("logreg", "linear", "mlp"))
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
 
@@ -105,12 +109,22 @@ class PrivacyConfig:
 class SchemaConfig:
     """What a site's table looks like and how it becomes tensors.
 
-    ``features`` empty means every column except the target (and the split column).
+    ``features`` empty means every column except the outcome columns (and the split column).
     ``categorical`` maps a column to its allowed values; the values are declared (not inferred)
     so every hospital produces the same one-hot layout without revealing which values it has.
+
+    The outcome depends on the task: ``target`` (0/1) for classification; ``time`` + ``event``
+    for survival, where the event column is coded with ``event_value`` (the event happened) and
+    ``censored_value`` (followed up to ``time`` without it), e.g. 2 and 1 in R's lung table.
+    Any other code is an error, never silently "censored".
     """
 
     target: str = "target"
+    time: str = ""  # survival: follow-up time column (>= 0, any unit)
+    event: str = ""  # survival: event indicator column
+    event_value: Any = 1  # number or text; Any so that "dead"/"alive" codes work too
+    censored_value: Any = 0
+    min_events: int = 5  # survival: a site needs this many events among its usable rows
     features: tuple[str, ...] = ()
     categorical: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     drop_first: bool = False
@@ -139,6 +153,9 @@ class DataConfig:
     # Deployment: the name each site registered its table under (`fedmed site data add`). Runs
     # name datasets, never paths: the site maps the name to its own file.
     dataset: str = ""
+    # Sites chosen by a column (e.g. lung's institution code) instead of a random partition: each
+    # [[sites]] lists its site_values; rows no site claims are left out.
+    site_column: str = ""
     partition_sizes: tuple[float, ...] = ()
     dirichlet_alpha: float = 1.0  # label skew across sites: lower = more skewed
     partition_seed: int = 0
@@ -151,6 +168,7 @@ class SiteSpec:
 
     name: str
     path: str = ""
+    site_values: tuple[Any, ...] = ()  # with data.site_column: this site's rows
     # The site's own cap on ε for its dataset, over all studies (see fedmed.ledger). In a
     # deployment it comes from the site's own config, never from the coordinator.
     epsilon_cap: float | None = None
@@ -313,6 +331,34 @@ def _check_run(cfg: RunConfig) -> None:
     for col in schema.categorical:
         if not schema.categorical[col]:
             raise ConfigError(f"data.schema.categorical.{col} lists no categories")
+    _check_site_column(cfg)
+
+
+def _check_site_column(cfg: RunConfig) -> None:
+    """Sites chosen by a column: every site names its values, no value belongs to two sites."""
+    column = cfg.data.site_column
+    if not column:
+        given = [s.name for s in cfg.sites if s.site_values]
+        if given:
+            raise ConfigError(
+                f"site_values given for {', '.join(given)} but data.site_column is not set; "
+                "set data.site_column to the column that holds them"
+            )
+        return
+    owner: dict[Any, str] = {}
+    for site in cfg.sites:
+        if not site.site_values:
+            raise ConfigError(
+                f"site '{site.name}' has no site_values; with data.site_column='{column}' each "
+                "site lists the values of that column that are its rows"
+            )
+        for value in site.site_values:
+            if value in owner:
+                raise ConfigError(
+                    f"value {value!r} of data.site_column='{column}' is listed by both "
+                    f"'{owner[value]}' and '{site.name}'; give each value to one site"
+                )
+            owner[value] = site.name
 
 
 def _positive(key: str, value: float) -> None:

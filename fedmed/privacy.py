@@ -147,6 +147,7 @@ def train_private(
     import torch
     from opacus import PrivacyEngine
 
+    task.check(cfg)  # e.g. survival refuses DP-SGD: its loss is not per-patient
     plan = plan_for_site(len(y), cfg)
     torch.manual_seed(seed)
     model.to(device).train()

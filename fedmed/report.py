@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "loss")
+# Plot panels, in this order, for the metrics a run's task reports (classification or survival).
+SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "c_index", "loss")
 
 
 def _mean(values: list[float]) -> float:
@@ -234,7 +235,8 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
 
     rounds = [r for r in sorted(history.rounds) if history.evaluated(r)]
     has_eps = any(history.epsilon(r) for r in rounds) or bool(history.central_epsilon)
-    panels = [*SUMMARY_METRICS, "epsilon"] if has_eps else list(SUMMARY_METRICS)
+    reported = {k for r in rounds for m in history.evaluated(r).values() for k in m}
+    panels = [m for m in SUMMARY_METRICS if m in reported] + (["epsilon"] if has_eps else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         for site in history.sites:

@@ -59,7 +59,7 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     )
     if len(result.arrays):  # empty when no round could aggregate: keep the initial model
         model.load_state_dict(result.arrays.to_torch_state_dict())
-    if not plan.serving:  # deployment: the coordinator never saw a table; ask the sites
+    if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
         plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
 

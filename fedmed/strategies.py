@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -72,8 +72,28 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _fedopt(cls: type) -> Callable[[RunConfig], Strategy]:
+    """Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad), keeping the model's dtypes.
+
+    Their server step adds float64 NumPy scalars to float32 arrays, which NumPy 2 promotes to
+    float64: from round 2 on, the update validator would then reject every float32 reply.
+    """
+
+    class KeepDtypes(cls):  # type: ignore[misc, valid-type]
+        def aggregate_train(
+            self, server_round: int, replies: Iterable[Message]
+        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+            dtypes = {k: v.dtype for k, v in (self.current_arrays or {}).items()}
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None and dtypes:
+                arrays = ArrayRecord(
+                    {k: Array(arrays[k].numpy().astype(dtypes[k], copy=False)) for k in arrays}
+                )
+            return arrays, metrics
+
+    KeepDtypes.__name__ = KeepDtypes.__qualname__ = cls.__name__
+
     def build(cfg: RunConfig) -> Strategy:
-        return cls(
+        return KeepDtypes(
             **_common(cfg), eta=cfg.strategy.server_lr, eta_l=cfg.train.lr, tau=cfg.strategy.tau
         )
 

@@ -159,3 +159,22 @@ def test_predict_cli_names_bad_rows(run_dir: Path, tmp_path: Path, capsys) -> No
     assert main(["predict", str(run_dir), str(rows)]) == 2
     err = capsys.readouterr().err
     assert "column 'bp'" in err and "row 3" in err
+
+
+def test_predict_cli_explain_adds_exact_attribution_columns(run_dir: Path, tmp_path: Path) -> None:
+    rows = tmp_path / "patients.csv"
+    pd.DataFrame(ROWS).to_csv(rows, index=False)
+    out = tmp_path / "scored.csv"
+
+    assert main(["predict", str(run_dir), str(rows), "--output", str(out), "--explain"]) == 0
+
+    scored = pd.read_csv(out)
+    served = ServedModel(run_dir)
+    z = served.pre.transform(pd.DataFrame(ROWS))
+    weight = served.model[0].weight.detach().numpy()[0]
+    names = served.pre.input_names
+    np.testing.assert_allclose(
+        scored["explain:age"], weight[names.index("age")] * z[:, 0], atol=1e-5
+    )
+    smoker = names.index("smoker=yes")
+    np.testing.assert_allclose(scored["explain:smoker"], weight[smoker] * z[:, smoker], atol=1e-5)

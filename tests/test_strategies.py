@@ -48,3 +48,27 @@ def test_unknown_strategy_lists_valid_names(demo_config: RunConfig) -> None:
 
     with pytest.raises(ConfigError, match="fedadam.*fedavg"):
         build_strategy(bad)
+
+
+def test_fedadam_keeps_float32_so_no_update_is_rejected(csv_study: RunConfig, capsys) -> None:
+    """Flower's FedAdam step promotes float32 to float64 (NumPy 2); fedmed casts it back."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from fedmed.cli import main
+    from fedmed.serving.export import load_model
+
+    from .test_cli import _write_toml
+
+    config = _write_toml(csv_study, Path(csv_study.output_dir).parent / "study.toml")
+
+    assert main(["simulate", str(config), "--quiet", "--set", "strategy.name=fedadam"]) == 0
+
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["rounds_planned"] >= 3
+    assert all(not h["failures"] for h in metrics["history"])
+    model, _ = load_model(run_dir / "model.safetensors")
+    assert all(p.dtype == torch.float32 for p in model.state_dict().values())

@@ -20,9 +20,18 @@ def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
 
 
 def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable:
-    """Read and validate one site's table (raw units, split into train/test)."""
+    """Read and validate one site's table (raw units, split into train/test).
+
+    The study's task is checked against the config first (e.g. survival needs a time and an
+    event column) and decides which columns are the outcome; every path that touches site data
+    (preflight, sites, baselines) comes through here, so a bad combination fails before training.
+    """
+    from fedmed.tasks import get_task
+
+    task = get_task(cfg.task)
+    task.check(cfg)
     frame, origin = load_site_frame(cfg, site)
-    return validate_table(site.name, frame, cfg.data.schema, origin)
+    return validate_table(site.name, frame, cfg.data.schema, origin, target=task.target)
 
 
 def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:

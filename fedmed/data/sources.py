@@ -76,6 +76,12 @@ def builtin_table(name: str) -> pd.DataFrame:
         # sklearn codes 0 = malignant; hospitals think "positive = disease", so flip it.
         df["malignant"] = (df.pop("target") == 0).astype(int)
         df.columns = [c.replace(" ", "_") for c in df.columns]
+    elif name == "lifelines:lung":
+        from lifelines.datasets import load_lung
+
+        # NCCTG advanced lung cancer (Loprinzi et al. 1994), 228 patients from 18 institutions
+        # ("inst"); lifelines codes status 1 = dead, 0 = censored (R's survival::lung: 2 / 1).
+        df = load_lung()
     else:
         raise ConfigError(
             f"data.builtin='{name}' is not a packaged table; choose one of: {', '.join(BUILTINS)}"
@@ -84,14 +90,18 @@ def builtin_table(name: str) -> pd.DataFrame:
     return df
 
 
-BUILTINS = ("sklearn:breast_cancer",)
+BUILTINS = ("sklearn:breast_cancer", "lifelines:lung")
 
 
 def load_site_frame(cfg: RunConfig, site: SiteSpec) -> tuple[pd.DataFrame, str]:
     """The raw table of one site and a human label for where it came from."""
     if cfg.data.builtin:
         table = builtin_table(cfg.data.builtin)
-        target = cfg.data.schema.target
+        if cfg.data.site_column:
+            return _rows_of_site(table, cfg, site), f"{cfg.data.builtin}[{site.name}]"
+        # The partition spreads each outcome class (the event indicator for survival) across
+        # the sites, so every site gets some of each.
+        target = cfg.data.schema.event or cfg.data.schema.target
         if target not in table.columns:
             raise ConfigError(
                 f"data.schema.target='{target}' is not a column of {cfg.data.builtin}; "
@@ -113,4 +123,31 @@ def load_site_frame(cfg: RunConfig, site: SiteSpec) -> tuple[pd.DataFrame, str]:
             "[[sites]] paths to simulate it here"
         )
     path = resolve_site_path(site.path)
-    return read_table(path, cfg.data.schema), path
+    frame = read_table(path, cfg.data.schema)
+    if cfg.data.site_column:
+        frame = _rows_of_site(frame, cfg, site)
+    return frame, path
+
+
+def _rows_of_site(table: pd.DataFrame, cfg: RunConfig, site: SiteSpec) -> pd.DataFrame:
+    """The rows whose ``data.site_column`` holds one of the site's ``site_values``."""
+    column = cfg.data.site_column
+    if column not in table.columns:
+        raise ConfigError(
+            f"data.site_column='{column}' is not a column of the table; columns: "
+            f"{', '.join(map(str, table.columns))}"
+        )
+    wanted = list(site.site_values)
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in wanted):
+        values = pd.to_numeric(table[column], errors="coerce")
+    else:  # text codes: compare as trimmed text
+        values = table[column].astype("string").str.strip()
+        wanted = [str(v) for v in wanted]
+    rows = table[values.isin(wanted)]
+    if rows.empty:
+        present = sorted(values.dropna().unique().tolist(), key=str)
+        raise DataError(
+            f"site '{site.name}': no rows with {column} in {wanted}; values present: "
+            f"{', '.join(map(str, present))}"
+        )
+    return rows

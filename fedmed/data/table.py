@@ -1,8 +1,13 @@
 """A site's table -> validated, split, preprocessed arrays.
 
 Order of operations is the order a data steward would check by hand: the columns exist, the
-values parse, nothing is empty, there are enough rows and both classes; only then split, and fit
-preprocessing on the site's OWN train split (never on its test rows, never on other sites).
+values parse, nothing is empty, there are enough rows and enough outcomes (both classes, or
+enough events); only then split, and fit preprocessing on the site's OWN train split (never on
+its test rows, never on other sites).
+
+What the outcome is depends on the task (``Task.target``): a 0/1 label ("binary") or a
+follow-up time with an event indicator ("survival"). Each kind is one entry in OUTCOMES; the
+features and their preprocessing are the same for every kind.
 """
 
 from __future__ import annotations
@@ -31,11 +36,19 @@ class SiteTable:
     y_train: np.ndarray
     x_test: pd.DataFrame
     y_test: np.ndarray
+    target: str = "binary"  # the outcome kind (a key of OUTCOMES)
+
+    def outcome_summary(self) -> str:
+        """The outcome counts a data steward checks first ("57 positive", "40 events ...")."""
+        return OUTCOMES[self.target].summary(np.concatenate([self.y_train, self.y_test]))
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """Model-ready arrays for one site (float32 features, {0,1} labels)."""
+    """Model-ready arrays for one site: float32 features and outcomes.
+
+    Outcomes are {0,1} labels (binary) or (time, event) rows of shape (n, 2) (survival).
+    """
 
     name: str
     x_train: np.ndarray
@@ -56,19 +69,29 @@ def _rows(index: pd.Index) -> str:
     return f"row{'s' if len(index) > 1 else ''} {shown}{more}"
 
 
-def resolve_features(columns: list[str], schema: SchemaConfig) -> tuple[str, ...]:
-    """The feature columns: as declared, or every column but the target and split column."""
+def resolve_features(
+    columns: list[str], schema: SchemaConfig, target: str = "binary"
+) -> tuple[str, ...]:
+    """The feature columns: as declared, or every column but the outcome and split columns."""
     if schema.features:
         return schema.features
-    skip = {schema.target, schema.split_column, *schema.drop_columns}
+    skip = {*OUTCOMES[target].columns(schema), schema.split_column, *schema.drop_columns}
     return tuple(c for c in columns if c not in skip)
 
 
-def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: str) -> SiteTable:
-    """Check a raw table against the schema and split it; every failure is a DataError."""
+def validate_table(
+    name: str, df: pd.DataFrame, schema: SchemaConfig, origin: str, target: str = "binary"
+) -> SiteTable:
+    """Check a raw table against the schema and split it; every failure is a DataError.
+
+    ``target`` is the task's outcome kind (``Task.target``): which columns hold the outcome and
+    how they are checked.
+    """
+    outcome = OUTCOMES[target]
     df = df.drop(columns=[c for c in schema.drop_columns if c in df.columns])
-    features = resolve_features(list(df.columns), schema)
-    needed = [schema.target, *features] + ([schema.split_column] if schema.split_column else [])
+    features = resolve_features(list(df.columns), schema, target)
+    label_columns = outcome.columns(schema)
+    needed = [*label_columns, *features] + ([schema.split_column] if schema.split_column else [])
     absent = [c for c in needed if c not in df.columns]
     if absent:
         raise DataError(
@@ -78,13 +101,14 @@ def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: st
     x = pd.DataFrame(index=df.index)
     for col in features:
         x[col] = parse_column(df[col], col, schema, origin)
-    y_raw = _numeric(df[schema.target], schema.target, origin)
+    y_raw = outcome.parse(df, schema, origin)
 
-    # Missing values: the policy decides; the target is never imputed.
-    missing_y = y_raw.isna()
+    # Missing values: the policy decides; the outcome is never imputed.
+    missing_y = y_raw.isna().any(axis=1)
     if missing_y.any() and schema.missing != "drop":
+        col = y_raw.columns[y_raw.isna().any()][0]
         raise DataError(
-            f"{origin}: target '{schema.target}' is empty at {_rows(df.index[missing_y])}; "
+            f"{origin}: outcome column '{col}' is empty at {_rows(df.index[y_raw[col].isna()])}; "
             "fill it in or set data.schema.missing='drop'"
         )
     missing_x = x.isna().any(axis=1)
@@ -101,21 +125,16 @@ def validate_table(name: str, df: pd.DataFrame, schema: SchemaConfig, origin: st
     x, y_raw = x[keep], y_raw[keep]
     split_values = df.loc[keep, schema.split_column] if schema.split_column else None
 
-    y = _labels(y_raw, schema, origin)
+    y = outcome.labels(y_raw, schema, origin)
     if len(y) < schema.min_rows:
         raise DataError(
             f"{origin}: only {len(y)} usable rows after removing missing values (need at least "
             f"{schema.min_rows}); add rows, set data.schema.missing='mean', or lower "
             "data.schema.min_rows"
         )
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise DataError(
-            f"{origin}: every usable row has label {int(classes[0])}; a site needs both classes "
-            "to train a classifier (check the target column or data.schema.positive_above)"
-        )
-    x_tr, y_tr, x_te, y_te = _split(x, y, split_values, schema, origin)
-    return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te)
+    outcome.check(y, schema, origin)
+    x_tr, y_tr, x_te, y_te = _split(x, y, outcome.strata(y), split_values, schema, origin)
+    return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te, target)
 
 
 def parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) -> pd.Series:
@@ -155,22 +174,111 @@ def _numeric(raw: pd.Series, col: str, origin: str) -> pd.Series:
     return values.astype(float)
 
 
-def _labels(y: pd.Series, schema: SchemaConfig, origin: str) -> np.ndarray:
-    if schema.positive_above is not None:
-        return (y.to_numpy() > schema.positive_above).astype(np.float32)
-    bad = ~y.isin([0.0, 1.0])
-    if bad.any():
-        raise DataError(
-            f"{origin}: target '{schema.target}' has value {y[bad].iloc[0]:g} at "
-            f"{_rows(y.index[bad])}; a binary target must be 0/1, or set "
-            "data.schema.positive_above (label = value > threshold)"
-        )
-    return y.to_numpy().astype(np.float32)
+class BinaryOutcome:
+    """A 0/1 column (or a number made binary by ``positive_above``); both classes required."""
+
+    def columns(self, schema: SchemaConfig) -> tuple[str, ...]:
+        return (schema.target,)
+
+    def parse(self, df: pd.DataFrame, schema: SchemaConfig, origin: str) -> pd.DataFrame:
+        return pd.DataFrame({schema.target: _numeric(df[schema.target], schema.target, origin)})
+
+    def labels(self, raw: pd.DataFrame, schema: SchemaConfig, origin: str) -> np.ndarray:
+        y = raw[schema.target]
+        if schema.positive_above is not None:
+            return (y.to_numpy() > schema.positive_above).astype(np.float32)
+        bad = ~y.isin([0.0, 1.0])
+        if bad.any():
+            raise DataError(
+                f"{origin}: target '{schema.target}' has value {y[bad].iloc[0]:g} at "
+                f"{_rows(y.index[bad])}; a binary target must be 0/1, or set "
+                "data.schema.positive_above (label = value > threshold)"
+            )
+        return y.to_numpy().astype(np.float32)
+
+    def check(self, y: np.ndarray, schema: SchemaConfig, origin: str) -> None:
+        classes = np.unique(y)
+        if len(classes) < 2:
+            raise DataError(
+                f"{origin}: every usable row has label {int(classes[0])}; a site needs both "
+                "classes to train a classifier (check the target column or "
+                "data.schema.positive_above)"
+            )
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        return y
+
+    def summary(self, y: np.ndarray) -> str:
+        return f"{int(y.sum())} positive"
+
+
+class SurvivalOutcome:
+    """Follow-up time (>= 0) and an event indicator coded by event_value / censored_value.
+
+    Output rows are (time, event) with event in {0, 1}; a code that is neither declared value
+    is an error naming the rows, so a typo is never read as "censored".
+    """
+
+    def columns(self, schema: SchemaConfig) -> tuple[str, ...]:
+        return (schema.time, schema.event)
+
+    def parse(self, df: pd.DataFrame, schema: SchemaConfig, origin: str) -> pd.DataFrame:
+        time = _numeric(df[schema.time], schema.time, origin)
+        codes = (schema.censored_value, schema.event_value)
+        raw = df[schema.event]
+        if all(isinstance(c, int | float) and not isinstance(c, bool) for c in codes):
+            values: pd.Series = _numeric(raw, schema.event, origin)
+        else:
+            values = raw.astype("string").str.strip().mask(lambda v: v == "")
+            codes = tuple(str(c) for c in codes)
+        bad = values.notna() & ~values.isin(list(codes))
+        if bad.any():
+            raise DataError(
+                f"{origin}: event column '{schema.event}' has value {values[bad].iloc[0]!r} at "
+                f"{_rows(df.index[bad])}; expected {codes[1]!r} (event) or {codes[0]!r} "
+                "(censored): fix the rows or set data.schema.event_value / censored_value"
+            )
+        event = (values == codes[1]).astype(float).where(values.notna())
+        return pd.DataFrame({schema.time: time, schema.event: event})
+
+    def labels(self, raw: pd.DataFrame, schema: SchemaConfig, origin: str) -> np.ndarray:
+        time = raw[schema.time]
+        bad = (time < 0) | ~np.isfinite(time)
+        if bad.any():
+            raise DataError(
+                f"{origin}: time column '{schema.time}' has value {time[bad].iloc[0]:g} at "
+                f"{_rows(time.index[bad])}; follow-up times must be finite and >= 0"
+            )
+        return raw[[schema.time, schema.event]].to_numpy(dtype=np.float32)
+
+    def check(self, y: np.ndarray, schema: SchemaConfig, origin: str) -> None:
+        events = int(y[:, 1].sum())
+        if events < schema.min_events:
+            raise DataError(
+                f"{origin}: only {events} events (column '{schema.event}' = "
+                f"{schema.event_value!r}) among {len(y)} usable rows; a Cox model needs at least "
+                f"{schema.min_events} events per site (data.schema.min_events): merge this site "
+                "with another, or lower data.schema.min_events"
+            )
+
+    def strata(self, y: np.ndarray) -> np.ndarray:
+        return y[:, 1]
+
+    def summary(self, y: np.ndarray) -> str:
+        events = int(y[:, 1].sum())
+        return f"{events} events, {len(y) - events} censored"
+
+
+OUTCOMES: dict[str, BinaryOutcome | SurvivalOutcome] = {
+    "binary": BinaryOutcome(),
+    "survival": SurvivalOutcome(),
+}
 
 
 def _split(
     x: pd.DataFrame,
     y: np.ndarray,
+    strata: np.ndarray,
     split_values: pd.Series | None,
     schema: SchemaConfig,
     origin: str,
@@ -190,9 +298,9 @@ def _split(
                 "mark some rows 'train' and some 'test'"
             )
         return x[~is_test], y[~is_test], x[is_test], y[is_test]
-    # Stratify when sklearn can (each class needs 2+ rows), as FLamby does.
-    counts = np.unique(y, return_counts=True)[1]
-    stratify = y if schema.stratify and counts.min() > 2 else None
+    # Stratify (by class, or by event for survival) when sklearn can, as FLamby does.
+    counts = np.unique(strata, return_counts=True)[1]
+    stratify = strata if schema.stratify and counts.min() > 2 else None
     x_tr, x_te, y_tr, y_te = train_test_split(
         x,
         y,

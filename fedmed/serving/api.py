@@ -22,16 +22,18 @@ from fedmed.config import SchemaConfig
 from fedmed.data.table import Preprocessor
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.export import load_model, resolve_model_path
+from fedmed.tasks import get_task
 
 IG_STEPS = 32
 
 
 class ServedModel:
-    """A loaded model with its card: raw rows in, probabilities (and attributions) out."""
+    """A loaded model with its card: raw rows in, the task's predictions (and attributions) out."""
 
     def __init__(self, path: Path, *, allow_unsigned: bool = False) -> None:
         self.path = resolve_model_path(path)
         self.model, self.card = load_model(self.path, require_signature=not allow_unsigned)
+        self.task = get_task(self.card["task"])
         raw = self.card["schema"]
         self.schema = SchemaConfig(
             target=raw["target"],
@@ -58,19 +60,26 @@ class ServedModel:
 
     def predict(self, rows: list[dict[str, Any]], explain: bool = False) -> list[dict[str, Any]]:
         x = torch.from_numpy(self.pre.transform(self.frame(rows)))
-        with torch.no_grad():
-            prob = torch.sigmoid(self.model(x).squeeze(-1)).numpy()
-        out = [{"probability": float(p), "label": int(p >= 0.5)} for p in prob]
+        out = self.outputs(x)
         if explain:
             for item, attr in zip(out, self.attributions(x), strict=True):
                 item["explanation"] = attr
         return out
 
+    def outputs(self, x: torch.Tensor) -> list[dict[str, Any]]:
+        """The task's prediction fields per row of model inputs ``x``."""
+        with torch.no_grad():
+            scores = self.task.scores(self.model(x))
+            reference = float(self.task.scores(self.model(torch.zeros(1, x.shape[1])))[0])
+        columns = self.task.predictions(scores, reference)
+        return [{k: v[i].item() for k, v in columns.items()} for i in range(len(x))]
+
     def attributions(self, x: torch.Tensor) -> list[dict[str, float]]:
         """Integrated gradients (baseline: the average patient, 0 after standardization).
 
-        In logit units; one-hot columns are summed back to their clinical variable. For logistic
-        regression this is exactly weight x standardized value.
+        In the model's output units (logit; log hazard for survival); one-hot columns are summed
+        back to their clinical variable. The attributions of a row add up to its output minus
+        the baseline's; for a linear model each is exactly weight x standardized value.
         """
         baseline = torch.zeros_like(x)
         total = torch.zeros_like(x)
@@ -115,13 +124,14 @@ def create_app(served: ServedModel) -> FastAPI:
         rows: list[row_model] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
         explain: bool = False
 
-    class Prediction(BaseModel):
-        probability: float
-        label: int
-        explanation: dict[str, float] | None = None
+    prediction = create_model(  # the task's fields, e.g. probability + label, or hazard ratio
+        "Prediction",
+        **{k: (tp, ...) for k, tp in served.task.prediction_fields.items()},
+        explanation=(dict[str, float] | None, None),
+    )
 
     class PredictResponse(BaseModel):
-        predictions: list[Prediction]
+        predictions: list[prediction]  # type: ignore[valid-type]
         model: dict[str, Any]
 
     app = FastAPI(
@@ -129,7 +139,7 @@ def create_app(served: ServedModel) -> FastAPI:
         description=(
             f"{card['task']} trained by {study['mode']} learning across "
             f"{len(study['sites'])} sites ({', '.join(study['sites'])}), {study['rounds']} rounds. "
-            "Probability of the positive class; not a substitute for clinical judgement."
+            f"{served.task.prediction_doc}. Not a substitute for clinical judgement."
         ),
         version=card.get("fedmed_version", ""),
     )
@@ -151,8 +161,14 @@ def create_app(served: ServedModel) -> FastAPI:
     return app
 
 
-def predict_csv(served: ServedModel, rows_csv: Path, output: Path | None) -> pd.DataFrame:
-    """Batch prediction for the command line; bad rows are named like in site data checks."""
+def predict_csv(
+    served: ServedModel, rows_csv: Path, output: Path | None, *, explain: bool = False
+) -> pd.DataFrame:
+    """Batch prediction for the command line; bad rows are named like in site data checks.
+
+    ``explain`` adds one ``explain:<feature>`` column per clinical variable (integrated
+    gradients, as in the HTTP API), so a clinician can see what drove each prediction offline.
+    """
     from fedmed.data.sources import read_table
     from fedmed.data.table import parse_column
 
@@ -171,11 +187,15 @@ def predict_csv(served: ServedModel, rows_csv: Path, output: Path | None) -> pd.
         rows = ", ".join(map(str, parsed.index[parsed[col].isna()][:5]))
         raise DataError(f"{rows_csv}: column '{col}' is empty at row(s) {rows}; fill it in")
     x = torch.from_numpy(served.pre.transform(parsed))
-    with torch.no_grad():
-        prob = torch.sigmoid(served.model(x).squeeze(-1)).numpy()
+    outputs = served.outputs(x)
     result = df.copy()
-    result["probability"] = np.round(prob, 6)
-    result["label"] = (prob >= 0.5).astype(int)
+    for name, tp in served.task.prediction_fields.items():
+        values = np.array([o[name] for o in outputs])
+        result[name] = np.round(values, 6) if tp is float else values
+    if explain:
+        attributions = pd.DataFrame(served.attributions(x), index=result.index)
+        for feature in attributions.columns:
+            result[f"explain:{feature}"] = attributions[feature].round(6)
     if output is not None:
         result.to_csv(output, index=False)
     return result

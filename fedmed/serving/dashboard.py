@@ -232,11 +232,15 @@ const POLL_MS = 2000;
 const SVGNS = "http://www.w3.org/2000/svg";
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                  "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
+const CLASSIFY = ["tabular-classification"];
+// A chart with "tasks" is drawn only for runs of those tasks (the metrics the task reports).
 const CHARTS = [
   {metric: "accuracy", title: "Accuracy", sub: "global model on each site's test split",
-   bounded: true},
+   bounded: true, tasks: CLASSIFY},
   {metric: "roc_auc", title: "ROC-AUC", sub: "global model on each site's test split",
-   bounded: true},
+   bounded: true, tasks: CLASSIFY},
+  {metric: "c_index", title: "C-index (Harrell)", sub: "global model on each site's test split",
+   bounded: true, tasks: ["survival"]},
   {metric: "loss", title: "Loss", sub: "test loss of the global model (lower is better)",
    bounded: false},
   {metric: "epsilon", title: "Privacy spent (\\u03b5)",
@@ -450,8 +454,9 @@ function drawReplies(run) {
 function drawFinal(run) {
   const fin = run.final || {};
   const sites = run.sites || [];
-  const cols = [["accuracy", "accuracy"], ["roc_auc", "ROC-AUC"], ["f1", "F1"],
-                ["precision", "precision"], ["recall", "recall"], ["loss", "loss"]];
+  const cols = taskOf(run) === "survival" ? [["c_index", "C-index"], ["loss", "loss"]] :
+    [["accuracy", "accuracy"], ["roc_auc", "ROC-AUC"], ["f1", "F1"],
+     ["precision", "precision"], ["recall", "recall"], ["loss", "loss"]];
   const running = run.status !== "finished";
   document.getElementById("final-title").textContent =
     running ? "Per-site results (latest round)" : "Final per-site results";
@@ -472,7 +477,7 @@ function drawFinal(run) {
     const tr = el("tr", {"data-site": s, class: missing.has(s) ? "missing" : null},
                   el("td", {}, el("span", {class: "swatch",
                                            style: `background:${colorOf(sites, s)}`}), s));
-    if (missing.has(s) && !isNum(m.accuracy)) {
+    if (missing.has(s) && !isNum(m[cols[0][0]])) {
       tr.append(el("td", {colspan: cols.length + 1}, `no result in round ${fin.round}`));
     } else {
       for (const [k] of cols) tr.append(el("td", {}, fmt(m[k])));
@@ -523,11 +528,16 @@ function drawHeader(run) {
   document.getElementById("footer").textContent = parts.join(" \\u00b7 ");
 }
 
+function taskOf(run) {
+  return (run.config || {}).task || "tabular-classification";
+}
+
 function render(run) {
   drawHeader(run);
   drawLegend(run);
   const charts = document.getElementById("charts");
-  charts.replaceChildren(...CHARTS.map(spec => drawChart(run, spec)));
+  const shown = CHARTS.filter(spec => !spec.tasks || spec.tasks.includes(taskOf(run)));
+  charts.replaceChildren(...shown.map(spec => drawChart(run, spec)));
   drawReplies(run);
   drawFinal(run);
   document.body.dataset.state = "rendered";

@@ -9,10 +9,12 @@ from torch import nn
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.survival import Survival
 from fedmed.tasks.tabular import TabularClassification, Task
 
 TASKS: dict[str, Task] = {
     "tabular-classification": TabularClassification(),
+    "survival": Survival(),
 }
 
 

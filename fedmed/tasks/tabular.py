@@ -7,14 +7,15 @@ Only Linear/ReLU/Dropout layers: every one of them is Opacus-compatible as is.
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 from torch import nn
 
-from fedmed.config import ModelConfig
+from fedmed.config import ModelConfig, RunConfig
+from fedmed.errors import ConfigError
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "loss")
 
@@ -23,7 +24,17 @@ class Task(Protocol):
     """What a task family provides to training, evaluation and the coordinator."""
 
     name: str
+    target: str  # the outcome kind its data carries: a key of fedmed.data.table.OUTCOMES
     metrics: tuple[str, ...]
+    # What a served prediction reports per patient (field -> type), and what it means.
+    prediction_fields: dict[str, type]
+    prediction_doc: str
+
+    def check(self, cfg: RunConfig) -> None:
+        """Raise ConfigError when the study asks for something this task cannot do."""
+
+    def predictions(self, scores: np.ndarray, reference: float) -> dict[str, np.ndarray]:
+        """Served values per patient from ``scores``; ``reference`` scores the all-zero input."""
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module: ...
 
@@ -34,28 +45,47 @@ class Task(Protocol):
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]: ...
 
 
-class TabularClassification:
-    name = "tabular-classification"
-    metrics = METRICS
-
-    def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
-        if cfg.kind == "logreg":
-            return nn.Sequential(nn.Linear(n_inputs, 1))
-        layers: list[nn.Module] = []
-        width = n_inputs
+def mlp(n_inputs: int, cfg: ModelConfig, *, bias_out: bool = True) -> nn.Module:
+    """Linear (kinds ``linear``/``logreg``) or ReLU MLP ending in one output unit."""
+    layers: list[nn.Module] = []
+    width = n_inputs
+    if cfg.kind == "mlp":
         for hidden in cfg.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             if cfg.dropout > 0:
                 layers.append(nn.Dropout(cfg.dropout))
             width = hidden
-        layers.append(nn.Linear(width, 1))
-        return nn.Sequential(*layers)
+    layers.append(nn.Linear(width, 1, bias=bias_out))
+    return nn.Sequential(*layers)
+
+
+class TabularClassification:
+    name = "tabular-classification"
+    target = "binary"
+    metrics = METRICS
+    prediction_fields: ClassVar[dict[str, type]] = {"probability": float, "label": int}
+    prediction_doc = "Probability of the positive class (label: probability >= 0.5)"
+
+    def check(self, cfg: RunConfig) -> None:
+        schema = cfg.data.schema
+        if schema.time or schema.event:
+            raise ConfigError(
+                "data.schema.time/event describe a survival outcome but task = "
+                "'tabular-classification'; set task = 'survival' (or remove time/event)"
+            )
+
+    def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
+        return mlp(n_inputs, cfg)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return nn.functional.binary_cross_entropy_with_logits(output.squeeze(-1), target)
 
     def scores(self, output: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(output.squeeze(-1)).detach().cpu().numpy()
+
+    def predictions(self, scores: np.ndarray, reference: float) -> dict[str, np.ndarray]:
+        """Probabilities are absolute: ``reference`` is not needed."""
+        return {"probability": scores, "label": (scores >= 0.5).astype(int)}
 
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]:
         """Threshold 0.5. ROC-AUC is NaN when the test split holds one class (undefined)."""

@@ -1,0 +1,208 @@
+"""NCCTG lung by institution: federated Cox models vs pooled and local, per-site C-index.
+
+Why this script exists: the survival task claims that hospitals gain from federating a Cox
+model. On lung's real institutions (simulations/lung.toml: the 5 largest + the 13 small ones
+pooled into "inst-other") it puts FedAvg and FedAdam next to the two references, on the same
+per-site test splits: pooled (one model on the union of the train splits, the upper reference)
+and local (each site alone). A lifelines CoxPHFitter fitted on the same pooled train split is
+the textbook reference for the pooled linear model.
+
+Every run is a ``fedmed simulate lung`` subprocess (what a user types). Each seed sets both the
+training seed and the train/test split seed (``data.schema.split_seed``): lung's sites have
+6-11 test patients (inst-other: 34), so the split itself moves the C-index and is part of the
+spread reported. Metric: Harrell's C per site, then the unweighted mean over the 6 sites;
+mean ± sample sd (ddof=1) over seeds. Results: ``benchmarks/results/survival_lung.json``.
+
+Run from the repository root:
+    python benchmarks/survival_lung.py              # 5 seeds, ~3 min on 2 CPU cores
+    python benchmarks/survival_lung.py --quick      # 1 seed, a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
+
+CONFIG = "lung"
+DEFAULT_SEEDS = (42, 43, 44, 45, 46)
+RESULTS = Path(__file__).resolve().parent / "results" / "survival_lung.json"
+FEDADAM = ("strategy.name=fedadam", "strategy.server_lr=0.05")
+MLP = ("model.kind=mlp", "model.hidden=[16]")
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+
+
+VARIANTS = (
+    Variant("pooled", "Pooled (linear Cox)", "pooled"),
+    Variant("fedavg", "FedAvg (linear Cox)", "federated"),
+    Variant("fedadam", "FedAdam (linear Cox, server lr 0.05)", "federated", FEDADAM),
+    Variant("local", "Local (linear Cox, each site alone)", "local"),
+    Variant("pooled_mlp", "Pooled (MLP 16)", "pooled", MLP),
+    Variant("fedavg_mlp", "FedAvg (MLP 16)", "federated", MLP),
+    Variant("local_mlp", "Local (MLP 16)", "local", MLP),
+)
+
+
+def cli_args(variant: Variant, seed: int | str, output_dir: Path | str) -> list[str]:
+    args = ["simulate", CONFIG, "--mode", variant.mode, "--quiet"]
+    for item in (f"seed={seed}", f"data.schema.split_seed={seed}", *variant.overrides):
+        args += ["--set", item]
+    return [*args, "--set", f"output_dir={output_dir}"]
+
+
+def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
+    """One ``fedmed simulate`` subprocess; returns its final per-site C-index."""
+    cmd = [*fedmed_command(), *cli_args(variant, seed, runs_root / f"{variant.key}-{seed}")]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    if final.get("missing_sites"):
+        raise RuntimeError(f"{run_dir}: no final metrics for {final['missing_sites']}")
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "wall_seconds": round(time.time() - started, 2),
+        "average_c_index": final["average"]["c_index"],
+        "sites": {s: m["c_index"] for s, m in final["sites"].items()},
+    }
+
+
+def lifelines_pooled(seed: int) -> dict[str, Any]:
+    """lifelines' CoxPHFitter on the pooled train split, scored on each site's test split."""
+    import numpy as np
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    from fedmed.baselines import pooled_site_data
+    from fedmed.config import load_run_config, resolve_config_path
+    from fedmed.tasks.survival import concordance_index
+
+    cfg = load_run_config(resolve_config_path(CONFIG), [f"data.schema.split_seed={seed}"])
+    pooled, sites = pooled_site_data(cfg)
+    frame = pd.DataFrame(pooled.x_train, columns=list(pooled.input_names))
+    frame["T"], frame["E"] = pooled.y_train[:, 0], pooled.y_train[:, 1]
+    fit = CoxPHFitter().fit(frame, "T", "E")
+    beta = fit.params_[list(pooled.input_names)].to_numpy()
+    per_site = {
+        d.name: concordance_index(d.y_test[:, 0], d.y_test[:, 1], d.x_test @ beta) for d in sites
+    }
+    finite = [v for v in per_site.values() if not math.isnan(v)]
+    return {
+        "seed": seed,
+        "average_c_index": statistics.fmean(finite),
+        "sites": per_site,
+        "coefficients": dict(zip(pooled.input_names, np.round(beta, 4).tolist(), strict=True)),
+    }
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    sites = list(runs[0]["sites"])
+    return {
+        "average": summarize([r["average_c_index"] for r in runs]),
+        "sites": {
+            s: summarize([r["sites"][s] for r in runs if r["sites"][s] is not None]) for s in sites
+        },
+    }
+
+
+def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    sites = list(next(iter(results.values()))["summary"]["sites"])
+    header = ["method", "avg C-index", *sites]
+    rows = [
+        [
+            r["label"],
+            fmt(r["summary"]["average"]),
+            *(f"{r['summary']['sites'][s]['mean']:.3f}" for s in sites),
+        ]
+        for r in results.values()
+    ]
+    return header, rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
+    parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
+    parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "lung_runs")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    command = shlex.join(["python", "benchmarks/survival_lung.py", *argv])
+    print(f"reproduce with: {command}", flush=True)
+    env = environment()
+    started = time.time()
+    results: dict[str, Any] = {}
+    for variant in VARIANTS:
+        runs = []
+        for seed in seeds:
+            run = run_once(variant, seed, args.runs_dir)
+            runs.append(run)
+            print(
+                f"  {variant.key:<11} seed {seed}: avg C {run['average_c_index']:.3f} "
+                f"({run['wall_seconds']:.1f} s)",
+                flush=True,
+            )
+        results[variant.key] = {
+            "label": variant.label,
+            "mode": variant.mode,
+            "command": shlex.join(["fedmed", *cli_args(variant, "SEED", "OUT")]),
+            "runs": runs,
+            "summary": summarize_runs(runs),
+        }
+    reference = [lifelines_pooled(seed) for seed in seeds]
+    results["lifelines_pooled"] = {
+        "label": "lifelines CoxPHFitter, pooled (reference)",
+        "mode": "reference",
+        "runs": reference,
+        "summary": summarize_runs(reference),
+    }
+    header, rows = table(results)
+    print(f"\nlung by institution, Harrell's C, mean ± sd over seeds {seeds} (ddof=1)")
+    print_table(header, rows)
+    if git_state() != env["git"]:
+        env["git_at_end"] = git_state()
+        print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")
+    payload = {
+        "benchmark": "NCCTG lung by institution (survival, Cox)",
+        "metric": "Harrell's C-index per site test split; avg = unweighted mean over the 6 sites; "
+        "sd = sample sd over seeds (each seed sets the training seed and the split seed)",
+        "command": command,
+        "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "seeds": seeds,
+        "wall_seconds": round(time.time() - started, 1),
+        "environment": env,
+        "variants": results,
+        "table": {"columns": header, "rows": rows},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
