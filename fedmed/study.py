@@ -193,15 +193,34 @@ def combine_site_statistics(sites: list[dict[str, Any]]) -> str:
     )
 
 
+def _asdict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON values (tuples -> lists), like RunConfig.to_dict."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+
+
 def plan_hash(cfg: RunConfig) -> str:
     """Content hash of what a site is asked to run: task, model architecture and data schema.
 
     Training knobs (rounds, learning rate, seed) are deliberately left out: a hospital approves
-    WHAT is computed on its data, not how long. Same plan, same hash, on every machine.
+    WHAT is computed on its data, not how long. Same plan, same hash, on every machine. Settings
+    left at their defaults are omitted, so a fedmed upgrade that adds a config key does not void
+    every approval a hospital has given.
     """
     import hashlib
 
+    from fedmed.config import ModelConfig, SchemaConfig
+
+    def changed(values: dict[str, Any], default: Any) -> dict[str, Any]:
+        base = _asdict(default)
+        return {k: v for k, v in values.items() if base.get(k) != v}
+
     spec = cfg.to_dict()
-    content = {"task": spec["task"], "model": spec["model"], "schema": spec["data"]["schema"]}
+    content = {
+        "task": spec["task"],
+        "model": changed(spec["model"], ModelConfig()),
+        "schema": changed(spec["data"]["schema"], SchemaConfig()),
+    }
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -180,3 +180,10 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
     site = load_site_config(Path(__file__).parents[1] / "sites" / "example-hospital.toml")
     assert plan_hash(_federation()) in site.approved_plans
+
+
+def test_plan_hash_ignores_settings_left_at_their_defaults() -> None:
+    run = _federation()
+    explicit = _federation(["data.schema.min_rows=10", "model.dropout=0.0"])  # the defaults
+    assert plan_hash(explicit) == plan_hash(run)
+    assert plan_hash(_federation(["data.schema.min_rows=11"])) != plan_hash(run)
