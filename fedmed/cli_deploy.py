@@ -50,6 +50,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     coord = _group(sub, "coordinator", "run the consortium's coordinator (Flower SuperLink)")
     p = coord.add_parser("start", help="start the SuperLink (foreground; Ctrl-C stops it)")
     _coordinator_args(p)
+    p.add_argument(
+        "--cold",
+        action="store_true",
+        help="Flower's default 3 s reply polling (slower; for comparison, see docs/benchmarks.md)",
+    )
     p = coord.add_parser("register", help="admit a site by its public key (node.pub)")
     p.add_argument("name")
     p.add_argument("public_key", type=Path)
@@ -274,8 +279,13 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         print(f"coordinator ready on {c.address} ({mode}); state in {c.home}", flush=True)
 
     dep.ready_file(c.home).unlink(missing_ok=True)
+    env = dep.flower_env(c.flwr_home)
+    if args.cold:
+        from fedmed.runtime.polling import GRID_POLL_ENV
+
+        env[GRID_POLL_ENV] = "3"
     try:
-        return _supervise(dep.superlink_command(c), dep.flower_env(c.flwr_home), admit_sites)
+        return _supervise(dep.superlink_command(c), env, admit_sites)
     finally:
         dep.ready_file(c.home).unlink(missing_ok=True)
 

@@ -49,6 +49,10 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
             max_norm_ratio=cfg.strategy.max_norm_ratio,
             min_sites=cfg.strategy.min_sites or len(cfg.sites),
         )
+    if plan.engine == "deployment":
+        from fedmed.runtime.polling import PromptGrid
+
+        grid = PromptGrid(grid)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = strategy.start(
         grid=grid,

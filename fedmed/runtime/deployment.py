@@ -221,14 +221,22 @@ def register_with_superlink(c: Coordinator, name: str, public_key: Path) -> str:
 def supernode_command(
     site: SiteConfig, config_path: Path, max_wait: float | None = None, warm: bool = True
 ) -> list[str]:
-    """flower-supernode for ``site``; ``warm`` leaves task launching to executor_command."""
+    """flower-supernode for ``site``.
+
+    ``warm`` (fedmed's speed work) leaves task launching to executor_command and polls promptly
+    (fedmed.runtime.polling); otherwise it is Flower's own command with Flower's defaults.
+    """
     host, _, port = site.coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(
             f"site '{site.name}': coordinator = '{site.coordinator}' must be host:port"
         )
     cmd = [
-        flower_bin("flower-supernode"),
+        *(
+            [sys.executable, "-m", "fedmed.runtime.polling"]
+            if warm
+            else [flower_bin("flower-supernode")]
+        ),
         "--superlink",
         site.coordinator,
         "--port",
