@@ -70,7 +70,10 @@ def _site_of(run: RunConfig, context: Context) -> SiteSpec:
     if own is not None:
         from fedmed.data.registry import DatasetRegistry
 
-        dataset = DatasetRegistry(own.state_path).verify(run.data.dataset)
+        registry = DatasetRegistry(own.state_path)
+        if run.data.dataset not in {d.name for d in registry.list()}:
+            raise PolicyViolation(f"dataset '{run.data.dataset}' is not registered at this site")
+        dataset = registry.verify(run.data.dataset)
         return SiteSpec(own.name, path=dataset.path, epsilon_cap=own.epsilon_cap)
     index = int(context.node_config.get("partition-id", -1))
     if not 0 <= index < len(run.sites):

@@ -63,7 +63,7 @@ def _study(tmp_path: Path) -> dict:
                 "categorical": {"smoker": ["no", "yes"]},
             },
         },
-        "sites": [{"name": n} for n in ("alpha", "beta", "gamma", "delta")],
+        "sites": [{"name": n} for n in ("alpha", "beta", "gamma", "delta", "echo")],
     }
 
 
@@ -102,6 +102,8 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
         _site(tmp_path, "gamma", approved, gamma),
         # delta never approved this plan and has no dataset: it must refuse on the plan alone.
         _site(tmp_path, "delta", "sha256:" + "1" * 64, None),
+        # echo approved the plan but never registered the dataset the study names.
+        _site(tmp_path, "echo", approved, None),
     ]
 
     plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
@@ -118,6 +120,7 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
     assert any("'gamma'" in r and "failed validation" in r for r in reasons), reasons
     assert any("'delta'" in r and "not approved" in r for r in reasons), reasons
+    assert any("'echo'" in r and "'cohort' is not registered" in r for r in reasons), reasons
     assert (plan.run_dir / "model.safetensors").is_file()
     # Serving statistics come only from sites that opted in (alpha); beta declined.
     card = json.loads((plan.run_dir / "model.card.json").read_text())
@@ -130,7 +133,7 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     assert str(gamma) in str(local.value)
     # ... but nothing a site sent holds a row value, a file path or a stack trace.
     wire = b"".join(grid.sent)
-    assert len(grid.sent) == (2 * 2 + 1) * 4  # 2 rounds x (train + evaluate) + statistics
+    assert len(grid.sent) == (2 * 2 + 1) * 5  # 2 rounds x (train + evaluate) + statistics
     forbidden = [
         str(CANARY).encode(),
         struct.pack("<d", CANARY),
