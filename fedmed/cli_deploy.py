@@ -493,15 +493,21 @@ def _follow(c, run_id: int, run_dir: Path, quiet: bool, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     shown = 0
     status = "unknown"
+    next_status = 0.0
     while time.monotonic() < deadline:
-        status = dep.run_status(c, run_id)
         for entry in _new_rounds(run_dir / "live.json", shown):
             shown = entry["round"]
             if not quiet:
                 print(_round_line(entry), file=sys.stderr, flush=True)
-        if status.startswith("finished"):
-            return status
-        time.sleep(1.0)
+        # Asking Flower costs a `flwr` process (~1 s of CPU): do it every 5 s, or when the run
+        # has written its final metrics.
+        finished = (run_dir / "metrics.json").is_file()
+        if finished or time.monotonic() >= next_status:
+            status = dep.run_status(c, run_id)
+            next_status = time.monotonic() + 5.0
+            if status.startswith("finished"):
+                return status
+        time.sleep(0.5)
     raise FedmedError(f"run {run_id} still '{status}' after {timeout:.0f} s; it keeps running")
 
 
