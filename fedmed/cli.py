@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the live dashboard on 127.0.0.1:PORT while the study runs",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed federated run from its last completed round (same config)",
+    )
 
     chk = sub.add_parser(
         "check-data",
@@ -196,9 +203,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
     plan = RunPlan(
         cfg,
-        new_run_dir(cfg),
+        _resumable(args.resume, cfg) if args.resume else new_run_dir(cfg),
         engine=args.engine if cfg.mode == "federated" else "-",
         serving=serving_preprocessing(cfg, tables),
+        resume=args.resume is not None,
     )
     progress = None if args.quiet else _Progress(cfg)
     live = None
@@ -221,6 +229,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _print_summary(payload)
     print(plan.run_dir)
     return 0
+
+
+def _resumable(run_dir: Path, cfg: RunConfig) -> Path:
+    """``run_dir`` if it can be resumed with ``cfg``; checked here, before anything starts."""
+    from fedmed.checkpoint import load_checkpoint
+
+    if cfg.mode != "federated":
+        raise FedmedError("--resume continues federated runs; pooled/local runs simply rerun")
+    if (run_dir / "metrics.json").is_file():
+        raise FedmedError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
+    checkpoint = load_checkpoint(run_dir, cfg)  # refuses a different config, naming the change
+    print(f"resuming {run_dir} after round {checkpoint.round} of {cfg.rounds}", file=sys.stderr)
+    return run_dir
 
 
 def _mark_failed(run_dir: Path, exc: BaseException) -> None:

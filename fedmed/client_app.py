@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -61,6 +62,17 @@ def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
     model = build_model(run)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+def _release(msg: Message, seed: int, run_json: str) -> str:
+    """What this round computes: the global model it starts from, its seed and the plan.
+
+    The ledger charges a release once (a resumed coordinator may ask for a round again).
+    """
+    arrays = msg.content["arrays"]
+    digest = hashlib.sha256(f"{seed}/{run_json}".encode())
+    digest.update(fingerprint(*(arrays[k].numpy() for k in sorted(arrays.keys()))).encode())
+    return digest.hexdigest()
 
 
 def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
@@ -122,7 +134,9 @@ def train(msg: Message, context: Context) -> Message:
         ledger = PrivacyLedger(site.name)
         dataset = fingerprint(data.x_train, data.y_train)
         study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
-        ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
+        release = _release(msg, seed, run_json)
+        if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
+            ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
         result, entries = train_private(
             model,
             data.x_train,
@@ -133,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
             proximal_mu=proximal_mu,
         )
-        ledger.record(dataset, study, server_round, entries)
+        ledger.record(dataset, study, server_round, entries, release=release)
         epsilon = ledger.spent(dataset, run.privacy, study=study)
         epsilon_total = ledger.spent(dataset, run.privacy)
     else:

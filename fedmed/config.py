@@ -79,6 +79,9 @@ class StrategyConfig:
     # Update validation before aggregation (keys, shapes, dtypes, NaN/Inf, outlying norm).
     validate_updates: bool = True
     max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this x the round median
+    # Seconds the coordinator waits for a phase's replies; a site that has not answered by then
+    # is recorded as failed for that round (and asked again the next round).
+    round_timeout: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ def _check_run(cfg: RunConfig) -> None:
     _positive("rounds", cfg.rounds)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.lr", cfg.train.lr)
+    _positive("strategy.round_timeout", cfg.strategy.round_timeout)
     if cfg.train.local_epochs is not None:
         _positive("train.local_epochs", cfg.train.local_epochs)
     if cfg.train.local_steps is not None:

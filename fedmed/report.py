@@ -42,6 +42,26 @@ class RunHistory:
         self.failures.setdefault(rnd, []).append({"site": site, "phase": phase, "reason": reason})
         self.rounds.setdefault(rnd, {})
 
+    # -- checkpointing (coordinator resume) ---------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """Everything recorded so far, JSON-ready (NaN kept: this is a checkpoint, not a report)."""
+        return {
+            "sites": list(self.sites),
+            "rounds": {str(r): phases for r, phases in self.rounds.items()},
+            "failures": {str(r): rows for r, rows in self.failures.items()},
+            "central_epsilon": {str(r): eps for r, eps in self.central_epsilon.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunHistory:
+        """The inverse of ``to_state``: a resumed run continues the very same history."""
+        return cls(
+            sites=tuple(state["sites"]),
+            rounds={int(r): phases for r, phases in state["rounds"].items()},
+            failures={int(r): rows for r, rows in state["failures"].items()},
+            central_epsilon={int(r): eps for r, eps in state["central_epsilon"].items()},
+        )
+
     # -- summaries -------------------------------------------------------------------------------
     def evaluated(self, rnd: int) -> dict[str, dict[str, float]]:
         return self.rounds.get(rnd, {}).get("evaluate", {})

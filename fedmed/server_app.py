@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -10,13 +11,24 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedmed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmed.client_app import RUN_KEY, STUDY_KEY
 from fedmed.report import RunHistory
-from fedmed.strategies import SiteRecorder, UpdateValidator, build_strategy, central_epsilon
+from fedmed.strategies import (
+    KeepDtypes,
+    RoundOffset,
+    SiteRecorder,
+    UpdateValidator,
+    build_strategy,
+    central_epsilon,
+    restore_strategy_state,
+    strategy_state,
+)
 from fedmed.study import RunPlan, finish_run, live_reporter
 from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
+log = logging.getLogger("fedmed.coordinator")
 
 
 def initial_model(plan: RunPlan) -> torch.nn.Module:
@@ -26,20 +38,37 @@ def initial_model(plan: RunPlan) -> torch.nn.Module:
 
 
 def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
-    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json."""
+    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json.
+
+    After every round the coordinator checkpoints (model, strategy state, round, history) BEFORE
+    reporting it, so a run killed at any point resumes (``plan.resume``) from its last completed
+    round and runs only the rounds that remain.
+    """
     started = time.time()
     cfg = plan.config
-    history = RunHistory(sites=cfg.site_names)
     model = initial_model(plan)
+    base = build_strategy(cfg)
+    done, history = 0, RunHistory(sites=cfg.site_names)
+    if plan.resume:
+        checkpoint = load_checkpoint(plan.run_dir, cfg)
+        done, history = checkpoint.round, checkpoint.history
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
+        restore_strategy_state(base, checkpoint.strategy_state, list(model.state_dict()))
+        log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
 
     report = live_reporter(plan, on_round)
 
     def round_done(rnd: int) -> None:
         if cfg.privacy.central != "off":
             history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
+        arrays = recorder.global_arrays
+        assert arrays is not None  # set by configure_evaluate, which precedes this callback
+        state = {k: arrays[k].numpy() for k in arrays}
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, strategy_state(base)))
         report(rnd, history)
 
-    strategy: Strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
+    # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.
+    strategy: Strategy = KeepDtypes(base)
     if cfg.strategy.validate_updates:
         strategy = UpdateValidator(
             strategy,
@@ -47,15 +76,17 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
             max_norm_ratio=cfg.strategy.max_norm_ratio,
             min_sites=cfg.strategy.min_sites or len(cfg.sites),
         )
+    recorder = SiteRecorder(strategy, history, on_round=round_done)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
-    result = strategy.start(
+    result = RoundOffset(recorder, done).start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.rounds,
+        num_rounds=cfg.rounds - done,
+        timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord(dict(study)),
         evaluate_config=ConfigRecord(dict(study)),
     )
-    if len(result.arrays):  # empty when no round could aggregate: keep the initial model
+    if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
         model.load_state_dict(result.arrays.to_torch_state_dict())
     return finish_run(plan, history, {"model": model}, started)
 
