@@ -384,7 +384,10 @@ class SiteRecorder(StrategyWrapper):
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         for msg in replies:
             if msg.has_error():
-                self.history.record_failure(server_round, phase, msg.error.reason or "failed")
+                reason = msg.error.reason or "failed"
+                if not reason.startswith("site '"):  # the runtime's error, not the site's own
+                    reason = f"site '{self._name(msg.metadata.src_node_id)}': {reason}"
+                self.history.record_failure(server_round, phase, reason)
             else:
                 site = _site_name(msg)
                 self._names[msg.metadata.src_node_id] = site
@@ -392,11 +395,14 @@ class SiteRecorder(StrategyWrapper):
         answered = {msg.metadata.src_node_id for msg in replies}
         for node in self._asked.pop(phase, []):
             if node not in answered:
-                site = self._names.get(node, f"node-{node}")
+                site = self._name(node)
                 log.warning("round %d: no %s reply from %s", server_round, phase, site)
                 self.history.record_failure(
                     server_round, phase, f"site '{site}': no reply (timed out or disconnected)"
                 )
+
+    def _name(self, node: int) -> str:
+        return self._names.get(node, f"node-{node}")
 
 
 class UpdateValidator(StrategyWrapper):
