@@ -361,6 +361,8 @@ def _print_summary(payload: dict) -> None:
         *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
     )
     Console(file=sys.stdout, width=120).print(table)
+    if final.get("personalized"):
+        _print_personalized(final["personalized"], order, payload["config"]["personalize"])
     if final.get("central_epsilon") is not None:
         privacy = payload["config"]["privacy"]
         print(
@@ -377,6 +379,26 @@ def _print_summary(payload: dict) -> None:
             print(f"failed or refused in round(s) {','.join(map(str, rounds))} — {reason}")
     if final.get("missing_sites"):
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
+
+
+def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:
+    """Per-site test metrics of the final global model before -> after local fine-tuning."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ("accuracy", "roc_auc", "f1", "loss")
+    table = Table(
+        title=f"personalized: {settings['local_epochs']:g} local epoch(s) per site (before → after)"
+    )
+    table.add_column("site")
+    for c in cols:
+        table.add_column(c, justify="right")
+    rows = [(s, personalized["sites"][s]) for s in order if s in personalized["sites"]]
+    for label, m in [*rows, ("[bold]average[/bold]", personalized["average"])]:
+        table.add_row(
+            label, *[f"{_fmt(m['before'].get(c))} → {_fmt(m['after'].get(c))}" for c in cols]
+        )
+    Console(file=sys.stdout, width=120).print(table)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:

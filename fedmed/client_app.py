@@ -21,6 +21,7 @@ from fedmed.config import RunConfig, SiteSpec
 from fedmed.data import SiteData, load_site_data
 from fedmed.errors import DataError, FedmedError, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.personalize import flatten, personalize
 from fedmed.privacy import planned_round, train_private
 from fedmed.tasks import build_model, get_task
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
@@ -194,5 +195,20 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     metrics["num-examples"] = len(data.y_test)
     content = RecordDict(
         {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate("personalize")
+@_fail_closed
+def personalize_final(msg: Message, context: Context) -> Message:
+    """Fine-tune the final global model on this site's train split; report test metrics only."""
+    run_json = str(msg.content["config"][RUN_KEY])
+    run = _parse_run(run_json)
+    site = _site_of(run, context)
+    data = _site_data(run_json, site.name)
+    result = personalize(_model(run, msg), data, run, site.name, resolve_device(run.device))
+    content = RecordDict(
+        {"metrics": MetricRecord(flatten(result)), SITE_KEY: ConfigRecord({"name": site.name})}
     )
     return Message(content, reply_to=msg)

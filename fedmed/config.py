@@ -105,6 +105,19 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class PersonalizeConfig:
+    """Optional fine-tuning of the final global model at each site, on its own train split.
+
+    The fine-tuned model stays at the site; only its before/after test metrics are reported.
+    Refused under DP (local or central): those steps would fall outside the study's privacy
+    calibration, so the ε reported for the study would no longer be true.
+    """
+
+    local_epochs: float = 0.0  # 0 = no personalization
+    lr: float = 0.0  # 0 = train.lr
+
+
+@dataclass(frozen=True)
 class SchemaConfig:
     """What a site's table looks like and how it becomes tensors.
 
@@ -171,6 +184,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sites: tuple[SiteSpec, ...] = ()
 
@@ -220,6 +234,16 @@ def _check_run(cfg: RunConfig) -> None:
         _positive("privacy.max_grad_norm", cfg.privacy.max_grad_norm)
         if not 0 < cfg.privacy.delta < 1:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
+    if cfg.personalize.local_epochs < 0 or cfg.personalize.lr < 0:
+        raise ConfigError(
+            "personalize.local_epochs and personalize.lr must be >= 0 (0 = off/default)"
+        )
+    if cfg.personalize.local_epochs and (cfg.privacy.enabled or cfg.privacy.central != "off"):
+        raise ConfigError(
+            "personalize.local_epochs under differential privacy would train outside the study's "
+            "privacy calibration (the reported ε would be wrong); set personalize.local_epochs = 0 "
+            'or turn privacy off (privacy.enabled = false, privacy.central = "off")'
+        )
     schema = cfg.data.schema
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(

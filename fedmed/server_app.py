@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedmed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmed.client_app import RUN_KEY, STUDY_KEY
+from fedmed.personalize import unflatten
 from fedmed.report import RunHistory
 from fedmed.strategies import (
     KeepDtypes,
@@ -29,6 +30,7 @@ from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
 log = logging.getLogger("fedmed.coordinator")
+PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
 
 
 def initial_model(plan: RunPlan) -> torch.nn.Module:
@@ -88,7 +90,31 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     )
     if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
         model.load_state_dict(result.arrays.to_torch_state_dict())
+    if cfg.personalize.local_epochs:
+        personalize_sites(grid, plan, ArrayRecord(model.state_dict()), history)
     return finish_run(plan, history, {"model": model}, started)
+
+
+def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: RunHistory) -> None:
+    """Ask every site to fine-tune the final model locally; record its before/after metrics."""
+    cfg = plan.config
+    config = ConfigRecord({RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name})
+    messages = [
+        grid.create_message(
+            RecordDict({"arrays": arrays, "config": config}),
+            PERSONALIZE,
+            node,
+            "personalize",
+        )
+        for node in grid.get_node_ids()
+    ]
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+        if reply.has_error():
+            history.record_failure(cfg.rounds, "personalize", reply.error.reason or "failed")
+            continue
+        site = str(reply.content["site"]["name"])
+        metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+        history.personalized[site] = unflatten(metrics)
 
 
 def build_server_app(
