@@ -59,6 +59,21 @@ def _site_of(run: RunConfig, context: Context) -> SiteSpec:
     return run.sites[index]
 
 
+def _inputs(msg: Message, context: Context) -> tuple[str, RunConfig, SiteSpec, SiteData]:
+    """The study plan (as sent and parsed), this node's site and its data."""
+    run_json = str(msg.content["config"][RUN_KEY])
+    run = _parse_run(run_json)
+    site = _site_of(run, context)
+    return run_json, run, site, _site_data(run_json, site.name)
+
+
+def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)
+
+
 def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
     model = build_model(run)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -118,10 +133,7 @@ def central_clipping_mod(msg: Message, context: Context, call_next: Callable) ->
 @app.train(mods=[central_clipping_mod])
 @_fail_closed
 def train(msg: Message, context: Context) -> Message:
-    run_json = str(msg.content["config"][RUN_KEY])
-    run = _parse_run(run_json)
-    site = _site_of(run, context)
-    data = _site_data(run_json, site.name)
+    run_json, run, site, data = _inputs(msg, context)
     model = _model(run, msg)
     server_round = int(msg.content["config"]["server-round"])
     # FedProx: Flower's strategy sends its mu with every train message.
@@ -184,31 +196,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @_fail_closed
 def evaluate_global(msg: Message, context: Context) -> Message:
-    run_json = str(msg.content["config"][RUN_KEY])
-    run = _parse_run(run_json)
-    site = _site_of(run, context)
-    data = _site_data(run_json, site.name)
+    _, run, site, data = _inputs(msg, context)
     model = _model(run, msg)
     metrics = evaluate(
         model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
     )
     metrics["num-examples"] = len(data.y_test)
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
-    )
-    return Message(content, reply_to=msg)
+    return _metrics_reply(msg, site, metrics)
 
 
 @app.evaluate("personalize")
 @_fail_closed
 def personalize_final(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model on this site's train split; report test metrics only."""
-    run_json = str(msg.content["config"][RUN_KEY])
-    run = _parse_run(run_json)
-    site = _site_of(run, context)
-    data = _site_data(run_json, site.name)
+    _, run, site, data = _inputs(msg, context)
     result = personalize(_model(run, msg), data, run, site.name, resolve_device(run.device))
-    content = RecordDict(
-        {"metrics": MetricRecord(flatten(result)), SITE_KEY: ConfigRecord({"name": site.name})}
-    )
-    return Message(content, reply_to=msg)
+    return _metrics_reply(msg, site, flatten(result))
