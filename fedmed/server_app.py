@@ -108,13 +108,22 @@ def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: R
         )
         for node in grid.get_node_ids()
     ]
+    failed = 0
     for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
         if reply.has_error():
             history.record_failure(cfg.rounds, "personalize", reply.error.reason or "failed")
+            failed += 1
             continue
         site = str(reply.content["site"]["name"])
         metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
         history.personalized[site] = unflatten(metrics)
+    if len(history.personalized) + failed < len(cfg.sites):  # some never answered: name them
+        named = {
+            f["site"] for f in history.failures.get(cfg.rounds, []) if f["phase"] == "personalize"
+        }
+        for site in sorted(set(cfg.site_names) - set(history.personalized) - named):
+            reason = f"site '{site}': no personalization reply (timed out or disconnected)"
+            history.record_failure(cfg.rounds, "personalize", reason)
 
 
 def build_server_app(

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 from fedmed.cli import main
+from fedmed.client_app import evaluate_global, personalize_final, train
 from fedmed.config import (
     PersonalizeConfig,
     PrivacyConfig,
     RunConfig,
+    StrategyConfig,
     load_run_config,
     resolve_config_path,
 )
@@ -52,3 +58,30 @@ def test_cli_summary_shows_the_personalized_table(tmp_path, capsys) -> None:
 
     out = capsys.readouterr().out
     assert "personalized: 1 local epoch(s) per site" in out and "→" in out
+
+
+def test_a_site_that_hangs_in_personalization_is_named(csv_study: RunConfig) -> None:
+    released = threading.Event()
+    app = ClientApp()
+    app.train()(train)
+    app.evaluate()(evaluate_global)
+
+    @app.evaluate("personalize")
+    def hang_gamma(msg: Message, context: Context) -> Message:
+        if int(context.node_config["partition-id"]) == 2:
+            released.wait(timeout=30)
+        return personalize_final(msg, context)
+
+    cfg = csv_study.replace(
+        rounds=1,
+        personalize=PersonalizeConfig(local_epochs=1),
+        strategy=StrategyConfig(round_timeout=1.0),
+    )
+    try:
+        out = _run(cfg, app)
+    finally:
+        released.set()
+
+    assert set(out["final"]["personalized"]["sites"]) == {"alpha", "beta"}
+    (failure,) = out["history"][-1]["failures"]
+    assert failure["site"] == "gamma" and failure["phase"] == "personalize"
