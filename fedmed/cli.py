@@ -237,6 +237,11 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> Path:
 
     if cfg.mode != "federated":
         raise FedmedError("--resume continues federated runs; pooled/local runs simply rerun")
+    if cfg.strategy.secure_aggregation:
+        raise FedmedError(
+            "--resume is not available with strategy.secure_aggregation yet (the legacy SecAgg+ "
+            "path writes no checkpoint); start a new run"
+        )
     if (run_dir / "metrics.json").is_file():
         raise FedmedError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
     checkpoint = load_checkpoint(run_dir, cfg)  # refuses a different config, naming the change
@@ -271,8 +276,12 @@ def _dispatch(plan, args: argparse.Namespace, progress) -> dict:
         from fedmed.baselines import run_local
 
         return run_local(plan, on_round)
-    from fedmed.client_app import app as client_app
     from fedmed.server_app import build_server_app
+
+    if cfg.strategy.secure_aggregation:
+        from fedmed.secagg import client_app
+    else:
+        from fedmed.client_app import app as client_app
 
     server_app = build_server_app(plan, on_round)
     if args.engine == "ray":

@@ -11,7 +11,8 @@ import contextlib
 import functools
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -59,12 +60,15 @@ def _site_of(run: RunConfig, context: Context) -> SiteSpec:
     return run.sites[index]
 
 
-def _inputs(msg: Message, context: Context) -> tuple[str, RunConfig, SiteSpec, SiteData]:
-    """The study plan (as sent and parsed), this node's site and its data."""
-    run_json = str(msg.content["config"][RUN_KEY])
+def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    """The study plan, this node's site and its data."""
     run = _parse_run(run_json)
     site = _site_of(run, context)
-    return run_json, run, site, _site_data(run_json, site.name)
+    return run, site, _site_data(run_json, site.name)
+
+
+def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    return _site_inputs(str(msg.content["config"][RUN_KEY]), context)
 
 
 def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> Message:
@@ -80,14 +84,13 @@ def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
     return model
 
 
-def _release(msg: Message, seed: int, run_json: str) -> str:
+def _release(state: dict[str, torch.Tensor], seed: int, run_json: str) -> str:
     """What this round computes: the global model it starts from, its seed and the plan.
 
     The ledger charges a release once (a resumed coordinator may ask for a round again).
     """
-    arrays = msg.content["arrays"]
     digest = hashlib.sha256(f"{seed}/{run_json}".encode())
-    digest.update(fingerprint(*(arrays[k].numpy() for k in sorted(arrays.keys()))).encode())
+    digest.update(fingerprint(*(state[k].detach().cpu().numpy() for k in sorted(state))).encode())
     return digest.hexdigest()
 
 
@@ -130,14 +133,21 @@ def central_clipping_mod(msg: Message, context: Context, call_next: Callable) ->
 # -- handlers ------------------------------------------------------------------------------------
 
 
-@app.train(mods=[central_clipping_mod])
-@_fail_closed
-def train(msg: Message, context: Context) -> Message:
-    run_json, run, site, data = _inputs(msg, context)
-    model = _model(run, msg)
-    server_round = int(msg.content["config"]["server-round"])
+def local_round(
+    run_json: str, context: Context, state: dict[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[SiteSpec, torch.nn.Module, dict[str, float]]:
+    """One round of local training at this site, whatever carried the message.
+
+    ``state`` is the global model, ``config`` the coordinator's train config (server-round,
+    FedProx's proximal-mu, the study id). Returns the site, its trained model and the metrics
+    to report. Under DP the site's ledger guards and records the round first.
+    """
+    run, site, data = _site_inputs(run_json, context)
+    model = build_model(run)
+    model.load_state_dict(state)
+    server_round = int(config["server-round"])
     # FedProx: Flower's strategy sends its mu with every train message.
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    proximal_mu = float(config.get("proximal-mu", 0.0))
     seed = derive_seed(run.seed, server_round, site.name)
     device = resolve_device(run.device)
     task = get_task(run.task)
@@ -146,8 +156,8 @@ def train(msg: Message, context: Context) -> Message:
         # Budget guard first: the site's own cap, against everything ever spent on this data.
         ledger = PrivacyLedger(site.name)
         dataset = fingerprint(data.x_train, data.y_train)
-        study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
-        release = _release(msg, seed, run_json)
+        study = str(config.get(STUDY_KEY, "unnamed"))
+        release = _release(state, seed, run_json)
         if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
             ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
         result, entries = train_private(
@@ -174,34 +184,52 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
             proximal_mu=proximal_mu,
         )
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train_loss": result.loss,
-            "steps": result.steps,
-            "epsilon": epsilon,
-            "epsilon_total": epsilon_total,
-        }
+    metrics = {
+        "num-examples": result.num_examples,
+        "train_loss": result.loss,
+        "steps": result.steps,
+        "epsilon": epsilon,
+        "epsilon_total": epsilon_total,
+    }
+    return site, model.cpu(), metrics
+
+
+@app.train(mods=[central_clipping_mod])
+@_fail_closed
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site, model, metrics = local_round(
+        str(config[RUN_KEY]), context, msg.content["arrays"].to_torch_state_dict(), config
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.cpu().state_dict()),
-            "metrics": metrics,
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(metrics),
             SITE_KEY: ConfigRecord({"name": site.name}),
         }
     )
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-@_fail_closed
-def evaluate_global(msg: Message, context: Context) -> Message:
-    _, run, site, data = _inputs(msg, context)
-    model = _model(run, msg)
+def local_evaluate(
+    run_json: str, context: Context, state: dict[str, torch.Tensor]
+) -> tuple[SiteSpec, dict[str, float]]:
+    """Metrics of the global model ``state`` on this site's own test split."""
+    run, site, data = _site_inputs(run_json, context)
+    model = build_model(run)
+    model.load_state_dict(state)
     metrics = evaluate(
         model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
     )
     metrics["num-examples"] = len(data.y_test)
+    return site, metrics
+
+
+@app.evaluate()
+@_fail_closed
+def evaluate_global(msg: Message, context: Context) -> Message:
+    run_json = str(msg.content["config"][RUN_KEY])
+    site, metrics = local_evaluate(run_json, context, msg.content["arrays"].to_torch_state_dict())
     return _metrics_reply(msg, site, metrics)
 
 
@@ -209,6 +237,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 @_fail_closed
 def personalize_final(msg: Message, context: Context) -> Message:
     """Fine-tune the final global model on this site's train split; report test metrics only."""
-    _, run, site, data = _inputs(msg, context)
+    run, site, data = _inputs(msg, context)
     result = personalize(_model(run, msg), data, run, site.name, resolve_device(run.device))
     return _metrics_reply(msg, site, flatten(result))

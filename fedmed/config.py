@@ -82,6 +82,8 @@ class StrategyConfig:
     # Seconds the coordinator waits for a phase's replies; a site that has not answered by then
     # is recorded as failed for that round (and asked again the next round).
     round_timeout: float = 3600.0
+    # SecAgg+ (fedmed.secagg): the coordinator sees only the sum of the updates; FedAvg only.
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,8 @@ def _check_run(cfg: RunConfig) -> None:
             "privacy calibration (the reported ε would be wrong); set personalize.local_epochs = 0 "
             'or turn privacy off (privacy.enabled = false, privacy.central = "off")'
         )
+    if cfg.strategy.secure_aggregation:
+        _check_secure(cfg)
     schema = cfg.data.schema
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(
@@ -277,6 +281,24 @@ def _check_run(cfg: RunConfig) -> None:
     for col in schema.categorical:
         if not schema.categorical[col]:
             raise ConfigError(f"data.schema.categorical.{col} lists no categories")
+
+
+def _check_secure(cfg: RunConfig) -> None:
+    """What SecAgg+ composes with (see fedmed.secagg for why); each refusal names the fix."""
+    s = cfg.strategy
+    conflicts = [
+        (
+            s.name != "fedavg",
+            f"strategy.name = \"fedavg\" (not '{s.name}': the coordinator only "
+            "sees the sum of the updates)",
+        ),
+        (s.validate_updates, "strategy.validate_updates = false (individual updates are masked)"),
+        (cfg.privacy.central != "off", 'privacy.central = "off"'),
+        (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
+    ]
+    for conflict, fix in conflicts:
+        if conflict:
+            raise ConfigError(f"strategy.secure_aggregation = true needs {fix}")
 
 
 def _positive(key: str, value: float) -> None:

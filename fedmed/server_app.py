@@ -134,7 +134,13 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federated(grid, plan or RunPlan.from_run_config(dict(context.run_config)), on_round)
+        the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
+        if the_plan.config.strategy.secure_aggregation:  # Flower's legacy API: its own path
+            from fedmed.secagg import run_secure
+
+            run_secure(grid, the_plan, context, on_round)
+        else:
+            run_federated(grid, the_plan, on_round)
 
     return app
 

@@ -7,6 +7,7 @@ keeps its own Context (node_config + state) across rounds, exactly like a SuperN
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -121,7 +122,10 @@ class InProcessGrid(Grid):
             )
         TaskIdentity.node_id = context.node_id
         try:
-            return self.client_app(msg, context)
+            # Each site gets its own copy, as over a network: a ClientApp (or a mod such as
+            # Flower's secaggplus_mod) may mutate the content, and coordinators may send one
+            # RecordDict object to every node.
+            return self.client_app(copy.deepcopy(msg), context)
         except Exception as exc:
             return Message(
                 Error(code=500, reason=f"ClientApp raised {type(exc).__name__}"), reply_to=msg
