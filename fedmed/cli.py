@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the live dashboard on 127.0.0.1:PORT while the study runs",
     )
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    sim.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a killed federated run from its last completed round (same config)",
+    )
 
     chk = sub.add_parser(
         "check-data",
@@ -214,9 +221,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
     plan = RunPlan(
         cfg,
-        new_run_dir(cfg),
+        _resumable(args.resume, cfg) if args.resume else new_run_dir(cfg),
         engine=args.engine if cfg.mode == "federated" else "-",
         serving=serving_preprocessing(cfg, tables),
+        resume=args.resume is not None,
     )
     progress = None if args.quiet else _Progress(cfg)
     live = None
@@ -239,6 +247,24 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _print_summary(payload)
     print(plan.run_dir)
     return 0
+
+
+def _resumable(run_dir: Path, cfg: RunConfig) -> Path:
+    """``run_dir`` if it can be resumed with ``cfg``; checked here, before anything starts."""
+    from fedmed.checkpoint import load_checkpoint
+
+    if cfg.mode != "federated":
+        raise FedmedError("--resume continues federated runs; pooled/local runs simply rerun")
+    if cfg.strategy.secure_aggregation:
+        raise FedmedError(
+            "--resume is not available with strategy.secure_aggregation yet (the legacy SecAgg+ "
+            "path writes no checkpoint); start a new run"
+        )
+    if (run_dir / "metrics.json").is_file():
+        raise FedmedError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
+    checkpoint = load_checkpoint(run_dir, cfg)  # refuses a different config, naming the change
+    print(f"resuming {run_dir} after round {checkpoint.round} of {cfg.rounds}", file=sys.stderr)
+    return run_dir
 
 
 def _mark_failed(run_dir: Path, exc: BaseException) -> None:
@@ -268,8 +294,12 @@ def _dispatch(plan, args: argparse.Namespace, progress) -> dict:
         from fedmed.baselines import run_local
 
         return run_local(plan, on_round)
-    from fedmed.client_app import app as client_app
     from fedmed.server_app import build_server_app
+
+    if cfg.strategy.secure_aggregation:
+        from fedmed.secagg import client_app
+    else:
+        from fedmed.client_app import app as client_app
 
     server_app = build_server_app(plan, on_round)
     if args.engine == "ray":
@@ -356,6 +386,8 @@ def _print_summary(payload: dict) -> None:
         *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
     )
     Console(file=sys.stdout, width=120).print(table)
+    if final.get("personalized"):
+        _print_personalized(final["personalized"], order, payload["config"]["personalize"])
     if final.get("central_epsilon") is not None:
         privacy = payload["config"]["privacy"]
         print(
@@ -372,6 +404,26 @@ def _print_summary(payload: dict) -> None:
             print(f"failed or refused in round(s) {','.join(map(str, rounds))} — {reason}")
     if final.get("missing_sites"):
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
+
+
+def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:
+    """Per-site test metrics of the final global model before -> after local fine-tuning."""
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ("accuracy", "roc_auc", "f1", "loss")
+    table = Table(
+        title=f"personalized: {settings['local_epochs']:g} local epoch(s) per site (before → after)"
+    )
+    table.add_column("site")
+    for c in cols:
+        table.add_column(c, justify="right")
+    rows = [(s, personalized["sites"][s]) for s in order if s in personalized["sites"]]
+    for label, m in [*rows, ("[bold]average[/bold]", personalized["average"])]:
+        table.add_row(
+            label, *[f"{_fmt(m['before'].get(c))} → {_fmt(m['after'].get(c))}" for c in cols]
+        )
+    Console(file=sys.stdout, width=120).print(table)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -24,6 +26,7 @@ from fedmed.config import RunConfig, SiteSpec
 from fedmed.data import SiteData, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.personalize import flatten, personalize
 from fedmed.privacy import planned_round, train_private
 from fedmed.security.policy import (
     RUN_KEY,
@@ -83,14 +86,38 @@ def _site_of(run: RunConfig, context: Context) -> SiteSpec:
     return run.sites[index]
 
 
-def run_json(msg: Message) -> str:
-    return str(msg.content["config"][RUN_KEY])
+def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    """The study plan, this node's site and its data."""
+    run = _parse_run(run_json)
+    site = _site_of(run, context)
+    return run, site, _load_data(run_json, site, context)
+
+
+def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    return _site_inputs(str(msg.content["config"][RUN_KEY]), context)
+
+
+def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)
 
 
 def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
     model = build_model(run)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
+
+
+def _release(state: dict[str, torch.Tensor], seed: int, run_json: str) -> str:
+    """What this round computes: the global model it starts from, its seed and the plan.
+
+    The ledger charges a release once (a resumed coordinator may ask for a round again).
+    """
+    digest = hashlib.sha256(f"{seed}/{run_json}".encode())
+    digest.update(fingerprint(*(state[k].detach().cpu().numpy() for k in sorted(state))).encode())
+    return digest.hexdigest()
 
 
 def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
@@ -104,7 +131,8 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             site = "?"
             with contextlib.suppress(Exception):
                 own = site_config(context)
-                site = own.name if own else _site_of(_parse_run(run_json(msg)), context).name
+                plan = str(msg.content["config"][RUN_KEY])
+                site = own.name if own else _site_of(_parse_run(plan), context).name
             log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
                 reason = "privacy budget exhausted"
@@ -135,17 +163,21 @@ def central_clipping_mod(msg: Message, context: Context, call_next: Callable) ->
 # -- handlers ------------------------------------------------------------------------------------
 
 
-@app.train(mods=[central_clipping_mod])
-@_fail_closed
-def train(msg: Message, context: Context) -> Message:
-    plan = run_json(msg)
-    run = _parse_run(plan)
-    site = _site_of(run, context)
-    data = _load_data(plan, site, context)
-    model = _model(run, msg)
-    server_round = int(msg.content["config"]["server-round"])
+def local_round(
+    run_json: str, context: Context, state: dict[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[SiteSpec, torch.nn.Module, dict[str, float]]:
+    """One round of local training at this site, whatever carried the message.
+
+    ``state`` is the global model, ``config`` the coordinator's train config (server-round,
+    FedProx's proximal-mu, the study id). Returns the site, its trained model and the metrics
+    to report. Under DP the site's ledger guards and records the round first.
+    """
+    run, site, data = _site_inputs(run_json, context)
+    model = build_model(run)
+    model.load_state_dict(state)
+    server_round = int(config["server-round"])
     # FedProx: Flower's strategy sends its mu with every train message.
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    proximal_mu = float(config.get("proximal-mu", 0.0))
     seed = derive_seed(run.seed, server_round, site.name)
     device = resolve_device(run.device)
     task = get_task(run.task)
@@ -155,8 +187,10 @@ def train(msg: Message, context: Context) -> Message:
         own = site_config(context)
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
         dataset = fingerprint(data.x_train, data.y_train)
-        study = str(msg.content["config"].get(STUDY_KEY, "unnamed"))
-        ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
+        study = str(config.get(STUDY_KEY, "unnamed"))
+        release = _release(state, seed, run_json)
+        if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
+            ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
         result, entries = train_private(
             model,
             data.x_train,
@@ -167,7 +201,7 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
             proximal_mu=proximal_mu,
         )
-        ledger.record(dataset, study, server_round, entries)
+        ledger.record(dataset, study, server_round, entries, release=release)
         epsilon = ledger.spent(dataset, run.privacy, study=study)
         epsilon_total = ledger.spent(dataset, run.privacy)
     else:
@@ -181,41 +215,62 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
             proximal_mu=proximal_mu,
         )
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train_loss": result.loss,
-            "steps": result.steps,
-            "epsilon": epsilon,
-            "epsilon_total": epsilon_total,
-        }
+    metrics = {
+        "num-examples": result.num_examples,
+        "train_loss": result.loss,
+        "steps": result.steps,
+        "epsilon": epsilon,
+        "epsilon_total": epsilon_total,
+    }
+    return site, model.cpu(), metrics
+
+
+@app.train(mods=[central_clipping_mod])
+@_fail_closed
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site, model, metrics = local_round(
+        str(config[RUN_KEY]), context, msg.content["arrays"].to_torch_state_dict(), config
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.cpu().state_dict()),
-            "metrics": metrics,
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(metrics),
             SITE_KEY: ConfigRecord({"name": site.name}),
         }
     )
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-@_fail_closed
-def evaluate_global(msg: Message, context: Context) -> Message:
-    plan = run_json(msg)
-    run = _parse_run(plan)
-    site = _site_of(run, context)
-    data = _load_data(plan, site, context)
-    model = _model(run, msg)
+def local_evaluate(
+    run_json: str, context: Context, state: dict[str, torch.Tensor]
+) -> tuple[SiteSpec, dict[str, float]]:
+    """Metrics of the global model ``state`` on this site's own test split."""
+    run, site, data = _site_inputs(run_json, context)
+    model = build_model(run)
+    model.load_state_dict(state)
     metrics = evaluate(
         model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
     )
     metrics["num-examples"] = len(data.y_test)
-    content = RecordDict(
-        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
-    )
-    return Message(content, reply_to=msg)
+    return site, metrics
+
+
+@app.evaluate()
+@_fail_closed
+def evaluate_global(msg: Message, context: Context) -> Message:
+    run_json = str(msg.content["config"][RUN_KEY])
+    site, metrics = local_evaluate(run_json, context, msg.content["arrays"].to_torch_state_dict())
+    return _metrics_reply(msg, site, metrics)
+
+
+@app.evaluate("personalize")
+@_fail_closed
+def personalize_final(msg: Message, context: Context) -> Message:
+    """Fine-tune the final global model on this site's train split; report test metrics only."""
+    run, site, data = _inputs(msg, context)
+    result = personalize(_model(run, msg), data, run, site.name, resolve_device(run.device))
+    return _metrics_reply(msg, site, flatten(result))
 
 
 STATISTICS_KEY = "statistics"  # reply ConfigRecord entry: the site's fitted statistics as JSON
@@ -228,10 +283,7 @@ def feature_statistics(msg: Message, context: Context) -> Message:
     own = site_config(context)
     if own is not None and not own.share_statistics:
         raise PolicyViolation("the site does not share feature statistics (share_statistics)")
-    plan = run_json(msg)
-    run = _parse_run(plan)
-    site = _site_of(run, context)
-    data = _load_data(plan, site, context)
+    _, site, data = _inputs(msg, context)
     stats = json.dumps({**data.preprocessing, "n": data.n_train})
     content = RecordDict({SITE_KEY: ConfigRecord({"name": site.name, STATISTICS_KEY: stats})})
     return Message(content, reply_to=msg)

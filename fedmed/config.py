@@ -83,6 +83,11 @@ class StrategyConfig:
     # Update validation before aggregation (keys, shapes, dtypes, NaN/Inf, outlying norm).
     validate_updates: bool = True
     max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this x the round median
+    # Seconds the coordinator waits for a phase's replies; a site that has not answered by then
+    # is recorded as failed for that round (and asked again the next round).
+    round_timeout: float = 3600.0
+    # SecAgg+ (fedmed.secagg): the coordinator sees only the sum of the updates; FedAvg only.
+    secure_aggregation: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,19 @@ class PrivacyConfig:
     central: str = field(default="off", metadata=_choices("off", "client-side", "server-side"))
     central_noise_multiplier: float = 1.0
     central_clipping_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """Optional fine-tuning of the final global model at each site, on its own train split.
+
+    The fine-tuned model stays at the site; only its before/after test metrics are reported.
+    Refused under DP (local or central): those steps would fall outside the study's privacy
+    calibration, so the ε reported for the study would no longer be true.
+    """
+
+    local_epochs: float = 0.0  # 0 = no personalization
+    lr: float = 0.0  # 0 = train.lr
 
 
 @dataclass(frozen=True)
@@ -189,6 +207,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sites: tuple[SiteSpec, ...] = ()
 
@@ -284,6 +303,7 @@ def _check_run(cfg: RunConfig) -> None:
     _positive("rounds", cfg.rounds)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.lr", cfg.train.lr)
+    _positive("strategy.round_timeout", cfg.strategy.round_timeout)
     if cfg.train.local_epochs is not None:
         _positive("train.local_epochs", cfg.train.local_epochs)
     if cfg.train.local_steps is not None:
@@ -298,6 +318,18 @@ def _check_run(cfg: RunConfig) -> None:
         _positive("privacy.max_grad_norm", cfg.privacy.max_grad_norm)
         if not 0 < cfg.privacy.delta < 1:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
+    if cfg.personalize.local_epochs < 0 or cfg.personalize.lr < 0:
+        raise ConfigError(
+            "personalize.local_epochs and personalize.lr must be >= 0 (0 = off/default)"
+        )
+    if cfg.personalize.local_epochs and (cfg.privacy.enabled or cfg.privacy.central != "off"):
+        raise ConfigError(
+            "personalize.local_epochs under differential privacy would train outside the study's "
+            "privacy calibration (the reported ε would be wrong); set personalize.local_epochs = 0 "
+            'or turn privacy off (privacy.enabled = false, privacy.central = "off")'
+        )
+    if cfg.strategy.secure_aggregation:
+        _check_secure(cfg)
     schema = cfg.data.schema
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(
@@ -359,6 +391,24 @@ def _check_site_column(cfg: RunConfig) -> None:
                     f"'{owner[value]}' and '{site.name}'; give each value to one site"
                 )
             owner[value] = site.name
+
+
+def _check_secure(cfg: RunConfig) -> None:
+    """What SecAgg+ composes with (see fedmed.secagg for why); each refusal names the fix."""
+    s = cfg.strategy
+    conflicts = [
+        (
+            s.name != "fedavg",
+            f"strategy.name = \"fedavg\" (not '{s.name}': the coordinator only "
+            "sees the sum of the updates)",
+        ),
+        (s.validate_updates, "strategy.validate_updates = false (individual updates are masked)"),
+        (cfg.privacy.central != "off", 'privacy.central = "off"'),
+        (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
+    ]
+    for conflict, fix in conflicts:
+        if conflict:
+            raise ConfigError(f"strategy.secure_aggregation = true needs {fix}")
 
 
 def _positive(key: str, value: float) -> None:

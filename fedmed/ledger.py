@@ -6,7 +6,14 @@ BEFORE a round trains; the coordinator never sees or sets it.
 
 Format (JSON, one file per site, written atomically under an exclusive lock):
 {"format": "fedmed-ledger/1", "site": "...", "datasets": {"<sha256>": [
-    {"study": "...", "round": 3, "noise": 1.2, "rate": 0.05, "steps": 40, "time": "..."}]}}
+    {"study": "...", "round": 3, "noise": 1.2, "rate": 0.05, "steps": 40, "time": "...",
+     "release": "<sha256>"}]}}
+
+``release`` identifies what a round computed: a hash of the global model it started from, its
+seed and the study plan. A coordinator that resumes after a crash may ask for a round the site
+already trained; with the same release the site's DP-SGD is deterministic and reproduces the very
+same update, so publishing it again reveals nothing new and is not charged twice. Any change (a
+different model, seed or plan) is a new release and is charged.
 """
 
 from __future__ import annotations
@@ -85,9 +92,23 @@ class PrivacyLedger:
                 "data steward agrees"
             )
 
-    def record(self, dataset: str, study: str, rnd: int, new: list[Entry]) -> None:
-        """Append this round's steps (under lock, atomically)."""
+    def has_release(self, dataset: str, study: str, rnd: int, release: str) -> bool:
+        """Whether this exact round (same study, round and release) is already recorded."""
+        return any(
+            r["study"] == study and r["round"] == rnd and r.get("release") == release
+            for r in self._read()["datasets"].get(dataset, [])
+        )
+
+    def record(
+        self, dataset: str, study: str, rnd: int, new: list[Entry], release: str = ""
+    ) -> bool:
+        """Append this round's steps (under lock, atomically); False if already recorded.
+
+        A replay of a recorded ``release`` (see the module docstring) adds nothing.
+        """
         with file_lock(self.path):
+            if release and self.has_release(dataset, study, rnd, release):
+                return False
             data = self._read()
             rows = data["datasets"].setdefault(dataset, [])
             now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -100,6 +121,8 @@ class PrivacyLedger:
                         "rate": float(rate),
                         "steps": int(steps),
                         "time": now,
+                        "release": release,
                     }
                 )
             atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
+            return True

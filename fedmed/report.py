@@ -36,6 +36,8 @@ class RunHistory:
     rounds: dict[int, dict[str, dict[str, dict[str, float]]]] = field(default_factory=dict)
     failures: dict[int, list[dict[str, str]]] = field(default_factory=dict)
     central_epsilon: dict[int, float] = field(default_factory=dict)  # coordinator-side DP
+    # site -> {"before": metrics, "after": metrics} of end-of-study fine-tuning (fedmed.personalize)
+    personalized: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def record(self, rnd: int, phase: str, site: str, metrics: dict[str, float]) -> None:
         self.rounds.setdefault(rnd, {}).setdefault(phase, {})[site] = dict(metrics)
@@ -45,6 +47,28 @@ class RunHistory:
         site = match.group(1) if match else "unknown"
         self.failures.setdefault(rnd, []).append({"site": site, "phase": phase, "reason": reason})
         self.rounds.setdefault(rnd, {})
+
+    # -- checkpointing (coordinator resume) ---------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """Everything recorded so far, JSON-ready (NaN kept: this is a checkpoint, not a report)."""
+        return {
+            "sites": list(self.sites),
+            "rounds": {str(r): phases for r, phases in self.rounds.items()},
+            "failures": {str(r): rows for r, rows in self.failures.items()},
+            "central_epsilon": {str(r): eps for r, eps in self.central_epsilon.items()},
+            "personalized": self.personalized,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RunHistory:
+        """The inverse of ``to_state``: a resumed run continues the very same history."""
+        return cls(
+            sites=tuple(state["sites"]),
+            rounds={int(r): phases for r, phases in state["rounds"].items()},
+            failures={int(r): rows for r, rows in state["failures"].items()},
+            central_epsilon={int(r): eps for r, eps in state["central_epsilon"].items()},
+            personalized=state.get("personalized", {}),
+        )
 
     # -- summaries -------------------------------------------------------------------------------
     def evaluated(self, rnd: int) -> dict[str, dict[str, float]]:
@@ -98,7 +122,17 @@ class RunHistory:
             "sites": sites,
             "missing_sites": sorted(set(self.sites) - set(self.evaluated(rnd))),
             "central_epsilon": self.central_epsilon.get(rnd),
+            **({"personalized": self._personalized()} if self.personalized else {}),
         }
+
+    def _personalized(self) -> dict[str, Any]:
+        """Per-site before/after metrics, and their unweighted means over sites."""
+        average = {}
+        for phase in ("before", "after"):
+            rows = [r[phase] for r in self.personalized.values()]
+            keys = sorted({k for m in rows for k in m if k != "num-examples"})
+            average[phase] = {k: _mean([m[k] for m in rows if k in m]) for k in keys}
+        return {"sites": self.personalized, "average": average}
 
     def to_dict(self) -> dict[str, Any]:
         history = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,13 +13,26 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from fedmed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmed.client_app import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY
+from fedmed.personalize import unflatten
 from fedmed.report import RunHistory
-from fedmed.strategies import SiteRecorder, UpdateValidator, build_strategy, central_epsilon
+from fedmed.strategies import (
+    KeepDtypes,
+    RoundOffset,
+    SiteRecorder,
+    UpdateValidator,
+    build_strategy,
+    central_epsilon,
+    restore_strategy_state,
+    strategy_state,
+)
 from fedmed.study import RunPlan, combine_site_statistics, finish_run, live_reporter
 from fedmed.tasks import build_model
 
 RoundCallback = Callable[[int, RunHistory], None]
+log = logging.getLogger("fedmed.coordinator")
+PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
 
 
 def initial_model(plan: RunPlan) -> torch.nn.Module:
@@ -28,20 +42,37 @@ def initial_model(plan: RunPlan) -> torch.nn.Module:
 
 
 def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
-    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json."""
+    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json.
+
+    After every round the coordinator checkpoints (model, strategy state, round, history) BEFORE
+    reporting it, so a run killed at any point resumes (``plan.resume``) from its last completed
+    round and runs only the rounds that remain.
+    """
     started = time.time()
     cfg = plan.config
-    history = RunHistory(sites=cfg.site_names)
     model = initial_model(plan)
+    base = build_strategy(cfg)
+    done, history = 0, RunHistory(sites=cfg.site_names)
+    if plan.resume:
+        checkpoint = load_checkpoint(plan.run_dir, cfg)
+        done, history = checkpoint.round, checkpoint.history
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
+        restore_strategy_state(base, checkpoint.strategy_state, list(model.state_dict()))
+        log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
 
     report = live_reporter(plan, on_round)
 
     def round_done(rnd: int) -> None:
         if cfg.privacy.central != "off":
             history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
+        arrays = recorder.global_arrays
+        assert arrays is not None  # set by configure_evaluate, which precedes this callback
+        state = {k: arrays[k].numpy() for k in arrays}
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, strategy_state(base)))
         report(rnd, history)
 
-    strategy: Strategy = SiteRecorder(build_strategy(cfg), history, on_round=round_done)
+    # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.
+    strategy: Strategy = KeepDtypes(base)
     if cfg.strategy.validate_updates:
         strategy = UpdateValidator(
             strategy,
@@ -53,19 +84,54 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         from fedmed.runtime.polling import PromptGrid
 
         grid = PromptGrid(grid)
+    recorder = SiteRecorder(strategy, history, on_round=round_done)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
-    result = strategy.start(
+    result = RoundOffset(recorder, done).start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.rounds,
+        num_rounds=cfg.rounds - done,
+        timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord(dict(study)),
         evaluate_config=ConfigRecord(dict(study)),
     )
-    if len(result.arrays):  # empty when no round could aggregate: keep the initial model
+    if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
         model.load_state_dict(result.arrays.to_torch_state_dict())
+    if cfg.personalize.local_epochs:
+        personalize_sites(grid, plan, ArrayRecord(model.state_dict()), history)
     if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
         plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
+
+
+def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: RunHistory) -> None:
+    """Ask every site to fine-tune the final model locally; record its before/after metrics."""
+    cfg = plan.config
+    config = ConfigRecord({RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name})
+    messages = [
+        grid.create_message(
+            RecordDict({"arrays": arrays, "config": config}),
+            PERSONALIZE,
+            node,
+            "personalize",
+        )
+        for node in grid.get_node_ids()
+    ]
+    failed = 0
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+        if reply.has_error():
+            history.record_failure(cfg.rounds, "personalize", reply.error.reason or "failed")
+            failed += 1
+            continue
+        site = str(reply.content["site"]["name"])
+        metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+        history.personalized[site] = unflatten(metrics)
+    if len(history.personalized) + failed < len(cfg.sites):  # some never answered: name them
+        named = {
+            f["site"] for f in history.failures.get(cfg.rounds, []) if f["phase"] == "personalize"
+        }
+        for site in sorted(set(cfg.site_names) - set(history.personalized) - named):
+            reason = f"site '{site}': no personalization reply (timed out or disconnected)"
+            history.record_failure(cfg.rounds, "personalize", reason)
 
 
 def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
@@ -94,7 +160,13 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federated(grid, plan or RunPlan.from_run_config(dict(context.run_config)), on_round)
+        the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
+        if the_plan.config.strategy.secure_aggregation:  # Flower's legacy API: its own path
+            from fedmed.secagg import run_secure
+
+            run_secure(grid, the_plan, context, on_round)
+        else:
+            run_federated(grid, the_plan, on_round)
 
     return app
 

@@ -72,28 +72,10 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _fedopt(cls: type) -> Callable[[RunConfig], Strategy]:
-    """Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad), keeping the model's dtypes.
-
-    Their server step adds float64 NumPy scalars to float32 arrays, which NumPy 2 promotes to
-    float64: from round 2 on, the update validator would then reject every float32 reply.
-    """
-
-    class KeepDtypes(cls):  # type: ignore[misc, valid-type]
-        def aggregate_train(
-            self, server_round: int, replies: Iterable[Message]
-        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            dtypes = {k: v.dtype for k, v in (self.current_arrays or {}).items()}
-            arrays, metrics = super().aggregate_train(server_round, replies)
-            if arrays is not None and dtypes:
-                arrays = ArrayRecord(
-                    {k: Array(arrays[k].numpy().astype(dtypes[k], copy=False)) for k in arrays}
-                )
-            return arrays, metrics
-
-    KeepDtypes.__name__ = KeepDtypes.__qualname__ = cls.__name__
+    """Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad); see KeepDtypes for their dtypes."""
 
     def build(cfg: RunConfig) -> Strategy:
-        return KeepDtypes(
+        return cls(
             **_common(cfg), eta=cfg.strategy.server_lr, eta_l=cfg.train.lr, tau=cfg.strategy.tau
         )
 
@@ -153,6 +135,59 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     )
 
 
+# Attributes in which Flower's strategies carry state from one round to the next: FedAdam/FedYogi
+# (m_t, v_t), FedAdagrad (v_t; m_t too) and FedAvgM (momentum_vector, a list in model-key order).
+# A resumed run must restore them, or the server optimizer restarts cold.
+STATE_DICTS = ("m_t", "v_t")
+STATE_LISTS = ("momentum_vector",)
+
+
+def _innermost(strategy: Strategy) -> Strategy:
+    """Unwrap fedmed's wrappers and Flower's DP wrappers down to the aggregating strategy."""
+    while True:
+        if isinstance(strategy, StrategyWrapper):
+            strategy = strategy.inner
+        elif isinstance(getattr(strategy, "strategy", None), Strategy):
+            strategy = strategy.strategy  # Flower's DifferentialPrivacy*FixedClipping
+        else:
+            return strategy
+
+
+def strategy_state(strategy: Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The strategy's cross-round state as named arrays (empty for stateless strategies)."""
+    inner = _innermost(strategy)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name in STATE_DICTS:
+        value = getattr(inner, name, None)
+        if value:
+            out[name] = {k: np.asarray(v) for k, v in value.items()}
+    for name in STATE_LISTS:
+        value = getattr(inner, name, None)
+        if value is not None:
+            out[name] = {str(i): np.asarray(v) for i, v in enumerate(value)}
+    return out
+
+
+def restore_strategy_state(
+    strategy: Strategy, state: dict[str, dict[str, np.ndarray]], keys: list[str]
+) -> None:
+    """Put ``state`` back into the strategy, in the model's key order ``keys``.
+
+    Order matters: Flower zips FedAvgM's momentum list with the model's arrays by position.
+    """
+    inner = _innermost(strategy)
+    for name, arrays in state.items():
+        if name in STATE_LISTS:
+            setattr(inner, name, [arrays[str(i)] for i in range(len(arrays))])
+        elif name in STATE_DICTS:
+            setattr(inner, name, {k: arrays[k] for k in keys if k in arrays})
+        else:
+            raise ConfigError(
+                f"checkpoint holds strategy state '{name}' that {type(inner).__name__} does not "
+                "have; resume with the run's own config"
+            )
+
+
 def central_epsilon(cfg: RunConfig, rounds: int) -> float:
     """Site-level ε of central DP after ``rounds`` rounds (every site sampled every round).
 
@@ -180,6 +215,23 @@ def _site_metrics(msg: Message) -> dict[str, float]:
     for record in msg.content.metric_records.values():
         out.update({k: float(v) for k, v in record.items() if isinstance(v, int | float)})
     return out
+
+
+def _in_site_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by site name (errors last, by node id).
+
+    Flower samples nodes in random order and a network answers in any order; floating-point sums
+    depend on order. Aggregating in a fixed order makes a seed reproduce the model bit for bit
+    (what lets a resumed run match an uninterrupted one exactly).
+    """
+    return sorted(
+        replies,
+        key=lambda m: (
+            m.has_error(),
+            "" if m.has_error() else _site_name(m),
+            m.metadata.src_node_id,
+        ),
+    )
 
 
 class StrategyWrapper(Strategy):
@@ -215,8 +267,75 @@ class StrategyWrapper(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
+class KeepDtypes(StrategyWrapper):
+    """Casts the aggregated model back to the dtypes of the model the round started from.
+
+    Flower's FedAdam/FedYogi/FedAdagrad return float64 arrays for a float32 model; sites train in
+    float32, so without this every update from round 2 on would differ in dtype from the global
+    model (and the update validator would rightly reject them all).
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        self._dtypes: dict[str, np.dtype] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._dtypes = {k: arrays[k].numpy().dtype for k in arrays}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is None or all(arrays[k].numpy().dtype == t for k, t in self._dtypes.items()):
+            return arrays, metrics
+        cast = {k: Array(arrays[k].numpy().astype(self._dtypes.get(k))) for k in arrays}
+        return ArrayRecord(cast), metrics
+
+
+class RoundOffset(StrategyWrapper):
+    """Shifts Flower's round numbers by ``offset`` (the rounds a resumed run already completed).
+
+    ``Strategy.start`` always counts from 1; everything below this wrapper (recording, the
+    ``server-round`` sent to sites and so their seeds, central-DP accounting) sees the true round.
+    """
+
+    def __init__(self, inner: Strategy, offset: int) -> None:
+        super().__init__(inner)
+        self.offset = offset
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_train(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.offset, replies)
+
+
 class SiteRecorder(StrategyWrapper):
-    """Wraps any strategy; records each site's train and evaluate replies and failures."""
+    """Wraps any strategy; records each site's train and evaluate replies and failures.
+
+    A site that never answered (crashed without a word, hung past ``strategy.round_timeout``,
+    lost its connection) is recorded as a failure too: the recorder remembers which nodes each
+    phase asked and names the ones missing from the replies (by the site name that node gave in
+    an earlier reply, else its node id). It also keeps the global model each round evaluates
+    (``global_arrays``): the round's result, which the coordinator checkpoints.
+    """
 
     def __init__(
         self, inner: Strategy, history: RunHistory, on_round: Callable[[int], None] | None = None
@@ -224,30 +343,68 @@ class SiteRecorder(StrategyWrapper):
         super().__init__(inner)
         self.history = history
         self.on_round = on_round
+        self.global_arrays: ArrayRecord | None = None
+        self._asked: dict[str, list[int]] = {}
+        self._names: dict[int, str] = {}  # node id -> site name, learned from replies
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._remember(
+            "train", self.inner.configure_train(server_round, arrays, config, grid)
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        messages = self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self._remember("evaluate", messages)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = _in_site_order(replies)
         self._record(server_round, "train", replies)
         return self.inner.aggregate_train(server_round, replies)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
+        replies = _in_site_order(replies)
         self._record(server_round, "evaluate", replies)
         aggregated = self.inner.aggregate_evaluate(server_round, replies)
         if self.on_round:
             self.on_round(server_round)
         return aggregated
 
+    def _remember(self, phase: str, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        self._asked[phase] = [m.metadata.dst_node_id for m in messages]
+        return messages
+
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         for msg in replies:
             if msg.has_error():
-                self.history.record_failure(server_round, phase, msg.error.reason or "failed")
+                reason = msg.error.reason or "failed"
+                if not reason.startswith("site '"):  # the runtime's error, not the site's own
+                    reason = f"site '{self._name(msg.metadata.src_node_id)}': {reason}"
+                self.history.record_failure(server_round, phase, reason)
             else:
-                self.history.record(server_round, phase, _site_name(msg), _site_metrics(msg))
+                site = _site_name(msg)
+                self._names[msg.metadata.src_node_id] = site
+                self.history.record(server_round, phase, site, _site_metrics(msg))
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self._asked.pop(phase, []):
+            if node not in answered:
+                site = self._name(node)
+                log.warning("round %d: no %s reply from %s", server_round, phase, site)
+                self.history.record_failure(
+                    server_round, phase, f"site '{site}': no reply (timed out or disconnected)"
+                )
+
+    def _name(self, node: int) -> str:
+        return self._names.get(node, f"node-{node}")
 
 
 class UpdateValidator(StrategyWrapper):

@@ -26,6 +26,7 @@ CONFIG_KEY = "fedmed-config"
 SERVING_KEY = "fedmed-serving"
 RUN_DIR_KEY = "fedmed-run-dir"
 ENGINE_KEY = "fedmed-engine"
+RESUME_KEY = "fedmed-resume"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class RunPlan:
     engine: str = "inprocess"
     # Preprocessing a served model applies to a clinic's raw rows (see serving_preprocessing).
     serving: str = ""  # JSON
+    # Continue run_dir from its checkpoint instead of starting at round 1 (fedmed.checkpoint).
+    resume: bool = False
 
     def to_run_config(self) -> dict[str, str]:
         return {
@@ -42,6 +45,7 @@ class RunPlan:
             RUN_DIR_KEY: str(self.run_dir),
             ENGINE_KEY: self.engine,
             SERVING_KEY: self.serving,
+            RESUME_KEY: "1" if self.resume else "",
         }
 
     @classmethod
@@ -56,6 +60,7 @@ class RunPlan:
             Path(str(run_config.get(RUN_DIR_KEY, "runs/unnamed"))),
             str(run_config.get(ENGINE_KEY, "deployment")),
             str(run_config.get(SERVING_KEY, "")),
+            bool(run_config.get(RESUME_KEY, "")),
         )
 
 

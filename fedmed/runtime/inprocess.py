@@ -7,7 +7,10 @@ keeps its own Context (node_config + state) across rounds, exactly like a SuperN
 
 from __future__ import annotations
 
+import copy
 import itertools
+import logging
+import threading
 from collections.abc import Iterable
 from uuid import uuid4
 
@@ -19,6 +22,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 RUN_ID = 1
+log = logging.getLogger("fedmed.runtime")
 
 
 class InProcessGrid(Grid):
@@ -63,8 +67,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
-            msg_id = str(uuid4())
-            msg.metadata.__dict__["_message_id"] = msg_id
+            msg_id = self._stamp(msg)  # before delivery: the reply refers to this id
             self._replies[msg_id] = self._deliver(msg)
             ids.append(msg_id)
         return ids
@@ -75,7 +78,41 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        return self.pull_messages(self.push_messages(messages))
+        """Deliver each message and collect the replies that arrive within ``timeout`` seconds.
+
+        Sites run one after another (parallel sites would share torch's global RNG and lose
+        reproducibility), each in a worker thread given its own ``timeout``: the same budget a
+        real site running in parallel gets. A site that misses it gives no reply at all, as on a
+        real network; its thread is abandoned (a daemon) and whatever it returns later is dropped.
+        """
+        replies = []
+        for msg in messages:
+            self._stamp(msg)
+            reply = self._deliver_within(msg, timeout)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    @staticmethod
+    def _stamp(msg: Message) -> str:
+        msg_id = str(uuid4())
+        msg.metadata.__dict__["_message_id"] = msg_id
+        return msg_id
+
+    def _deliver_within(self, msg: Message, timeout: float | None) -> Message | None:
+        box: list[Message] = []
+        node = msg.metadata.dst_node_id
+        worker = threading.Thread(
+            target=lambda: box.append(self._deliver(msg)), name=f"site-{node}", daemon=True
+        )
+        worker.start()
+        worker.join(timeout)
+        if worker.is_alive() or not box:
+            log.warning(
+                "node %d gave no %s reply within %s s", node, msg.metadata.message_type, timeout
+            )
+            return None
+        return box[0]
 
     def _deliver(self, msg: Message) -> Message:
         context = self.contexts.get(msg.metadata.dst_node_id)
@@ -85,7 +122,10 @@ class InProcessGrid(Grid):
             )
         TaskIdentity.node_id = context.node_id
         try:
-            return self.client_app(msg, context)
+            # Each site gets its own copy, as over a network: a ClientApp (or a mod such as
+            # Flower's secaggplus_mod) may mutate the content, and coordinators may send one
+            # RecordDict object to every node.
+            return self.client_app(copy.deepcopy(msg), context)
         except Exception as exc:
             return Message(
                 Error(code=500, reason=f"ClientApp raised {type(exc).__name__}"), reply_to=msg

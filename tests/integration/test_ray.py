@@ -29,3 +29,36 @@ def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
             assert a["final"]["sites"][site][metric] == pytest.approx(
                 b["final"]["sites"][site][metric], abs=1e-5
             )
+
+
+def test_a_run_killed_in_process_resumes_on_ray(demo_config, tmp_path, capsys) -> None:
+    from fedmed.cli import preflight
+    from fedmed.client_app import app
+    from fedmed.runtime.inprocess import run_inprocess
+    from fedmed.server_app import build_server_app
+    from fedmed.study import RunPlan, new_run_dir
+    from tests.test_cli import _write_toml
+
+    def killed_after_round_1(rnd: int, history) -> None:
+        if rnd == 1:
+            raise KeyboardInterrupt  # stands in for the coordinator dying
+
+    config = _write_toml(demo_config, tmp_path / "demo.toml")
+    cfg, _ = preflight(demo_config)
+    plan = RunPlan(cfg, new_run_dir(cfg))
+    with pytest.raises(KeyboardInterrupt):
+        run_inprocess(build_server_app(plan, killed_after_round_1), app, 4, plan.to_run_config())
+    assert main(["simulate", str(config), "--quiet"]) == 0  # uninterrupted, in-process
+    reference = Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+    args = ["simulate", str(config), "--engine", "ray", "--resume", str(plan.run_dir), "--quiet"]
+    assert main(args) == 0
+
+    resumed = json.loads((plan.run_dir / "metrics.json").read_text())
+    expected = json.loads((reference / "metrics.json").read_text())
+    assert resumed["engine"] == "ray" and [h["round"] for h in resumed["history"]] == [1, 2]
+    for site in demo_config.site_names:
+        for metric in ("accuracy", "loss", "epsilon"):
+            assert resumed["final"]["sites"][site][metric] == pytest.approx(
+                expected["final"]["sites"][site][metric], abs=1e-6
+            )

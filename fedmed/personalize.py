@@ -1,0 +1,61 @@
+"""Personalization: each site fine-tunes the final global model on its own train split.
+
+A federated model is a compromise between hospitals; a few local epochs often fit one hospital's
+case mix better. The fine-tuned model stays at the site; what leaves is its test metrics before
+and after, so the coordinator can report whether personalization helped each site. Flower-free:
+the ClientApp calls this, and so could a site's own tooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from fedmed.config import RunConfig, TrainConfig
+from fedmed.data import SiteData
+from fedmed.tasks import get_task
+from fedmed.train import derive_seed, evaluate, train_plain
+
+PHASES = ("before", "after")
+
+
+def finetune_config(run: RunConfig) -> TrainConfig:
+    """The study's local training settings with personalization's epochs (and lr, if set)."""
+    p = run.personalize
+    return replace(
+        run.train, local_epochs=p.local_epochs, local_steps=None, lr=p.lr or run.train.lr
+    )
+
+
+def personalize(
+    model: torch.nn.Module, data: SiteData, run: RunConfig, site: str, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Test metrics of the global ``model`` before and after fine-tuning it on the train split."""
+    task = get_task(run.task)
+    before = evaluate(model, data.x_test, data.y_test, task, device)
+    train_plain(
+        model,
+        data.x_train,
+        data.y_train,
+        task,
+        finetune_config(run),
+        seed=derive_seed(run.seed, "personalize", site),
+        device=device,
+    )
+    after = evaluate(model, data.x_test, data.y_test, task, device)
+    return {"before": before, "after": after}
+
+
+def flatten(result: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"before": {...}, "after": {...}} -> {"before/accuracy": ...} (a flat MetricRecord)."""
+    return {f"{phase}/{k}": v for phase in PHASES for k, v in result[phase].items()}
+
+
+def unflatten(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {phase: {} for phase in PHASES}
+    for key, value in metrics.items():
+        phase, _, name = key.partition("/")
+        if phase in out and name:
+            out[phase][name] = value
+    return out
