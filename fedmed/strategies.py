@@ -384,24 +384,35 @@ class SiteRecorder(StrategyWrapper):
         return messages
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        asked = self._asked.pop(phase, [])
+        # Errors the runtime makes up for a node (e.g. the SuperLink's "Node Unavailable") come
+        # from the SuperLink, not from the node: they are matched to the nodes that did not answer.
+        unattributed: list[str] = []
         for msg in replies:
             if msg.has_error():
                 reason = msg.error.reason or "failed"
-                if not reason.startswith("site '"):  # the runtime's error, not the site's own
-                    reason = f"site '{self._name(msg.metadata.src_node_id)}': {reason}"
-                self.history.record_failure(server_round, phase, reason)
+                if reason.startswith("site '"):  # the site's own, wire-safe reason
+                    self.history.record_failure(server_round, phase, reason)
+                elif msg.metadata.src_node_id in asked:
+                    site = self._name(msg.metadata.src_node_id)
+                    self.history.record_failure(server_round, phase, f"site '{site}': {reason}")
+                else:
+                    unattributed.append(reason)
             else:
                 site = _site_name(msg)
                 self._names[msg.metadata.src_node_id] = site
                 self.history.record(server_round, phase, site, _site_metrics(msg))
         answered = {msg.metadata.src_node_id for msg in replies}
-        for node in self._asked.pop(phase, []):
+        for node in asked:
             if node not in answered:
                 site = self._name(node)
-                log.warning("round %d: no %s reply from %s", server_round, phase, site)
-                self.history.record_failure(
-                    server_round, phase, f"site '{site}': no reply (timed out or disconnected)"
+                why = (
+                    unattributed.pop(0) if unattributed else "no reply (timed out or disconnected)"
                 )
+                log.warning("round %d: no %s reply from %s: %s", server_round, phase, site, why)
+                self.history.record_failure(server_round, phase, f"site '{site}': {why}")
+        for reason in unattributed:
+            self.history.record_failure(server_round, phase, f"site 'unknown': {reason}")
 
     def _name(self, node: int) -> str:
         return self._names.get(node, f"node-{node}")

@@ -25,7 +25,7 @@ from fedmed import __version__
 from fedmed.config import SiteConfig
 from fedmed.errors import ConfigError, FedmedError
 from fedmed.security import pki
-from fedmed.study import CONFIG_KEY, ENGINE_KEY, RUN_DIR_KEY, SERVING_KEY, RunPlan
+from fedmed.study import ENGINE_KEY, RunPlan
 
 CONNECTION = "fedmed"  # the connection name fedmed writes into the coordinator's FLWR_HOME
 
@@ -304,9 +304,11 @@ clientapp = "fedmed.client_app:app"
 """
 
 
-def write_app(folder: Path) -> Path:
-    """The Flower app a run ships: a pyproject naming fedmed's apps, and nothing else."""
-    keys = (CONFIG_KEY, RUN_DIR_KEY, ENGINE_KEY, SERVING_KEY)
+def write_app(folder: Path, keys: list[str]) -> Path:
+    """The Flower app a run ships: a pyproject naming fedmed's apps, and nothing else.
+
+    Flower accepts run-config overrides only for keys the app declares: declare the plan's.
+    """
     config = "\n".join(f'{k} = ""' for k in keys)
     version = ".".join(__version__.split(".")[:3])
     folder.mkdir(parents=True, exist_ok=True)
@@ -317,9 +319,9 @@ def write_app(folder: Path) -> Path:
 def submit(c: Coordinator, plan: RunPlan) -> int:
     """Start ``plan`` on the coordinator; returns Flower's run id."""
     with tempfile.TemporaryDirectory(prefix="fedmed-app-") as tmp:
-        app = write_app(Path(tmp) / "app")
-        overrides = Path(tmp) / "run-config.toml"
         values = {**plan.to_run_config(), ENGINE_KEY: "deployment"}
+        app = write_app(Path(tmp) / "app", sorted(values))
+        overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         res = flwr_cli(
             c, "run", str(app), CONNECTION, "--run-config", str(overrides), "--format", "json"
