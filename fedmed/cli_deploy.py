@@ -443,17 +443,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedmed.runtime import deployment as dep
     from fedmed.study import RunPlan, new_run_dir
 
-    c = load_coordinator(args.coordinator)
     cfg = _load(args)
     if not cfg.data.dataset:
         raise ConfigError(
             "a federation reads each site's registered dataset: set data.dataset in the config "
             "(sites register it with `fedmed site data add`)"
         )
+    if cfg.strategy.secure_aggregation:
+        raise ConfigError(
+            "strategy.secure_aggregation runs in simulation only for now (Flower's SecAgg+ is on "
+            "its legacy API, which bypasses the sites' policy and audit mods); drop it for `fedmed "
+            "run`, or use privacy.central = 'client-side' to bound each site's influence"
+        )
     if not cfg.data.schema.features:
         raise ConfigError(
             "list data.schema.features: the coordinator cannot see the sites' tables to infer them"
         )
+    c = load_coordinator(args.coordinator)
     cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
     plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
     online = dep.online_sites(c)

@@ -187,3 +187,26 @@ def test_plan_hash_ignores_settings_left_at_their_defaults() -> None:
     explicit = _federation(["data.schema.min_rows=10", "model.dropout=0.0"])  # the defaults
     assert plan_hash(explicit) == plan_hash(run)
     assert plan_hash(_federation(["data.schema.min_rows=11"])) != plan_hash(run)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["strategy.secure_aggregation=true", "strategy.validate_updates=false"],
+            "simulation only",
+        ),
+        (["data.dataset="], "data.dataset to a registered dataset"),
+        (["data.schema.features=[]"], "list data.schema.features"),
+        ([], "holds no coordinator"),
+    ],
+)
+def test_fedmed_run_refuses_what_a_federation_cannot_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture, overrides: list[str], message: str
+) -> None:
+    from fedmed.cli import main
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    code = main(["run", "federation", *sets, "--coordinator", str(tmp_path / "none")])
+    assert code == 2
+    assert message in capsys.readouterr().err
