@@ -55,6 +55,9 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
         action="store_true",
         help="Flower's default 3 s reply polling (slower; for comparison, see docs/benchmarks.md)",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="Flower's log here, not in DIR/superlink.log"
+    )
     p = coord.add_parser("register", help="admit a site by its public key (node.pub)")
     p.add_argument("name")
     p.add_argument("public_key", type=Path)
@@ -94,6 +97,9 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
         "--cold",
         action="store_true",
         help="Flower's default: a fresh interpreter per message (slower; see docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="Flower's log here, not in STATE/supernode.log"
     )
     data = site.add_parser("data", help="the site's dataset registry")
     data_sub = data.add_subparsers(dest="data_action", required=True, metavar="ACTION")
@@ -213,14 +219,23 @@ def _supervise(
     env: dict[str, str],
     after_start: Callable[[], None],
     companion: Callable[[int], list[str]] | None = None,
+    log: Path | None = None,
 ) -> int:
     """Run a Flower daemon (and a companion given its pid) in the foreground until one exits.
 
     SIGINT/SIGTERM stop both and everything they started (each runs in its own process group).
+    With ``log``, Flower's own output (several lines a second while sites poll) goes to that
+    file, and the terminal keeps fedmed's few status lines.
     """
     import os
 
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True)]
+    out = None
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out = open(log, "a")  # noqa: SIM115 - closed below, after the daemons
+        print(f"Flower's log: {log}", flush=True)
+    streams = {"stdout": out, "stderr": subprocess.STDOUT} if out else {}
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True, **streams)]
 
     def stop(*_: object) -> None:
         for proc in procs:
@@ -232,7 +247,11 @@ def _supervise(
     signal.signal(signal.SIGINT, stop)
     try:
         if companion is not None:
-            procs.append(subprocess.Popen(companion(procs[0].pid), env=env, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    companion(procs[0].pid), env=env, start_new_session=True, **streams
+                )
+            )
         after_start()
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.5)
@@ -245,6 +264,12 @@ def _supervise(
             # Flower's helpers (superexec, app processes) share the group: leave none behind.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+        if out is not None:
+            out.close()
+    if log is not None and code not in (0, -signal.SIGTERM, -signal.SIGINT):
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"Flower stopped with exit code {code}; end of {log}:", file=sys.stderr)
+        print("\n".join(tail), file=sys.stderr)
     return code
 
 
@@ -284,8 +309,9 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         from fedmed.runtime.polling import GRID_POLL_ENV
 
         env[GRID_POLL_ENV] = "3"
+    log = None if args.verbose else c.home / "superlink.log"
     try:
-        return _supervise(dep.superlink_command(c), env, admit_sites)
+        return _supervise(dep.superlink_command(c), env, admit_sites, log=log)
     finally:
         dep.ready_file(c.home).unlink(missing_ok=True)
 
@@ -364,7 +390,9 @@ def _site_start(site, args: argparse.Namespace) -> int:
         flush=True,
     )
     companion = (lambda pid: dep.executor_command(site, pid)) if warm else None
-    return _supervise(cmd, dep.flower_env(site.state_path / "flwr"), lambda: None, companion)
+    log = None if args.verbose else site.state_path / "supernode.log"
+    env = dep.flower_env(site.state_path / "flwr")
+    return _supervise(cmd, env, lambda: None, companion, log=log)
 
 
 def _site_data(site, args: argparse.Namespace) -> int:
