@@ -10,11 +10,15 @@ Two habits make the ε we print true:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from torch import nn
@@ -63,8 +67,31 @@ def plan_for_site(n_train: int, cfg: RunConfig) -> DPPlan:
     )
 
 
+CACHE_ENV = "FEDMED_CACHE_DIR"  # set by the warm site executor: its children share results
+
+
 @functools.lru_cache(maxsize=256)
 def _noise_for(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
+    """Calibrated noise; ~2 s of RDP search, so also remembered on disk when $FEDMED_CACHE_DIR
+    is set (each message of a deployed site runs in a fresh child process, where lru_cache is
+    empty). The result is a pure function of its inputs, so a cached value is always valid."""
+    cache = os.environ.get(CACHE_ENV)
+    if not cache:
+        return _calibrate(privacy, sample_rate, steps)
+    from fedmed.report import file_lock, read_state_json, write_json
+
+    path = Path(cache) / "noise.json"
+    key = json.dumps([dataclasses.asdict(privacy), sample_rate, steps], sort_keys=True)
+    fmt = "fedmed-noise-cache/1"
+    with file_lock(path):
+        table = read_state_json(path, fmt, {"format": fmt, "values": {}}, "delete the file")
+        if key not in table["values"]:
+            table["values"][key] = _calibrate(privacy, sample_rate, steps)
+            write_json(path, table)
+        return float(table["values"][key])
+
+
+def _calibrate(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
     try:

@@ -177,3 +177,20 @@ def test_expanded_weights_on_an_empty_poisson_batch_is_a_clear_error(
             seed=1,
             device=torch.device("cpu"),
         )
+
+
+def test_noise_calibration_is_shared_through_the_disk_cache(tmp_path, monkeypatch) -> None:
+    """Forked site children start with empty memory: the second one reads the first's result."""
+    from fedmed.config import PrivacyConfig
+    from fedmed.privacy import CACHE_ENV, _calibrate, _noise_for
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    privacy = PrivacyConfig(enabled=True, target_epsilon=2.5)
+    _noise_for.cache_clear()
+    first = _noise_for(privacy, 0.1, 120)
+    assert (tmp_path / "noise.json").is_file()
+    assert first == _calibrate(privacy, 0.1, 120)
+    _noise_for.cache_clear()
+    monkeypatch.setattr("fedmed.privacy._calibrate", lambda *a: pytest.fail("recomputed"))
+    assert _noise_for(privacy, 0.1, 120) == first
+    _noise_for.cache_clear()

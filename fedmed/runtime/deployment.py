@@ -275,6 +275,8 @@ def executor_command(site: SiteConfig, supernode_pid: int) -> list[str]:
         f"127.0.0.1:{site.runtime_port}",
         "--parent-pid",
         str(supernode_pid),
+        "--cache-dir",
+        str(site.state_path / "cache"),
     ]
 
 

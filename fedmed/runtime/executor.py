@@ -32,7 +32,8 @@ def warm_imports() -> None:
     import opacus  # noqa: F401
     import pandas  # noqa: F401
     import sklearn.metrics  # noqa: F401
-    import torch  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401  (imported by the first optimizer: ~1 s per message)
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
     import fedmed.client_app
@@ -117,8 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--cache-dir", default=None, help="results children share (noise)")
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", POLL_SECONDS)
+    if args.cache_dir:
+        from fedmed.privacy import CACHE_ENV
+
+        os.environ[CACHE_ENV] = args.cache_dir
     warm_imports()
     from flwr.supercore.superexec import run_superexec as superexec
 
