@@ -8,12 +8,16 @@ sites; mean ± sample sd (ddof=1) over seeds.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
 import shlex
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,3 +146,35 @@ def run_benchmark(
     output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
     print(f"wrote {output}")
     return payload
+
+
+def cli_main(
+    argv: Sequence[str] | None,
+    *,
+    script: str,
+    title: str,
+    config: str,
+    variants: tuple[Variant, ...],
+    seeds: tuple[int, ...],
+    output: Path,
+) -> int:
+    """The command line every classification benchmark shares (--seeds, --quick, --variants)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=title)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
+    parser.add_argument("--variants", nargs="+", default=[v.key for v in variants])
+    default_runs = Path(tempfile.gettempdir()) / f"{config}_runs"
+    parser.add_argument("--runs-dir", type=Path, default=default_runs)
+    parser.add_argument("--output", type=Path, default=output)
+    args = parser.parse_args(argv)
+    run_benchmark(
+        title=title,
+        config=config,
+        variants=tuple(v for v in variants if v.key in args.variants),
+        seeds=args.seeds[:1] if args.quick else args.seeds,
+        runs_dir=args.runs_dir,
+        output=args.output,
+        command=shlex.join(["python", script, *argv]),
+    )
+    return 0

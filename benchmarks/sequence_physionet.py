@@ -15,14 +15,11 @@ Results: benchmarks/results/sequence_physionet.json.
 
 from __future__ import annotations
 
-import argparse
-import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from _classification import Variant, run_benchmark
+from _classification import Variant, cli_main
 
 CONFIG = "physionet2012"
 DEFAULT_SEEDS = (42, 43, 44)
@@ -45,24 +42,15 @@ VARIANTS = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
-    parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
-    parser.add_argument("--variants", nargs="+", default=[v.key for v in VARIANTS])
-    parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "pn_runs")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    run_benchmark(
+    return cli_main(
+        argv,
+        script="benchmarks/sequence_physionet.py",
         title="PhysioNet 2012 set A by ICU type (sequence, GRU, in-hospital death)",
         config=CONFIG,
-        variants=tuple(v for v in VARIANTS if v.key in args.variants),
-        seeds=args.seeds[:1] if args.quick else args.seeds,
-        runs_dir=args.runs_dir,
-        output=args.output,
-        command=shlex.join(["python", "benchmarks/sequence_physionet.py", *argv]),
+        variants=VARIANTS,
+        seeds=DEFAULT_SEEDS,
+        output=RESULTS,
     )
-    return 0
 
 
 if __name__ == "__main__":
