@@ -157,13 +157,16 @@ def cli_main(
     variants: tuple[Variant, ...],
     seeds: tuple[int, ...],
     output: Path,
+    default_variants: tuple[str, ...] = (),
 ) -> int:
     """The command line every classification benchmark shares (--seeds, --quick, --variants)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=title)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
     parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
-    parser.add_argument("--variants", nargs="+", default=[v.key for v in variants])
+    parser.add_argument(
+        "--variants", nargs="+", default=list(default_variants or [v.key for v in variants])
+    )
     default_runs = Path(tempfile.gettempdir()) / f"{config}_runs"
     parser.add_argument("--runs-dir", type=Path, default=default_runs)
     parser.add_argument("--output", type=Path, default=output)
