@@ -185,6 +185,10 @@ def test_federated_sequence_study_trains_with_and_without_dp(
     assert all(0 <= m["roc_auc"] <= 1 for m in metrics["final"]["sites"].values())
     eps = [m["train"]["epsilon"] for h in metrics["history"] for m in h["sites"].values()]
     assert (max(eps) > 0) == private
+    rows = tmp_path / "rows.csv"
+    rows.write_text("HR\n80\n")
+    assert main(["predict", str(run_dir), str(rows)]) == 2
+    assert "is not served from table rows" in capsys.readouterr().err
 
 
 @needs_shared_data
