@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from fedmed.config import RunConfig
-from fedmed.data import load_site_table
+from fedmed.data import ArrayTable, load_site_data, load_site_table
 from fedmed.data.table import Preprocessor, SiteData, prepare
 from fedmed.privacy import Entry, epsilon_spent, train_private
 from fedmed.report import RunHistory
@@ -85,22 +85,35 @@ class _Trainer:
 
 
 def pooled_site_data(cfg: RunConfig) -> tuple[SiteData, list[SiteData]]:
-    """The pooled train set and each site's arrays, all preprocessed with the pooled fit."""
+    """The pooled train set and each site's arrays, all preprocessed with the pooled fit.
+
+    Images and series (ArrayTable) keep each site's own preprocessing: images use a fixed
+    transform anyway; a series site standardizes with its own train statistics, as it does
+    when it federates, so pooled differs from federated only in how the model is trained.
+    """
     tables = [load_site_table(cfg, s) for s in cfg.sites]
+    if isinstance(tables[0], ArrayTable):
+        per_site = [t.data for t in tables if isinstance(t, ArrayTable)]
+        return _pooled(per_site, per_site[0].preprocessing), per_site
     schema = cfg.data.schema
     pooled_x = pd.concat([t.x_train for t in tables], ignore_index=True)
     pre = Preprocessor(tables[0].features, schema).fit(pooled_x)
-    per_site = [prepare(t, schema, fitted=pre) for t in tables]
-    pooled = SiteData(
+    per_site = [prepare(t, schema, fitted=pre) for t in tables]  # type: ignore[arg-type]
+    return _pooled(per_site, pre.to_dict()), per_site
+
+
+def _pooled(per_site: list[SiteData], preprocessing: dict) -> SiteData:
+    """The union of the sites' train splits (no test rows: each site keeps its own)."""
+    first = per_site[0]
+    return SiteData(
         name="pooled",
         x_train=np.concatenate([d.x_train for d in per_site]),
         y_train=np.concatenate([d.y_train for d in per_site]),
-        x_test=np.zeros((0, len(pre.input_names)), np.float32),
-        y_test=np.zeros(0, np.float32),
-        input_names=pre.input_names,
-        preprocessing=pre.to_dict(),
+        x_test=first.x_test[:0],
+        y_test=first.y_test[:0],
+        input_names=first.input_names,
+        preprocessing=preprocessing,
     )
-    return pooled, per_site
 
 
 def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
@@ -122,7 +135,7 @@ def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
 def run_local(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     started = time.time()
     cfg = plan.config
-    sites = [prepare(load_site_table(cfg, s), cfg.data.schema) for s in cfg.sites]
+    sites = [load_site_data(cfg, s) for s in cfg.sites]
     trainers = {d.name: _Trainer(plan, d.name) for d in sites}
     history = RunHistory(sites=cfg.site_names)
     report = live_reporter(plan, on_round)

@@ -147,12 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     prd = sub.add_parser(
         "predict",
-        help="batch predictions for a CSV of patient rows",
+        help="batch predictions for a CSV of patient rows (or a .npz of images)",
         description="Predict every row of a CSV (columns = the model's features) and write the "
-        "rows with probability and label columns.",
+        "rows with probability and label columns. An imaging model takes a .npz of images; "
+        "with --explain it writes saliency PNGs next to --output.",
     )
     prd.add_argument("model", type=Path, help="run directory or model .safetensors file")
-    prd.add_argument("rows", type=Path, help="CSV with one patient per row")
+    prd.add_argument("rows", type=Path, help="CSV with one patient per row, or a .npz of images")
     prd.add_argument("--output", type=Path, default=None, help="write CSV here (default stdout)")
     prd.add_argument(
         "--explain",
@@ -506,8 +507,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedmed.serving.api import ServedModel, predict_csv
 
-    served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
-    result = predict_csv(served, args.rows, args.output, explain=args.explain)
+    if args.rows.suffix.lower() == ".npz":
+        from fedmed.serving.saliency import predict_images
+
+        result = predict_images(
+            args.model,
+            args.rows,
+            args.output,
+            explain=args.explain,
+            allow_unsigned=args.allow_unsigned,
+        )
+    else:
+        served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
+        result = predict_csv(served, args.rows, args.output, explain=args.explain)
     if args.output is None:
         result.to_csv(sys.stdout, index=False)
     else:

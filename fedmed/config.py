@@ -33,16 +33,33 @@ def _choices(*names: str) -> dict[str, tuple[str, ...]]:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Train-time image augmentation (imaging only; off at evaluation and when served).
+
+    Defaults suit ultrasound/radiographs: a left-right flip and shifts of a few pixels keep the
+    anatomy plausible; an up-down flip would put the transducer (or the lung apices) at the
+    bottom and invert depth cues such as posterior acoustic shadowing, so it is off.
+    """
+
+    hflip: bool = True
+    vflip: bool = False
+    max_shift: int = 2  # pixels, each direction
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which network the task builds. ``hidden`` is ignored by the linear kinds.
 
     ``linear`` is the task's linear model (logistic regression for classification, the linear
     Cox predictor for survival); ``logreg`` is its classification-only name, kept for old configs.
+    ``cnn`` (imaging): ``hidden`` lists the channels of its conv blocks. ``gru`` (sequences):
+    ``hidden[0]`` is the GRU's state size.
     """
 
-    kind: str = field(default="mlp", metadata=_choices("logreg", "linear", "mlp"))
+    kind: str = field(default="mlp", metadata=_choices("logreg", "linear", "mlp", "cnn", "gru"))
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,39 @@ class SchemaConfig:
 
 
 @dataclass(frozen=True)
+class ImageConfig:
+    """Image sites (task imaging-classification): a MedMNIST-style .npz or a labels CSV.
+
+    In a labels CSV, ``column`` names the PNG paths (relative to the CSV's folder) and
+    data.schema.target the 0/1 label. ``size`` > 0 resizes every image to size x size.
+    """
+
+    size: int = 0
+    column: str = "image"
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """Time-series sites (task sequence-classification): a long table + an outcomes table.
+
+    The long table has one observation per row (patient, time in minutes, variable, value); the
+    outcomes table one row per patient with data.schema.target. Only the target is read from it,
+    so scores derived from the outcome (e.g. PhysioNet's SAPS-I, SOFA) never reach the model.
+    data.schema.features lists the variables (same order at every site).
+    """
+
+    outcomes: str = ""  # path; {data_dir} is expanded
+    id_column: str = "record_id"
+    time_column: str = "time_min"
+    variable_column: str = "parameter"
+    value_column: str = "value"
+    outcome_id_column: str = "RecordID"
+    hours: int = 48  # observation window from admission
+    bin_minutes: int = 60
+    missing_code: float | None = -1.0  # a value that means "not measured" (PhysioNet: -1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the sites' tables come from.
 
@@ -168,6 +218,9 @@ class DataConfig:
     """
 
     builtin: str = ""
+    # One file on disk split across the simulated sites like a builtin table (e.g. an image
+    # .npz that holds one hospital's data): simulation only.
+    partition_file: str = ""
     # Deployment: the name each site registered its table under (`fedmed site data add`). Runs
     # name datasets, never paths: the site maps the name to its own file.
     dataset: str = ""
@@ -178,6 +231,8 @@ class DataConfig:
     dirichlet_alpha: float = 1.0  # label skew across sites: lower = more skewed
     partition_seed: int = 0
     schema: SchemaConfig = field(default_factory=SchemaConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
 
 
 @dataclass(frozen=True)
@@ -341,7 +396,7 @@ def _check_run(cfg: RunConfig) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"site names must be unique; repeated: {', '.join(dupes)}")
-    if cfg.data.builtin:
+    if cfg.data.builtin or cfg.data.partition_file:
         if cfg.data.partition_sizes and len(cfg.data.partition_sizes) != len(cfg.sites):
             raise ConfigError(
                 f"data.partition_sizes has {len(cfg.data.partition_sizes)} entries but there are "

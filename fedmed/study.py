@@ -152,8 +152,12 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
     """
     import pandas as pd
 
+    from fedmed.data import ArrayTable
     from fedmed.data.table import Preprocessor
 
+    if isinstance(tables[0], ArrayTable):  # images: a fixed transform; series: per site
+        first = tables[0]
+        return json.dumps({"fitted_on": f"site '{first.name}'", **first.data.preprocessing})
     pooled = pd.concat([t.x_train for t in tables], ignore_index=True)
     fitted = Preprocessor(cfg.data.schema.features, cfg.data.schema).fit(pooled)
     return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})

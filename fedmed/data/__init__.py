@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from fedmed.config import RunConfig, SiteSpec
+from fedmed.data.arrays import ArrayTable, readers
 from fedmed.data.sources import load_site_frame
-from fedmed.data.table import SiteData, SiteTable, prepare, validate_table
+from fedmed.data.table import OUTCOMES, SiteData, SiteTable, prepare, validate_table
 
-__all__ = ["SiteData", "SiteTable", "load_site_data", "load_site_table", "site_spec"]
+__all__ = [
+    "ArrayTable",
+    "SiteData",
+    "SiteTable",
+    "load_site_data",
+    "load_site_table",
+    "site_spec",
+]
 
 
 def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
@@ -19,7 +27,7 @@ def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
     raise ConfigError(f"unknown site '{name}'; configured sites: {', '.join(cfg.site_names)}")
 
 
-def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable:
+def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable:
     """Read and validate one site's table (raw units, split into train/test).
 
     The study's task is checked against the config first (e.g. survival needs a time and an
@@ -30,10 +38,15 @@ def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable:
 
     task = get_task(cfg.task)
     task.check(cfg)
+    if task.target not in OUTCOMES:  # images, series: their own reader (fedmed.data.arrays)
+        return readers()[task.target](cfg, site)
     frame, origin = load_site_frame(cfg, site)
     return validate_table(site.name, frame, cfg.data.schema, origin, target=task.target)
 
 
 def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:
     """Model-ready arrays for one site, preprocessing fitted on its own train split."""
-    return prepare(load_site_table(cfg, site), cfg.data.schema)
+    table = load_site_table(cfg, site)
+    if isinstance(table, ArrayTable):
+        return table.data
+    return prepare(table, cfg.data.schema)

@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from fedmed.config import SchemaConfig
-from fedmed.data.table import Preprocessor
+from fedmed.data.table import OUTCOMES, Preprocessor
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.export import load_model, resolve_model_path
 from fedmed.tasks import get_task
@@ -34,6 +34,12 @@ class ServedModel:
         self.path = resolve_model_path(path)
         self.model, self.card = load_model(self.path, require_signature=not allow_unsigned)
         self.task = get_task(self.card["task"])
+        if self.task.target not in OUTCOMES:  # images, series: not rows of clinical variables
+            hint = " (`fedmed predict MODEL images.npz`)" if self.task.target == "image" else ""
+            raise ConfigError(
+                f"{self.path}: a '{self.card['task']}' model is not served from table rows; "
+                f"only table tasks are{hint}"
+            )
         raw = self.card["schema"]
         self.schema = SchemaConfig(
             target=raw["target"],

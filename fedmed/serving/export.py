@@ -39,7 +39,9 @@ def save_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{stem}.safetensors"
     tmp = out_dir / f".{stem}.safetensors.tmp"
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # clone(): Opacus' DPGRU/DPLSTM expose each weight under two names (nn.GRU's and their
+    # own) sharing one storage, which safetensors refuses to write.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     tmp.replace(weights)
     schema = cfg.data.schema

@@ -9,12 +9,16 @@ from torch import nn
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.imaging import ImagingClassification
+from fedmed.tasks.sequence import SequenceClassification
 from fedmed.tasks.survival import Survival
 from fedmed.tasks.tabular import TabularClassification, Task
 
 TASKS: dict[str, Task] = {
     "tabular-classification": TabularClassification(),
     "survival": Survival(),
+    "imaging-classification": ImagingClassification(),
+    "sequence-classification": SequenceClassification(),
 }
 
 

@@ -24,7 +24,9 @@ class Task(Protocol):
     """What a task family provides to training, evaluation and the coordinator."""
 
     name: str
-    target: str  # the outcome kind its data carries: a key of fedmed.data.table.OUTCOMES
+    # The outcome kind its data carries: a key of fedmed.data.table.OUTCOMES (tables) or of
+    # fedmed.data.arrays.readers() (images, series).
+    target: str
     metrics: tuple[str, ...]
     # What a served prediction reports per patient (field -> type), and what it means.
     prediction_fields: dict[str, type]

@@ -1,0 +1,183 @@
+"""Shared driver of the classification benchmarks (imaging, sequence): variants x seeds.
+
+Every run is a ``fedmed simulate CONFIG`` subprocess (what a user types); each seed sets the
+training seed and the sites' train/test split seed, so the spread reported includes the split.
+Per site: ROC-AUC and accuracy on the site's own test split, then the unweighted mean over
+sites; mean ± sample sd (ddof=1) over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
+
+METRICS = ("roc_auc", "accuracy")
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+
+
+def cli_args(config: str, variant: Variant, seed: int | str, out: Path | str) -> list[str]:
+    args = ["simulate", config, "--mode", variant.mode, "--quiet"]
+    for item in (f"seed={seed}", f"data.schema.split_seed={seed}", *variant.overrides):
+        args += ["--set", item]
+    return [*args, "--set", f"output_dir={out}"]
+
+
+def run_once(config: str, variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
+    """One subprocess; its final per-site metrics, the worst site ε and the wall time."""
+    cmd = [*fedmed_command(), *cli_args(config, variant, seed, runs_root / f"{variant.key}-{seed}")]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    payload = json.loads((run_dir / "metrics.json").read_text())
+    final = payload["final"]
+    if final.get("missing_sites"):
+        raise RuntimeError(f"{run_dir}: no final metrics for {final['missing_sites']}")
+    last = payload["history"][-1]["sites"]
+    epsilon = max((s.get("train", {}).get("epsilon", 0.0) for s in last.values()), default=0.0)
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "wall_seconds": round(time.time() - started, 2),
+        "epsilon": epsilon,
+        **{f"average_{m}": final["average"][m] for m in METRICS},
+        "sites": {s: {m: v[m] for m in METRICS} for s, v in final["sites"].items()},
+    }
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    sites = list(runs[0]["sites"])
+    out: dict[str, Any] = {m: summarize([r[f"average_{m}"] for r in runs]) for m in METRICS}
+    out["epsilon"] = max(r["epsilon"] for r in runs)
+    out["sites"] = {
+        s: {
+            m: summarize([r["sites"][s][m] for r in runs if not math.isnan(r["sites"][s][m])])
+            for m in METRICS
+        }
+        for s in sites
+    }
+    return out
+
+
+def run_benchmark(
+    *,
+    title: str,
+    config: str,
+    variants: tuple[Variant, ...],
+    seeds: list[int],
+    runs_dir: Path,
+    output: Path,
+    command: str,
+) -> dict[str, Any]:
+    """Run every variant for every seed, print the table and write the results JSON."""
+    print(f"reproduce with: {command}", flush=True)
+    env = environment()
+    started = time.time()
+    results: dict[str, Any] = {}
+    for variant in variants:
+        runs = []
+        for seed in seeds:
+            run = run_once(config, variant, seed, runs_dir)
+            runs.append(run)
+            print(
+                f"  {variant.key:<14} seed {seed}: AUC {run['average_roc_auc']:.3f} "
+                f"acc {run['average_accuracy']:.3f} ε {run['epsilon']:.2f} "
+                f"({run['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+        results[variant.key] = {
+            "label": variant.label,
+            "mode": variant.mode,
+            "command": shlex.join(["fedmed", *cli_args(config, variant, "SEED", "OUT")]),
+            "runs": runs,
+            "summary": summarize_runs(runs),
+        }
+    sites = list(next(iter(results.values()))["summary"]["sites"])
+    header = ["method", "avg ROC-AUC", "avg accuracy", "ε (max site)", *sites]
+    rows = [
+        [
+            r["label"],
+            fmt(r["summary"]["roc_auc"]),
+            fmt(r["summary"]["accuracy"]),
+            f"{r['summary']['epsilon']:.2f}" if r["summary"]["epsilon"] else "—",
+            *(f"{r['summary']['sites'][s]['roc_auc']['mean']:.3f}" for s in sites),
+        ]
+        for r in results.values()
+    ]
+    print(f"\n{title}, mean ± sd over seeds {seeds} (ddof=1); site columns: ROC-AUC")
+    print_table(header, rows)
+    if git_state() != env["git"]:
+        env["git_at_end"] = git_state()
+        print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")
+    payload = {
+        "benchmark": title,
+        "metric": "ROC-AUC and accuracy (threshold 0.5) per site test split; avg = unweighted "
+        "mean over sites; sd = sample sd over seeds (each seed sets training and split seed)",
+        "command": command,
+        "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "seeds": seeds,
+        "wall_seconds": round(time.time() - started, 1),
+        "environment": env,
+        "variants": results,
+        "table": {"columns": header, "rows": rows},
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {output}")
+    return payload
+
+
+def cli_main(
+    argv: Sequence[str] | None,
+    *,
+    script: str,
+    title: str,
+    config: str,
+    variants: tuple[Variant, ...],
+    seeds: tuple[int, ...],
+    output: Path,
+    default_variants: tuple[str, ...] = (),
+) -> int:
+    """The command line every classification benchmark shares (--seeds, --quick, --variants)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=title)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(default_variants or [v.key for v in variants])
+    )
+    default_runs = Path(tempfile.gettempdir()) / f"{config}_runs"
+    parser.add_argument("--runs-dir", type=Path, default=default_runs)
+    parser.add_argument("--output", type=Path, default=output)
+    args = parser.parse_args(argv)
+    run_benchmark(
+        title=title,
+        config=config,
+        variants=tuple(v for v in variants if v.key in args.variants),
+        seeds=args.seeds[:1] if args.quick else args.seeds,
+        runs_dir=args.runs_dir,
+        output=args.output,
+        command=shlex.join(["python", script, *argv]),
+    )
+    return 0

@@ -1,0 +1,206 @@
+"""The sequence task: binning, masks and carried-forward values by hand, outcome fields that
+must never become inputs, loader errors, federated training with and without DP (DPGRU), and
+the PhysioNet 2012 sites by ICU type."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from opacus.layers import DPGRU
+
+from fedmed.cli import main
+from fedmed.config import load_run_config, parse_run_config, resolve_config_path
+from fedmed.data import load_site_data, load_site_table
+from fedmed.data.series import bin_means, features_of, load_long
+from fedmed.errors import ConfigError, DataError
+from fedmed.tasks import build_model
+
+from .conftest import DATA_DIR, needs_shared_data
+from .test_imaging import _to_toml
+
+VARIABLES = ("HR", "Temp", "Age")
+
+
+def _long_and_outcomes(tmp_path: Path, n: int = 60, seed: int = 0) -> tuple[Path, Path]:
+    """Patients whose heart rate drifts up when they die; irregular times; some -1 codes."""
+    rng = np.random.default_rng(seed)
+    rows, outcomes = [], []
+    for pid in range(1000, 1000 + n):
+        died = int(pid % 3 == 0)
+        rows.append((pid, 0, "Age", float(rng.integers(20, 90))))
+        rows.append((pid, 0, "Unit", float(1 + pid % 2)))
+        for t in np.sort(rng.choice(np.arange(0, 12 * 60), 8, replace=False)):
+            rows.append((pid, int(t), "HR", 80 + 30 * died * t / 720 + rng.normal(0, 3)))
+        rows.append((pid, 30, "Temp", -1.0))  # the missing-value code
+        outcomes.append((pid, rng.integers(0, 30), rng.integers(0, 20), died))
+    long = tmp_path / "long.csv"
+    pd.DataFrame(rows, columns=["record_id", "time_min", "parameter", "value"]).to_csv(
+        long, index=False
+    )
+    out = tmp_path / "outcomes.csv"
+    pd.DataFrame(outcomes, columns=["RecordID", "SAPS-I", "SOFA", "In-hospital_death"]).to_csv(
+        out, index=False
+    )
+    return long, out
+
+
+def _study(tmp_path: Path, **extra: object) -> dict:
+    long, out = _long_and_outcomes(tmp_path)
+    raw: dict = {
+        "name": "seq",
+        "task": "sequence-classification",
+        "rounds": 2,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "gru", "hidden": [8]},
+        "train": {"local_steps": 2, "batch_size": 16, "optimizer": "adam", "lr": 0.01},
+        "data": {
+            "site_column": "Unit",
+            "schema": {
+                "target": "In-hospital_death",
+                "features": list(VARIABLES),
+                "min_rows": 10,
+            },
+            "series": {"outcomes": str(out), "hours": 12, "bin_minutes": 60},
+        },
+        "sites": [
+            {"name": "u1", "path": str(long), "site_values": [1]},
+            {"name": "u2", "path": str(long), "site_values": [2]},
+        ],
+    }
+    raw.update(extra)
+    return raw
+
+
+def test_binning_masks_carry_forward_and_delta_by_hand() -> None:
+    cfg = parse_run_config(
+        {
+            "task": "sequence-classification",
+            "model": {"kind": "gru"},
+            "data": {"series": {"hours": 4, "bin_minutes": 60}},
+            "sites": [{"name": "a", "path": "x"}],
+            "mode": "local",
+        }
+    )
+    obs = pd.DataFrame(
+        {
+            "id": [7, 7, 7, 7, 7, 7],
+            "time": [0, 10, 50, 130, 240, 300],  # 240 = the window's end: last bin; 300: after
+            "variable": ["HR", "HR", "Temp", "HR", "HR", "HR"],
+            "value": [80.0, 90.0, -1.0, 100.0, 70.0, 999.0],
+        }
+    )
+    sums, counts = bin_means(obs, np.array([7]), ("HR", "Temp"), cfg.data.series, 4)
+
+    assert counts[0, :, 0].tolist() == [2, 0, 1, 1]  # HR: bins 0, 2, 3; 300 min dropped
+    assert counts[0, :, 1].tolist() == [0, 0, 0, 0]  # Temp: -1 is "not measured"
+    assert sums[0, 0, 0] == 170.0
+    x = features_of(sums, counts, mean=np.array([85.0, 37.0]), std=np.array([5.0, 1.0]))
+    value, mask, delta = x[0, :, 0], x[0, :, 2], x[0, :, 4]
+    assert value.tolist() == [0.0, 0.0, 3.0, -3.0]  # bin 1 carries bin 0's mean (85 -> 0)
+    assert mask.tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert np.allclose(delta, np.array([0, 1, 0, 0]) / 4)
+    assert np.allclose(x[0, :, 5], np.array([1, 2, 3, 4]) / 4)  # Temp never seen: since admission
+    assert np.all(x[0, :, 1] == 0.0)  # never-seen values are the train mean (0)
+
+
+def test_outcome_fields_never_reach_the_model(tmp_path: Path) -> None:
+    cfg = parse_run_config(_study(tmp_path))
+    before = load_site_data(cfg, cfg.sites[0])
+    out = Path(cfg.data.series.outcomes)
+    frame = pd.read_csv(out)
+    frame["SAPS-I"] = frame["In-hospital_death"] * 100  # a perfect leak, if it were read
+    frame["SOFA"] = 0
+    frame.to_csv(out, index=False)
+    from fedmed.data.series import load_outcomes
+
+    load_outcomes.cache_clear()
+    after = load_site_data(cfg, cfg.sites[0])
+
+    assert np.array_equal(before.x_train, after.x_train)
+    assert before.input_names == VARIABLES
+    assert before.x_train.shape[1:] == (12, 3 * len(VARIABLES))
+
+
+def test_site_column_picks_the_patients_and_splits_are_standardized(tmp_path: Path) -> None:
+    cfg = parse_run_config(_study(tmp_path))
+
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+
+    assert [len(t.y_train) + len(t.y_test) for t in tables] == [30, 30]
+    hr = tables[0].data.x_train[:, :, 0][tables[0].data.x_train[:, :, 3] == 1]
+    assert abs(float(hr.mean())) < 0.1 and abs(float(hr.std()) - 1) < 0.1
+
+
+def test_loader_errors_name_the_fix(tmp_path: Path) -> None:
+    raw = _study(tmp_path)
+    long = Path(raw["sites"][0]["path"])
+    pd.read_csv(long).rename(columns={"time_min": "minutes"}).to_csv(
+        tmp_path / "bad.csv", index=False
+    )
+    raw["sites"][0]["path"] = str(tmp_path / "bad.csv")
+    cfg = parse_run_config(raw)
+
+    with pytest.raises(DataError, match="column 'time_min' is missing.*data.series.id_column"):
+        load_site_table(cfg, cfg.sites[0])
+    no_vars = parse_run_config({**_study(tmp_path), "data": {**raw["data"], "schema": {}}})
+    with pytest.raises(ConfigError, match="needs data.schema.features"):
+        load_site_table(no_vars, no_vars.sites[1])
+    fresh = parse_run_config(_study(tmp_path))  # rewrites the files
+    outcomes = Path(fresh.data.series.outcomes)
+    pd.read_csv(outcomes).iloc[:-3].to_csv(outcomes, index=False)
+    from fedmed.data.series import load_outcomes
+
+    load_outcomes.cache_clear()
+    with pytest.raises(DataError, match="2 patients have no row in"):
+        load_site_table(fresh, fresh.sites[1])
+    load_outcomes.cache_clear()
+    load_long.cache_clear()
+
+
+def test_dp_studies_build_opacus_dpgru(tmp_path: Path) -> None:
+    cfg = parse_run_config(_study(tmp_path, privacy={"enabled": True}))
+
+    model = build_model(cfg)
+
+    assert isinstance(model.gru, DPGRU)
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_federated_sequence_study_trains_with_and_without_dp(
+    tmp_path: Path, capsys: pytest.CaptureFixture, private: bool
+) -> None:
+    toml = tmp_path / "seq.toml"
+    toml.write_text(_to_toml(_study(tmp_path, privacy={"enabled": private})))
+
+    code = main(["simulate", str(toml), "--quiet"])
+
+    assert code == 0, capsys.readouterr().err
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["final"]["sites"]) == {"u1", "u2"}
+    assert all(0 <= m["roc_auc"] <= 1 for m in metrics["final"]["sites"].values())
+    eps = [m["train"]["epsilon"] for h in metrics["history"] for m in h["sites"].values()]
+    assert (max(eps) > 0) == private
+    rows = tmp_path / "rows.csv"
+    rows.write_text("HR\n80\n")
+    assert main(["predict", str(run_dir), str(rows)]) == 2
+    assert "is not served from table rows" in capsys.readouterr().err
+
+
+@needs_shared_data
+def test_physionet_sites_by_icu_type_match_provenance() -> None:
+    assert (DATA_DIR / "physionet2012" / "set_a_long.csv.gz").is_file()
+    cfg = load_run_config(resolve_config_path("physionet2012"))
+    leaking = {"SAPS-I", "SOFA", "Length_of_stay", "Survival", "In-hospital_death", "ICUType"}
+
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+
+    sizes = [len(t.y_train) + len(t.y_test) for t in tables]
+    deaths = [int(t.y_train.sum() + t.y_test.sum()) for t in tables]
+    assert sizes == [577, 874, 1481, 1068] and deaths == [81, 43, 275, 155]
+    assert not leaking & set(tables[0].features)
+    assert tables[0].data.x_train.shape[1:] == (48, 3 * len(cfg.data.schema.features))
