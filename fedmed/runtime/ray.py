@@ -23,6 +23,9 @@ def run_ray(
 ) -> None:
     """Run on Ray with ``num_nodes`` virtual SuperNodes; Ray is shut down afterwards."""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's future default (leave CUDA_VISIBLE_DEVICES alone for CPU-only actors); opting in now
+    # also silences its FutureWarning.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import torch
     from flwr.simulation import run_simulation
 
