@@ -13,53 +13,38 @@ import datetime as dt
 import json
 import math
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
+from _common import (
+    Variant,
+    cli_args,
+    environment,
+    fmt,
+    git_state,
+    json_safe,
+    print_table,
+    simulate,
+    summarize,
+)
 
 METRICS = ("roc_auc", "accuracy")
 
 
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    mode: str
-    overrides: tuple[str, ...] = ()
-
-
-def cli_args(config: str, variant: Variant, seed: int | str, out: Path | str) -> list[str]:
-    args = ["simulate", config, "--mode", variant.mode, "--quiet"]
-    for item in (f"seed={seed}", f"data.schema.split_seed={seed}", *variant.overrides):
-        args += ["--set", item]
-    return [*args, "--set", f"output_dir={out}"]
-
-
 def run_once(config: str, variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     """One subprocess; its final per-site metrics, the worst site ε and the wall time."""
-    cmd = [*fedmed_command(), *cli_args(config, variant, seed, runs_root / f"{variant.key}-{seed}")]
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    payload = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, payload, wall = simulate(config, variant, seed, runs_root)
     final = payload["final"]
-    if final.get("missing_sites"):
-        raise RuntimeError(f"{run_dir}: no final metrics for {final['missing_sites']}")
     last = payload["history"][-1]["sites"]
     epsilon = max((s.get("train", {}).get("epsilon", 0.0) for s in last.values()), default=0.0)
     return {
         "seed": seed,
         "run_dir": str(run_dir),
-        "wall_seconds": round(time.time() - started, 2),
+        "wall_seconds": wall,
         "epsilon": epsilon,
         **{f"average_{m}": final["average"][m] for m in METRICS},
         "sites": {s: {m: v[m] for m in METRICS} for s, v in final["sites"].items()},

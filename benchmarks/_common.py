@@ -5,14 +5,18 @@ Each results JSON records the code and machine it measured, so a number can be t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from typing import Any
 from fedmed.report import json_safe
 
 __all__ = [
+    "Variant",
+    "cli_args",
     "environment",
     "fedmed_command",
     "fmt",
@@ -27,6 +33,7 @@ __all__ = [
     "json_safe",
     "parse_seeds",
     "print_table",
+    "simulate",
     "summarize",
 ]
 
@@ -106,3 +113,41 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a benchmark table: a mode and the --set overrides that make it."""
+
+    key: str
+    label: str
+    mode: str
+    overrides: tuple[str, ...] = ()
+
+
+def cli_args(config: str, variant: Variant, seed: int | str, out: Path | str) -> list[str]:
+    """`fedmed simulate` arguments for one seed of ``variant`` (the seed also fixes the split)."""
+    args = ["simulate", config, "--mode", variant.mode, "--quiet"]
+    for item in (f"seed={seed}", f"data.schema.split_seed={seed}", *variant.overrides):
+        args += ["--set", item]
+    return [*args, "--set", f"output_dir={out}"]
+
+
+def simulate(
+    config: str, variant: Variant, seed: int, runs_root: Path
+) -> tuple[Path, dict[str, Any], float]:
+    """One `fedmed simulate` subprocess: its run dir, metrics.json and wall seconds.
+
+    A run whose final round lacks a site is an error, not a silently smaller average.
+    """
+    cmd = [*fedmed_command(), *cli_args(config, variant, seed, runs_root / f"{variant.key}-{seed}")]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    run_dir = Path(proc.stdout.strip().splitlines()[-1])
+    payload = json.loads((run_dir / "metrics.json").read_text())
+    missing = payload["final"].get("missing_sites")
+    if missing:
+        raise RuntimeError(f"{run_dir}: no final metrics for {missing}")
+    return run_dir, payload, round(time.time() - started, 2)

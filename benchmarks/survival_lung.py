@@ -26,30 +26,30 @@ import json
 import math
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import environment, fedmed_command, fmt, git_state, json_safe, print_table, summarize
+from _common import (
+    Variant,
+    cli_args,
+    environment,
+    fmt,
+    git_state,
+    json_safe,
+    print_table,
+    simulate,
+    summarize,
+)
 
 CONFIG = "lung"
 DEFAULT_SEEDS = (42, 43, 44, 45, 46)
 RESULTS = Path(__file__).resolve().parent / "results" / "survival_lung.json"
 FEDADAM = ("strategy.name=fedadam", "strategy.server_lr=0.05")
 MLP = ("model.kind=mlp", "model.hidden=[16]")
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    mode: str
-    overrides: tuple[str, ...] = ()
 
 
 VARIANTS = (
@@ -63,28 +63,14 @@ VARIANTS = (
 )
 
 
-def cli_args(variant: Variant, seed: int | str, output_dir: Path | str) -> list[str]:
-    args = ["simulate", CONFIG, "--mode", variant.mode, "--quiet"]
-    for item in (f"seed={seed}", f"data.schema.split_seed={seed}", *variant.overrides):
-        args += ["--set", item]
-    return [*args, "--set", f"output_dir={output_dir}"]
-
-
 def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     """One ``fedmed simulate`` subprocess; returns its final per-site C-index."""
-    cmd = [*fedmed_command(), *cli_args(variant, seed, runs_root / f"{variant.key}-{seed}")]
-    started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    run_dir = Path(proc.stdout.strip().splitlines()[-1])
-    final = json.loads((run_dir / "metrics.json").read_text())["final"]
-    if final.get("missing_sites"):
-        raise RuntimeError(f"{run_dir}: no final metrics for {final['missing_sites']}")
+    run_dir, payload, wall = simulate(CONFIG, variant, seed, runs_root)
+    final = payload["final"]
     return {
         "seed": seed,
         "run_dir": str(run_dir),
-        "wall_seconds": round(time.time() - started, 2),
+        "wall_seconds": wall,
         "average_c_index": final["average"]["c_index"],
         "sites": {s: m["c_index"] for s, m in final["sites"].items()},
     }
@@ -169,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[variant.key] = {
             "label": variant.label,
             "mode": variant.mode,
-            "command": shlex.join(["fedmed", *cli_args(variant, "SEED", "OUT")]),
+            "command": shlex.join(["fedmed", *cli_args(CONFIG, variant, "SEED", "OUT")]),
             "runs": runs,
             "summary": summarize_runs(runs),
         }
