@@ -22,12 +22,12 @@ from typing import Any
 
 from _common import (
     Variant,
-    cli_args,
     environment,
     fmt,
-    git_state,
     json_safe,
+    note_source_change,
     print_table,
+    run_variants,
     simulate,
     summarize,
 )
@@ -79,25 +79,17 @@ def run_benchmark(
     print(f"reproduce with: {command}", flush=True)
     env = environment()
     started = time.time()
-    results: dict[str, Any] = {}
-    for variant in variants:
-        runs = []
-        for seed in seeds:
-            run = run_once(config, variant, seed, runs_dir)
-            runs.append(run)
-            print(
-                f"  {variant.key:<14} seed {seed}: AUC {run['average_roc_auc']:.3f} "
-                f"acc {run['average_accuracy']:.3f} ε {run['epsilon']:.2f} "
-                f"({run['wall_seconds']:.0f} s)",
-                flush=True,
-            )
-        results[variant.key] = {
-            "label": variant.label,
-            "mode": variant.mode,
-            "command": shlex.join(["fedmed", *cli_args(config, variant, "SEED", "OUT")]),
-            "runs": runs,
-            "summary": summarize_runs(runs),
-        }
+    results = run_variants(
+        config,
+        variants,
+        seeds,
+        lambda variant, seed: run_once(config, variant, seed, runs_dir),
+        lambda run: (
+            f"AUC {run['average_roc_auc']:.3f} acc {run['average_accuracy']:.3f} "
+            f"ε {run['epsilon']:.2f} ({run['wall_seconds']:.0f} s)"
+        ),
+        summarize_runs,
+    )
     sites = list(next(iter(results.values()))["summary"]["sites"])
     header = ["method", "avg ROC-AUC", "avg accuracy", "ε (max site)", *sites]
     rows = [
@@ -112,9 +104,7 @@ def run_benchmark(
     ]
     print(f"\n{title}, mean ± sd over seeds {seeds} (ddof=1); site columns: ROC-AUC")
     print_table(header, rows)
-    if git_state() != env["git"]:
-        env["git_at_end"] = git_state()
-        print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")
+    note_source_change(env)
     payload = {
         "benchmark": title,
         "metric": "ROC-AUC and accuracy (threshold 0.5) per site test split; avg = unweighted "

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +33,7 @@ __all__ = [
     "json_safe",
     "parse_seeds",
     "print_table",
+    "run_variants",
     "simulate",
     "summarize",
 ]
@@ -151,3 +152,36 @@ def simulate(
     if missing:
         raise RuntimeError(f"{run_dir}: no final metrics for {missing}")
     return run_dir, payload, round(time.time() - started, 2)
+
+
+def run_variants(
+    config: str,
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    run_once: Callable[[Variant, int], dict[str, Any]],
+    describe: Callable[[dict[str, Any]], str],
+    summarize_runs: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> dict[str, Any]:
+    """Every variant x seed, one line of progress per run; results keyed by variant."""
+    results: dict[str, Any] = {}
+    for variant in variants:
+        runs = []
+        for seed in seeds:
+            run = run_once(variant, seed)
+            runs.append(run)
+            print(f"  {variant.key:<14} seed {seed}: {describe(run)}", flush=True)
+        results[variant.key] = {
+            "label": variant.label,
+            "mode": variant.mode,
+            "command": shlex.join(["fedmed", *cli_args(config, variant, "SEED", "OUT")]),
+            "runs": runs,
+            "summary": summarize_runs(runs),
+        }
+    return results
+
+
+def note_source_change(env: dict[str, Any]) -> None:
+    """Record (and say) when fedmed's source changed while a benchmark ran."""
+    if git_state() != env["git"]:
+        env["git_at_end"] = git_state()
+        print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")

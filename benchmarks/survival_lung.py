@@ -35,12 +35,12 @@ from typing import Any
 
 from _common import (
     Variant,
-    cli_args,
     environment,
     fmt,
-    git_state,
     json_safe,
+    note_source_change,
     print_table,
+    run_variants,
     simulate,
     summarize,
 )
@@ -141,24 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"reproduce with: {command}", flush=True)
     env = environment()
     started = time.time()
-    results: dict[str, Any] = {}
-    for variant in VARIANTS:
-        runs = []
-        for seed in seeds:
-            run = run_once(variant, seed, args.runs_dir)
-            runs.append(run)
-            print(
-                f"  {variant.key:<11} seed {seed}: avg C {run['average_c_index']:.3f} "
-                f"({run['wall_seconds']:.1f} s)",
-                flush=True,
-            )
-        results[variant.key] = {
-            "label": variant.label,
-            "mode": variant.mode,
-            "command": shlex.join(["fedmed", *cli_args(CONFIG, variant, "SEED", "OUT")]),
-            "runs": runs,
-            "summary": summarize_runs(runs),
-        }
+    results = run_variants(
+        CONFIG,
+        VARIANTS,
+        seeds,
+        lambda variant, seed: run_once(variant, seed, args.runs_dir),
+        lambda run: f"avg C {run['average_c_index']:.3f} ({run['wall_seconds']:.1f} s)",
+        summarize_runs,
+    )
     reference = [lifelines_pooled(seed) for seed in seeds]
     results["lifelines_pooled"] = {
         "label": "lifelines CoxPHFitter, pooled (reference)",
@@ -169,9 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     header, rows = table(results)
     print(f"\nlung by institution, Harrell's C, mean ± sd over seeds {seeds} (ddof=1)")
     print_table(header, rows)
-    if git_state() != env["git"]:
-        env["git_at_end"] = git_state()
-        print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")
+    note_source_change(env)
     payload = {
         "benchmark": "NCCTG lung by institution (survival, Cox)",
         "metric": "Harrell's C-index per site test split; avg = unweighted mean over the 6 sites; "
