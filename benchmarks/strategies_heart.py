@@ -83,6 +83,60 @@ SEARCH: dict[str, tuple[str, ...]] = {
     ),
     "fedavg train.lr=0.01": ("strategy.name=fedavg", "train.lr=0.01"),
 }
+# Selection WITHOUT the test sets (--part validate): every candidate runs on a validation split
+# carved from each center's FLamby train split (25 %, stratified; VAL_SPLITS different carvings x
+# VAL_SEEDS model seeds); the candidate with the best mean validation accuracy is then run once
+# on the real test sets over FLamby's 5 seeds. Candidates: the client lr FedAvg needs and the
+# server settings of the strategies that came close, around the seed-42 scan's picks.
+VAL_FRACTION = 0.25
+VAL_SPLITS = (1, 2, 3)
+VAL_SEEDS = (42, 43)
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    **{
+        f"fedavg train.lr={lr}": ("strategy.name=fedavg", f"train.lr={lr}")
+        for lr in ("0.001", "0.003", "0.01")
+    },
+    **{
+        f"fedadam server_lr={slr} train.lr={lr}": (
+            "strategy.name=fedadam",
+            f"strategy.server_lr={slr}",
+            f"train.lr={lr}",
+        )
+        for slr in ("0.03", "0.1", "0.3")
+        for lr in ("0.001", "0.003")
+    },
+    **{
+        f"fedyogi server_lr={slr} train.lr=0.003": (
+            "strategy.name=fedyogi",
+            f"strategy.server_lr={slr}",
+            "train.lr=0.003",
+        )
+        for slr in ("0.03", "0.1")
+    },
+    **{
+        f"fedavgm momentum=0.9 train.lr={lr}": (
+            "strategy.name=fedavgm",
+            "strategy.server_lr=1.0",
+            "strategy.server_momentum=0.9",
+            f"train.lr={lr}",
+        )
+        for lr in ("0.001", "0.003")
+    },
+}
+# Personalized federated learning (fedmed.personalize): after the study, each center fine-tunes
+# the global model on its own train rows for a few epochs and is scored with its own model.
+# FLamby's avg-clients metric scores each center separately, so this is a like-for-like entry
+# for "best federated result", reported apart from the global-model rows. Selected the same way.
+PERSONALIZED: dict[str, tuple[str, ...]] = {
+    f"{key} + finetune {epochs} ep lr {lr}": (
+        *CANDIDATES[key],
+        f"personalize.local_epochs={epochs}",
+        f"personalize.lr={lr}",
+    )
+    for key in ("fedyogi server_lr=0.03 train.lr=0.003", "fedavg train.lr=0.01")
+    for epochs in (1, 3)
+    for lr in ("0.003", "0.01")
+}
 ROBUST = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum")
 # Which hospital attacks matters: cleveland is the largest and the most balanced (FedAvg weighs
 # it most; without it the remaining majority is positive-heavy), switzerland the smallest.
@@ -115,7 +169,9 @@ def byzantine_app(attacker: int, scale: float):
     return app
 
 
-def run_study(overrides: Sequence[str], seed: int, runs_dir: Path, app=None) -> dict[str, Any]:
+def run_study(
+    overrides: Sequence[str], seed: int, runs_dir: Path, app=None, config: str = CONFIG
+) -> dict[str, Any]:
     """One in-process federated study; returns avg-over-centers and per-center accuracy."""
     from fedmed.cli import preflight
     from fedmed.client_app import app as client_app
@@ -125,25 +181,39 @@ def run_study(overrides: Sequence[str], seed: int, runs_dir: Path, app=None) -> 
     from fedmed.study import RunPlan, new_run_dir
 
     items = [*overrides, f"seed={seed}", f"output_dir={runs_dir}"]
-    cfg, _ = preflight(load_run_config(resolve_config_path(CONFIG), items))
+    cfg, _ = preflight(load_run_config(resolve_config_path(config), items))
     plan = RunPlan(cfg, new_run_dir(cfg))
     started = time.time()
     run_inprocess(build_server_app(plan), app or client_app, len(cfg.sites), plan.to_run_config())
     final = json.loads((plan.run_dir / "metrics.json").read_text())["final"]
-    return {
+    out = {
         "seed": seed,
         "wall_seconds": round(time.time() - started, 2),
         "average_accuracy": final["average"]["accuracy"],
         "sites": {s: final["sites"].get(s, {}).get("accuracy") for s in SITES},
     }
+    if "personalized" in final:  # each site's fine-tuned model on its own test set
+        tuned = final["personalized"]
+        out["global_average_accuracy"] = out["average_accuracy"]
+        out["global_sites"] = out["sites"]
+        out["average_accuracy"] = tuned["average"]["after"]["accuracy"]
+        out["sites"] = {
+            s: tuned["sites"].get(s, {}).get("after", {}).get("accuracy") for s in SITES
+        }
+    return out
 
 
 def over_seeds(
-    name: str, overrides: Sequence[str], seeds: Sequence[int], runs_dir: Path, app=None
+    name: str,
+    overrides: Sequence[str],
+    seeds: Sequence[int],
+    runs_dir: Path,
+    app=None,
+    config: str = CONFIG,
 ) -> dict[str, Any]:
     runs = []
     for seed in seeds:
-        runs.append(run_study(overrides, seed, runs_dir, app))
+        runs.append(run_study(overrides, seed, runs_dir, app, config))
         print(
             f"  {name:<28} seed {seed}: {runs[-1]['average_accuracy']:.3f} "
             f"({runs[-1]['wall_seconds']:.1f} s)",
@@ -202,6 +272,115 @@ def part_byzantine(
     return out
 
 
+def validation_config(runs_dir: Path, carving: int) -> tuple[str, list[str]]:
+    """A copy of the study whose sites hold ONLY their FLamby train rows, split train/validation.
+
+    The rows are the ones fedmed itself trains on (same reader, same missing-value drop, same
+    split), written back in the source format with a 'split' column, so the validation study
+    reads, cleans and standardizes exactly like the real one, on 75 % of the train rows.
+    A center whose train rows are all one class (Switzerland: 30 rows, all positive) has nothing
+    to validate on: it keeps its real train/test split so it still trains as in the study, and is
+    left out of the selection criterion (returned as the second value), so no test row is used.
+    """
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    from fedmed.config import load_run_config, resolve_config_path
+    from fedmed.data import load_site_table
+    from fedmed.data.sources import load_site_frame
+
+    source = resolve_config_path(CONFIG)
+    cfg = load_run_config(source, [])
+    text = source.read_text()
+    folder = runs_dir / f"validation-{carving}"
+    folder.mkdir(parents=True, exist_ok=True)
+    unscored = []
+    for site in cfg.sites:
+        frame, _ = load_site_frame(cfg, site)
+        table = load_site_table(cfg, site)
+        if len(np.unique(table.y_train)) < 2:
+            unscored.append(site.name)
+            rows = frame.loc[[*table.x_train.index, *table.x_test.index]].copy()
+            rows["split"] = ["train"] * len(table.x_train) + ["test"] * len(table.x_test)
+        else:
+            rows = frame.loc[table.x_train.index].copy()
+            fit, _ = train_test_split(
+                np.arange(len(rows)),
+                test_size=VAL_FRACTION,
+                random_state=carving,
+                stratify=table.y_train,
+            )
+            rows["split"] = "test"
+            rows.iloc[fit, rows.columns.get_loc("split")] = "train"
+        out = folder / f"{site.name}.data"
+        rows.to_csv(out, header=False, index=False)
+        text = _replace_once(text, f'path = "{site.path}"', f'path = "{out}"')
+    text = _replace_once(text, '"thal", "num"]', '"thal", "num", "split"]')
+    text = _replace_once(text, "test_fraction = 0.34\nsplit_seed = 43", 'split_column = "split"')
+    text = _replace_once(text, 'name = "heart_disease"', 'name = "heart_disease_validation"')
+    config = folder / "heart_disease_validation.toml"
+    config.write_text(text)
+    return str(config), unscored
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    if text.count(old) != 1:
+        raise SystemExit(f"simulations/{CONFIG}.toml changed: expected {old!r} once")
+    return text.replace(old, new)
+
+
+def part_validate(seeds: Sequence[int], runs_dir: Path) -> dict[str, Any]:
+    """Pick the best candidates on validation splits only, then measure them on the test sets.
+
+    One pick among the global-model candidates and one among the personalized ones; each pick
+    then runs once over the test seeds. The test sets are not read before that.
+    """
+    import numpy as np
+
+    configs = {carving: validation_config(runs_dir, carving) for carving in VAL_SPLITS}
+    scored = [s for s in SITES if all(s not in unscored for _, unscored in configs.values())]
+
+    def validate(candidates: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+        scores: dict[str, Any] = {}
+        for key, overrides in candidates.items():
+            per_carving = {
+                carving: over_seeds(f"val{carving} {key}", overrides, VAL_SEEDS, runs_dir, None, c)
+                for carving, (c, _) in configs.items()
+            }
+            values = [
+                float(np.mean([r["sites"][s] for s in scored]))
+                for v in per_carving.values()
+                for r in v["runs"]
+            ]
+            scores[key] = {
+                "overrides": list(overrides),
+                "validation_runs": len(values),
+                "validation_accuracy": summarize(values),
+            }
+            print(f"  -> {key}: validation ({', '.join(scored)}) {np.mean(values):.3f}", flush=True)
+        return scores
+
+    out: dict[str, Any] = {
+        "protocol": {
+            "validation_fraction_of_train": VAL_FRACTION,
+            "scored_sites": scored,
+            "validation_carvings": list(VAL_SPLITS),
+            "validation_model_seeds": list(VAL_SEEDS),
+            "test_seeds": list(seeds),
+        }
+    }
+    for kind, candidates in (("global", CANDIDATES), ("personalized", PERSONALIZED)):
+        scores = validate(candidates)
+        best = max(scores, key=lambda k: scores[k]["validation_accuracy"]["mean"])
+        print(f"selected on validation ({kind}): {best}", flush=True)
+        out[kind] = {
+            "candidates": scores,
+            "selected": best,
+            "test": over_seeds(f"test {best}", candidates[best], seeds, runs_dir),
+        }
+    return out
+
+
 def print_tables(results: dict[str, Any]) -> None:
     if "strategies" in results:
         print("\nstrategy        avg-clients acc (5 seeds)   FLamby")
@@ -213,6 +392,15 @@ def print_tables(results: dict[str, Any]) -> None:
         print("\nsearch (selected on the evaluation seeds)")
         for name, r in results["search"].items():
             print(f"  {name:<40} {fmt(r['average'])}")
+    if "validate" in results:
+        for kind in ("global", "personalized"):
+            v = results["validate"][kind]
+            print(f"\n{kind}: selected on validation splits of the train rows (no test set seen)")
+            for name, r in sorted(
+                v["candidates"].items(), key=lambda kv: -kv[1]["validation_accuracy"]["mean"]
+            ):
+                print(f"  {name:<52} validation {fmt(r['validation_accuracy'])}")
+            print(f"  selected: {v['selected']} -> test {fmt(v['test']['average'])}")
     for attacker, table in results.get("byzantine", {}).items():
         print(f"\nByzantine: {attacker} sends -{SCALE:g} x its update")
         for name, r in table.items():
@@ -227,7 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument(
-        "--part", choices=("tune", "strategies", "search", "byzantine", "all"), default="all"
+        "--part",
+        choices=("tune", "strategies", "search", "validate", "byzantine", "all"),
+        default="all",
     )
     parser.add_argument(
         "--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "strategies_heart_runs"
@@ -256,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["strategies"] = part_strategies(args.seeds, args.runs_dir)
     if args.part in ("search", "all"):
         results["search"] = part_search(args.seeds, args.runs_dir)
+    if args.part in ("validate", "all"):
+        results["validate"] = part_validate(args.seeds, args.runs_dir)
     if args.part in ("byzantine", "all"):
         clean = results.get("strategies", {})
         for attacker in args.attackers:
