@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from flwr.app import Context, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 from safetensors.numpy import load_file
 
-from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig
+from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig, parse_run_config
 from fedmed.errors import ConfigError
+from fedmed.runtime.inprocess import RUN_ID
 from fedmed.secagg import SiteClient
 from fedmed.secagg import client_app as secure_app
+from fedmed.security.audit import AuditLog
+from fedmed.security.policy import SITE_CONFIG_KEY
+from fedmed.server_app import build_server_app
+from fedmed.study import RunPlan, new_run_dir, plan_hash
 
+from .conftest import write_site_csv
 from .test_runtime import _run
+from .test_site_daemon import RecordingGrid, _site
+from .test_site_daemon import _study as _daemon_study
 
 SECURE = StrategyConfig(secure_aggregation=True, validate_updates=False)
 
@@ -82,3 +96,60 @@ def test_what_secure_aggregation_cannot_combine_with_is_refused(
     settings = {"secure_aggregation": True, "validate_updates": False, **change}
     with pytest.raises(ConfigError, match=fix):
         csv_study.replace(strategy=StrategyConfig(**settings))
+
+
+def test_deployed_sites_check_the_plan_and_audit_every_secagg_stage(tmp_path: Path) -> None:
+    """Site daemons' mods on the secure app: an unapproved site refuses at setup, the round
+    goes on without it, every stage is in every site's audit log, nothing identifying leaves."""
+    study = _daemon_study(tmp_path)
+    study["sites"] = [{"name": n} for n in ("alpha", "beta", "gamma")]
+    study["strategy"] = {"min_sites": 2, "secure_aggregation": True, "validate_updates": False}
+    cfg = parse_run_config(study)
+    approved = plan_hash(cfg)
+    tables = tmp_path / "hospital-files"
+    tables.mkdir()
+    site_files = [
+        _site(tmp_path, "alpha", approved, write_site_csv(tables / "alpha.csv", 80, seed=1)),
+        _site(tmp_path, "beta", approved, write_site_csv(tables / "beta.csv", 60, seed=2)),
+        # gamma's steward approved another plan and registered no data: refusal on the plan alone
+        _site(tmp_path, "gamma", "sha256:" + "1" * 64, None),
+    ]
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    grid = RecordingGrid(secure_app, len(site_files), plan.to_run_config())
+    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
+        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), plan.to_run_config())
+
+    build_server_app(plan)(grid, server)
+
+    metrics = json.loads((plan.run_dir / "metrics.json").read_text())
+    assert set(metrics["final"]["sites"]) == {"alpha", "beta"}
+    for h in metrics["history"]:  # named with its own reason, in both phases of every round
+        assert [(f["site"], f["phase"]) for f in h["failures"]] == [
+            ("gamma", "train"),
+            ("gamma", "evaluate"),
+        ]
+        assert all("not approved" in f["reason"] for f in h["failures"])
+        assert {s for s, phases in h["sites"].items() if "train" in phases} == {"alpha", "beta"}
+    stages = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+    for name in ("alpha", "beta", "gamma"):
+        log = AuditLog(tmp_path / "state" / name)
+        assert log.verify() == []
+        assert {e["plan_hash"] for e in log.entries()} == {approved}
+    alpha = AuditLog(tmp_path / "state" / "alpha").entries()
+    received = [e for e in alpha if e["direction"] == "received"]
+    assert [e.get("secagg_stage", e["message_type"]) for e in received] == 2 * [*stages, "evaluate"]
+    assert [e["round"] for e in received] == [1] * 5 + [2] * 5
+    masked = [e for e in alpha if e.get("secagg_stage") == "collect_masked_vectors"]
+    sent = [e for e in masked if e["direction"] == "sent"]
+    assert all(e["update_sha256"].startswith("sha256:") and e["epsilon"] > 0 for e in sent)
+    # gamma is asked for setup only (then left out of the round) and for evaluation; it refuses.
+    gamma = AuditLog(tmp_path / "state" / "gamma").entries()
+    got = [e.get("secagg_stage", e["message_type"]) for e in gamma if e["direction"] == "received"]
+    assert got == 2 * ["setup", "evaluate"]
+    assert all("not approved" in e["outcome"] for e in gamma if e["direction"] == "sent")
+    wire = b"".join(grid.sent)
+    for needle in (str(tmp_path).encode(), b"hospital-files", b".csv", b"Traceback"):
+        assert needle not in wire, f"{needle!r} left a site"
