@@ -116,10 +116,8 @@ def secure_clipping_mod(msg: Message, context: Context, call_next: Callable) -> 
 
 # Outside in: audit every stage -> refuse an unapproved plan before SecAgg+ state or data is
 # touched -> turn any failure into a wire-safe reason -> SecAgg+ -> clip (central DP) -> train.
-client_app = ClientApp(
-    client_fn=lambda context: SiteClient(context).to_client(),
-    mods=[site_audit_mod, site_policy_mod, fail_closed_mod, secaggplus_mod, secure_clipping_mod],
-)
+SITE_MODS = [site_audit_mod, site_policy_mod, fail_closed_mod, secaggplus_mod, secure_clipping_mod]
+client_app = ClientApp(client_fn=lambda context: SiteClient(context).to_client(), mods=SITE_MODS)
 
 
 class RecordingFedAvg(FedAvg):
@@ -380,6 +378,9 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
             num_shares=1.0,  # every sampled site is every other's neighbour
             # Shares needed to unmask a dropped site: min_sites (Flower needs at least 2).
             reconstruction_threshold=max(2, needed),
+            # A site's masked vector is weight/max_weight x its parameters, quantized to 2^22
+            # levels: central DP weighs every site 1, so max_weight 1 keeps full precision.
+            max_weight=1.0 if cfg.privacy.central != "off" else 1000.0,
             timeout=cfg.strategy.round_timeout,
         )
     )

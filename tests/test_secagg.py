@@ -8,20 +8,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
+from fedmed import secagg
 from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig, parse_run_config
 from fedmed.errors import ConfigError
+from fedmed.privacy import RDP_ALPHAS
 from fedmed.runtime.inprocess import RUN_ID
-from fedmed.secagg import SiteClient
+from fedmed.secagg import SITE_MODS, SiteClient
 from fedmed.secagg import client_app as secure_app
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import SITE_CONFIG_KEY
 from fedmed.server_app import build_server_app
+from fedmed.strategies import central_epsilon
 from fedmed.study import RunPlan, new_run_dir, plan_hash
 
 from .conftest import write_site_csv
@@ -59,17 +62,21 @@ def test_local_dp_composes_with_secure_aggregation(csv_study: RunConfig) -> None
         assert 0 < out["final"]["sites"][site]["epsilon"] <= cfg.privacy.target_epsilon + 1e-6
 
 
-def test_a_site_dropping_out_mid_protocol_is_survived_and_named(csv_study: RunConfig) -> None:
-    class DropsInRound1(SiteClient):
-        def fit(self, parameters, config):
-            # After the key setup, while masked updates are collected: a mid-protocol dropout.
-            if int(config["server-round"]) == 1 and self.context.node_config["partition-id"] == 2:
-                raise RuntimeError("connection lost")
-            return super().fit(parameters, config)
+class DropsInRound1(SiteClient):
+    def fit(self, parameters, config):
+        # After the key setup, while masked updates are collected: a mid-protocol dropout.
+        if int(config["server-round"]) == 1 and self.context.node_config["partition-id"] == 2:
+            raise RuntimeError("connection lost")
+        return super().fit(parameters, config)
 
-    app = ClientApp(
-        client_fn=lambda context: DropsInRound1(context).to_client(), mods=[secaggplus_mod]
-    )
+
+dropping_app = ClientApp(
+    client_fn=lambda context: DropsInRound1(context).to_client(), mods=SITE_MODS
+)
+
+
+def test_a_site_dropping_out_mid_protocol_is_survived_and_named(csv_study: RunConfig) -> None:
+    app = dropping_app
     cfg = csv_study.replace(
         rounds=2,
         strategy=StrategyConfig(secure_aggregation=True, validate_updates=False, min_sites=2),
@@ -153,3 +160,99 @@ def test_deployed_sites_check_the_plan_and_audit_every_secagg_stage(tmp_path: Pa
     wire = b"".join(grid.sent)
     for needle in (str(tmp_path).encode(), b"hospital-files", b".csv", b"Traceback"):
         assert needle not in wire, f"{needle!r} left a site"
+
+
+# -- central DP: clipped at the sites before masking, noised by the coordinator ---------------
+
+
+def _secure_central(cfg: RunConfig, sigma: float, norm: float, rounds: int) -> RunConfig:
+    return cfg.replace(
+        rounds=rounds,
+        strategy=StrategyConfig(secure_aggregation=True, validate_updates=False, min_sites=2),
+        privacy=PrivacyConfig(
+            central="client-side", central_noise_multiplier=sigma, central_clipping_norm=norm
+        ),
+    )
+
+
+def _record_noise(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float, int]]:
+    """Replace the coordinator's noise by nothing (noise multiplier 0), recording each call."""
+    calls: list[tuple[float, float, int]] = []
+
+    def no_noise(parameters, sigma: float, clipping_norm: float, sites: int):
+        calls.append((sigma, clipping_norm, sites))
+        return parameters
+
+    monkeypatch.setattr(secagg, "add_noise", no_noise)
+    return calls
+
+
+NORM = 0.02  # below every site's update norm in round 1 (0.08-0.21): all are clipped
+
+
+def test_without_noise_the_aggregate_is_the_mean_of_the_sites_clipped_updates(
+    csv_study: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmed.cli import preflight
+    from fedmed.client_app import local_round
+    from fedmed.server_app import initial_model
+
+    cfg, _ = preflight(_secure_central(csv_study, sigma=1.0, norm=NORM, rounds=1))
+    calls = _record_noise(monkeypatch)
+    # What each site trains from the initial model, computed here, independently of SecAgg+.
+    start = initial_model(RunPlan(cfg, Path(cfg.output_dir))).state_dict()
+    updates = []
+    for i in range(len(cfg.sites)):
+        context = Context(0, i, {"partition-id": i}, RecordDict(), {})
+        _, local, _ = local_round(cfg.to_json(), context, start, {"server-round": 1})
+        updates.append({k: (v - start[k]).numpy() for k, v in local.state_dict().items()})
+
+    out = _run(cfg, secure_app)
+
+    assert calls == [(1.0, NORM, 3)]  # noise for a mean of 3 updates clipped to NORM
+    final = load_file(f"{out['_dir']}/model.safetensors")
+    clipped = []
+    for update in updates:
+        norm = np.sqrt(sum(float(np.sum(u**2)) for u in update.values()))
+        clipped.append({k: u * min(1.0, NORM / norm) for k, u in update.items()})
+    for key in final:
+        expected = start[key].numpy() + np.mean([c[key] for c in clipped], axis=0)
+        np.testing.assert_allclose(final[key], expected, atol=1e-4)
+    # The clipping was real: every update was longer than the norm, the plain mean differs.
+    norms = [np.sqrt(sum(float(np.sum(u**2)) for u in up.values())) for up in updates]
+    assert min(norms) > 2 * NORM, norms
+    key = "linear.weight" if "linear.weight" in final else next(iter(final))
+    plain = start[key].numpy() + np.mean([u[key] for u in updates], axis=0)
+    assert np.abs(final[key] - plain).max() > 1e-3
+
+
+def test_secure_central_dp_accounts_epsilon_as_plain_central_dp(csv_study: RunConfig) -> None:
+    cfg = _secure_central(csv_study, sigma=0.8, norm=0.5, rounds=2)
+
+    out = _run(cfg, secure_app)
+
+    reference = RDPAccountant()
+    for h in out["history"]:
+        reference.step(noise_multiplier=0.8, sample_rate=1.0)
+        expected = reference.get_epsilon(delta=cfg.privacy.delta, alphas=RDP_ALPHAS)
+        assert h["central_epsilon"] == pytest.approx(expected)
+        assert h["central_epsilon"] == pytest.approx(central_epsilon(cfg, h["round"]))
+    assert out["final"]["central_epsilon"] == out["history"][-1]["central_epsilon"]
+    assert set(out["final"]["sites"]) == set(cfg.site_names)
+
+
+def test_noise_is_scaled_to_the_sites_left_after_a_dropout(
+    csv_study: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _record_noise(monkeypatch)
+
+    out = _run(_secure_central(csv_study, sigma=1.0, norm=0.5, rounds=2), dropping_app)
+
+    # Round 1 aggregates 2 clipped updates (gamma dropped): std sigma*C/2, not Flower's /3.
+    assert calls == [(1.0, 0.5, 2), (1.0, 0.5, 3)]
+    assert [f["site"] for f in out["history"][0]["failures"]] == ["gamma"]
+
+
+def test_server_side_clipping_is_refused_with_secure_aggregation(csv_study: RunConfig) -> None:
+    with pytest.raises(ConfigError, match="never sees an individual update"):
+        csv_study.replace(strategy=SECURE, privacy=PrivacyConfig(central="server-side"))
