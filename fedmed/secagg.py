@@ -20,11 +20,11 @@ added before masking); central DP with CLIENT-side clipping: each site clips its
 gives it unit weight BEFORE masking (``secure_clipping_mod`` inside ``secaggplus_mod``), the
 coordinator adds Gaussian noise to the unmasked mean (``SecureCentralDP``). No update
 validation, no server-side clipping (the server never sees an individual update), no
-personalization and no --resume on this path yet. Site-level train metrics still arrive (they
-are not masked), so ε per site is reported as usual. A site that drops out after sharing its
-keys is tolerated while at least ``reconstruction_threshold`` (= ``strategy.min_sites``, at
-least 2) of its neighbours' shares arrive; one that refuses or fails at setup is simply left out
-of the round.
+personalization. The coordinator checkpoints every round, so --resume works here too.
+Site-level train metrics still arrive (they are not masked), so ε per site is reported as
+usual. A site that drops out after sharing its keys is tolerated while at least
+``reconstruction_threshold`` (= ``strategy.min_sites``, at least 2) of its neighbours' shares
+arrive; one that refuses or fails at setup is simply left out of the round.
 """
 
 from __future__ import annotations
@@ -222,10 +222,11 @@ class PlanStampingGrid(Grid):
     replies without a timeout (a site that died would hang the study): give it the round's.
     """
 
-    def __init__(self, grid: Grid, plan: ConfigRecord, timeout: float) -> None:
+    def __init__(self, grid: Grid, plan: dict[str, str], timeout: float, done: int = 0) -> None:
         self.grid = grid
         self.plan = plan
         self.timeout = timeout
+        self.done = done  # rounds completed before a resume: Flower's workflow counts from 1
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -249,8 +250,9 @@ class PlanStampingGrid(Grid):
 
     def _stamp(self, messages: Iterable[Message]) -> list[Message]:
         out = list(messages)
-        for msg in out:
-            msg.content[PLAN_RECORD] = self.plan
+        for msg in out:  # the workflow sends every message of a round with the round as group
+            true_round = int(msg.metadata.group_id) + self.done
+            msg.content[PLAN_RECORD] = ConfigRecord({**self.plan, "server-round": true_round})
         return out
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -263,6 +265,33 @@ class PlanStampingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.grid.send_and_receive(self._stamp(messages), timeout=timeout or self.timeout)
+
+
+class ResumedRounds(Strategy):
+    """Rounds numbered from ``done + 1`` after a resume (Flower's legacy workflow counts from 1),
+    so seeds, history, checkpoints and central ε see the true round."""
+
+    def __init__(self, inner: Strategy, done: int) -> None:
+        self.inner = inner
+        self.done = done
+
+    def initialize_parameters(self, client_manager: Any) -> Parameters | None:
+        return self.inner.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any):
+        return self.inner.configure_fit(server_round + self.done, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list):
+        return self.inner.aggregate_fit(server_round + self.done, results, failures)
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any):
+        return self.inner.configure_evaluate(server_round + self.done, parameters, client_manager)
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
+        return self.inner.aggregate_evaluate(server_round + self.done, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters):
+        return self.inner.evaluate(server_round + self.done, parameters)
 
 
 class SecureRounds(SecAggPlusWorkflow):
@@ -334,16 +363,26 @@ def build_secure_strategy(
 
 
 def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> dict:
-    """The study's rounds with SecAgg+ FedAvg; same outputs as ``server_app.run_federated``."""
+    """The study's rounds with SecAgg+ FedAvg; same outputs as ``server_app.run_federated``.
+
+    Like it, checkpoints after every round (FedAvg has no state beyond the model) and, with
+    ``plan.resume``, runs only the rounds that remain. SecAgg+ quantizes with stochastic
+    rounding, so a resumed secure run matches an uninterrupted one to ~1e-5, not bit for bit.
+    """
+    from fedmed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from fedmed.server_app import initial_model
     from fedmed.strategies import central_epsilon
     from fedmed.study import live_reporter
 
     started = time.time()
     cfg = plan.config
-    history = RunHistory(sites=cfg.site_names)
     model = initial_model(plan)
     keys = list(model.state_dict())
+    done, history = 0, RunHistory(sites=cfg.site_names)
+    if plan.resume:
+        checkpoint = load_checkpoint(plan.run_dir, cfg)
+        done, history = checkpoint.round, checkpoint.history
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
     report = live_reporter(plan, on_round)
     needed = cfg.strategy.min_sites or len(cfg.sites)
 
@@ -358,6 +397,8 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
     def round_done(server_round: int) -> None:
         if cfg.privacy.central != "off":
             history.central_epsilon[server_round] = central_epsilon(cfg, server_round)
+        state = dict(zip(keys, _global_arrays(legacy), strict=True))
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(server_round, state, history))
         report(server_round, history)
 
     strategy = build_secure_strategy(
@@ -370,8 +411,8 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
     )
     legacy = LegacyContext(
         context,
-        config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.strategy.round_timeout),
-        strategy=strategy,
+        config=ServerConfig(num_rounds=cfg.rounds - done, round_timeout=cfg.strategy.round_timeout),
+        strategy=ResumedRounds(strategy, done) if done else strategy,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecureRounds(
@@ -388,11 +429,15 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
         from fedmed.runtime.polling import PromptGrid
 
         grid = PromptGrid(grid)
-    stamp = ConfigRecord({RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name})
-    workflow(PlanStampingGrid(grid, stamp, cfg.strategy.round_timeout), legacy)
-    final = compat.arrayrecord_to_parameters(
-        legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True
-    )
-    arrays = parameters_to_ndarrays(final)
-    model.load_state_dict(_state(keys, [np.asarray(a, dtype=np.float32) for a in arrays]))
+    stamp = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
+    if done < cfg.rounds:
+        workflow(PlanStampingGrid(grid, stamp, cfg.strategy.round_timeout, done), legacy)
+        model.load_state_dict(_state(keys, _global_arrays(legacy)))
     return finish_run(plan, history, {"model": model}, started)
+
+
+def _global_arrays(legacy: LegacyContext) -> list[np.ndarray]:
+    """The workflow's current global model (float32, in the model's key order)."""
+    record = legacy.state.array_records[MAIN_PARAMS_RECORD]
+    parameters = compat.arrayrecord_to_parameters(record, keep_input=True)
+    return [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)]
