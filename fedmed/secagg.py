@@ -162,12 +162,21 @@ class RecordingFedAvg(FedAvg):
             self.history.record(server_round, phase, str(metrics[SITE]), numbers)
         answered = {str(m[SITE]) for m in replies}
         reasons = _site_reasons(failures)
+        lost = any(isinstance(f, SecureRoundLost) for f in failures)
         for site in self.history.sites:
             if site not in answered:
-                reason = reasons.get(
-                    site, f"site '{site}': no {phase} result (dropped out, failed or timed out)"
+                generic = (
+                    "secure round lost: fewer sites than strategy.min_sites completed SecAgg+"
+                    if lost
+                    else f"no {phase} result (dropped out, failed or timed out)"
                 )
-                self.history.record_failure(server_round, phase, reason)
+                self.history.record_failure(
+                    server_round, phase, reasons.get(site, f"site '{site}': {generic}")
+                )
+
+
+class SecureRoundLost(RuntimeError):
+    """Too few sites got through a SecAgg+ stage to unmask the sum: the round aggregates nothing."""
 
 
 _SITE_REASON = re.compile(r"site '([^']+)': ")
@@ -318,8 +327,8 @@ class SecureRounds(SecAggPlusWorkflow):
                 current = int(
                     context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND]
                 )
-                halted = RuntimeError("secure aggregation halted: too few sites")
-                context.strategy.aggregate_fit(current, [], [*state.failures, halted])
+                lost = SecureRoundLost(f"secure aggregation halted at {step.__name__}")
+                context.strategy.aggregate_fit(current, [], [*state.failures, lost])
                 return
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:

@@ -90,6 +90,23 @@ def test_a_site_dropping_out_mid_protocol_is_survived_and_named(csv_study: RunCo
     assert round2["failures"] == [] and set(out["final"]["sites"]) == set(cfg.site_names)
 
 
+def test_below_min_sites_the_round_is_lost_and_every_site_named(csv_study: RunConfig) -> None:
+    # min_sites = 0: all 3 must complete (reconstruction threshold 3); gamma drops in round 1.
+    cfg = csv_study.replace(rounds=2, strategy=SECURE)
+
+    out = _run(cfg, dropping_app)
+
+    round1, round2 = out["history"]
+    train = {f["site"]: f["reason"] for f in round1["failures"] if f["phase"] == "train"}
+    assert set(train) == {"alpha", "beta", "gamma"}
+    assert "site failed" in train["gamma"]  # its own (wire-safe) reason
+    assert all("secure round lost" in train[s] for s in ("alpha", "beta"))
+    assert not any("train" in phases for phases in round1["sites"].values())
+    # The next round starts the protocol afresh and all three aggregate.
+    assert round2["failures"] == []
+    assert {s for s, phases in round2["sites"].items() if "train" in phases} == set(cfg.site_names)
+
+
 @pytest.mark.parametrize(
     ("change", "fix"),
     [
