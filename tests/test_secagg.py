@@ -128,6 +128,8 @@ def test_deployed_sites_check_the_plan_and_audit_every_secagg_stage(tmp_path: Pa
     study = _daemon_study(tmp_path)
     study["sites"] = [{"name": n} for n in ("alpha", "beta", "gamma")]
     study["strategy"] = {"min_sites": 2, "secure_aggregation": True, "validate_updates": False}
+    # Local DP-SGD and central DP (clipped at the site under the policy and audit mods) at once.
+    study["privacy"] = {**study["privacy"], "central": "client-side", "central_clipping_norm": 0.5}
     cfg = parse_run_config(study)
     approved = plan_hash(cfg)
     tables = tmp_path / "hospital-files"
@@ -174,6 +176,7 @@ def test_deployed_sites_check_the_plan_and_audit_every_secagg_stage(tmp_path: Pa
     got = [e.get("secagg_stage", e["message_type"]) for e in gamma if e["direction"] == "received"]
     assert got == 2 * ["setup", "evaluate"]
     assert all("not approved" in e["outcome"] for e in gamma if e["direction"] == "sent")
+    assert 0 < metrics["history"][0]["central_epsilon"] < metrics["history"][1]["central_epsilon"]
     wire = b"".join(grid.sent)
     for needle in (str(tmp_path).encode(), b"hospital-files", b".csv", b"Traceback"):
         assert needle not in wire, f"{needle!r} left a site"
