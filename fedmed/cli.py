@@ -256,11 +256,6 @@ def _resumable(run_dir: Path, cfg: RunConfig) -> Path:
 
     if cfg.mode != "federated":
         raise FedmedError("--resume continues federated runs; pooled/local runs simply rerun")
-    if cfg.strategy.secure_aggregation:
-        raise FedmedError(
-            "--resume is not available with strategy.secure_aggregation yet (the legacy SecAgg+ "
-            "path writes no checkpoint); start a new run"
-        )
     if (run_dir / "metrics.json").is_file():
         raise FedmedError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
     checkpoint = load_checkpoint(run_dir, cfg)  # refuses a different config, naming the change

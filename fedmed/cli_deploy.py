@@ -477,12 +477,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "a federation reads each site's registered dataset: set data.dataset in the config "
             "(sites register it with `fedmed site data add`)"
         )
-    if cfg.strategy.secure_aggregation:
-        raise ConfigError(
-            "strategy.secure_aggregation runs in simulation only for now (Flower's SecAgg+ is on "
-            "its legacy API, which bypasses the sites' policy and audit mods); drop it for `fedmed "
-            "run`, or use privacy.central = 'client-side' to bound each site's influence"
-        )
     if not cfg.data.schema.features:
         raise ConfigError(
             "list data.schema.features: the coordinator cannot see the sites' tables to infer them"

@@ -31,6 +31,7 @@ from fedmed.privacy import planned_round, train_private
 from fedmed.security.policy import (
     RUN_KEY,
     STUDY_KEY,
+    message_plan,
     site_audit_mod,
     site_config,
     site_policy_mod,
@@ -131,8 +132,7 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             site = "?"
             with contextlib.suppress(Exception):
                 own = site_config(context)
-                plan = str(msg.content["config"][RUN_KEY])
-                site = own.name if own else _site_of(_parse_run(plan), context).name
+                site = own.name if own else _site_of(_parse_run(message_plan(msg)), context).name
             log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
                 reason = "privacy budget exhausted"
@@ -145,6 +145,11 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             return Message(Error(code=500, reason=f"site '{site}': {reason}"), reply_to=msg)
 
     return wrapped
+
+
+def fail_closed_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """``_fail_closed`` as a mod, for apps whose handlers are not ours (the legacy SecAgg+ app)."""
+    return _fail_closed(call_next)(msg, context)
 
 
 def central_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:

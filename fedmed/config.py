@@ -458,7 +458,11 @@ def _check_secure(cfg: RunConfig) -> None:
             "sees the sum of the updates)",
         ),
         (s.validate_updates, "strategy.validate_updates = false (individual updates are masked)"),
-        (cfg.privacy.central != "off", 'privacy.central = "off"'),
+        (
+            cfg.privacy.central == "server-side",
+            'privacy.central = "client-side" or "off" (server-side clipping cannot work: the '
+            "coordinator never sees an individual update to clip)",
+        ),
         (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
     ]
     for conflict, fix in conflicts:

@@ -192,9 +192,10 @@ def test_plan_hash_ignores_settings_left_at_their_defaults() -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        # A secure plan is no longer refused: it gets as far as looking for the coordinator.
         (
             ["strategy.secure_aggregation=true", "strategy.validate_updates=false"],
-            "simulation only",
+            "holds no coordinator",
         ),
         (["data.dataset="], "data.dataset to a registered dataset"),
         (["data.schema.features=[]"], "list data.schema.features"),

@@ -299,22 +299,31 @@ publisher = "fedmed"
 
 [tool.flwr.app.components]
 serverapp = "fedmed.server_app:app"
-clientapp = "fedmed.client_app:app"
+clientapp = "{clientapp}"
 
 [tool.flwr.app.config]
 {config}
 """
 
 
-def write_app(folder: Path, keys: list[str]) -> Path:
+CLIENT_APPS = {
+    False: "fedmed.client_app:app",
+    # SecAgg+ exists only on Flower's legacy API: its own ClientApp, with the same site mods.
+    True: "fedmed.secagg:client_app",
+}
+
+
+def write_app(folder: Path, keys: list[str], secure: bool = False) -> Path:
     """The Flower app a run ships: a pyproject naming fedmed's apps, and nothing else.
 
     Flower accepts run-config overrides only for keys the app declares: declare the plan's.
+    The ServerApp is the same for every study (it picks the secure path from the plan).
     """
     config = "\n".join(f'{k} = ""' for k in keys)
     version = ".".join(__version__.split(".")[:3])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pyproject.toml").write_text(APP_PYPROJECT.format(version=version, config=config))
+    text = APP_PYPROJECT.format(version=version, config=config, clientapp=CLIENT_APPS[secure])
+    (folder / "pyproject.toml").write_text(text)
     return folder
 
 
@@ -322,7 +331,8 @@ def submit(c: Coordinator, plan: RunPlan) -> int:
     """Start ``plan`` on the coordinator; returns Flower's run id."""
     with tempfile.TemporaryDirectory(prefix="fedmed-app-") as tmp:
         values = {**plan.to_run_config(), ENGINE_KEY: "deployment"}
-        app = write_app(Path(tmp) / "app", sorted(values))
+        secure = plan.config.strategy.secure_aggregation
+        app = write_app(Path(tmp) / "app", sorted(values), secure=secure)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         res = flwr_cli(

@@ -37,7 +37,8 @@ def warm_imports() -> None:
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
     import fedmed.client_app
-    import fedmed.privacy  # noqa: F401
+    import fedmed.privacy
+    import fedmed.secagg  # noqa: F401  (secure studies' ClientApp)
 
 
 class ForkExecutor:

@@ -9,6 +9,12 @@ With it, every message passes two mods before any handler runs:
   does not list the site, or one without local DP when the site requires it — BEFORE any data is
   read, with a reason that is safe to send.
 
+Both read the plan wherever a message carries it: the Message API's ``config`` record, the
+legacy API's ``fitins.config`` / ``evaluateins.config`` (secure aggregation, fedmed.secagg), and
+the ``fedmed.plan`` record that the secure coordinator stamps on every SecAgg+ stage message
+(setup, share keys and unmask carry no fit config of their own). A message that carries no plan,
+or two different ones, is refused: a site never runs a protocol step it cannot tie to a plan.
+
 Without ``fedmed-site`` (simulations) both mods step aside.
 """
 
@@ -20,7 +26,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 
 from fedmed.config import RunConfig, SiteConfig, load_site_config
 from fedmed.errors import PolicyViolation
@@ -29,6 +35,8 @@ from fedmed.security.audit import AuditLog
 SITE_CONFIG_KEY = "fedmed-site"  # node config entry: path to the site's own TOML
 RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
 STUDY_KEY = "fedmed.study"  # ConfigRecord entry: this study's id
+PLAN_RECORD = "fedmed.plan"  # RecordDict entry the secure coordinator adds to every message
+SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ record (flwr...secaggplus_constants)
 
 log = logging.getLogger("fedmed.site")
 
@@ -66,12 +74,37 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
         raise PolicyViolation("the plan must name a registered dataset (data.dataset)")
 
 
+def plan_records(msg: Message) -> list[ConfigRecord]:
+    """Every ConfigRecord of ``msg`` that carries a study plan (Message API and legacy layouts)."""
+    if msg.has_error() or not msg.has_content():
+        return []
+    return [rec for rec in msg.content.config_records.values() if RUN_KEY in rec]
+
+
+def message_plan(msg: Message) -> str:
+    """The one plan (JSON) ``msg`` carries; PolicyViolation if it carries none or several."""
+    plans = {str(rec[RUN_KEY]) for rec in plan_records(msg)}
+    if not plans:
+        raise PolicyViolation("the message carries no study plan")
+    if len(plans) > 1:
+        raise PolicyViolation("the message carries two different study plans")
+    return plans.pop()
+
+
+def secagg_stage(msg: Message) -> str:
+    """The SecAgg+ stage a coordinator message asks for ("" outside secure aggregation)."""
+    if msg.has_error() or not msg.has_content():
+        return ""
+    record = msg.content.config_records.get(SECAGG_RECORD)
+    return str(record.get("stage", "")) if record is not None else ""
+
+
 def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Message:
     site = site_config(context)
     if site is None or msg.has_error():
         return call_next(msg, context)
     try:
-        run = RunConfig.from_json(str(msg.content["config"][RUN_KEY]))
+        run = RunConfig.from_json(message_plan(msg))
         check_plan(site, run)
     except PolicyViolation as exc:
         log.warning("site %s refused %s: %s", site.name, msg.metadata.message_type, exc)
@@ -95,30 +128,48 @@ def _wire_bytes(msg: Message) -> int:
 
 
 def _update_sha256(msg: Message) -> str:
-    """SHA-256 over the model arrays a message carries (names, dtypes, shapes and bytes)."""
-    if msg.has_error() or "arrays" not in msg.content:
+    """SHA-256 over the model arrays a message carries (names, dtypes, shapes and bytes).
+
+    A SecAgg+ reply carries no arrays but its masked vector: that is hashed instead.
+    """
+    if msg.has_error() or not msg.has_content():
         return ""
     digest = hashlib.sha256()
-    for name, arr in sorted(msg.content["arrays"].items()):
-        digest.update(f"{name}|{arr.dtype}|{list(arr.shape)}|".encode())
-        digest.update(arr.data)
-    return "sha256:" + digest.hexdigest()
+    found = False
+    for _, record in sorted(msg.content.array_records.items()):
+        for name, arr in sorted(record.items()):
+            digest.update(f"{name}|{arr.dtype}|{list(arr.shape)}|".encode())
+            digest.update(arr.data)
+            found = True
+    secagg = msg.content.config_records.get(SECAGG_RECORD)
+    masked = secagg.get("masked_params") if secagg is not None else None
+    if isinstance(masked, list):
+        for chunk in masked:
+            digest.update(bytes(chunk))
+            found = True
+    return "sha256:" + digest.hexdigest() if found else ""
 
 
 def _plan_fields(msg: Message) -> dict[str, object]:
+    """Round, study and plan hash, wherever the message carries them.
+
+    Legacy (secure) messages carry the round only as their group id.
+    """
     from fedmed.study import plan_hash
 
-    if msg.has_error():
+    records = plan_records(msg)
+    if not records:
         return {}
-    config = msg.content.get("config")
-    out: dict[str, object] = {}
-    if config is not None:
-        out["round"] = int(config.get("server-round", 0))
-        out["study"] = str(config.get(STUDY_KEY, ""))
-        try:
-            out["plan_hash"] = plan_hash(RunConfig.from_json(str(config[RUN_KEY])))
-        except Exception:
-            out["plan_hash"] = "unreadable"
+    config = records[0]
+    out: dict[str, object] = {"study": str(config.get(STUDY_KEY, ""))}
+    round_ = next((rec["server-round"] for rec in records if "server-round" in rec), None)
+    if round_ is None and msg.metadata.group_id.isdigit():
+        round_ = int(msg.metadata.group_id)
+    out["round"] = int(round_ or 0)
+    try:
+        out["plan_hash"] = plan_hash(RunConfig.from_json(message_plan(msg)))
+    except Exception:
+        out["plan_hash"] = "unreadable"
     return out
 
 
@@ -133,6 +184,9 @@ def site_audit_mod(msg: Message, context: Context, call_next: Callable) -> Messa
         "message_type": msg.metadata.message_type,
         **_plan_fields(msg),
     }
+    stage = secagg_stage(msg)
+    if stage:  # one secure round is four train exchanges: setup, share keys, masked, unmask
+        common["secagg_stage"] = stage
     audit.append(
         direction="received",
         message_id=msg.metadata.message_id,
@@ -150,9 +204,22 @@ def site_audit_mod(msg: Message, context: Context, call_next: Callable) -> Messa
         sent["outcome"] = f"refused: {reply.error.reason}"
     else:
         sent["outcome"] = "ok"
-        metrics = reply.content.get("metrics")
+        metrics = _reply_metrics(reply)
         if metrics is not None:
-            sent["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+            sent["metrics"] = metrics
             sent["epsilon"] = float(metrics.get("epsilon", 0.0))
     audit.append(**sent, **common)
     return reply
+
+
+def _reply_metrics(reply: Message) -> dict[str, int | float] | None:
+    """The numbers a reply reports (Message API ``metrics``, or the legacy result records)."""
+    for name in ("metrics", "fitres.metrics", "evaluateres.metrics"):
+        record = reply.content.get(name)
+        if record is not None:
+            return {
+                k: v
+                for k, v in record.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+    return None

@@ -21,6 +21,7 @@ import pytest
 
 from fedmed.config import load_run_config, resolve_config_path
 from fedmed.runtime.deployment import Coordinator, online_sites, wait_until_ready
+from fedmed.security.audit import AuditLog
 from fedmed.serving.server import free_port
 from fedmed.study import plan_hash
 
@@ -90,8 +91,13 @@ def _study(root: Path) -> Path:
     return path
 
 
-def _setup(root: Path, unapproved: set[str]) -> tuple[int, Daemons]:
-    """PKI, tables, site configs and a running coordinator (the caller stops the daemons)."""
+def _setup(
+    root: Path, unapproved: set[str], overrides: tuple[str, ...] = ()
+) -> tuple[int, Daemons]:
+    """PKI, tables, site configs and a running coordinator (the caller stops the daemons).
+
+    The sites approve study.toml with ``overrides`` (pass the same ones to `fedmed run --set`).
+    """
     port = free_port()
     for cmd in (
         ["pki", "init"],
@@ -102,7 +108,7 @@ def _setup(root: Path, unapproved: set[str]) -> tuple[int, Daemons]:
         res = fedmed(*cmd, cwd=root)
         assert res.returncode == 0, res.stderr
     study = _study(root)
-    approved = plan_hash(load_run_config(study))
+    approved = plan_hash(load_run_config(study, list(overrides)))
     for name in SITES:
         plan = approved if name not in unapproved else "sha256:" + "0" * 64
         res = fedmed(
@@ -280,5 +286,49 @@ def test_a_site_killed_mid_study_does_not_stop_it(tmp_path: Path) -> None:
             train = [f["site"] for f in h["failures"] if f["phase"] == "train"]
             assert train in ([], ["riverside"]), h["failures"]
         assert any(f["site"] == "riverside" for f in metrics["history"][1]["failures"])
+    finally:
+        daemons.stop_all()
+
+
+SECURE = ("strategy.secure_aggregation=true", "strategy.validate_updates=false", "rounds=2")
+
+
+def test_a_secure_study_runs_across_site_daemons(tmp_path: Path) -> None:
+    """SecAgg+ through `fedmed run`, TLS + node auth; sites' policy and audit still decide.
+
+    northgate has not approved the plan: it refuses at SecAgg+ setup (before it holds anyone's
+    key shares or reads a row) and the two others finish the study (min_sites = 2).
+    """
+    port, daemons = _setup(tmp_path, unapproved={"northgate"}, overrides=SECURE)
+    try:
+        for name in SITES:
+            daemons.start(name, "site", "start", f"sites/{name}.toml")
+        _wait_online(tmp_path, port, len(SITES))
+        sets = [arg for o in SECURE for arg in ("--set", o)]
+
+        res = fedmed("run", "study.toml", *sets, cwd=tmp_path, timeout=600)
+
+        assert res.returncode == 0, res.stderr + daemons.log("coordinator")[-3000:]
+        run_dir = Path(res.stdout.strip().splitlines()[-1])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert [h["round"] for h in metrics["history"]] == [1, 2]
+        assert set(metrics["final"]["sites"]) == {"st-marys", "riverside"}
+        assert metrics["final"]["average"]["accuracy"] > 0.8
+        for h in metrics["history"]:
+            assert {f["site"] for f in h["failures"]} == {"northgate"}
+            assert all("not approved" in f["reason"] for f in h["failures"]), h["failures"]
+        stages = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
+        for name in SITES:
+            res = fedmed("site", "audit", "verify", f"sites/{name}.toml", cwd=tmp_path)
+            assert res.returncode == 0, res.stdout
+            entries = AuditLog(tmp_path / "state" / name).entries()
+            got = [e.get("secagg_stage") for e in entries if e["direction"] == "received"]
+            if name == "northgate":  # asked to set up, refused, left out of the round
+                assert got == 2 * ["setup", None]
+                sent = [e for e in entries if e["direction"] == "sent"]
+                assert all("not approved" in e["outcome"] for e in sent)
+            else:
+                assert got == 2 * [*stages, None]
+                assert all(e["bytes"] > 0 for e in entries)
     finally:
         daemons.stop_all()
