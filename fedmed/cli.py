@@ -413,9 +413,9 @@ def _print_personalized(personalized: dict, order: list[str], settings: dict) ->
     from rich.table import Table
 
     cols = ("accuracy", "roc_auc", "f1", "loss")
-    table = Table(
-        title=f"personalized: {settings['local_epochs']:g} local epoch(s) per site (before → after)"
-    )
+    how = [f"{settings['local_epochs']:g} local epoch(s) per site"] * bool(settings["local_epochs"])
+    how += ["own normalization layers"] * bool(settings.get("local_normalization"))
+    table = Table(title=f"personalized: {' + '.join(how)} (before → after)")
     table.add_column("site")
     for c in cols:
         table.add_column(c, justify="right")

@@ -138,6 +138,9 @@ class PersonalizeConfig:
 
     local_epochs: float = 0.0  # 0 = no personalization
     lr: float = 0.0  # 0 = train.lr
+    # FedBN (fedmed.local_layers): each site keeps its own normalization layers across rounds;
+    # they are never sent, so it composes with DP (no extra release) and with any strategy.
+    local_normalization: bool = False
 
 
 @dataclass(frozen=True)
@@ -460,6 +463,7 @@ def _check_secure(cfg: RunConfig) -> None:
         (s.validate_updates, "strategy.validate_updates = false (individual updates are masked)"),
         (cfg.privacy.central != "off", 'privacy.central = "off"'),
         (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
+        (cfg.personalize.local_normalization, "personalize.local_normalization = false"),
     ]
     for conflict, fix in conflicts:
         if conflict:
