@@ -307,7 +307,13 @@ def local_evaluate(
         state = local.start(model, state, int((config or {})["server-round"]))
     model.load_state_dict(state)
     metrics = evaluate(
-        model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
+        model,
+        data.x_test,
+        data.y_test,
+        get_task(run.task),
+        resolve_device(run.device),
+        train=(data.x_train, data.y_train),
+        horizons=run.data.schema.horizons,
     )
     metrics["num-examples"] = len(data.y_test)
     return site, metrics

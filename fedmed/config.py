@@ -163,6 +163,9 @@ class SchemaConfig:
     event_value: Any = 1  # number or text; Any so that "dead"/"alive" codes work too
     censored_value: Any = 0
     min_events: int = 5  # survival: a site needs this many events among its usable rows
+    # survival: horizons (in `time` units) for Uno's time-dependent AUC at each, and the
+    # integrated Brier score over [0, last horizon] (fedmed.tasks.survival_metrics); () = off
+    horizons: tuple[float, ...] = ()
     features: tuple[str, ...] = ()
     categorical: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     drop_first: bool = False
@@ -389,6 +392,8 @@ def _check_run(cfg: RunConfig) -> None:
     if cfg.strategy.secure_aggregation:
         _check_secure(cfg)
     schema = cfg.data.schema
+    if schema.horizons:
+        _check_horizons(cfg)
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(
             f"data.schema.test_fraction must be in (0, 1), got {schema.test_fraction}"
@@ -449,6 +454,19 @@ def _check_site_column(cfg: RunConfig) -> None:
                     f"'{owner[value]}' and '{site.name}'; give each value to one site"
                 )
             owner[value] = site.name
+
+
+def _check_horizons(cfg: RunConfig) -> None:
+    horizons = cfg.data.schema.horizons
+    if cfg.task != "survival":
+        raise ConfigError(
+            f"data.schema.horizons is for task = 'survival' (this study is '{cfg.task}'); remove it"
+        )
+    if horizons[0] <= 0 or list(horizons) != sorted(set(horizons)):
+        raise ConfigError(
+            f"data.schema.horizons must be positive and increasing (in data.schema.time units), "
+            f"got {list(horizons)}; e.g. horizons = [180, 365]"
+        )
 
 
 def _check_secure(cfg: RunConfig) -> None:

@@ -43,7 +43,8 @@ def personalize(
     then, if personalize.local_epochs is set, the model is fine-tuned on the train split.
     """
     task = get_task(run.task)
-    before = evaluate(model, data.x_test, data.y_test, task, device)
+    site_split = {"train": (data.x_train, data.y_train), "horizons": run.data.schema.horizons}
+    before = evaluate(model, data.x_test, data.y_test, task, device, **site_split)
     if local_state is not None:
         model.load_state_dict({**model.state_dict(), **local_state})
     if run.personalize.local_epochs:
@@ -56,7 +57,7 @@ def personalize(
             seed=derive_seed(run.seed, "personalize", site),
             device=device,
         )
-    after = evaluate(model, data.x_test, data.y_test, task, device)
+    after = evaluate(model, data.x_test, data.y_test, task, device, **site_split)
     return {"before": before, "after": after}
 
 
