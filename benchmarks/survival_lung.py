@@ -11,7 +11,10 @@ Every run is a ``fedmed simulate lung`` subprocess (what a user types). Each see
 training seed and the train/test split seed (``data.schema.split_seed``): lung's sites have
 6-11 test patients (inst-other: 34), so the split itself moves the C-index and is part of the
 spread reported. Metric: Harrell's C per site, then the unweighted mean over the 6 sites;
-mean ± sample sd (ddof=1) over seeds. Results: ``benchmarks/results/survival_lung.json``.
+mean ± sample sd (ddof=1) over seeds. Also per site: Uno's time-dependent AUC at 180 and 365
+days and the integrated Brier score over [0, 365] (lung.toml's data.schema.horizons; see
+fedmed/tasks/survival_metrics.py), averaged over the sites where they are defined.
+Results: ``benchmarks/results/survival_lung.json``.
 
 Run from the repository root:
     python benchmarks/survival_lung.py              # 5 seeds, ~3 min on 2 CPU cores
@@ -50,6 +53,7 @@ DEFAULT_SEEDS = (42, 43, 44, 45, 46)
 RESULTS = Path(__file__).resolve().parent / "results" / "survival_lung.json"
 FEDADAM = ("strategy.name=fedadam", "strategy.server_lr=0.05")
 MLP = ("model.kind=mlp", "model.hidden=[16]")
+TIMED = ("auc@180", "auc@365", "ibs")  # lung.toml: horizons = [180, 365]
 
 
 VARIANTS = (
@@ -73,6 +77,8 @@ def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
         "wall_seconds": wall,
         "average_c_index": final["average"]["c_index"],
         "sites": {s: m["c_index"] for s, m in final["sites"].items()},
+        "average_timed": {m: final["average"][m] for m in TIMED},
+        "sites_timed": {s: {m: v[m] for m in TIMED} for s, v in final["sites"].items()},
     }
 
 
@@ -85,6 +91,7 @@ def lifelines_pooled(seed: int) -> dict[str, Any]:
     from fedmed.baselines import pooled_site_data
     from fedmed.config import load_run_config, resolve_config_path
     from fedmed.tasks.survival import concordance_index
+    from fedmed.tasks.survival_metrics import time_dependent_metrics
 
     cfg = load_run_config(resolve_config_path(CONFIG), [f"data.schema.split_seed={seed}"])
     pooled, sites = pooled_site_data(cfg)
@@ -96,18 +103,38 @@ def lifelines_pooled(seed: int) -> dict[str, Any]:
         d.name: concordance_index(d.y_test[:, 0], d.y_test[:, 1], d.x_test @ beta) for d in sites
     }
     finite = [v for v in per_site.values() if not math.isnan(v)]
+    horizons = cfg.data.schema.horizons
+    timed = {
+        d.name: time_dependent_metrics(
+            d.y_train, d.x_train @ beta, d.y_test, d.x_test @ beta, horizons
+        )
+        for d in sites
+    }
     return {
         "seed": seed,
         "average_c_index": statistics.fmean(finite),
         "sites": per_site,
+        "average_timed": {m: _finite_mean([t[m] for t in timed.values()]) for m in TIMED},
+        "sites_timed": {s: {m: t[m] for m in TIMED} for s, t in timed.items()},
         "coefficients": dict(zip(pooled.input_names, np.round(beta, 4).tolist(), strict=True)),
     }
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(finite) if finite else math.nan
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     sites = list(runs[0]["sites"])
     return {
         "average": summarize([r["average_c_index"] for r in runs]),
+        "timed": {
+            m: summarize(
+                [r["average_timed"][m] for r in runs if not math.isnan(r["average_timed"][m])]
+            )
+            for m in TIMED
+        },
         "sites": {
             s: summarize([r["sites"][s] for r in runs if r["sites"][s] is not None]) for s in sites
         },
@@ -116,11 +143,12 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     sites = list(next(iter(results.values()))["summary"]["sites"])
-    header = ["method", "avg C-index", *sites]
+    header = ["method", "avg C-index", "avg AUC@180", "avg AUC@365", "avg IBS", *sites]
     rows = [
         [
             r["label"],
             fmt(r["summary"]["average"]),
+            *(fmt(r["summary"]["timed"][m]) for m in TIMED),
             *(f"{r['summary']['sites'][s]['mean']:.3f}" for s in sites),
         ]
         for r in results.values()
@@ -146,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         VARIANTS,
         seeds,
         lambda variant, seed: run_once(variant, seed, args.runs_dir),
-        lambda run: f"avg C {run['average_c_index']:.3f} ({run['wall_seconds']:.1f} s)",
+        lambda run: (
+            f"avg C {run['average_c_index']:.3f} AUC@365 {run['average_timed']['auc@365']:.3f} "
+            f"IBS {run['average_timed']['ibs']:.3f} ({run['wall_seconds']:.1f} s)"
+        ),
         summarize_runs,
     )
     reference = [lifelines_pooled(seed) for seed in seeds]
@@ -157,12 +188,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "summary": summarize_runs(reference),
     }
     header, rows = table(results)
-    print(f"\nlung by institution, Harrell's C, mean ± sd over seeds {seeds} (ddof=1)")
+    print(
+        f"\nlung by institution, Harrell's C, Uno's AUC(t), IBS [0, 365]; mean ± sd over seeds "
+        f"{seeds} (ddof=1); site columns: C-index"
+    )
     print_table(header, rows)
     note_source_change(env)
     payload = {
         "benchmark": "NCCTG lung by institution (survival, Cox)",
-        "metric": "Harrell's C-index per site test split; avg = unweighted mean over the 6 sites; "
+        "metric": "Harrell's C-index, Uno's AUC at 180/365 days and the integrated Brier score "
+        "over [0, 365] per site test split; avg = unweighted mean over the sites where defined; "
         "sd = sample sd over seeds (each seed sets the training seed and the split seed)",
         "command": command,
         "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -371,7 +371,9 @@ def _print_summary(payload: dict) -> None:
 
     final = payload["final"]
     table = Table(title=f"{payload['name']} · {payload['mode']} · round {final['round']}")
-    cols = [*_shown(payload["config"]["task"]), "num-examples", "epsilon"]
+    # Survival's time-dependent metrics (data.schema.horizons), when the study asked for them.
+    timed = [k for k in final["average"] if k.startswith("auc@") or k == "ibs"]
+    cols = [*_shown(payload["config"]["task"]), *timed, "num-examples", "epsilon"]
     table.add_column("site")
     for c in cols:
         table.add_column(c, justify="right")
