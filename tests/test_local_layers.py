@@ -115,6 +115,8 @@ def test_sites_keep_their_own_normalization_and_share_the_rest(
     # ... and the coordinator's model keeps the study's initial ones (it never saw a site's).
     final = load_file(plan.run_dir / "model.safetensors")
     np.testing.assert_array_equal(final["2.weight"], np.ones(4, np.float32))
+    card = json.loads((plan.run_dir / "model.card.json").read_text())
+    assert "these weights hold the study's initial ones" in card["local_normalization"]
     assert [h["round"] for h in out["history"]] == [1, 2, 3]
     assert not any(h["failures"] for h in out["history"])
 
