@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 from torch import nn
@@ -183,3 +183,52 @@ def test_refused_with_secure_aggregation_and_for_a_model_without_normalization(
     cfg, _ = preflight(parse_run_config(raw))
     with pytest.raises(ConfigError, match="no normalization layer"):
         _run(RunPlan(cfg, new_run_dir(cfg)), Wire().app)
+
+
+def test_a_deployed_site_keeps_its_layers_in_its_own_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deployment mode in-process: the site's TOML decides where its layers live."""
+    import pandas as pd
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmed.data.registry import DatasetRegistry
+    from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
+    from fedmed.security.policy import SITE_CONFIG_KEY
+    from fedmed.study import plan_hash
+
+    from .test_imaging import _npz
+
+    raw = _study(tmp_path, rounds=2)
+    raw["data"] = {"dataset": "scans", "schema": {"features": ["gray"], "min_rows": 10}}
+    raw["personalize"] = {"local_normalization": True}
+    cfg = parse_run_config(raw)
+    # `fedmed site data add` parses tables only (an .npz cannot be registered yet): stand in for
+    # its parse check so the registry records the image file with its real SHA-256.
+    monkeypatch.setattr("fedmed.data.registry.read_table", lambda *_: pd.DataFrame({"x": [0]}))
+    site_files = []
+    for name, seed_rows in (("a", 60), ("b", 80)):
+        state = tmp_path / "state" / name
+        DatasetRegistry(state).add("scans", _npz(tmp_path / f"{name}.npz", n=seed_rows))
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            f'name = "{name}"\ninsecure = true\nstate_dir = "{state}"\n'
+            f'approved_plans = ["{plan_hash(cfg)}"]\nmin_rows = 10\n'
+        )
+        site_files.append(path)
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    grid = InProcessGrid(Wire().app, 2, plan.to_run_config())
+    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
+        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    build_server_app(plan)(grid, Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), {}))
+
+    out = json.loads((plan.run_dir / "metrics.json").read_text())
+    assert set(out["final"]["personalized"]["sites"]) == {"a", "b"}
+    for name in ("a", "b"):
+        store = LocalLayerStore(tmp_path / "state" / name / "local-layers", plan.run_dir.name)
+        assert set(store.latest(2) or {}) == set(NORM)
+    assert not (tmp_path / "sites").exists()  # nothing in the simulation folder
