@@ -19,6 +19,8 @@ Results: ``benchmarks/results/survival_lung.json``.
 Run from the repository root:
     python benchmarks/survival_lung.py              # 5 seeds, ~3 min on 2 CPU cores
     python benchmarks/survival_lung.py --quick      # 1 seed, a smoke test
+    python benchmarks/survival_lung.py --variants \
+        --output benchmarks/results/survival_lung_references.json   # references only, seconds
 """
 
 from __future__ import annotations
@@ -82,28 +84,24 @@ def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     }
 
 
-def lifelines_pooled(seed: int) -> dict[str, Any]:
-    """lifelines' CoxPHFitter on the pooled train split, scored on each site's test split."""
-    import numpy as np
-    import pandas as pd
-    from lifelines import CoxPHFitter
-
+def _sites(seed: int) -> tuple[Any, Any, tuple[float, ...]]:
+    """The pooled train split and each site's arrays (pooled preprocessing), and the horizons."""
     from fedmed.baselines import pooled_site_data
     from fedmed.config import load_run_config, resolve_config_path
-    from fedmed.tasks.survival import concordance_index
-    from fedmed.tasks.survival_metrics import time_dependent_metrics
 
     cfg = load_run_config(resolve_config_path(CONFIG), [f"data.schema.split_seed={seed}"])
     pooled, sites = pooled_site_data(cfg)
-    frame = pd.DataFrame(pooled.x_train, columns=list(pooled.input_names))
-    frame["T"], frame["E"] = pooled.y_train[:, 0], pooled.y_train[:, 1]
-    fit = CoxPHFitter().fit(frame, "T", "E")
-    beta = fit.params_[list(pooled.input_names)].to_numpy()
+    return pooled, sites, cfg.data.schema.horizons
+
+
+def _scored(seed: int, sites: Any, horizons: tuple[float, ...], beta: Any) -> dict[str, Any]:
+    """A linear predictor x @ beta scored like a fedmed site scores its model."""
+    from fedmed.tasks.survival import concordance_index
+    from fedmed.tasks.survival_metrics import time_dependent_metrics
+
     per_site = {
         d.name: concordance_index(d.y_test[:, 0], d.y_test[:, 1], d.x_test @ beta) for d in sites
     }
-    finite = [v for v in per_site.values() if not math.isnan(v)]
-    horizons = cfg.data.schema.horizons
     timed = {
         d.name: time_dependent_metrics(
             d.y_train, d.x_train @ beta, d.y_test, d.x_test @ beta, horizons
@@ -112,12 +110,40 @@ def lifelines_pooled(seed: int) -> dict[str, Any]:
     }
     return {
         "seed": seed,
-        "average_c_index": statistics.fmean(finite),
+        "average_c_index": _finite_mean(list(per_site.values())),
         "sites": per_site,
         "average_timed": {m: _finite_mean([t[m] for t in timed.values()]) for m in TIMED},
         "sites_timed": {s: {m: t[m] for m in TIMED} for s, t in timed.items()},
+    }
+
+
+def lifelines_pooled(seed: int) -> dict[str, Any]:
+    """lifelines' CoxPHFitter on the pooled train split, scored on each site's test split."""
+    import numpy as np
+    import pandas as pd
+    from lifelines import CoxPHFitter
+
+    pooled, sites, horizons = _sites(seed)
+    frame = pd.DataFrame(pooled.x_train, columns=list(pooled.input_names))
+    frame["T"], frame["E"] = pooled.y_train[:, 0], pooled.y_train[:, 1]
+    fit = CoxPHFitter().fit(frame, "T", "E")
+    beta = fit.params_[list(pooled.input_names)].to_numpy()
+    return {
+        **_scored(seed, sites, horizons, beta),
         "coefficients": dict(zip(pooled.input_names, np.round(beta, 4).tolist(), strict=True)),
     }
+
+
+def null_model(seed: int) -> dict[str, Any]:
+    """No covariates (risk 0 for everyone): each site's own Breslow curve, the same for all.
+
+    The floor the time-dependent metrics are read against: AUC 0.5 by construction, and the
+    IBS of a site-specific Kaplan-Meier-like curve that knows nothing about the patient.
+    """
+    import numpy as np
+
+    pooled, sites, horizons = _sites(seed)
+    return _scored(seed, sites, horizons, np.zeros(pooled.x_train.shape[1]))
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -163,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one seed (the first), smoke test")
     parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "lung_runs")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--variants", nargs="*", default=[v.key for v in VARIANTS], help="none: references only"
+    )
     args = parser.parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
     command = shlex.join(["python", "benchmarks/survival_lung.py", *argv])
@@ -171,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     results = run_variants(
         CONFIG,
-        VARIANTS,
+        tuple(v for v in VARIANTS if v.key in args.variants),
         seeds,
         lambda variant, seed: run_once(variant, seed, args.runs_dir),
         lambda run: (
@@ -180,13 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         summarize_runs,
     )
-    reference = [lifelines_pooled(seed) for seed in seeds]
-    results["lifelines_pooled"] = {
-        "label": "lifelines CoxPHFitter, pooled (reference)",
-        "mode": "reference",
-        "runs": reference,
-        "summary": summarize_runs(reference),
-    }
+    for key, label, fit in (
+        ("lifelines_pooled", "lifelines CoxPHFitter, pooled (reference)", lifelines_pooled),
+        ("null", "No covariates: each site's baseline curve (reference)", null_model),
+    ):
+        reference = [fit(seed) for seed in seeds]
+        results[key] = {
+            "label": label,
+            "mode": "reference",
+            "runs": reference,
+            "summary": summarize_runs(reference),
+        }
     header, rows = table(results)
     print(
         f"\nlung by institution, Harrell's C, Uno's AUC(t), IBS [0, 365]; mean ± sd over seeds "
