@@ -48,6 +48,8 @@ def run_once(config: str, variant: Variant, seed: int, runs_root: Path) -> dict[
         "epsilon": epsilon,
         **{f"average_{m}": final["average"][m] for m in METRICS},
         "sites": {s: {m: v[m] for m in METRICS} for s, v in final["sites"].items()},
+        # Per-site global model vs the site's own (personalization / local normalization).
+        **({"personalized": final["personalized"]} if "personalized" in final else {}),
     }
 
 

@@ -11,6 +11,8 @@ Run from the repository root (FEDMED_DATA_DIR pointing at the shared datasets):
     python benchmarks/imaging_breastmnist.py --quick      # 1 seed, a smoke test
     python benchmarks/imaging_breastmnist.py --variants fedavg_40 fedavg_dp_40 \
         --output benchmarks/results/imaging_breastmnist_40rounds.json
+    python benchmarks/imaging_breastmnist.py --variants fedavg fedbn fedavg_dp fedbn_dp \
+        --output benchmarks/results/imaging_breastmnist_fedbn.json
 Results: benchmarks/results/imaging_breastmnist.json.
 """
 
@@ -26,6 +28,7 @@ CONFIG = "breastmnist"
 DEFAULT_SEEDS = (42, 43, 44)
 RESULTS = Path(__file__).resolve().parent / "results" / "imaging_breastmnist.json"
 DP = ("privacy.enabled=true", "privacy.target_epsilon=8.0")
+FEDBN = "personalize.local_normalization=true"
 
 VARIANTS = (
     Variant("pooled", "Pooled (CNN)", "pooled"),
@@ -35,6 +38,9 @@ VARIANTS = (
     # Not in the default set: FedAvg learns more slowly than pooled here (see docs/benchmarks.md).
     Variant("fedavg_40", "FedAvg (CNN), 40 rounds", "federated", ("rounds=40",)),
     Variant("fedavg_dp_40", "FedAvg + DP-SGD (ε = 8), 40 rounds", "federated", ("rounds=40", *DP)),
+    # FedBN: each site keeps its GroupNorm layers (fedmed.local_layers); compare with fedavg(_dp).
+    Variant("fedbn", "FedAvg + local normalization (FedBN)", "federated", (FEDBN,)),
+    Variant("fedbn_dp", "FedAvg + local normalization + DP-SGD (ε = 8)", "federated", (FEDBN, *DP)),
 )
 DEFAULT_VARIANTS = ("pooled", "fedavg", "local", "fedavg_dp")
 

@@ -80,7 +80,15 @@ class _Trainer:
         }
 
     def evaluate(self, data: SiteData) -> dict[str, float]:
-        metrics = evaluate(self.model, data.x_test, data.y_test, self.task, self.device)
+        metrics = evaluate(
+            self.model,
+            data.x_test,
+            data.y_test,
+            self.task,
+            self.device,
+            train=(data.x_train, data.y_train),
+            horizons=self.cfg.data.schema.horizons,
+        )
         return {**metrics, "num-examples": len(data.y_test)}
 
 

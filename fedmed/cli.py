@@ -366,7 +366,9 @@ def _print_summary(payload: dict) -> None:
 
     final = payload["final"]
     table = Table(title=f"{payload['name']} · {payload['mode']} · round {final['round']}")
-    cols = [*_shown(payload["config"]["task"]), "num-examples", "epsilon"]
+    # Survival's time-dependent metrics (data.schema.horizons), when the study asked for them.
+    timed = [k for k in final["average"] if k.startswith("auc@") or k == "ibs"]
+    cols = [*_shown(payload["config"]["task"]), *timed, "num-examples", "epsilon"]
     table.add_column("site")
     for c in cols:
         table.add_column(c, justify="right")
@@ -408,9 +410,9 @@ def _print_personalized(personalized: dict, order: list[str], settings: dict) ->
     from rich.table import Table
 
     cols = ("accuracy", "roc_auc", "f1", "loss")
-    table = Table(
-        title=f"personalized: {settings['local_epochs']:g} local epoch(s) per site (before → after)"
-    )
+    how = [f"{settings['local_epochs']:g} local epoch(s) per site"] * bool(settings["local_epochs"])
+    how += ["own normalization layers"] * bool(settings.get("local_normalization"))
+    table = Table(title=f"personalized: {' + '.join(how)} (before → after)")
     table.add_column("site")
     for c in cols:
         table.add_column(c, justify="right")

@@ -26,6 +26,14 @@ from fedmed.config import RunConfig, SiteSpec
 from fedmed.data import SiteData, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.local_layers import (
+    LocalLayerStore,
+    initial_local_state,
+    local_keys,
+    simulation_state_dir,
+    site_model_state,
+    split,
+)
 from fedmed.personalize import flatten, personalize
 from fedmed.privacy import planned_round, train_private
 from fedmed.security.policy import (
@@ -105,12 +113,6 @@ def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> M
     return Message(content, reply_to=msg)
 
 
-def _model(run: RunConfig, msg: Message) -> torch.nn.Module:
-    model = build_model(run)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return model
-
-
 def _release(state: dict[str, torch.Tensor], seed: int, run_json: str) -> str:
     """What this round computes: the global model it starts from, its seed and the plan.
 
@@ -165,22 +167,65 @@ def central_clipping_mod(msg: Message, context: Context, call_next: Callable) ->
     return call_next(msg, context)
 
 
+class LocalLayers:
+    """This site's own normalization layers for one study (FedBN; fedmed.local_layers).
+
+    Built only when the study sets personalize.local_normalization. The store lives in the
+    site's state_dir in a deployment, else under $FEDMED_SITE_STATE_DIR/<site>.
+    """
+
+    def __init__(self, run: RunConfig, site: SiteSpec, context: Context, study: str) -> None:
+        own = site_config(context)
+        root = own.state_path if own else simulation_state_dir() / site.name
+        self.run = run
+        self.store = LocalLayerStore(root / "local-layers", study)
+
+    def own(self, up_to: int) -> dict[str, torch.Tensor]:
+        """The site's layers saved for the latest round <= ``up_to`` (initial ones at first)."""
+        local = self.store.latest(up_to)
+        return initial_local_state(self.run) if local is None else local
+
+    def start(
+        self, model: torch.nn.Module, shared: Mapping[str, torch.Tensor], up_to: int
+    ) -> dict[str, torch.Tensor]:
+        """The global shared arrays with the site's own layers as of round ``up_to``."""
+        return site_model_state(shared, self.own(up_to), local_keys(model))
+
+    def keep(self, server_round: int, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Store the trained local layers at the site; return the shared part, the reply."""
+        shared, local = split(model.state_dict(), local_keys(model))
+        self.store.save(server_round, local)
+        return shared
+
+
+def _local_layers(
+    run: RunConfig, site: SiteSpec, context: Context, config: Mapping[str, Any]
+) -> LocalLayers | None:
+    if not run.personalize.local_normalization:
+        return None
+    return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
+
+
 # -- handlers ------------------------------------------------------------------------------------
 
 
 def local_round(
     run_json: str, context: Context, state: dict[str, torch.Tensor], config: Mapping[str, Any]
-) -> tuple[SiteSpec, torch.nn.Module, dict[str, float]]:
+) -> tuple[SiteSpec, dict[str, torch.Tensor], dict[str, float]]:
     """One round of local training at this site, whatever carried the message.
 
     ``state`` is the global model, ``config`` the coordinator's train config (server-round,
-    FedProx's proximal-mu, the study id). Returns the site, its trained model and the metrics
-    to report. Under DP the site's ledger guards and records the round first.
+    FedProx's proximal-mu, the study id). Returns the site, the trained state to send (without
+    the normalization layers when the site keeps them) and the metrics to report. Under DP the
+    site's ledger guards and records the round first.
     """
     run, site, data = _site_inputs(run_json, context)
     model = build_model(run)
-    model.load_state_dict(state)
     server_round = int(config["server-round"])
+    local = _local_layers(run, site, context, config)
+    if local is not None:  # FedBN: this site's own normalization layers, from its last round
+        state = local.start(model, state, server_round - 1)
+    model.load_state_dict(state)
     # FedProx: Flower's strategy sends its mu with every train message.
     proximal_mu = float(config.get("proximal-mu", 0.0))
     seed = derive_seed(run.seed, server_round, site.name)
@@ -227,19 +272,21 @@ def local_round(
         "epsilon": epsilon,
         "epsilon_total": epsilon_total,
     }
-    return site, model.cpu(), metrics
+    model = model.cpu()
+    reply = local.keep(server_round, model) if local is not None else model.state_dict()
+    return site, reply, metrics
 
 
 @app.train(mods=[central_clipping_mod])
 @_fail_closed
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    site, model, metrics = local_round(
+    site, state, metrics = local_round(
         str(config[RUN_KEY]), context, msg.content["arrays"].to_torch_state_dict(), config
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": ArrayRecord(state),
             "metrics": MetricRecord(metrics),
             SITE_KEY: ConfigRecord({"name": site.name}),
         }
@@ -248,14 +295,30 @@ def train(msg: Message, context: Context) -> Message:
 
 
 def local_evaluate(
-    run_json: str, context: Context, state: dict[str, torch.Tensor]
+    run_json: str,
+    context: Context,
+    state: dict[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
 ) -> tuple[SiteSpec, dict[str, float]]:
-    """Metrics of the global model ``state`` on this site's own test split."""
+    """Metrics of the global model ``state`` on this site's own test split.
+
+    With local normalization the site evaluates with its own layers of this round (``config``
+    carries server-round and the study id).
+    """
     run, site, data = _site_inputs(run_json, context)
     model = build_model(run)
+    local = _local_layers(run, site, context, config or {})
+    if local is not None:
+        state = local.start(model, state, int((config or {})["server-round"]))
     model.load_state_dict(state)
     metrics = evaluate(
-        model, data.x_test, data.y_test, get_task(run.task), resolve_device(run.device)
+        model,
+        data.x_test,
+        data.y_test,
+        get_task(run.task),
+        resolve_device(run.device),
+        train=(data.x_train, data.y_train),
+        horizons=run.data.schema.horizons,
     )
     metrics["num-examples"] = len(data.y_test)
     return site, metrics
@@ -264,17 +327,33 @@ def local_evaluate(
 @app.evaluate()
 @_fail_closed
 def evaluate_global(msg: Message, context: Context) -> Message:
-    run_json = str(msg.content["config"][RUN_KEY])
-    site, metrics = local_evaluate(run_json, context, msg.content["arrays"].to_torch_state_dict())
+    config = msg.content["config"]
+    state = msg.content["arrays"].to_torch_state_dict()
+    site, metrics = local_evaluate(str(config[RUN_KEY]), context, state, config)
     return _metrics_reply(msg, site, metrics)
 
 
 @app.evaluate("personalize")
 @_fail_closed
 def personalize_final(msg: Message, context: Context) -> Message:
-    """Fine-tune the final global model on this site's train split; report test metrics only."""
+    """This site's model vs the final global model; only test metrics leave the site.
+
+    "Before" is the global model as the coordinator holds it. "After" is this site's own: with
+    local normalization its own normalization layers, then fine-tuned for
+    personalize.local_epochs (if set) on its train split.
+    """
     run, site, data = _inputs(msg, context)
-    result = personalize(_model(run, msg), data, run, site.name, resolve_device(run.device))
+    model = build_model(run)
+    shared = msg.content["arrays"].to_torch_state_dict()
+    local = _local_layers(run, site, context, msg.content["config"])
+    own = None
+    if local is None:
+        model.load_state_dict(shared)
+    else:  # the coordinator's model holds the study's initial normalization layers
+        keys = local_keys(model)
+        model.load_state_dict(site_model_state(shared, initial_local_state(run), keys))
+        own = local.own(run.rounds)
+    result = personalize(model, data, run, site.name, resolve_device(run.device), own)
     return _metrics_reply(msg, site, flatten(result))
 
 

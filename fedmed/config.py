@@ -138,6 +138,9 @@ class PersonalizeConfig:
 
     local_epochs: float = 0.0  # 0 = no personalization
     lr: float = 0.0  # 0 = train.lr
+    # FedBN (fedmed.local_layers): each site keeps its own normalization layers across rounds;
+    # they are never sent, so it composes with DP (no extra release) and with any strategy.
+    local_normalization: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,9 @@ class SchemaConfig:
     event_value: Any = 1  # number or text; Any so that "dead"/"alive" codes work too
     censored_value: Any = 0
     min_events: int = 5  # survival: a site needs this many events among its usable rows
+    # survival: horizons (in `time` units) for Uno's time-dependent AUC at each, and the
+    # integrated Brier score over [0, last horizon] (fedmed.tasks.survival_metrics); () = off
+    horizons: tuple[float, ...] = ()
     features: tuple[str, ...] = ()
     categorical: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     drop_first: bool = False
@@ -386,6 +392,8 @@ def _check_run(cfg: RunConfig) -> None:
     if cfg.strategy.secure_aggregation:
         _check_secure(cfg)
     schema = cfg.data.schema
+    if schema.horizons:
+        _check_horizons(cfg)
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(
             f"data.schema.test_fraction must be in (0, 1), got {schema.test_fraction}"
@@ -448,6 +456,19 @@ def _check_site_column(cfg: RunConfig) -> None:
             owner[value] = site.name
 
 
+def _check_horizons(cfg: RunConfig) -> None:
+    horizons = cfg.data.schema.horizons
+    if cfg.task != "survival":
+        raise ConfigError(
+            f"data.schema.horizons is for task = 'survival' (this study is '{cfg.task}'); remove it"
+        )
+    if horizons[0] <= 0 or list(horizons) != sorted(set(horizons)):
+        raise ConfigError(
+            f"data.schema.horizons must be positive and increasing (in data.schema.time units), "
+            f"got {list(horizons)}; e.g. horizons = [180, 365]"
+        )
+
+
 def _check_secure(cfg: RunConfig) -> None:
     """What SecAgg+ composes with (see fedmed.secagg for why); each refusal names the fix."""
     s = cfg.strategy
@@ -464,6 +485,7 @@ def _check_secure(cfg: RunConfig) -> None:
             "coordinator never sees an individual update to clip)",
         ),
         (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
+        (cfg.personalize.local_normalization, "personalize.local_normalization = false"),
     ]
     for conflict, fix in conflicts:
         if conflict:

@@ -8,6 +8,7 @@ the ClientApp calls this, and so could a site's own tooling.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -29,21 +30,34 @@ def finetune_config(run: RunConfig) -> TrainConfig:
 
 
 def personalize(
-    model: torch.nn.Module, data: SiteData, run: RunConfig, site: str, device: torch.device
+    model: torch.nn.Module,
+    data: SiteData,
+    run: RunConfig,
+    site: str,
+    device: torch.device,
+    local_state: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Test metrics of the global ``model`` before and after fine-tuning it on the train split."""
+    """Test metrics of the global ``model`` before and after making it the site's own.
+
+    ``local_state`` (FedBN: the site's own normalization layers) replaces those entries first;
+    then, if personalize.local_epochs is set, the model is fine-tuned on the train split.
+    """
     task = get_task(run.task)
-    before = evaluate(model, data.x_test, data.y_test, task, device)
-    train_plain(
-        model,
-        data.x_train,
-        data.y_train,
-        task,
-        finetune_config(run),
-        seed=derive_seed(run.seed, "personalize", site),
-        device=device,
-    )
-    after = evaluate(model, data.x_test, data.y_test, task, device)
+    site_split = {"train": (data.x_train, data.y_train), "horizons": run.data.schema.horizons}
+    before = evaluate(model, data.x_test, data.y_test, task, device, **site_split)
+    if local_state is not None:
+        model.load_state_dict({**model.state_dict(), **local_state})
+    if run.personalize.local_epochs:
+        train_plain(
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            finetune_config(run),
+            seed=derive_seed(run.seed, "personalize", site),
+            device=device,
+        )
+    after = evaluate(model, data.x_test, data.y_test, task, device, **site_split)
     return {"before": before, "after": after}
 
 

@@ -83,8 +83,8 @@ class SiteClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         run_json = str(config[RUN_KEY])
         keys = str(config["keys"]).split(",")
-        site, model, metrics = local_round(run_json, self.context, _state(keys, parameters), config)
-        arrays = [v.numpy() for v in model.state_dict().values()]
+        site, state, metrics = local_round(run_json, self.context, _state(keys, parameters), config)
+        arrays = [v.numpy() for v in state.values()]
         return arrays, int(metrics["num-examples"]), {**metrics, SITE: site.name}
 
     def evaluate(

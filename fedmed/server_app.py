@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedmed.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmed.client_app import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY
+from fedmed.local_layers import check_model, split
 from fedmed.personalize import unflatten
 from fedmed.report import RunHistory
 from fedmed.strategies import (
@@ -51,13 +52,17 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     started = time.time()
     cfg = plan.config
     model = initial_model(plan)
+    # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
+    kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
     base = build_strategy(cfg)
     done, history = 0, RunHistory(sites=cfg.site_names)
     if plan.resume:
         checkpoint = load_checkpoint(plan.run_dir, cfg)
         done, history = checkpoint.round, checkpoint.history
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
-        restore_strategy_state(base, checkpoint.strategy_state, list(model.state_dict()))
+        restored = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
+        model.load_state_dict({**split(model.state_dict(), kept)[1], **restored})
+        shared_keys = [k for k in model.state_dict() if k not in kept]
+        restore_strategy_state(base, checkpoint.strategy_state, shared_keys)
         log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
 
     report = live_reporter(plan, on_round)
@@ -88,23 +93,28 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = RoundOffset(recorder, done).start(
         grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=ArrayRecord(split(model.state_dict(), kept)[0]),
         num_rounds=cfg.rounds - done,
         timeout=cfg.strategy.round_timeout,
         train_config=ConfigRecord(dict(study)),
         evaluate_config=ConfigRecord(dict(study)),
     )
     if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
-        model.load_state_dict(result.arrays.to_torch_state_dict())
-    if cfg.personalize.local_epochs:
-        personalize_sites(grid, plan, ArrayRecord(model.state_dict()), history)
+        model.load_state_dict({**model.state_dict(), **result.arrays.to_torch_state_dict()})
+    if cfg.personalize.local_epochs or kept:
+        shared = split(model.state_dict(), kept)[0]
+        personalize_sites(grid, plan, ArrayRecord(shared), history)
     if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
         plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
 
 
 def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: RunHistory) -> None:
-    """Ask every site to fine-tune the final model locally; record its before/after metrics."""
+    """Ask every site for its own model's metrics next to the global model's (before/after).
+
+    The site's own model is the final global model fine-tuned locally (personalize.local_epochs)
+    and/or with its own normalization layers (personalize.local_normalization).
+    """
     cfg = plan.config
     config = ConfigRecord({RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name})
     messages = [

@@ -149,10 +149,29 @@ def train_plain(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, task: Task, device: torch.device
+    model: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    task: Task,
+    device: torch.device,
+    *,
+    train: tuple[np.ndarray, np.ndarray] | None = None,
+    horizons: tuple[float, ...] = (),
 ) -> dict[str, float]:
-    """Metrics of ``model`` on one site's held-out rows."""
+    """Metrics of ``model`` on one site's held-out rows.
+
+    ``horizons`` (survival) adds time-dependent metrics, whose baseline hazard and censoring
+    weights come from the same site's ``train`` split (x, y).
+    """
     model.to(device).eval()
     output = model(torch.from_numpy(x).to(device))
     loss = float(task.loss(output, torch.from_numpy(y).to(device)))
-    return task.evaluate(y, task.scores(output), loss)
+    scores = task.scores(output)
+    metrics = task.evaluate(y, scores, loss)
+    if horizons:
+        if train is None:
+            raise ValueError("time-dependent metrics need the site's train split")
+        x_train, y_train = train
+        train_scores = task.scores(model(torch.from_numpy(x_train).to(device)))
+        metrics.update(task.horizon_metrics(y_train, train_scores, y, scores, horizons))
+    return metrics

@@ -36,6 +36,7 @@ def _private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path = tmp_path / "ledger"
     monkeypatch.setenv("FEDMED_LEDGER_DIR", str(path))
     monkeypatch.setenv("FEDMED_KEY_DIR", str(tmp_path / "keys"))  # model-signing key, per test
+    monkeypatch.setenv("FEDMED_SITE_STATE_DIR", str(tmp_path / "sites"))  # simulated sites' state
     return path
 
 

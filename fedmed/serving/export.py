@@ -32,6 +32,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# FedBN (fedmed.local_layers): a reader of the card must not take the per-site metrics for these
+# weights' performance.
+LOCAL_LAYERS_NOTE = (
+    "normalization layers stayed at each site (FedBN): these weights hold the study's initial "
+    "ones, so they perform like metrics.json's final.personalized.*.before; the per-site "
+    "metrics are those of the sites' own models, which never left the sites"
+)
+
+
+def _local_layers(cfg: RunConfig) -> bool:
+    return cfg.personalize.local_normalization and cfg.mode == "federated"
+
+
 def save_model(
     out_dir: Path, stem: str, model: torch.nn.Module, cfg: RunConfig, extra: dict[str, Any]
 ) -> Path:
@@ -76,6 +89,7 @@ def save_model(
             "sites": list(cfg.site_names),
         },
         "privacy": cfg.to_dict()["privacy"],
+        **({"local_normalization": LOCAL_LAYERS_NOTE} if _local_layers(cfg) else {}),
         **extra,
     }
     signed = sign_card(json_safe(card))

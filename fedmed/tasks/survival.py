@@ -27,6 +27,7 @@ from torch import nn
 
 from fedmed.config import ModelConfig, RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.survival_metrics import time_dependent_metrics
 from fedmed.tasks.tabular import mlp
 
 METRICS = ("c_index", "loss")
@@ -135,6 +136,17 @@ class Survival:
         """A Cox model identifies risk only up to a constant: report it relative to a patient."""
         log_hr = scores - reference
         return {"log_hazard_ratio": log_hr, "hazard_ratio": np.exp(log_hr)}
+
+    def horizon_metrics(
+        self,
+        y_train: np.ndarray,
+        train_scores: np.ndarray,
+        y_test: np.ndarray,
+        test_scores: np.ndarray,
+        horizons: tuple[float, ...],
+    ) -> dict[str, float]:
+        """Uno's AUC at each horizon and the integrated Brier score (survival_metrics)."""
+        return time_dependent_metrics(y_train, train_scores, y_test, test_scores, horizons)
 
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]:
         """Harrell's C on the site's test split (NaN when it holds no comparable pair)."""

@@ -62,3 +62,30 @@ def test_a_run_killed_in_process_resumes_on_ray(demo_config, tmp_path, capsys) -
             assert resumed["final"]["sites"][site][metric] == pytest.approx(
                 expected["final"]["sites"][site][metric], abs=1e-6
             )
+
+
+def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys) -> None:
+    """FedBN's site-local layers persist across rounds in Ray actors as they do in-process."""
+    from tests.test_imaging import _study, _to_toml
+
+    raw = _study(tmp_path, rounds=3)
+    raw["personalize"] = {"local_normalization": True}
+    config = tmp_path / "img.toml"
+    config.write_text(_to_toml(raw))
+    results = {}
+    for engine in ("inprocess", "ray"):
+        assert main(["simulate", str(config), "--engine", engine, "--quiet"]) == 0
+        run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        results[engine] = json.loads((run_dir / "metrics.json").read_text())
+
+    a, b = results["inprocess"], results["ray"]
+    assert b["engine"] == "ray"
+    for site in ("a", "b"):
+        for phase in ("before", "after"):
+            assert a["final"]["personalized"]["sites"][site][phase]["loss"] == pytest.approx(
+                b["final"]["personalized"]["sites"][site][phase]["loss"], abs=1e-5
+            )
+        for h_a, h_b in zip(a["history"], b["history"], strict=True):
+            assert h_a["sites"][site]["evaluate"]["loss"] == pytest.approx(
+                h_b["sites"][site]["evaluate"]["loss"], abs=1e-5
+            )
