@@ -128,7 +128,7 @@ def build_strategy(cfg: RunConfig) -> Strategy:
         else DifferentialPrivacyServerSideFixedClipping
     )
     return wrapper(
-        strategy,
+        EqualWeights(strategy),
         noise_multiplier=privacy.central_noise_multiplier,
         clipping_norm=privacy.central_clipping_norm,
         num_sampled_clients=len(cfg.sites),
@@ -265,6 +265,43 @@ class StrategyWrapper(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
+
+
+EQUAL_WEIGHT = "fedmed.equal-weight"  # the metric central DP aggregates by: 1 for every site
+
+
+class EqualWeights(StrategyWrapper):
+    """Makes the wrapped FedAvg-family strategy average the sites' updates WITHOUT weights.
+
+    Central DP adds noise of std z * C / n: the sensitivity of an UNWEIGHTED mean of n updates
+    clipped to C. With the usual weighting by rows a large site moves the mean by up to
+    C * n_i / sum(n), more than C / n, so the noise would not cover it and the reported ε would
+    understate that site's privacy loss (Flower's own accountant refuses unequal weights for the
+    same reason). Every reply gets weight 1 here, after the recorder has kept its metrics.
+    """
+
+    def __init__(self, inner: Strategy) -> None:
+        super().__init__(inner)
+        inner.weighted_by_key = EQUAL_WEIGHT  # type: ignore[attr-defined]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.inner.aggregate_train(server_round, _unit_weights(replies))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, _unit_weights(replies))
+
+
+def _unit_weights(replies: Iterable[Message]) -> list[Message]:
+    replies = list(replies)
+    for msg in replies:
+        if not msg.has_error():
+            for record in msg.content.metric_records.values():
+                record[EQUAL_WEIGHT] = 1
+    return replies
 
 
 class KeepDtypes(StrategyWrapper):

@@ -63,3 +63,33 @@ def test_central_dp_run_reports_growing_epsilon(csv_study: RunConfig, side: str)
     assert eps == sorted(eps) and eps[0] > 0
     assert out["final"]["central_epsilon"] == eps[-1]
     assert set(out["final"]["sites"]) == {"alpha", "beta", "gamma"}
+
+
+@pytest.mark.parametrize("side", ["client-side", "server-side"])
+def test_central_dp_averages_sites_without_weights(csv_study: RunConfig, side: str) -> None:
+    """The noise z*C/n covers an UNWEIGHTED mean: a site with 100x the rows must not outweigh."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    strategy = build_strategy(_central(csv_study, side, sigma=1e-12))
+    start = np.zeros(4, dtype=np.float32)
+    if side == "server-side":  # clips reply - start; configure_train would have stored it
+        strategy.current_arrays = ArrayRecord({"w": Array(start)})
+    sites = {"big": (0.2, 1000), "small": (-0.2, 10)}  # update per coordinate, train rows
+    replies = []
+    for node, (name, (step, rows)) in enumerate(sites.items(), start=1):
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(start + np.float32(step))}),
+                "metrics": MetricRecord({"num-examples": rows}),
+                "site": ConfigRecord({"name": name}),
+            }
+        )
+        ask = Message(RecordDict(), dst_node_id=node, message_type="train")
+        replies.append(Message(content, reply_to=ask))
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Weighted by rows the mean would be +0.196 per coordinate; unweighted, the updates cancel.
+    np.testing.assert_allclose(arrays["w"].numpy(), 0.0, atol=1e-6)
+    assert replies[0].content["metrics"]["num-examples"] == 1000  # reports keep the real rows
