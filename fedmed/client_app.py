@@ -171,12 +171,12 @@ class LocalLayers:
     """This site's own normalization layers for one study (FedBN; fedmed.local_layers).
 
     Built only when the study sets personalize.local_normalization. The store lives in the
-    site's state_dir in a deployment, else under $FEDMED_SITE_STATE_DIR/<site>.
+    site's state_dir in a deployment, else in the simulation's RUN_DIR/sites/<site>.
     """
 
     def __init__(self, run: RunConfig, site: SiteSpec, context: Context, study: str) -> None:
         own = site_config(context)
-        root = own.state_path if own else simulation_state_dir() / site.name
+        root = own.state_path if own else simulation_state_dir(run, study) / site.name
         self.run = run
         self.store = LocalLayerStore(root / "local-layers", study)
 

@@ -92,12 +92,17 @@ def initial_local_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in local.items()}
 
 
-def simulation_state_dir() -> Path:
-    """Where simulated sites keep their state: $FEDMED_SITE_STATE_DIR, else ~/.fedmed/sites.
+def simulation_state_dir(run: RunConfig, study: str) -> Path:
+    """Where simulated sites keep their state: $FEDMED_SITE_STATE_DIR, else the run's folder.
 
-    The same default as a deployed site's own state_dir (~/.fedmed/sites/NAME).
+    A simulation's sites live and die with its run: RUN_DIR/sites/ keeps their layers next to
+    the checkpoint that ``--resume`` reads, and nothing is left behind in the user's home.
     """
-    return Path(os.environ.get("FEDMED_SITE_STATE_DIR", Path.home() / ".fedmed" / "sites"))
+    override = os.environ.get("FEDMED_SITE_STATE_DIR")
+    if override:
+        return Path(override)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study)[:128] or "unnamed"
+    return Path(run.output_dir).resolve() / safe / "sites"
 
 
 class LocalLayerStore:

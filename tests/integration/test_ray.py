@@ -21,6 +21,11 @@ def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
         assert main(["simulate", str(config), "--engine", engine, "--quiet"]) == 0
         run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
         results[engine] = json.loads((run_dir / "metrics.json").read_text())
+        for site in ("a", "b"):
+            stored = list(
+                (tmp_path / run_dir / "sites" / site / "local-layers").rglob("*.safetensors")
+            )
+            assert stored, f"{engine}: site {site} kept no layers in its run folder"
 
     a, b = results["inprocess"], results["ray"]
     assert b["engine"] == "ray"
@@ -64,11 +69,18 @@ def test_a_run_killed_in_process_resumes_on_ray(demo_config, tmp_path, capsys) -
             )
 
 
-def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys) -> None:
-    """FedBN's site-local layers persist across rounds in Ray actors as they do in-process."""
+def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys, monkeypatch) -> None:
+    """FedBN's site-local layers persist across rounds in Ray actors as they do in-process.
+
+    Without $FEDMED_SITE_STATE_DIR they live in the run's own folder, found from a RELATIVE
+    output_dir by Ray's worker processes as by the in-process sites.
+    """
     from tests.test_imaging import _study, _to_toml
 
+    monkeypatch.delenv("FEDMED_SITE_STATE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
     raw = _study(tmp_path, rounds=3)
+    raw["output_dir"] = "runs"
     raw["personalize"] = {"local_normalization": True}
     config = tmp_path / "img.toml"
     config.write_text(_to_toml(raw))
@@ -77,6 +89,11 @@ def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys) -> None:
         assert main(["simulate", str(config), "--engine", engine, "--quiet"]) == 0
         run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
         results[engine] = json.loads((run_dir / "metrics.json").read_text())
+        for site in ("a", "b"):
+            stored = list(
+                (tmp_path / run_dir / "sites" / site / "local-layers").rglob("*.safetensors")
+            )
+            assert stored, f"{engine}: site {site} kept no layers in its run folder"
 
     a, b = results["inprocess"], results["ray"]
     assert b["engine"] == "ray"
