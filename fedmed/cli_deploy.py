@@ -360,6 +360,7 @@ def _site_init(args: argparse.Namespace) -> int:
         f"approved_plans = {json.dumps(args.approve)}",
         f"min_rows = {args.min_rows}",
         "require_privacy = false",
+        "require_secure_aggregation = false  # true: only SecAgg+ studies (no update in the clear)",
         "# Feature means/stds (train split) for the served model's preprocessing, once per study:",
         f"share_statistics = {str(args.share_statistics).lower()}",
     ]

@@ -314,6 +314,8 @@ class SiteConfig:
     epsilon_cap: float | None = None
     min_rows: int = 20
     require_privacy: bool = False  # refuse any plan that trains without local DP-SGD
+    # refuse any plan whose coordinator would see this site's update in the clear (SecAgg+ only)
+    require_secure_aggregation: bool = False
     # Send the coordinator this site's feature means/stds (train split) once per study, so the
     # served model can preprocess a clinic's raw rows. Aggregates, but outside the DP accounting.
     share_statistics: bool = False

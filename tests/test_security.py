@@ -175,6 +175,18 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
         check_plan(SiteConfig(name="lakeview", insecure=True, approved_plans=approved), run)
     with pytest.raises(PolicyViolation, match="differential privacy"):
         check_plan(_site(approved_plans=approved, require_privacy=True), run)
+    with pytest.raises(PolicyViolation, match="masked updates"):
+        check_plan(_site(approved_plans=approved, require_secure_aggregation=True), run)
+    # The same plan with SecAgg+ is the same plan hash, and this time the site takes part.
+    secure = _federation(
+        [
+            "privacy.enabled=false",
+            "strategy.secure_aggregation=true",
+            "strategy.validate_updates=false",
+        ]
+    )
+    assert plan_hash(secure) == plan_hash(run)
+    check_plan(_site(approved_plans=approved, require_secure_aggregation=True), secure)
 
 
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:

@@ -70,6 +70,10 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
         raise PolicyViolation("this study does not list the site")
     if site.require_privacy and not run.privacy.enabled:
         raise PolicyViolation("the site only trains with local differential privacy")
+    if site.require_secure_aggregation and not run.strategy.secure_aggregation:
+        raise PolicyViolation(
+            "the site only sends masked updates (strategy.secure_aggregation = true)"
+        )
     if run.data.builtin or not run.data.dataset:
         raise PolicyViolation("the plan must name a registered dataset (data.dataset)")
 
