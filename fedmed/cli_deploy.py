@@ -103,11 +103,35 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     )
     data = site.add_parser("data", help="the site's dataset registry")
     data_sub = data.add_subparsers(dest="data_action", required=True, metavar="ACTION")
-    p = data_sub.add_parser("add", help="register a table under a name studies use")
+    p = data_sub.add_parser(
+        "add",
+        help="register a table, images or a series under a name studies use",
+        description="PATH is a CSV/Parquet table; a .npz of images (MedMNIST format), a labels "
+        "CSV listing PNGs (--kind images) or the folder holding it; or a long table of "
+        "observations with --outcomes (a series). Every file is fingerprinted.",
+    )
     p.add_argument("site_config", type=Path)
     p.add_argument("name")
     p.add_argument("path", type=Path)
     p.add_argument("--replace", action="store_true", help="point an existing name elsewhere")
+    p.add_argument(
+        "--kind",
+        choices=("table", "images", "series"),
+        help="default: images for a .npz or a folder, series with --outcomes, else table",
+    )
+    p.add_argument("--outcomes", type=Path, help="series: the outcomes table (one row/patient)")
+    p.add_argument(
+        "--image-column", default="image", help="labels CSV: the column naming the PNG files"
+    )
+    p.add_argument(
+        "--series-columns",
+        default="record_id,time_min,parameter,value",
+        metavar="ID,TIME,VARIABLE,VALUE",
+        help="series: the long table's column names (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outcome-id-column", default="RecordID", help="series: patient id in the outcomes"
+    )
     p = data_sub.add_parser("list", help="registered datasets")
     p.add_argument("site_config", type=Path)
     p = data_sub.add_parser("check", help="is each table unchanged (and valid for a study)?")
@@ -400,14 +424,39 @@ def _site_data(site, args: argparse.Namespace) -> int:
 
     registry = DatasetRegistry(site.state_path)
     if args.data_action == "add":
-        ds = registry.add(args.name, args.path, replace=args.replace)
-        print(f"registered '{ds.name}': {ds.rows} rows, {len(ds.columns)} columns, {ds.sha256}")
+        ds = registry.add(
+            args.name,
+            args.path,
+            kind=args.kind,
+            outcomes=args.outcomes,
+            layout=_layout(args),
+            replace=args.replace,
+        )
+        files = f", {len(ds.files)} files" if ds.files else ""
+        print(f"registered '{ds.name}': {ds.summary()}{files}, {ds.sha256}")
         return 0
     if args.data_action == "list":
         for ds in registry.list():
-            print(f"{ds.name}\t{ds.rows} rows\t{len(ds.columns)} columns\t{ds.sha256}\t{ds.path}")
+            where = f"{ds.path} + {ds.outcomes}" if ds.outcomes else ds.path
+            print(f"{ds.name}\t{ds.summary()}\t{ds.sha256}\t{where}")
         return 0
     return _site_data_check(site, registry, args)
+
+
+def _layout(args: argparse.Namespace) -> dict[str, str]:
+    """The site's own column names (fedmed.data.registry.DatasetRegistry.add's layout)."""
+    from fedmed.data.registry import SERIES_COLUMNS
+
+    names = [c.strip() for c in args.series_columns.split(",")]
+    if len(names) != len(SERIES_COLUMNS) or not all(names):
+        raise ConfigError(
+            f"--series-columns '{args.series_columns}' must name 4 columns: ID,TIME,VARIABLE,VALUE"
+        )
+    return {
+        "column": args.image_column,
+        **dict(zip(SERIES_COLUMNS, names, strict=True)),
+        "outcome_id_column": args.outcome_id_column,
+    }
 
 
 def _site_data_check(site, registry, args: argparse.Namespace) -> int:
@@ -422,13 +471,14 @@ def _site_data_check(site, registry, args: argparse.Namespace) -> int:
             continue
         try:
             registry.verify(ds.name)
-            detail = "unchanged"
+            detail = f"{ds.summary()}, unchanged"
             if run is not None:
-                from fedmed.config import SiteSpec
                 from fedmed.data import load_site_table
+                from fedmed.data.registry import site_view
 
-                table = load_site_table(run, SiteSpec(site.name, path=ds.path))
-                detail += f", valid for '{run.name}': {len(table.y_train)} train rows"
+                local, spec = site_view(run, ds, site.name)
+                table = load_site_table(local, spec)
+                detail += f", valid for '{run.name}': {len(table.y_train)} train examples"
             print(f"{ds.name}: ok ({detail})")
         except FedmedError as exc:
             problems += 1
@@ -476,6 +526,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "a federation reads each site's registered dataset: set data.dataset in the config "
             "(sites register it with `fedmed site data add`)"
+        )
+    if cfg.data.partition_file or cfg.data.series.outcomes:
+        raise ConfigError(
+            "data.partition_file and data.series.outcomes are files of a simulation; in a "
+            "federation each site registers its own (`fedmed site data add SITE_CONFIG NAME "
+            "LONG.csv --outcomes OUTCOMES.csv` for a series): drop them from the study"
         )
     if cfg.strategy.secure_aggregation:
         raise ConfigError(

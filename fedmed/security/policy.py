@@ -64,6 +64,9 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
         raise PolicyViolation("the site only trains with local differential privacy")
     if run.data.builtin or not run.data.dataset:
         raise PolicyViolation("the plan must name a registered dataset (data.dataset)")
+    if run.data.partition_file or run.data.series.outcomes:
+        # Paths chosen by the coordinator: a site reads only the files it registered.
+        raise PolicyViolation("the plan names data files; a site reads only its registered data")
 
 
 def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Message:
