@@ -174,7 +174,8 @@ def bin_and_scale(
     )
     std = np.where(std > 1e-9, std, 1.0)
     stats = {"variables": list(variables), "mean": mean.tolist(), "std": std.tolist(),
-             "bins": n_bins, "bin_minutes": series.bin_minutes}  # fmt: skip
+             "bins": n_bins, "bin_minutes": series.bin_minutes, "hours": series.hours,
+             "missing_code": series.missing_code}  # fmt: skip
     return (
         features_of(sums_tr, counts_tr, mean, std),
         features_of(sums_te, counts_te, mean, std),
