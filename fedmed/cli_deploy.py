@@ -151,9 +151,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
 
     demo = sub.add_parser(
         "demo-data",
-        help="write each simulated site's share of a packaged demo table as CSV",
-        description="For trying a real federation on one machine: one CSV per site of the "
-        "config's packaged table (default: the demo), as a hospital would export it.",
+        help="write each simulated site's share of a demo study's data, as a hospital would",
+        description="For trying a real federation on one machine: each site's share of the "
+        "config's data (default: the demo), as the hospital would export it: a CSV per site "
+        "(packaged tables), a .npz per site (image studies), a long table and an outcomes table "
+        "per site (series studies).",
     )
     demo.add_argument("out", type=Path, help="output folder")
     add_config_args(demo)
@@ -639,14 +641,77 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from fedmed.data.sources import load_site_frame
 
     cfg = _load(args)
+    if cfg.task == "imaging-classification" and cfg.data.partition_file:
+        return _demo_images(cfg, args.out)
+    if cfg.task == "sequence-classification" and cfg.data.site_column:
+        return _demo_series(cfg, args.out)
     if not cfg.data.builtin:
-        raise ConfigError("demo-data exports a packaged table: pick a config with data.builtin")
+        raise ConfigError(
+            "demo-data exports a simulation's shared data: pick a config with data.builtin, an "
+            "image study with data.partition_file, or a series study with data.site_column"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     for site in cfg.sites:
         frame, _ = load_site_frame(cfg, site)
         path = args.out / f"{site.name}.csv"
         frame.to_csv(path, index=False)
         print(f"{site.name}: {len(frame)} rows -> {path}")
+    return 0
+
+
+def _demo_images(cfg, out: Path) -> int:
+    """One MedMNIST-format .npz per site: its share of the study's partition_file."""
+    import numpy as np
+
+    from fedmed.data.arrays import shard
+    from fedmed.data.images import load_images
+    from fedmed.data.sources import resolve_site_path
+
+    path = resolve_site_path(cfg.data.partition_file)
+    images, labels = load_images(
+        path, cfg.data.schema.target, cfg.data.images.column, cfg.data.images.size
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for site in cfg.sites:
+        rows = shard(cfg, site, labels)
+        mine = images[rows]
+        file = out / f"{site.name}.npz"
+        np.savez(
+            file,
+            train_images=mine[..., 0] if mine.shape[-1] == 1 else mine,
+            train_labels=labels[rows].astype(np.uint8),
+        )
+        print(f"{site.name}: {len(rows)} images -> {file}")
+    return 0
+
+
+def _demo_series(cfg, out: Path) -> int:
+    """Per site: the long-table rows of its patients and their outcome rows (id + target only)."""
+    import pandas as pd
+
+    from fedmed.data.series import load_long
+    from fedmed.data.sources import resolve_site_path
+
+    series = cfg.data.series
+    outcomes = pd.read_csv(
+        resolve_site_path(series.outcomes),
+        usecols=[series.outcome_id_column, cfg.data.schema.target],
+    )
+    for site in cfg.sites:
+        long = load_long(resolve_site_path(site.path), series)
+        rows = long[long["variable"] == cfg.data.site_column]
+        ids = rows["id"][rows["value"].isin([float(v) for v in site.site_values])].unique()
+        folder = out / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = long[long["id"].isin(ids)].set_axis(
+            [series.id_column, series.time_column, series.variable_column, series.value_column],
+            axis=1,
+        )
+        mine.to_csv(folder / "long.csv.gz", index=False)
+        outcomes[outcomes[series.outcome_id_column].isin(ids)].to_csv(
+            folder / "outcomes.csv", index=False
+        )
+        print(f"{site.name}: {len(ids)} patients -> {folder}/long.csv.gz + outcomes.csv")
     return 0
 
 

@@ -260,3 +260,36 @@ def test_tables_registered_before_kinds_existed_still_verify(tmp_path: Path) -> 
     ds = registry.verify("t")
 
     assert ds.kind == "table" and ds.files == {} and ds.rows == 12
+
+
+def test_demo_data_exports_what_each_image_or_series_site_registers(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`fedmed demo-data` splits a simulation's files into hospital exports that register."""
+    image_raw, series_raw = _image_study(tmp_path), _series_study(tmp_path)
+    (tmp_path / "img.toml").write_text(_to_toml(image_raw))
+    (tmp_path / "seq.toml").write_text(_to_toml(series_raw))
+
+    assert main(["demo-data", str(tmp_path / "out-img"), str(tmp_path / "img.toml")]) == 0
+    assert main(["demo-data", str(tmp_path / "out-seq"), str(tmp_path / "seq.toml")]) == 0
+
+    capsys.readouterr()
+    registry = DatasetRegistry(tmp_path / "state")
+    a = registry.add("a", tmp_path / "out-img" / "a.npz")
+    b = registry.add("b", tmp_path / "out-img" / "b.npz")
+    assert a.kind == "images" and a.rows + b.rows == 80
+    u1 = tmp_path / "out-seq" / "u1"
+    icu = registry.add("u1", u1 / "long.csv.gz", outcomes=u1 / "outcomes.csv")
+    assert icu.kind == "series" and icu.rows == 30  # Unit 1: every other patient of 60
+    assert list(pd.read_csv(u1 / "outcomes.csv").columns) == ["RecordID", "In-hospital_death"]
+
+
+@pytest.mark.parametrize("name", ["breastmnist-federation", "physionet2012-federation"])
+def test_shipped_federation_plans_name_a_dataset_and_no_file(name: str) -> None:
+    from fedmed.config import load_run_config, resolve_config_path
+
+    cfg = load_run_config(resolve_config_path(name))
+
+    assert cfg.data.dataset and not cfg.data.partition_file and not cfg.data.builtin
+    assert not cfg.data.series.outcomes and not any(s.path for s in cfg.sites)
+    assert cfg.data.schema.features
