@@ -263,7 +263,7 @@ def plan_hash(cfg: RunConfig) -> str:
     """
     import hashlib
 
-    from fedmed.config import ModelConfig, SchemaConfig
+    from fedmed.config import ImageConfig, ModelConfig, SchemaConfig, SeriesConfig
 
     def changed(values: dict[str, Any], default: Any) -> dict[str, Any]:
         base = _asdict(default)
@@ -275,5 +275,17 @@ def plan_hash(cfg: RunConfig) -> str:
         "model": changed(spec["model"], ModelConfig()),
         "schema": changed(spec["data"]["schema"], SchemaConfig()),
     }
+    # What images and series become (size; window, bins, missing code) is part of what runs.
+    # File names and columns are the site's own (its registry), so they are left out; an
+    # unchanged default adds nothing, so table plans keep their hashes.
+    site_owned = {
+        "outcomes",
+        "column",
+        *(k for k in spec["data"]["series"] if k.endswith("_column")),
+    }
+    for key, default in (("images", ImageConfig()), ("series", SeriesConfig())):
+        values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
+        if changed(values, default):
+            content[key] = changed(values, default)
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
