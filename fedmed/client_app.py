@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec
-from fedmed.data import SiteData, load_site_data
+from fedmed.data import SiteData, clear_file_caches, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
 from fedmed.personalize import flatten, personalize
@@ -54,7 +54,13 @@ def _parse_run(text: str) -> RunConfig:
 
 @functools.lru_cache(maxsize=32)
 def _site_data(plan: str, site: SiteSpec, fingerprint: str) -> SiteData:
-    """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads."""
+    """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads.
+
+    The readers also cache files by path (simulated sites share one file); a deployment site
+    reads them afresh, so data re-registered at the same path is never served from memory.
+    """
+    if fingerprint:
+        clear_file_caches()
     return load_site_data(_parse_run(plan), site)
 
 

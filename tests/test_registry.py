@@ -315,3 +315,20 @@ def test_the_plan_hash_covers_the_series_window_but_not_the_sites_files(tmp_path
     assert plan_hash(table) == (
         "sha256:3d9e30ca5a9b24ebd5c245cc113dd61633513838c44811e7a565388611bd587b"
     )
+
+
+def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Path) -> None:
+    from fedmed.client_app import _site_data
+
+    npz = _npz(tmp_path / "scans.npz")
+    registry = DatasetRegistry(tmp_path / "state")
+    raw = _image_study(tmp_path)
+    raw["data"]["dataset"] = "scans"
+    local, spec = site_view(parse_run_config(raw), registry.add("scans", npz), "a")
+    before = _site_data(local.to_json(), spec, registry.verify("scans").sha256)
+
+    images, labels = _images(80, seed=11)  # a new export at the same path
+    np.savez(npz, train_images=images, train_labels=labels)
+    after = _site_data(local.to_json(), spec, registry.add("scans", npz, replace=True).sha256)
+
+    assert not np.array_equal(before.x_train, after.x_train)
