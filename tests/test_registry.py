@@ -170,7 +170,8 @@ def test_the_site_reads_only_registered_paths_and_the_right_kind(tmp_path: Path)
 @pytest.mark.parametrize(
     ("make", "kwargs", "error", "message"),
     [
-        (lambda p: p / "nowhere", {"kind": "images"}, DataError, "folder or file not found"),
+        (lambda p: p / "nowhere", {"kind": "images"}, DataError, "image folder or .npz not found"),
+        (lambda p: p / "exports", {}, DataError, "exports: file or folder not found"),
         (
             lambda p: _npz_without_test_images(p / "x.npz"),
             {},
@@ -200,17 +201,25 @@ def test_the_site_reads_only_registered_paths_and_the_right_kind(tmp_path: Path)
             lambda p: _long_without_value(p),
             {"outcomes": "OUTCOMES"},
             DataError,
-            "column 'value' is missing",
+            "no column 'value' (columns: record_id, time_min, parameter); a long table",
+        ),
+        (
+            lambda p: _npz(p / "scans.npz"),
+            {"outcomes": "OUTCOMES"},
+            DataError,
+            "scans.npz: not a readable CSV table",
         ),
     ],
     ids=[
         "missing-folder",
+        "missing-path",
         "npz-missing-array",
         "npz-no-image-arrays",
         "csv-names-missing-png",
         "folder-without-csv",
         "series-without-outcomes",
         "series-missing-column",
+        "series-not-a-table",
     ],
 )
 def test_registration_errors_name_the_problem_and_the_fix(
@@ -220,7 +229,8 @@ def test_registration_errors_name_the_problem_and_the_fix(
     folder.mkdir()
     path = make(folder)
     if kwargs.get("outcomes") == "OUTCOMES":
-        kwargs = {"outcomes": folder / "outcomes.csv"}
+        _long_and_outcomes(tmp_path)  # an outcomes table next to the data
+        kwargs = {"outcomes": tmp_path / "outcomes.csv"}
     registry = DatasetRegistry(tmp_path / "state")
 
     with pytest.raises(error) as exc:

@@ -155,7 +155,7 @@ def _inspect_png_folder(labels: Path, column: str) -> Inspected:
 
 
 def _inspect_series(path: Path, outcomes: Path | None, layout: dict[str, str]) -> Inspected:
-    from fedmed.data.series import load_long, read_outcome_ids
+    from fedmed.data.series import load_long, read_header, read_outcome_ids
 
     if outcomes is None:
         raise ConfigError(
@@ -163,12 +163,17 @@ def _inspect_series(path: Path, outcomes: Path | None, layout: dict[str, str]) -
             "OUTCOMES.csv (one row per patient with its 0/1 outcome)"
         )
     series = SeriesConfig(**{k: v for k, v in layout.items() if k in SERIES_FIELDS})
-    try:
-        long = load_long(str(path), series)
-    except DataError as exc:
+    header = read_header(str(path))
+    names = [getattr(series, k) for k in SERIES_COLUMNS]
+    absent = [c for c in names if c not in header]
+    if absent:
         raise DataError(
-            f"{exc}; name this table's columns with --series-columns ID,TIME,VARIABLE,VALUE"
-        ) from None
+            f"{path}: no column '{absent[0]}' (columns: {', '.join(map(str, header))}); a long "
+            "table has one observation per row: patient id, time (minutes), variable, value; "
+            f"name this table's columns with --series-columns ID,TIME,VARIABLE,VALUE (now: "
+            f"{','.join(names)})"
+        )
+    long = load_long(str(path), series)
     ids = read_outcome_ids(str(outcomes), series.outcome_id_column)
     patients = long["id"].unique()
     unlabeled = sorted(set(patients.tolist()) - set(ids.tolist()))
@@ -263,12 +268,15 @@ class DatasetRegistry:
             )
         path = Path(path).expanduser().resolve()
         outcomes = Path(outcomes).expanduser().resolve() if outcomes is not None else None
+        if not path.exists():
+            what = {"images": "image folder or .npz", "series": "long table", "table": "table"}
+            raise DataError(
+                f"{path}: {what.get(kind or '', 'file or folder')} not found; check the path "
+                "(relative to the current directory) of the data to register"
+            )
         kind = kind or guess_kind(path, outcomes)
         if kind not in KINDS:
             raise ConfigError(f"dataset kind '{kind}' is not one of: {', '.join(KINDS)}")
-        if not path.exists():
-            what = "folder or file" if kind == "images" else "file"
-            raise DataError(f"{path}: {what} not found; give the path of the {kind} to register")
         data = self._read()
         if name in data["datasets"] and not replace:
             raise ConfigError(

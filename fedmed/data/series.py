@@ -40,7 +40,7 @@ def load_long(path: str, series: SeriesConfig) -> pd.DataFrame:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (set FEDMED_DATA_DIR to the datasets folder)")
     cols = (series.id_column, series.time_column, series.variable_column, series.value_column)
-    header = pd.read_csv(path, nrows=0).columns
+    header = read_header(path)
     absent = [c for c in cols if c not in header]
     if absent:
         raise DataError(
@@ -89,7 +89,18 @@ def load_outcomes(path: str, id_column: str, target: str) -> pd.Series:
 def _outcome_header(path: str) -> pd.Index:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (set FEDMED_DATA_DIR to the datasets folder)")
-    return pd.read_csv(path, nrows=0).columns
+    return read_header(path)
+
+
+def read_header(path: str) -> pd.Index:
+    """A CSV's column names (plain or .gz), or a DataError saying it is not a readable table."""
+    try:
+        return pd.read_csv(path, nrows=0).columns
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise DataError(
+            f"{path}: not a readable CSV table ({type(exc).__name__}); export it as UTF-8 CSV "
+            "(optionally .gz) with a header row"
+        ) from None
 
 
 def read_outcome_ids(path: str, id_column: str) -> np.ndarray:
