@@ -342,3 +342,26 @@ def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Pa
     after = _site_data(local.to_json(), spec, registry.add("scans", npz, replace=True).sha256)
 
     assert not np.array_equal(before.x_train, after.x_train)
+
+
+def test_simulated_series_sites_can_name_their_own_outcomes(tmp_path: Path) -> None:
+    """[[sites]] outcomes: a simulation laid out like a federation (one file pair per site)."""
+    from fedmed.data import load_site_table
+
+    sites = []
+    for i, name in enumerate(("a", "b")):
+        folder = tmp_path / name
+        folder.mkdir()
+        long, outcomes = _long_and_outcomes(folder, seed=i)
+        sites.append({"name": name, "path": str(long), "outcomes": str(outcomes)})
+    raw = _series_study(tmp_path)
+    raw["data"] = {k: v for k, v in raw["data"].items() if k != "site_column"}
+    raw["data"]["series"] = {"hours": 12, "bin_minutes": 60}  # no study-level outcomes
+    raw["sites"] = sites
+    cfg = parse_run_config(raw)
+
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+
+    assert [len(t.y_train) + len(t.y_test) for t in tables] == [60, 60]
+    with pytest.raises(ConfigError, match="an outcomes path per \\[\\[sites\\]\\]"):
+        load_site_table(cfg, cfg.sites[0].__class__("c", path=sites[0]["path"]))
