@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -80,8 +81,11 @@ def main() -> None:
     diffs = []
     for site in SITES:
         for metric in METRICS:
-            a, b = deployed_metrics[site][metric], simulated_metrics[site][metric]
-            diffs.append(abs(a - b))
+            # A metric a site could not compute (e.g. ROC-AUC on a one-class test split) is NaN.
+            a = deployed_metrics.get(site, {}).get(metric, math.nan)
+            b = simulated_metrics.get(site, {}).get(metric, math.nan)
+            if not (math.isnan(a) and math.isnan(b)):
+                diffs.append(abs(a - b))
             print(f"{site:<10} {metric:<9} {a:>11.4f} {b:>11.4f} {abs(a - b):>9.1e}")
     d, s = deployed["per_round_median_s"], simulated["per_round_median_s"]
     print(
