@@ -490,10 +490,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedmed.serving.api import ServedModel, create_app
+    from fedmed.serving.api import create_app, open_model
     from fedmed.serving.server import serve
 
-    served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
+    served = open_model(args.model, allow_unsigned=args.allow_unsigned)
     if args.allow_unsigned and "signature" not in served.card:
         print("fedmed: warning: serving an UNSIGNED model", file=sys.stderr)
     print(f"serving {served.path} on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)

@@ -103,11 +103,35 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     )
     data = site.add_parser("data", help="the site's dataset registry")
     data_sub = data.add_subparsers(dest="data_action", required=True, metavar="ACTION")
-    p = data_sub.add_parser("add", help="register a table under a name studies use")
+    p = data_sub.add_parser(
+        "add",
+        help="register a table, images or a series under a name studies use",
+        description="PATH is a CSV/Parquet table; a .npz of images (MedMNIST format), a labels "
+        "CSV listing PNGs (--kind images) or the folder holding it; or a long table of "
+        "observations with --outcomes (a series). Every file is fingerprinted.",
+    )
     p.add_argument("site_config", type=Path)
     p.add_argument("name")
     p.add_argument("path", type=Path)
     p.add_argument("--replace", action="store_true", help="point an existing name elsewhere")
+    p.add_argument(
+        "--kind",
+        choices=("table", "images", "series"),
+        help="default: images for a .npz or a folder, series with --outcomes, else table",
+    )
+    p.add_argument("--outcomes", type=Path, help="series: the outcomes table (one row/patient)")
+    p.add_argument(
+        "--image-column", default="image", help="labels CSV: the column naming the PNG files"
+    )
+    p.add_argument(
+        "--series-columns",
+        default="record_id,time_min,parameter,value",
+        metavar="ID,TIME,VARIABLE,VALUE",
+        help="series: the long table's column names (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outcome-id-column", default="RecordID", help="series: patient id in the outcomes"
+    )
     p = data_sub.add_parser("list", help="registered datasets")
     p.add_argument("site_config", type=Path)
     p = data_sub.add_parser("check", help="is each table unchanged (and valid for a study)?")
@@ -127,9 +151,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
 
     demo = sub.add_parser(
         "demo-data",
-        help="write each simulated site's share of a packaged demo table as CSV",
-        description="For trying a real federation on one machine: one CSV per site of the "
-        "config's packaged table (default: the demo), as a hospital would export it.",
+        help="write each simulated site's share of a demo study's data, as a hospital would",
+        description="For trying a real federation on one machine: each site's share of the "
+        "config's data (default: the demo), as the hospital would export it: a CSV per site "
+        "(packaged tables), a .npz per site (image studies), a long table and an outcomes table "
+        "per site (series studies).",
     )
     demo.add_argument("out", type=Path, help="output folder")
     add_config_args(demo)
@@ -401,14 +427,39 @@ def _site_data(site, args: argparse.Namespace) -> int:
 
     registry = DatasetRegistry(site.state_path)
     if args.data_action == "add":
-        ds = registry.add(args.name, args.path, replace=args.replace)
-        print(f"registered '{ds.name}': {ds.rows} rows, {len(ds.columns)} columns, {ds.sha256}")
+        ds = registry.add(
+            args.name,
+            args.path,
+            kind=args.kind,
+            outcomes=args.outcomes,
+            layout=_layout(args),
+            replace=args.replace,
+        )
+        files = f", {len(ds.files)} files" if ds.files else ""
+        print(f"registered '{ds.name}': {ds.summary()}{files}, {ds.sha256}")
         return 0
     if args.data_action == "list":
         for ds in registry.list():
-            print(f"{ds.name}\t{ds.rows} rows\t{len(ds.columns)} columns\t{ds.sha256}\t{ds.path}")
+            where = f"{ds.path} + {ds.outcomes}" if ds.outcomes else ds.path
+            print(f"{ds.name}\t{ds.summary()}\t{ds.sha256}\t{where}")
         return 0
     return _site_data_check(site, registry, args)
+
+
+def _layout(args: argparse.Namespace) -> dict[str, str]:
+    """The site's own column names (fedmed.data.registry.DatasetRegistry.add's layout)."""
+    from fedmed.data.registry import SERIES_COLUMNS
+
+    names = [c.strip() for c in args.series_columns.split(",")]
+    if len(names) != len(SERIES_COLUMNS) or not all(names):
+        raise ConfigError(
+            f"--series-columns '{args.series_columns}' must name 4 columns: ID,TIME,VARIABLE,VALUE"
+        )
+    return {
+        "column": args.image_column,
+        **dict(zip(SERIES_COLUMNS, names, strict=True)),
+        "outcome_id_column": args.outcome_id_column,
+    }
 
 
 def _site_data_check(site, registry, args: argparse.Namespace) -> int:
@@ -423,13 +474,14 @@ def _site_data_check(site, registry, args: argparse.Namespace) -> int:
             continue
         try:
             registry.verify(ds.name)
-            detail = "unchanged"
+            detail = f"{ds.summary()}, unchanged"
             if run is not None:
-                from fedmed.config import SiteSpec
                 from fedmed.data import load_site_table
+                from fedmed.data.registry import site_view
 
-                table = load_site_table(run, SiteSpec(site.name, path=ds.path))
-                detail += f", valid for '{run.name}': {len(table.y_train)} train rows"
+                local, spec = site_view(run, ds, site.name)
+                table = load_site_table(local, spec)
+                detail += f", valid for '{run.name}': {len(table.y_train)} train examples"
             print(f"{ds.name}: ok ({detail})")
         except FedmedError as exc:
             problems += 1
@@ -477,6 +529,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "a federation reads each site's registered dataset: set data.dataset in the config "
             "(sites register it with `fedmed site data add`)"
+        )
+    if cfg.data.partition_file or cfg.data.series.outcomes:
+        raise ConfigError(
+            "data.partition_file and data.series.outcomes are files of a simulation; in a "
+            "federation each site registers its own (`fedmed site data add SITE_CONFIG NAME "
+            "LONG.csv --outcomes OUTCOMES.csv` for a series): drop them from the study"
         )
     if not cfg.data.schema.features:
         raise ConfigError(
@@ -578,14 +636,77 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from fedmed.data.sources import load_site_frame
 
     cfg = _load(args)
+    if cfg.task == "imaging-classification" and cfg.data.partition_file:
+        return _demo_images(cfg, args.out)
+    if cfg.task == "sequence-classification" and cfg.data.site_column:
+        return _demo_series(cfg, args.out)
     if not cfg.data.builtin:
-        raise ConfigError("demo-data exports a packaged table: pick a config with data.builtin")
+        raise ConfigError(
+            "demo-data exports a simulation's shared data: pick a config with data.builtin, an "
+            "image study with data.partition_file, or a series study with data.site_column"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     for site in cfg.sites:
         frame, _ = load_site_frame(cfg, site)
         path = args.out / f"{site.name}.csv"
         frame.to_csv(path, index=False)
         print(f"{site.name}: {len(frame)} rows -> {path}")
+    return 0
+
+
+def _demo_images(cfg, out: Path) -> int:
+    """One MedMNIST-format .npz per site: its share of the study's partition_file."""
+    import numpy as np
+
+    from fedmed.data.arrays import shard
+    from fedmed.data.images import load_images
+    from fedmed.data.sources import resolve_site_path
+
+    path = resolve_site_path(cfg.data.partition_file)
+    images, labels = load_images(
+        path, cfg.data.schema.target, cfg.data.images.column, cfg.data.images.size
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for site in cfg.sites:
+        rows = shard(cfg, site, labels)
+        mine = images[rows]
+        file = out / f"{site.name}.npz"
+        np.savez(
+            file,
+            train_images=mine[..., 0] if mine.shape[-1] == 1 else mine,
+            train_labels=labels[rows].astype(np.uint8),
+        )
+        print(f"{site.name}: {len(rows)} images -> {file}")
+    return 0
+
+
+def _demo_series(cfg, out: Path) -> int:
+    """Per site: the long-table rows of its patients and their outcome rows (id + target only)."""
+    import pandas as pd
+
+    from fedmed.data.series import load_long
+    from fedmed.data.sources import resolve_site_path
+
+    series = cfg.data.series
+    outcomes = pd.read_csv(
+        resolve_site_path(series.outcomes),
+        usecols=[series.outcome_id_column, cfg.data.schema.target],
+    )
+    for site in cfg.sites:
+        long = load_long(resolve_site_path(site.path), series)
+        rows = long[long["variable"] == cfg.data.site_column]
+        ids = rows["id"][rows["value"].isin([float(v) for v in site.site_values])].unique()
+        folder = out / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = long[long["id"].isin(ids)].set_axis(
+            [series.id_column, series.time_column, series.variable_column, series.value_column],
+            axis=1,
+        )
+        mine.to_csv(folder / "long.csv.gz", index=False)
+        outcomes[outcomes[series.outcome_id_column].isin(ids)].to_csv(
+            folder / "outcomes.csv", index=False
+        )
+        print(f"{site.name}: {len(ids)} patients -> {folder}/long.csv.gz + outcomes.csv")
     return 0
 
 

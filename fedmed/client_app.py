@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec
-from fedmed.data import SiteData, load_site_data
+from fedmed.data import SiteData, clear_file_caches, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.ledger import PrivacyLedger, fingerprint
 from fedmed.local_layers import (
@@ -62,12 +62,19 @@ def _parse_run(text: str) -> RunConfig:
 
 
 @functools.lru_cache(maxsize=32)
-def _site_data(plan: str, site: SiteSpec) -> SiteData:
+def _site_data(plan: str, site: SiteSpec, fingerprint: str) -> SiteData:
+    """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads.
+
+    The readers also cache files by path (simulated sites share one file); a deployment site
+    reads them afresh, so data re-registered at the same path is never served from memory.
+    """
+    if fingerprint:
+        clear_file_caches()
     return load_site_data(_parse_run(plan), site)
 
 
-def _load_data(plan: str, site: SiteSpec, context: Context) -> SiteData:
-    data = _site_data(plan, site)
+def _load_data(run: RunConfig, site: SiteSpec, context: Context, fingerprint: str) -> SiteData:
+    data = _site_data(run.to_json(), site, fingerprint)
     own = site_config(context)
     if own is not None and data.n_train + len(data.y_test) < own.min_rows:
         raise PolicyViolation(
@@ -76,30 +83,34 @@ def _load_data(plan: str, site: SiteSpec, context: Context) -> SiteData:
     return data
 
 
-def _site_of(run: RunConfig, context: Context) -> SiteSpec:
-    """Which site this node is, with ITS path and cap (a deployment site's come from its config)."""
+def _site_of(run: RunConfig, context: Context) -> tuple[RunConfig, SiteSpec, str]:
+    """Which site this node is, the study as it runs here, and its data's fingerprint.
+
+    A deployment site's paths, file layout and cap come from its own config and dataset
+    registry (fedmed.data.registry.site_view), never from the plan.
+    """
     own = site_config(context)
     if own is not None:
-        from fedmed.data.registry import DatasetRegistry
+        from fedmed.data.registry import DatasetRegistry, site_view
 
         registry = DatasetRegistry(own.state_path)
         if run.data.dataset not in {d.name for d in registry.list()}:
             raise PolicyViolation(f"dataset '{run.data.dataset}' is not registered at this site")
         dataset = registry.verify(run.data.dataset)
-        return SiteSpec(own.name, path=dataset.path, epsilon_cap=own.epsilon_cap)
+        local, site = site_view(run, dataset, own.name, own.epsilon_cap)
+        return local, site, dataset.sha256
     index = int(context.node_config.get("partition-id", -1))
     if not 0 <= index < len(run.sites):
         raise FedmedError(
             f"node has partition-id {index} but the study lists {len(run.sites)} sites"
         )
-    return run.sites[index]
+    return run, run.sites[index], ""
 
 
 def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
-    """The study plan, this node's site and its data."""
-    run = _parse_run(run_json)
-    site = _site_of(run, context)
-    return run, site, _load_data(run_json, site, context)
+    """The study plan (as this site runs it), this node's site and its data."""
+    run, site, fingerprint = _site_of(_parse_run(run_json), context)
+    return run, site, _load_data(run, site, context, fingerprint)
 
 
 def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
@@ -134,7 +145,7 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             site = "?"
             with contextlib.suppress(Exception):
                 own = site_config(context)
-                site = own.name if own else _site_of(_parse_run(message_plan(msg)), context).name
+                site = own.name if own else _site_of(_parse_run(message_plan(msg)), context)[1].name
             log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
                 reason = "privacy budget exhausted"

@@ -248,6 +248,9 @@ class SiteSpec:
     name: str
     path: str = ""
     site_values: tuple[Any, ...] = ()  # with data.site_column: this site's rows
+    # Sequence studies: this site's outcomes table (else data.series.outcomes). In a deployment
+    # it comes from the site's registered dataset, never from the coordinator.
+    outcomes: str = ""
     # The site's own cap on ε for its dataset, over all studies (see fedmed.ledger). In a
     # deployment it comes from the site's own config, never from the coordinator.
     epsilon_cap: float | None = None

@@ -271,6 +271,8 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
     has_eps = any(history.epsilon(r) for r in rounds) or bool(history.central_epsilon)
     reported = {k for r in rounds for m in history.evaluated(r).values() for k in m}
     panels = [m for m in SUMMARY_METRICS if m in reported] + (["epsilon"] if has_eps else [])
+    if not panels:  # no site ever reported (e.g. every site refused the plan): nothing to plot
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
         for site in history.sites:

@@ -155,9 +155,10 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
     from fedmed.data import ArrayTable
     from fedmed.data.table import Preprocessor
 
-    if isinstance(tables[0], ArrayTable):  # images: a fixed transform; series: per site
-        first = tables[0]
-        return json.dumps({"fitted_on": f"site '{first.name}'", **first.data.preprocessing})
+    if isinstance(tables[0], ArrayTable):  # images, series: combined as in a deployment
+        return combine_site_statistics(
+            [{**t.data.preprocessing, "n": t.data.n_train} for t in tables]
+        )
     pooled = pd.concat([t.x_train for t in tables], ignore_index=True)
     fitted = Preprocessor(cfg.data.schema.features, cfg.data.schema).fit(pooled)
     return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})
@@ -175,17 +176,16 @@ def combine_site_statistics(sites: list[dict[str, Any]]) -> str:
 
     if not sites:
         return ""
+    if "pixels" in sites[0]:
+        return json.dumps(_combine_images(sites))
+    if "variables" in sites[0]:
+        return json.dumps(_combine_series(sites))
     inputs = sites[0]["inputs"]
     if any(s["inputs"] != inputs for s in sites):
         raise ConfigError("sites reported different input layouts; check their schemas")
     n = np.array([float(s["n"]) for s in sites])
     weights = n / n.sum()
-    means = np.array([s["mean"] for s in sites], dtype=np.float64)
-    stds = np.array([s["std"] for s in sites], dtype=np.float64)
-    mean = weights @ means
-    var = weights @ (stds**2 + means**2) - mean**2
-    std = np.sqrt(np.maximum(var, 0.0))
-    std = np.where(std > 1e-12, std, 1.0)
+    mean, std = _pooled_moments(weights, sites)
     fill = {
         k: float(sum(w * s["impute_mean"][k] for w, s in zip(weights, sites, strict=True)))
         for k in sites[0]["impute_mean"]
@@ -200,6 +200,50 @@ def combine_site_statistics(sites: list[dict[str, Any]]) -> str:
             "std": std.tolist(),
         }
     )
+
+
+def _pooled_moments(weights: Any, sites: list[dict[str, Any]]) -> tuple[Any, Any]:
+    """The union's mean and std from each site's (mean, std), weighted by ``weights``."""
+    import numpy as np
+
+    means = np.array([s["mean"] for s in sites], dtype=np.float64)
+    stds = np.array([s["std"] for s in sites], dtype=np.float64)
+    mean = weights @ means
+    var = weights @ (stds**2 + means**2) - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    return mean, np.where(std > 1e-12, std, 1.0)
+
+
+def _combine_images(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images: a fixed pixel transform; the served input size is the sites' common one."""
+    shapes = {(s.get("height"), s.get("width")) for s in sites}
+    out = {k: v for k, v in sites[0].items() if k not in ("n", "height", "width")}
+    if len(shapes) == 1:  # else the sites' sizes differ and the size-agnostic CNN takes any
+        out["height"], out["width"] = shapes.pop()
+    return {"fitted_on": f"{len(sites)} sites' image sizes", "sites": len(sites), **out}
+
+
+def _combine_series(sites: list[dict[str, Any]]) -> dict[str, Any]:
+    """Series: per-variable means/stds, n-weighted (by train patients) like a table's.
+
+    A site's statistics are over its observed bins, so weighting by patients is close to, not
+    equal to, the union's (sites observe a variable at different rates).
+    """
+    import numpy as np
+
+    layout = ("variables", "bins", "bin_minutes", "hours", "missing_code")
+    first = {k: sites[0].get(k) for k in layout}
+    if any({k: s.get(k) for k in layout} != first for s in sites):
+        raise ConfigError("sites reported different series layouts; check their data.series")
+    n = np.array([float(s["n"]) for s in sites])
+    mean, std = _pooled_moments(n / n.sum(), sites)
+    return {
+        "fitted_on": f"n-weighted combination of {len(sites)} sites' train statistics",
+        "sites": len(sites),
+        **first,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+    }
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -219,7 +263,7 @@ def plan_hash(cfg: RunConfig) -> str:
     """
     import hashlib
 
-    from fedmed.config import ModelConfig, SchemaConfig
+    from fedmed.config import ImageConfig, ModelConfig, SchemaConfig, SeriesConfig
 
     def changed(values: dict[str, Any], default: Any) -> dict[str, Any]:
         base = _asdict(default)
@@ -231,5 +275,17 @@ def plan_hash(cfg: RunConfig) -> str:
         "model": changed(spec["model"], ModelConfig()),
         "schema": changed(spec["data"]["schema"], SchemaConfig()),
     }
+    # What images and series become (size; window, bins, missing code) is part of what runs.
+    # File names and columns are the site's own (its registry), so they are left out; an
+    # unchanged default adds nothing, so table plans keep their hashes.
+    site_owned = {
+        "outcomes",
+        "column",
+        *(k for k in spec["data"]["series"] if k.endswith("_column")),
+    }
+    for key, default in (("images", ImageConfig()), ("series", SeriesConfig())):
+        values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
+        if changed(values, default):
+            content[key] = changed(values, default)
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -225,7 +225,7 @@ def test_without_noise_the_aggregate_is_the_mean_of_the_sites_clipped_updates(
     for i in range(len(cfg.sites)):
         context = Context(0, i, {"partition-id": i}, RecordDict(), {})
         _, local, _ = local_round(cfg.to_json(), context, start, {"server-round": 1})
-        updates.append({k: (v - start[k]).numpy() for k, v in local.state_dict().items()})
+        updates.append({k: (v - start[k]).numpy() for k, v in local.items()})
 
     out = _run(cfg, secure_app)
 

@@ -10,6 +10,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
@@ -161,3 +162,184 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
     assert all(
         e["update_sha256"].startswith("sha256:") for e in alpha_sent if "train" in e["message_type"]
     )
+
+
+# -- image and series sites ----------------------------------------------------------------------
+
+CANARY_ID = 8_675_309  # a patient id no test table otherwise holds
+
+
+def _run_deployed(cfg, site_files: list[Path]) -> tuple[RecordingGrid, dict, Path]:
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    grid = RecordingGrid(client_app, len(site_files), plan.to_run_config())
+    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
+        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
+    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    server = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), plan.to_run_config())
+    build_server_app(plan)(grid, server)
+    return grid, json.loads((plan.run_dir / "metrics.json").read_text()), plan.run_dir
+
+
+def _registered_site(
+    tmp_path: Path, name: str, approved: str, path: Path, share: bool, **add: object
+) -> Path:
+    state = tmp_path / "state" / name
+    DatasetRegistry(state).add("study-data", path, **add)
+    site = tmp_path / f"{name}.toml"
+    site.write_text(
+        f'name = "{name}"\ninsecure = true\nstate_dir = "{state}"\n'
+        f'approved_plans = ["{approved}"]\nmin_rows = 10\n'
+        f"share_statistics = {str(share).lower()}\n"
+    )
+    return site
+
+
+def _assert_nothing_leaked(wire: bytes, tmp_path: Path, extra: list[bytes]) -> None:
+    for needle in [str(tmp_path).encode(), b"Traceback", *extra]:
+        assert needle not in wire, f"{needle!r} left a site"
+
+
+def test_image_sites_train_from_their_registered_npz_and_png_folder(tmp_path: Path) -> None:
+    from tests.test_imaging import _images, _npz
+    from tests.test_registry import _png_folder
+
+    raw = {
+        "name": "scans",
+        "task": "imaging-classification",
+        "rounds": 2,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "cnn", "hidden": [4]},
+        "train": {"local_steps": 2, "batch_size": 8, "optimizer": "adam", "lr": 0.01},
+        "privacy": {"enabled": True, "target_epsilon": 8.0},
+        "data": {"dataset": "study-data", "schema": {"features": ["gray"], "min_rows": 10}},
+        "sites": [{"name": "st-marys"}, {"name": "riverside"}],
+    }
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    (tmp_path / "hospital-files").mkdir()
+    npz = _npz(tmp_path / "hospital-files" / "scans.npz")
+    folder = _png_folder(tmp_path / "hospital-files" / "export", n=40)
+    # The PNG site names its label column "target" (the study's data.schema.target).
+    labels = pd.read_csv(folder / "labels.csv").rename(columns={"label": "target"})
+    labels.to_csv(folder / "labels.csv", index=False)
+    sites = [
+        _registered_site(tmp_path, "st-marys", approved, npz, share=True),
+        _registered_site(tmp_path, "riverside", approved, folder, share=True),
+    ]
+
+    grid, metrics, run_dir = _run_deployed(cfg, sites)
+
+    assert set(metrics["final"]["sites"]) == {"st-marys", "riverside"}, metrics["history"]
+    assert all(not h["failures"] for h in metrics["history"]), metrics["history"]
+    assert metrics["final"]["sites"]["st-marys"]["epsilon"] > 0
+    card = json.loads((run_dir / "model.card.json").read_text())
+    assert card["preprocessing"]["sites"] == 2 and card["preprocessing"]["height"] == 8
+    # No image (as stored, or as the model's float32 input) and no file name left a site.
+    images, _ = _images(80, seed=0)
+    scaled = ((images[:3].astype(np.float32) / 255 - 0.5) / 0.5).tobytes()
+    wire = b"".join(grid.sent)
+    _assert_nothing_leaked(
+        wire,
+        tmp_path,
+        [images[0].tobytes(), images[1].tobytes(), scaled[:32], b".npz", b".png", b"labels"],
+    )
+
+
+def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -> None:
+    from tests.test_sequence import VARIABLES, _long_and_outcomes
+
+    raw = {
+        "name": "icu",
+        "task": "sequence-classification",
+        "rounds": 2,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "gru", "hidden": [8]},
+        "train": {"local_steps": 2, "batch_size": 16, "optimizer": "adam", "lr": 0.01},
+        "data": {
+            "dataset": "study-data",
+            "schema": {"target": "In-hospital_death", "features": list(VARIABLES), "min_rows": 10},
+            "series": {"hours": 12, "bin_minutes": 60},
+        },
+        "sites": [{"name": "coronary"}, {"name": "surgical"}],
+    }
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    a, b = tmp_path / "hospital-a", tmp_path / "hospital-b"
+    a.mkdir(), b.mkdir()
+    long_a, out_a = _long_and_outcomes(a, seed=1)
+    frame = pd.read_csv(long_a)
+    frame.loc[frame.index[frame["parameter"] == "HR"][0], "value"] = CANARY  # a canary reading
+    frame.loc[frame["record_id"] == 1003, "record_id"] = CANARY_ID  # a canary patient
+    frame.to_csv(long_a, index=False)
+    outcomes = pd.read_csv(out_a)
+    outcomes.loc[outcomes["RecordID"] == 1003, "RecordID"] = CANARY_ID
+    outcomes.to_csv(out_a, index=False)
+    # Hospital B exports other column names: its registration says which is which.
+    long_b, out_b = _long_and_outcomes(b, seed=2)
+    pd.read_csv(long_b).set_axis(["pid", "minute", "item", "reading"], axis=1).to_csv(
+        long_b, index=False
+    )
+    columns = ("id_column", "time_column", "variable_column", "value_column")
+    layout = dict(zip(columns, ("pid", "minute", "item", "reading"), strict=True))
+    sites = [
+        _registered_site(tmp_path, "coronary", approved, long_a, share=True, outcomes=out_a),
+        _registered_site(
+            tmp_path, "surgical", approved, long_b, share=False, outcomes=out_b, layout=layout
+        ),
+    ]
+
+    grid, metrics, run_dir = _run_deployed(cfg, sites)
+
+    assert set(metrics["final"]["sites"]) == {"coronary", "surgical"}, metrics["history"]
+    reasons = [f["reason"] for h in metrics["history"] for f in h["failures"]]
+    assert reasons == ["site 'surgical': the site does not share feature statistics "
+                       "(share_statistics)"], reasons  # fmt: skip
+    card = json.loads((run_dir / "model.card.json").read_text())
+    assert card["preprocessing"]["variables"] == list(VARIABLES)
+    assert card["preprocessing"]["sites"] == 1
+    _assert_nothing_leaked(
+        b"".join(grid.sent),
+        tmp_path,
+        [
+            str(CANARY).encode(),
+            struct.pack("<d", CANARY),
+            struct.pack("<f", CANARY),
+            str(CANARY_ID).encode(),
+            struct.pack("<q", CANARY_ID),
+            b"outcomes",
+            b".csv",
+        ],
+    )
+
+
+def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
+    from tests.test_sequence import VARIABLES, _long_and_outcomes
+
+    long, outcomes = _long_and_outcomes(tmp_path)
+    raw = {
+        "name": "icu",
+        "task": "sequence-classification",
+        "rounds": 1,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "gru", "hidden": [4]},
+        "data": {
+            "dataset": "study-data",
+            # A coordinator pointing the site at a file of its choosing:
+            "schema": {"target": "In-hospital_death", "features": list(VARIABLES), "min_rows": 10},
+            "series": {"outcomes": str(tmp_path / "elsewhere.csv")},
+        },
+        "sites": [{"name": "coronary"}, {"name": "surgical"}],
+    }
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    sites = [
+        _registered_site(tmp_path, n, approved, long, share=False, outcomes=outcomes)
+        for n in ("coronary", "surgical")
+    ]
+
+    _, metrics, _ = _run_deployed(cfg, sites)
+
+    assert metrics["final"]["sites"] == {}
+    reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
+    assert any("reads only its registered data" in r for r in reasons), reasons

@@ -11,6 +11,7 @@ __all__ = [
     "ArrayTable",
     "SiteData",
     "SiteTable",
+    "clear_file_caches",
     "load_site_data",
     "load_site_table",
     "site_spec",
@@ -42,6 +43,15 @@ def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable:
         return readers()[task.target](cfg, site)
     frame, origin = load_site_frame(cfg, site)
     return validate_table(site.name, frame, cfg.data.schema, origin, target=task.target)
+
+
+def clear_file_caches() -> None:
+    """Forget the image and series files read so far (they are cached by path)."""
+    from fedmed.data.images import load_images
+    from fedmed.data.series import load_long, load_outcomes
+
+    for cached in (load_images, load_long, load_outcomes):
+        cached.cache_clear()
 
 
 def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:

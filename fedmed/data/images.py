@@ -52,7 +52,7 @@ def read_image_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
         x_test=to_model_input(x_te),
         y_test=y_te,
         input_names=channels,
-        preprocessing=preprocessing(cfg),
+        preprocessing={**preprocessing(cfg), "height": x_tr.shape[1], "width": x_tr.shape[2]},
     )
     return ArrayTable(site.name, origin, channels, data, "image")
 

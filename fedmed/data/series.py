@@ -40,7 +40,7 @@ def load_long(path: str, series: SeriesConfig) -> pd.DataFrame:
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (set FEDMED_DATA_DIR to the datasets folder)")
     cols = (series.id_column, series.time_column, series.variable_column, series.value_column)
-    header = pd.read_csv(path, nrows=0).columns
+    header = read_header(path)
     absent = [c for c in cols if c not in header]
     if absent:
         raise DataError(
@@ -65,11 +65,11 @@ def load_outcomes(path: str, id_column: str, target: str) -> pd.Series:
     """The target per patient id; no other column of the outcomes table is ever read."""
     if not path:
         raise ConfigError(
-            "task 'sequence-classification' needs data.series.outcomes (the outcomes table)"
+            "task 'sequence-classification' needs the outcomes table: set data.series.outcomes "
+            "(or an outcomes path per [[sites]]); in a federation each site registers it with "
+            "`fedmed site data add SITE_CONFIG NAME LONG.csv --outcomes OUTCOMES.csv`"
         )
-    if not Path(path).is_file():
-        raise DataError(f"{path}: file not found (set FEDMED_DATA_DIR to the datasets folder)")
-    header = pd.read_csv(path, nrows=0).columns
+    header = _outcome_header(path)
     for col in (id_column, target):
         if col not in header:
             raise DataError(
@@ -86,6 +86,34 @@ def load_outcomes(path: str, id_column: str, target: str) -> pd.Series:
     return pd.Series(labels, index=df[id_column].to_numpy())
 
 
+def _outcome_header(path: str) -> pd.Index:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found (set FEDMED_DATA_DIR to the datasets folder)")
+    return read_header(path)
+
+
+def read_header(path: str) -> pd.Index:
+    """A CSV's column names (plain or .gz), or a DataError saying it is not a readable table."""
+    try:
+        return pd.read_csv(path, nrows=0).columns
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, OSError) as exc:
+        raise DataError(
+            f"{path}: not a readable CSV table ({type(exc).__name__}); export it as UTF-8 CSV "
+            "(optionally .gz) with a header row"
+        ) from None
+
+
+def read_outcome_ids(path: str, id_column: str) -> np.ndarray:
+    """The patient ids an outcomes table covers (registration checks every patient has one)."""
+    header = _outcome_header(path)
+    if id_column not in header:
+        raise DataError(
+            f"{path}: column '{id_column}' is missing (columns: {', '.join(header)}); name the "
+            "patient id column with --outcome-id-column"
+        )
+    return pd.read_csv(path, usecols=[id_column])[id_column].to_numpy()
+
+
 def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
     """One site's patients: binned, masked, split, standardized on its own train patients."""
     series, schema = cfg.data.series, cfg.data.schema
@@ -96,9 +124,8 @@ def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
         )
     path = resolve_site_path(site.path)
     long = load_long(path, series)
-    outcomes = load_outcomes(
-        resolve_site_path(series.outcomes), series.outcome_id_column, schema.target
-    )
+    outcomes_path = resolve_site_path(site.outcomes or series.outcomes)
+    outcomes = load_outcomes(outcomes_path, series.outcome_id_column, schema.target)
     origin = path
     if cfg.data.site_column:
         rows = long[long["variable"] == cfg.data.site_column]
@@ -110,7 +137,7 @@ def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
     unlabeled = ids[~np.isin(ids, outcomes.index)]
     if len(unlabeled):
         raise DataError(
-            f"{origin}: {len(unlabeled)} patients have no row in {series.outcomes} (first: "
+            f"{origin}: {len(unlabeled)} patients have no row in {outcomes_path} (first: "
             f"{unlabeled[0]}); add their outcomes or remove their observations"
         )
     y = outcomes.loc[ids].to_numpy(np.float32)
@@ -158,7 +185,8 @@ def bin_and_scale(
     )
     std = np.where(std > 1e-9, std, 1.0)
     stats = {"variables": list(variables), "mean": mean.tolist(), "std": std.tolist(),
-             "bins": n_bins, "bin_minutes": series.bin_minutes}  # fmt: skip
+             "bins": n_bins, "bin_minutes": series.bin_minutes, "hours": series.hours,
+             "missing_code": series.missing_code}  # fmt: skip
     return (
         features_of(sums_tr, counts_tr, mean, std),
         features_of(sums_te, counts_te, mean, std),

@@ -76,6 +76,9 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
         )
     if run.data.builtin or not run.data.dataset:
         raise PolicyViolation("the plan must name a registered dataset (data.dataset)")
+    if run.data.partition_file or run.data.series.outcomes:
+        # Paths chosen by the coordinator: a site reads only the files it registered.
+        raise PolicyViolation("the plan names data files; a site reads only its registered data")
 
 
 def plan_records(msg: Message) -> list[ConfigRecord]:

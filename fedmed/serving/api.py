@@ -15,12 +15,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from fedmed.config import SchemaConfig
 from fedmed.data.table import OUTCOMES, Preprocessor
 from fedmed.errors import ConfigError, DataError
+from fedmed.serving.arrays import ServedImages, ServedSeries
 from fedmed.serving.export import load_model, resolve_model_path
 from fedmed.tasks import get_task
 
@@ -35,10 +36,9 @@ class ServedModel:
         self.model, self.card = load_model(self.path, require_signature=not allow_unsigned)
         self.task = get_task(self.card["task"])
         if self.task.target not in OUTCOMES:  # images, series: not rows of clinical variables
-            hint = " (`fedmed predict MODEL images.npz`)" if self.task.target == "image" else ""
             raise ConfigError(
                 f"{self.path}: a '{self.card['task']}' model is not served from table rows; "
-                f"only table tasks are{hint}"
+                "open it with fedmed.serving.api.open_model (as `fedmed serve` does)"
             )
         raw = self.card["schema"]
         self.schema = SchemaConfig(
@@ -119,27 +119,33 @@ def _row_model(served: ServedModel) -> type[BaseModel]:
     return create_model("PatientRow", __config__=ConfigDict(extra="forbid", strict=False), **fields)
 
 
-def create_app(served: ServedModel) -> FastAPI:
-    """The HTTP API around ``served``: /predict, /model, /health, and OpenAPI docs at /docs."""
-    row_model = _row_model(served)
+Served = ServedModel | ServedImages | ServedSeries
+
+
+def open_model(path: Path, *, allow_unsigned: bool = False) -> Served:
+    """The served form of a model file, by what its task reads (rows, images or series)."""
+    import json
+
+    from fedmed.tasks import TASKS
+
+    weights = resolve_model_path(path)
+    card = weights.with_name(weights.name.removesuffix(".safetensors") + ".card.json")
+    try:  # only to pick the class: loading it checks the card, its signature and the weights
+        task = TASKS.get(json.loads(card.read_text()).get("task", ""))
+    except (OSError, ValueError, AttributeError):
+        task = None
+    kind = {"image": ServedImages, "series": ServedSeries}.get(task.target if task else "")
+    return (kind or ServedModel)(weights, allow_unsigned=allow_unsigned)
+
+
+def create_app(served: Served) -> FastAPI:
+    """The HTTP API around ``served``: /predict, /model, /health, and OpenAPI docs at /docs.
+
+    /predict takes what the model reads: table rows, images (plus /predict/png for one PNG
+    file) or patients' series.
+    """
     card = served.card
     study = card["study"]
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        rows: list[row_model] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
-        explain: bool = False
-
-    prediction = create_model(  # the task's fields, e.g. probability + label, or hazard ratio
-        "Prediction",
-        **{k: (tp, ...) for k, tp in served.task.prediction_fields.items()},
-        explanation=(dict[str, float] | None, None),
-    )
-
-    class PredictResponse(BaseModel):
-        predictions: list[prediction]  # type: ignore[valid-type]
-        model: dict[str, Any]
-
     app = FastAPI(
         title=f"fedmed model: {study['name']}",
         description=(
@@ -150,11 +156,12 @@ def create_app(served: ServedModel) -> FastAPI:
         version=card.get("fedmed_version", ""),
     )
     identity = {"study": study["name"], "weights_sha256": card["weights_sha256"]}
-
-    @app.post("/predict", response_model=PredictResponse)
-    def predict(request: PredictRequest) -> dict[str, Any]:
-        rows = [r.model_dump() for r in request.rows]
-        return {"predictions": served.predict(rows, explain=request.explain), "model": identity}
+    if isinstance(served, ServedImages):
+        _image_routes(app, served, identity)
+    elif isinstance(served, ServedSeries):
+        _series_routes(app, served, identity)
+    else:
+        _table_routes(app, served, identity)
 
     @app.get("/model")
     def model_card() -> dict[str, Any]:
@@ -165,6 +172,97 @@ def create_app(served: ServedModel) -> FastAPI:
         return {"status": "ok", **identity}
 
     return app
+
+
+def _prediction_model(served: Served, **extra: Any) -> type[BaseModel]:
+    """The task's fields, e.g. probability + label, or hazard ratio."""
+    return create_model(
+        "Prediction", **{k: (tp, ...) for k, tp in served.task.prediction_fields.items()}, **extra
+    )
+
+
+def _table_routes(app: FastAPI, served: ServedModel, identity: dict[str, str]) -> None:
+    row_model = _row_model(served)
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        rows: list[row_model] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
+        explain: bool = False
+
+    prediction = _prediction_model(served, explanation=(dict[str, float] | None, None))
+
+    class PredictResponse(BaseModel):
+        predictions: list[prediction]  # type: ignore[valid-type]
+        model: dict[str, Any]
+
+    @app.post("/predict", response_model=PredictResponse)
+    def predict(request: PredictRequest) -> dict[str, Any]:
+        rows = [r.model_dump() for r in request.rows]
+        return {"predictions": served.predict(rows, explain=request.explain), "model": identity}
+
+
+def _image_routes(app: FastAPI, served: ServedImages, identity: dict[str, str]) -> None:
+    prediction = _prediction_model(served, saliency=(list[list[float]] | None, None))
+
+    class ImageRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        images: list[Any] = Field(
+            min_length=1,
+            max_length=256,
+            description=f"8-bit pixels (0-255), H x W or H x W x C each; {served.expects}",
+        )
+        explain: bool = False
+
+    class ImageResponse(BaseModel):
+        predictions: list[prediction]  # type: ignore[valid-type]
+        model: dict[str, Any]
+
+    @app.post("/predict", response_model=ImageResponse)
+    def predict(request: ImageRequest) -> dict[str, Any]:
+        images = served.from_json(request.images)
+        return {"predictions": served.predict(images, request.explain), "model": identity}
+
+    @app.post(
+        "/predict/png",
+        response_model=ImageResponse,
+        openapi_extra={"requestBody": {"content": {"image/png": {"schema": {"type": "string"}}}}},
+        description=f"The body is one PNG file's bytes; {served.expects}.",
+    )
+    async def predict_png(request: Request, explain: bool = False) -> dict[str, Any]:
+        images = served.from_png(await request.body())
+        return {"predictions": served.predict(images, explain), "model": identity}
+
+
+class Observation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    time: float = Field(description="minutes since admission")
+    variable: str
+    value: float
+
+
+def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str]) -> None:
+    prediction = _prediction_model(served)
+
+    class Patient(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        observations: list[Observation] = Field(
+            max_length=100_000,
+            description=f"variables: {', '.join(served.variables)}; observations after "
+            f"{served.series.hours} h are not used",
+        )
+
+    class SeriesRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        patients: list[Patient] = Field(min_length=1, max_length=1000)
+
+    class SeriesResponse(BaseModel):
+        predictions: list[prediction]  # type: ignore[valid-type]
+        model: dict[str, Any]
+
+    @app.post("/predict", response_model=SeriesResponse)
+    def predict(request: SeriesRequest) -> dict[str, Any]:
+        patients = [[o.model_dump() for o in p.observations] for p in request.patients]
+        return {"predictions": served.predict(patients), "model": identity}
 
 
 def predict_csv(

@@ -1,0 +1,167 @@
+"""`fedmed serve` for image and sequence models: raw images (JSON arrays, PNG uploads) and
+patients' observations in, probabilities out, the card's preprocessing applied exactly, and
+422s that name the fix."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fedmed.cli import main
+from fedmed.data.images import to_model_input
+from fedmed.errors import ConfigError
+from fedmed.serving.api import ServedModel, create_app, open_model
+from fedmed.serving.arrays import ServedImages, ServedSeries
+
+from .test_imaging import _images, _to_toml
+from .test_imaging import _study as _image_study
+from .test_sequence import _study as _series_study
+
+
+def _trained(raw: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
+    toml = tmp_path / "study.toml"
+    toml.write_text(_to_toml(raw))
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    return Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_model_serves_json_arrays_and_png_uploads(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = _trained(_image_study(tmp_path), tmp_path, capsys)
+    served = open_model(run_dir)
+    client = TestClient(create_app(served))
+    images, _ = _images(3, seed=5)  # 8x8 grayscale, as the sites' images
+
+    reply = client.post("/predict", json={"images": images.tolist()})
+    png = client.post("/predict/png?explain=true", content=_png(images[1]))
+
+    assert isinstance(served, ServedImages)
+    assert reply.status_code == 200, reply.text
+    with torch.no_grad():
+        logits = served.model(torch.from_numpy(to_model_input(images[..., None]))).squeeze(-1)
+    expected = torch.sigmoid(logits).numpy()
+    probs = [p["probability"] for p in reply.json()["predictions"]]
+    np.testing.assert_allclose(probs, expected, rtol=1e-5)
+    assert [p["label"] for p in reply.json()["predictions"]] == [int(p >= 0.5) for p in probs]
+    assert png.status_code == 200, png.text
+    one = png.json()["predictions"][0]
+    assert one["probability"] == pytest.approx(expected[1], rel=1e-5)
+    assert np.asarray(one["saliency"]).shape == (8, 8)
+    card = client.get("/model").json()
+    assert card["task"] == "imaging-classification" and card["signature"]["algorithm"]
+    assert client.get("/health").json()["weights_sha256"] == card["weights_sha256"]
+    assert "/predict/png" in client.get("/openapi.json").json()["paths"]
+    with pytest.raises(ConfigError, match="open_model"):
+        ServedModel(run_dir)  # the table server still says where images are served
+
+
+def test_bad_images_get_422s_that_name_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = _trained(_image_study(tmp_path), tmp_path, capsys)
+    client = TestClient(create_app(open_model(run_dir)))
+    gray, _ = _images(1, seed=1)
+    rgb = np.stack([gray[0]] * 3, axis=-1)
+    cases = [
+        ({"images": [np.zeros((10, 10), int).tolist()]}, "image_size", "resize it to 8x8"),
+        ({"images": [rgb.tolist()]}, "image_channels", "convert it to grayscale"),
+        ({"images": [np.full((8, 8), 300).tolist()]}, "image_pixels", "integers 0-255"),
+        ({"images": [[[1, 2], [3]]]}, "image_array", "rows of equal length"),
+        ({"images": [np.zeros((2, 8, 8, 1)).tolist()]}, "image_shape", "H x W x C"),
+    ]
+    for body, kind, fix in cases:
+        reply = client.post("/predict", json=body)
+        assert reply.status_code == 422, (kind, reply.text)
+        detail = reply.json()["detail"][0]
+        assert detail["type"] == kind and fix in detail["msg"], detail
+
+    reply = client.post("/predict/png", content=_png(rgb))
+    assert reply.status_code == 422 and "convert it to grayscale" in reply.text
+    reply = client.post("/predict/png", content=b"not a png")
+    assert reply.status_code == 422 and "not a readable image" in reply.text
+    assert client.post("/predict", json={"images": []}).status_code == 422
+
+
+# A patient by hand, for a study with 12 hourly bins and variables HR, Temp, Age.
+PATIENT = [
+    {"time": 0, "variable": "Age", "value": 50.0},
+    {"time": 30, "variable": "HR", "value": 90.0},
+    {"time": 150, "variable": "HR", "value": 100.0},
+    {"time": 170, "variable": "HR", "value": 110.0},  # same bin: the mean, 105
+    {"time": 200, "variable": "Temp", "value": -1.0},  # the missing-value code: dropped
+    {"time": 900, "variable": "HR", "value": 300.0},  # after the 12 h window: dropped
+]
+
+
+def _by_hand(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(12 bins, value x3 | mask x3 | delta x3) for PATIENT, variables (HR, Temp, Age)."""
+    bins = 12
+    x = np.zeros((bins, 9), np.float32)
+    z = (np.array([90.0, 105.0]) - mean[0]) / std[0]
+    x[0:2, 0], x[2:, 0] = z[0], z[1]  # HR, carried forward
+    x[:, 2] = (50.0 - mean[2]) / std[2]  # Age, seen at admission
+    x[[0, 2], 3] = 1.0  # HR observed in bins 0 and 2
+    x[0, 5] = 1.0  # Age in bin 0
+    steps = np.arange(bins)
+    x[:, 6] = np.where(steps < 2, steps, steps - 2) / bins  # HR: bins since last seen
+    x[:, 7] = (steps + 1) / bins  # Temp: never seen, time since admission
+    x[:, 8] = steps / bins
+    return x
+
+
+def test_series_model_serves_a_patients_observations_as_the_sites_built_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run_dir = _trained(_series_study(tmp_path), tmp_path, capsys)
+    served = open_model(run_dir)
+    client = TestClient(create_app(served))
+    other = [{"time": 60, "variable": "HR", "value": 70.0}]
+
+    reply = client.post(
+        "/predict", json={"patients": [{"observations": PATIENT}, {"observations": other}]}
+    )
+
+    assert isinstance(served, ServedSeries) and served.variables == ("HR", "Temp", "Age")
+    assert reply.status_code == 200, reply.text
+    expected_x = _by_hand(served.mean, served.std)
+    np.testing.assert_allclose(served.inputs([PATIENT])[0], expected_x, atol=1e-6)
+    with torch.no_grad():
+        logit = served.model(torch.from_numpy(expected_x[None]))
+    first = reply.json()["predictions"][0]
+    assert first["probability"] == pytest.approx(torch.sigmoid(logit).item(), rel=1e-5)
+    assert len(reply.json()["predictions"]) == 2
+    assert client.get("/model").json()["preprocessing"]["variables"] == ["HR", "Temp", "Age"]
+
+
+def test_bad_series_get_422s_that_name_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _series_study(tmp_path)
+    raw["rounds"] = 1
+    client = TestClient(create_app(open_model(_trained(raw, tmp_path, capsys))))
+    cases = [
+        ([{"time": 5, "variable": "SpO2", "value": 97}], "series_variable", "HR, Temp, Age"),
+        ([], "series_empty", "send at least one"),
+        ([{"time": 9000, "variable": "HR", "value": 80}], "series_empty", "0 to 720 minutes"),
+        ([{"time": 5, "variable": "HR"}], "missing", ""),
+        ([{"time": 5, "variable": "HR", "value": 80, "unit": "bpm"}], "extra_forbidden", ""),
+    ]
+    for patient, kind, fix in cases:
+        reply = client.post("/predict", json={"patients": [{"observations": patient}]})
+
+        assert reply.status_code == 422, (kind, reply.text)
+        detail = reply.json()["detail"][0]
+        assert detail["type"] == kind and fix in detail["msg"], detail
