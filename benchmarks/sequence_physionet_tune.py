@@ -11,9 +11,14 @@ GRU-D also at 32 units, each for 20 rounds with validation metrics after every r
 number of rounds is chosen from the curve rather than by more runs. The choice: the (setting,
 round) with the highest validation AUROC (mean of per-site AUROCs, mean over the 2 seeds).
 
+``--dp``: the same for FedAvg + DP-SGD (ε = 8 per site) with the chosen model, over the number
+of rounds only. ε is calibrated to the planned rounds, so a DP setting is judged by its FINAL
+round (an earlier round of a longer run would be a different, cheaper privacy plan).
+
 Run from the repository root (FEDMED_DATA_DIR pointing at the shared datasets):
     OMP_NUM_THREADS=1 python benchmarks/sequence_physionet_tune.py
-Results: benchmarks/results/sequence_physionet_tuning.json.
+    OMP_NUM_THREADS=1 python benchmarks/sequence_physionet_tune.py --dp
+Results: benchmarks/results/sequence_physionet_tuning.json (--dp: ..._tuning_dp.json).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ SEEDS = (0, 1)
 ROUNDS = 20
 VALIDATION = ("data.schema.validation_fraction=0.2", f"rounds={ROUNDS}")
 RESULTS = Path(__file__).resolve().parent / "results" / "sequence_physionet_tuning.json"
+RESULTS_DP = RESULTS.with_name("sequence_physionet_tuning_dp.json")
 
 
 def setting(kind: str, hidden: int, lr: float) -> Variant:
@@ -66,6 +72,23 @@ GRID = (
 )
 
 
+def dp_setting(rounds: int) -> Variant:
+    return Variant(
+        f"grud-dp-r{rounds}",
+        f"GRU-D + DP-SGD ε = 8, {rounds} rounds",
+        "federated",
+        (
+            "data.schema.validation_fraction=0.2",
+            f"rounds={rounds}",
+            "privacy.enabled=true",
+            "privacy.target_epsilon=8.0",
+        ),
+    )
+
+
+DP_GRID = (dp_setting(4), dp_setting(10))
+
+
 def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     """One FedAvg run: mean per-site validation AUROC after every round."""
     run_dir, payload, wall = simulate(CONFIG, variant, seed, runs_root)
@@ -78,10 +101,11 @@ def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     return {"seed": seed, "run_dir": str(run_dir), "wall_seconds": wall, "val_auc": curve}
 
 
-def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per round: validation AUROC mean ± sd over seeds; the best round and its value."""
-    per_round = [summarize([r["val_auc"][i] for r in runs]) for i in range(ROUNDS)]
-    best = max(range(ROUNDS), key=lambda i: per_round[i]["mean"])
+def summarize_runs(runs: list[dict[str, Any]], *, final_only: bool) -> dict[str, Any]:
+    """Per round: validation AUROC mean ± sd over seeds; the best (or final) round and value."""
+    rounds = len(runs[0]["val_auc"])
+    per_round = [summarize([r["val_auc"][i] for r in runs]) for i in range(rounds)]
+    best = rounds - 1 if final_only else max(range(rounds), key=lambda i: per_round[i]["mean"])
     return {"per_round": per_round, "best_round": best + 1, "best": per_round[best]}
 
 
@@ -89,42 +113,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    parser.add_argument("--settings", nargs="+", default=[v.key for v in GRID])
+    parser.add_argument("--dp", action="store_true", help="tune FedAvg + DP-SGD's rounds")
+    parser.add_argument("--settings", nargs="+", default=None)
     parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "tune")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    grid = DP_GRID if args.dp else GRID
+    settings = args.settings or [v.key for v in grid]
+    output = args.output or (RESULTS_DP if args.dp else RESULTS)
     command = shlex.join(["python", "benchmarks/sequence_physionet_tune.py", *argv])
     print(f"reproduce with: {command}", flush=True)
     env, started = environment(), time.time()
     results = run_variants(
         CONFIG,
-        [v for v in GRID if v.key in args.settings],
+        [v for v in grid if v.key in settings],
         args.seeds,
         lambda variant, seed: run_once(variant, seed, args.runs_dir),
         lambda run: (
-            f"val AUC round 10 {run['val_auc'][9]:.3f}, round {ROUNDS} {run['val_auc'][-1]:.3f}, "
-            f"best {max(run['val_auc']):.3f} ({run['wall_seconds']:.0f} s)"
+            f"val AUC final {run['val_auc'][-1]:.3f}, best {max(run['val_auc']):.3f} "
+            f"({run['wall_seconds']:.0f} s)"
         ),
-        summarize_runs,
+        lambda runs: summarize_runs(runs, final_only=args.dp),
     )
-    marks = (5, 10, 15, 20)
-    header = ["setting", *(f"round {m}" for m in marks), "best round", "best val AUROC"]
+    marks = (4, 10) if args.dp else (5, 10, 15, 20)
+    best = "final" if args.dp else "best"
+    header = ["setting", *(f"round {m}" for m in marks), f"{best} round", f"{best} val AUROC"]
     rows = [
         [
             r["label"],
-            *(f"{r['summary']['per_round'][m - 1]['mean']:.3f}" for m in marks),
+            *(
+                f"{r['summary']['per_round'][m - 1]['mean']:.3f}"
+                if m <= len(r["summary"]["per_round"])
+                else "—"
+                for m in marks
+            ),
             str(r["summary"]["best_round"]),
             f"{r['summary']['best']['mean']:.3f}",
         ]
         for r in results.values()
     ]
     chosen = max(results, key=lambda k: results[k]["summary"]["best"]["mean"])
-    print(f"\nFedAvg validation AUROC (mean of per-site), mean over seeds {args.seeds}")
+    what = "FedAvg + DP-SGD" if args.dp else "FedAvg"
+    print(f"\n{what} validation AUROC (mean of per-site), mean over seeds {args.seeds}")
     print_table(header, rows)
     print(f"chosen: {chosen} at round {results[chosen]['summary']['best_round']}")
     note_source_change(env)
     payload = {
-        "benchmark": "PhysioNet 2012 sequence settings chosen on validation stays (FedAvg)",
+        "benchmark": f"PhysioNet 2012 sequence settings chosen on validation stays ({what})",
         "metric": "ROC-AUC per site on 20 % of its train stays (validation), unweighted mean "
         "over sites, mean ± sample sd over seeds; the test stays are not evaluated",
         "command": command,
@@ -136,9 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "chosen": {"setting": chosen, "round": results[chosen]["summary"]["best_round"]},
         "table": {"columns": header, "rows": rows},
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
-    print(f"wrote {args.output}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {output}")
     return 0
 
 
