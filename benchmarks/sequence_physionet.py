@@ -35,6 +35,12 @@ VARIANTS = (
     Variant("fedavg", "FedAvg (GRU-D)", "federated"),
     Variant("local", "Local (GRU-D, each ICU alone)", "local"),
     Variant("fedavg_dp", "FedAvg + DP-SGD (GRU-D, ε = 8 per site)", "federated", DP),
+    Variant(
+        "fedavg_dp_r10",
+        "FedAvg + DP-SGD (GRU-D, 10 rounds, ε = 8)",
+        "federated",
+        (*DP, "rounds=10"),
+    ),
     Variant("pooled_gru", "Pooled (GRU, 10 rounds)", "pooled", GRU),
     Variant("fedavg_gru", "FedAvg (GRU, 10 rounds)", "federated", GRU),
     Variant("local_gru", "Local (GRU, 10 rounds)", "local", GRU),
