@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli_main(
         argv,
         script="benchmarks/sequence_physionet.py",
-        title="PhysioNet 2012 set A by ICU type (sequence, GRU, in-hospital death)",
+        title="PhysioNet 2012 set A by ICU type (sequence, GRU-D / GRU, in-hospital death)",
         config=CONFIG,
         variants=VARIANTS,
         seeds=DEFAULT_SEEDS,
