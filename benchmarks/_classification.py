@@ -35,13 +35,47 @@ from _common import (
 METRICS = ("roc_auc", "accuracy")
 
 
-def run_once(config: str, variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
+def union_roc_auc(run_dir: Path, payload: dict[str, Any]) -> float:
+    """ROC-AUC of the run's final model(s) over the union of the sites' test splits.
+
+    Federated and pooled runs save one model; local runs one per site, each scoring its own
+    site's patients. Each site's test arrays are rebuilt from the run's own config, and the
+    per-site ROC-AUCs recomputed from them must match metrics.json (else the reload is wrong).
+    """
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from fedmed.config import parse_run_config
+    from fedmed.data import load_site_data
+    from fedmed.serving.export import load_model
+
+    cfg = parse_run_config(payload["config"])
+    single = run_dir / "model.safetensors"
+    scores, labels = [], []
+    for site in cfg.sites:
+        data = load_site_data(cfg, site)
+        path = single if single.is_file() else run_dir / f"model-{site.name}.safetensors"
+        model, _ = load_model(path, require_signature=False)
+        with torch.no_grad():
+            score = model(torch.from_numpy(data.x_test)).reshape(-1).numpy()
+        reported = payload["final"]["sites"][site.name]["roc_auc"]
+        if not math.isclose(roc_auc_score(data.y_test, score), reported, abs_tol=1e-6):
+            raise RuntimeError(f"{run_dir}: reloaded {site.name} ROC-AUC differs from its metrics")
+        scores.append(score)
+        labels.append(data.y_test)
+    return float(roc_auc_score(np.concatenate(labels), np.concatenate(scores)))
+
+
+def run_once(
+    config: str, variant: Variant, seed: int, runs_root: Path, *, union: bool = False
+) -> dict[str, Any]:
     """One subprocess; its final per-site metrics, the worst site ε and the wall time."""
     run_dir, payload, wall = simulate(config, variant, seed, runs_root)
     final = payload["final"]
     last = payload["history"][-1]["sites"]
     epsilon = max((s.get("train", {}).get("epsilon", 0.0) for s in last.values()), default=0.0)
-    return {
+    run = {
         "seed": seed,
         "run_dir": str(run_dir),
         "wall_seconds": wall,
@@ -51,12 +85,17 @@ def run_once(config: str, variant: Variant, seed: int, runs_root: Path) -> dict[
         # Per-site global model vs the site's own (personalization / local normalization).
         **({"personalized": final["personalized"]} if "personalized" in final else {}),
     }
+    if union:
+        run["union_roc_auc"] = union_roc_auc(run_dir, payload)
+    return run
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     sites = list(runs[0]["sites"])
     out: dict[str, Any] = {m: summarize([r[f"average_{m}"] for r in runs]) for m in METRICS}
     out["epsilon"] = max(r["epsilon"] for r in runs)
+    if "union_roc_auc" in runs[0]:
+        out["union_roc_auc"] = summarize([r["union_roc_auc"] for r in runs])
     out["sites"] = {
         s: {
             m: summarize([r["sites"][s][m] for r in runs if not math.isnan(r["sites"][s][m])])
@@ -76,6 +115,7 @@ def run_benchmark(
     runs_dir: Path,
     output: Path,
     command: str,
+    union: bool = False,
 ) -> dict[str, Any]:
     """Run every variant for every seed, print the table and write the results JSON."""
     print(f"reproduce with: {command}", flush=True)
@@ -85,19 +125,22 @@ def run_benchmark(
         config,
         variants,
         seeds,
-        lambda variant, seed: run_once(config, variant, seed, runs_dir),
+        lambda variant, seed: run_once(config, variant, seed, runs_dir, union=union),
         lambda run: (
             f"AUC {run['average_roc_auc']:.3f} acc {run['average_accuracy']:.3f} "
-            f"ε {run['epsilon']:.2f} ({run['wall_seconds']:.0f} s)"
+            + (f"union AUC {run['union_roc_auc']:.3f} " if union else "")
+            + f"ε {run['epsilon']:.2f} ({run['wall_seconds']:.0f} s)"
         ),
         summarize_runs,
     )
     sites = list(next(iter(results.values()))["summary"]["sites"])
-    header = ["method", "avg ROC-AUC", "avg accuracy", "ε (max site)", *sites]
+    header = ["method", "avg ROC-AUC", *(["union ROC-AUC"] if union else [])]
+    header += ["avg accuracy", "ε (max site)", *sites]
     rows = [
         [
             r["label"],
             fmt(r["summary"]["roc_auc"]),
+            *([fmt(r["summary"]["union_roc_auc"])] if union else []),
             fmt(r["summary"]["accuracy"]),
             f"{r['summary']['epsilon']:.2f}" if r["summary"]["epsilon"] else "—",
             *(f"{r['summary']['sites'][s]['roc_auc']['mean']:.3f}" for s in sites),
@@ -110,7 +153,12 @@ def run_benchmark(
     payload = {
         "benchmark": title,
         "metric": "ROC-AUC and accuracy (threshold 0.5) per site test split; avg = unweighted "
-        "mean over sites; sd = sample sd over seeds (each seed sets training and split seed)",
+        "mean over sites; sd = sample sd over seeds (each seed sets training and split seed)"
+        + (
+            "; union = one ROC-AUC of the final model(s) over the union of the sites' test splits"
+            if union
+            else ""
+        ),
         "command": command,
         "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "seeds": seeds,
@@ -135,6 +183,7 @@ def cli_main(
     seeds: tuple[int, ...],
     output: Path,
     default_variants: tuple[str, ...] = (),
+    union: bool = False,
 ) -> int:
     """The command line every classification benchmark shares (--seeds, --quick, --variants)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -156,5 +205,6 @@ def cli_main(
         runs_dir=args.runs_dir,
         output=args.output,
         command=shlex.join(["python", script, *argv]),
+        union=union,
     )
     return 0

@@ -53,10 +53,13 @@ class ModelConfig:
     ``linear`` is the task's linear model (logistic regression for classification, the linear
     Cox predictor for survival); ``logreg`` is its classification-only name, kept for old configs.
     ``cnn`` (imaging): ``hidden`` lists the channels of its conv blocks. ``gru`` (sequences):
-    ``hidden[0]`` is the GRU's state size.
+    ``hidden[0]`` is the GRU's state size; ``grud`` (sequences) is GRU-D, the same with learned
+    decays of the last observation and of the state (fedmed.tasks.sequence).
     """
 
-    kind: str = field(default="mlp", metadata=_choices("logreg", "linear", "mlp", "cnn", "gru"))
+    kind: str = field(
+        default="mlp", metadata=_choices("logreg", "linear", "mlp", "cnn", "gru", "grud")
+    )
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -180,6 +183,9 @@ class SchemaConfig:
     stratify: bool = True
     split_column: str = ""  # values "train"/"test"; overrides test_fraction when set
     min_rows: int = 10
+    # > 0 (image and series sites): carve this share of the TRAIN rows (stratified, split_seed)
+    # and evaluate on it instead of the test rows, to choose settings without seeing the test set.
+    validation_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -402,6 +408,11 @@ def _check_run(cfg: RunConfig) -> None:
     if not 0 < schema.test_fraction < 1:
         raise ConfigError(
             f"data.schema.test_fraction must be in (0, 1), got {schema.test_fraction}"
+        )
+    if not 0 <= schema.validation_fraction < 1:
+        raise ConfigError(
+            "data.schema.validation_fraction must be in [0, 1) (0 = evaluate on the test rows), "
+            f"got {schema.validation_fraction}"
         )
     if not cfg.sites:
         raise ConfigError("no [[sites]] in the config: list at least one site (name + path)")

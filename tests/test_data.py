@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from fedmed.data import load_site_data, load_site_table
 from fedmed.data.partition import partition_rows
 from fedmed.data.sources import builtin_table, read_table
 from fedmed.data.table import Preprocessor, validate_table
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 
 from .conftest import HEART_DIR, needs_shared_data
 
@@ -82,6 +83,14 @@ def test_too_few_rows_after_dropping_missing(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"only 3 usable rows.*at least 5"):
         validate_table("s", df, SCHEMA, origin)
+
+
+def test_table_sites_refuse_a_validation_split_they_would_ignore(tmp_path: Path) -> None:
+    df, origin = _frame(tmp_path, "age,bp,smoker,outcome\n" + _good_rows())
+    schema = replace(SCHEMA, validation_fraction=0.2)
+
+    with pytest.raises(ConfigError, match="validation_fraction is implemented for image and"):
+        validate_table("s", df, schema, origin)
 
 
 def test_single_class_is_refused(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The sequence task: binning, masks and carried-forward values by hand, outcome fields that
-must never become inputs, loader errors, federated training with and without DP (DPGRU), and
-the PhysioNet 2012 sites by ICU type."""
+must never become inputs, loader errors, GRU-D's decays by hand and its per-patient gradients,
+validation splits, federated training with and without DP (DPGRU, GRU-D), and the PhysioNet
+2012 sites by ICU type."""
 
 from __future__ import annotations
 
@@ -10,14 +11,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from opacus import GradSampleModule
 from opacus.layers import DPGRU
+from opacus.validators import ModuleValidator
 
 from fedmed.cli import main
-from fedmed.config import load_run_config, parse_run_config, resolve_config_path
+from fedmed.config import ModelConfig, load_run_config, parse_run_config, resolve_config_path
 from fedmed.data import load_site_data, load_site_table
 from fedmed.data.series import bin_means, features_of, load_long
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import build_model
+from fedmed.tasks.sequence import SeriesGRUD
 
 from .conftest import DATA_DIR, needs_shared_data
 from .test_imaging import _to_toml
@@ -169,12 +174,100 @@ def test_dp_studies_build_opacus_dpgru(tmp_path: Path) -> None:
     assert isinstance(model.gru, DPGRU)
 
 
-@pytest.mark.parametrize("private", [False, True])
+def _grud(n_variables: int = 1, hidden: int = 4, seed: int = 0) -> SeriesGRUD:
+    torch.manual_seed(seed)
+    return SeriesGRUD(n_variables, ModelConfig(kind="grud", hidden=(hidden,)))
+
+
+def _series(values: list[float], mask: list[float]) -> torch.Tensor:
+    """One patient, one variable: (1, bins, value|mask|delta) with a junk delta channel."""
+    v, m = torch.tensor(values), torch.tensor(mask)
+    return torch.stack([v, m, torch.full_like(v, 99.0)], dim=1)[None]
+
+
+def test_grud_input_decay_matches_the_formula_by_hand() -> None:
+    model = _grud()
+    with torch.no_grad():
+        model.input_decay.weight.fill_(0.5)
+        model.input_decay.bias.fill_(-0.25)
+    x = _series([2.0, 7.0, 7.0, 3.0, 7.0], [1, 0, 0, 1, 0])  # 7.0: carried junk, never read
+
+    x_hat, mask, delta = model.decayed_inputs(x)
+
+    # δ: bins since the last observation before t (t + 1 before any); γ = exp(-relu(.5δ - .25))
+    assert delta[0, :, 0].tolist() == [1.0, 1.0, 2.0, 3.0, 1.0]
+    gamma = [np.exp(-max(0.5 * d - 0.25, 0.0)) for d in (1, 2, 1)]
+    expected = [2.0, gamma[0] * 2.0, gamma[1] * 2.0, 3.0, gamma[2] * 3.0]
+    assert np.allclose(x_hat[0, :, 0].detach().numpy(), expected)
+    assert mask[0, :, 0].tolist() == [1.0, 0.0, 0.0, 1.0, 0.0]
+
+
+def test_grud_reads_only_observed_values_and_decays_to_the_mean_before_the_first() -> None:
+    model = _grud(n_variables=2, hidden=6).eval()
+    torch.manual_seed(1)
+    x = torch.randn(3, 8, 6)
+    x[..., 2:4] = (torch.rand(3, 8, 2) > 0.5).float()
+    x[:, 0, 2:4] = 0.0  # nothing observed in the first bin
+    unobserved = x.clone()
+    unobserved[..., :2] += 10.0 * (1 - x[..., 2:4])  # change only values the mask hides
+    unobserved[..., 4:] = -3.0  # and the data layer's delta channel
+    observed = x.clone()
+    observed[..., :2] += 1.0 * x[..., 2:4]
+
+    out = model(x)
+
+    assert out.shape == (3, 1)
+    assert torch.allclose(model(unobserved), out)
+    assert not torch.allclose(model(observed), out)
+    assert torch.all(model.decayed_inputs(x)[0][:, 0] == 0.0)  # the train mean after scaling
+
+
+def test_grud_per_patient_gradients_match_one_patient_at_a_time() -> None:
+    model = _grud(n_variables=3, hidden=5)
+    twin = _grud(n_variables=3, hidden=5, seed=1)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 6, 9)
+    x[..., 3:6] = (torch.rand(4, 6, 3) > 0.5).float()
+
+    assert ModuleValidator.validate(model, strict=False) == []
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    wrapped(x).sum().backward()
+
+    for i in range(len(x)):
+        twin.zero_grad()
+        twin(x[i : i + 1]).sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
+    wrapped._close()
+
+
+def test_validation_split_is_carved_from_train_and_never_shows_test(tmp_path: Path) -> None:
+    plain = parse_run_config(_study(tmp_path))
+    raw = _study(tmp_path)
+    raw["data"]["schema"]["validation_fraction"] = 0.25
+    tuning = parse_run_config(raw)
+
+    full = load_site_table(plain, plain.sites[0]).data
+    carved = load_site_table(tuning, tuning.sites[0]).data
+
+    def masks(a: np.ndarray) -> set[bytes]:  # masks are not rescaled: rows identify patients
+        return {row.tobytes() for row in a[:, :, 3:6]}
+
+    assert len(carved.y_train) + len(carved.y_test) == len(full.y_train)
+    assert masks(carved.x_train) | masks(carved.x_test) == masks(full.x_train)
+    assert not masks(carved.x_test) & masks(full.x_test)
+    with pytest.raises(ConfigError, match="validation_fraction must be in"):
+        raw["data"]["schema"]["validation_fraction"] = 1.0
+        parse_run_config(raw)
+
+
+@pytest.mark.parametrize(("kind", "private"), [("gru", False), ("gru", True), ("grud", True)])
 def test_federated_sequence_study_trains_with_and_without_dp(
-    tmp_path: Path, capsys: pytest.CaptureFixture, private: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, private: bool
 ) -> None:
     toml = tmp_path / "seq.toml"
-    toml.write_text(_to_toml(_study(tmp_path, privacy={"enabled": private})))
+    study = _study(tmp_path, privacy={"enabled": private}, model={"kind": kind, "hidden": [8]})
+    toml.write_text(_to_toml(study))
 
     code = main(["simulate", str(toml), "--quiet"])
 

@@ -9,7 +9,7 @@ task's outcome kind (``Task.target``), like OUTCOMES decides it for tables.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -74,7 +74,12 @@ def shard(cfg: RunConfig, site: SiteSpec, labels: np.ndarray) -> np.ndarray:
 def split_checked(
     x: np.ndarray, y: np.ndarray, schema: SchemaConfig, origin: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Enough rows, both classes, then the site's stratified train/test split (as for tables)."""
+    """Enough rows, both classes, then the site's stratified train/test split (as for tables).
+
+    With data.schema.validation_fraction > 0 the "test" part returned is a validation split of
+    the train rows and the real test rows are never returned: settings chosen on it cannot have
+    seen the test set.
+    """
     if len(y) < schema.min_rows:
         raise DataError(
             f"{origin}: only {len(y)} usable examples (need at least {schema.min_rows}); add "
@@ -82,6 +87,9 @@ def split_checked(
         )
     OUTCOMES["binary"].check(y, schema, origin)
     x_tr, y_tr, x_te, y_te = _split(x, y, y, None, schema, origin)
+    if schema.validation_fraction > 0:
+        inner = replace(schema, test_fraction=schema.validation_fraction)
+        x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, y_tr, None, inner, f"{origin} (validation)")
     return np.asarray(x_tr), y_tr, np.asarray(x_te), y_te
 
 

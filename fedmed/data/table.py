@@ -20,7 +20,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from fedmed.config import SchemaConfig
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 
 MAX_ROWS_SHOWN = 5
 
@@ -133,6 +133,11 @@ def validate_table(
             "data.schema.min_rows"
         )
     outcome.check(y, schema, origin)
+    if schema.validation_fraction:
+        raise ConfigError(
+            "data.schema.validation_fraction is implemented for image and series sites only; "
+            "set it to 0 for table sites"
+        )
     x_tr, y_tr, x_te, y_te = _split(x, y, outcome.strata(y), split_values, schema, origin)
     return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te, target)
 

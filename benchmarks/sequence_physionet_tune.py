@@ -1,0 +1,181 @@
+"""PhysioNet 2012: choose the sequence model's settings on VALIDATION patients, never the test.
+
+Why: the issue's target (federated AUROC >= 0.84) invites tuning on the test split until it is
+met. Here every run sets data.schema.validation_fraction = 0.2: each site carves 20 % of its
+TRAIN stays (stratified, seeded) and evaluates on them; its test stays are never loaded into
+any result. Seeds 0 and 1 (the reported benchmark uses 42-46). FedAvg only: the target is the
+federated model; pooled and local then use the same settings and schedule.
+
+The grid is small on purpose (2-core shared machine): model kind x learning rate at 64 units,
+GRU-D also at 32 units, each for 20 rounds with validation metrics after every round, so the
+number of rounds is chosen from the curve rather than by more runs. The choice: the (setting,
+round) with the highest validation AUROC (mean of per-site AUROCs, mean over the 2 seeds).
+
+``--dp``: the same for FedAvg + DP-SGD (ε = 8 per site) with the chosen model, over the number
+of rounds only. ε is calibrated to the planned rounds, so a DP setting is judged by its FINAL
+round (an earlier round of a longer run would be a different, cheaper privacy plan).
+
+Run from the repository root (FEDMED_DATA_DIR pointing at the shared datasets):
+    OMP_NUM_THREADS=1 python benchmarks/sequence_physionet_tune.py
+    OMP_NUM_THREADS=1 python benchmarks/sequence_physionet_tune.py --dp
+Results: benchmarks/results/sequence_physionet_tuning.json (--dp: ..._tuning_dp.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    Variant,
+    environment,
+    json_safe,
+    note_source_change,
+    print_table,
+    run_variants,
+    simulate,
+    summarize,
+)
+
+CONFIG = "physionet2012"
+SEEDS = (0, 1)
+ROUNDS = 20
+VALIDATION = ("data.schema.validation_fraction=0.2", f"rounds={ROUNDS}")
+RESULTS = Path(__file__).resolve().parent / "results" / "sequence_physionet_tuning.json"
+RESULTS_DP = RESULTS.with_name("sequence_physionet_tuning_dp.json")
+
+
+def setting(kind: str, hidden: int, lr: float) -> Variant:
+    return Variant(
+        f"{kind}-h{hidden}-lr{lr:g}",
+        f"{kind.upper()} {hidden} units, lr {lr:g}",
+        "federated",
+        (*VALIDATION, f"model.kind={kind}", f"model.hidden=[{hidden}]", f"train.lr={lr}"),
+    )
+
+
+GRID = (
+    setting("gru", 64, 0.003),
+    setting("gru", 64, 0.001),
+    setting("grud", 64, 0.003),
+    setting("grud", 64, 0.001),
+    setting("grud", 32, 0.003),
+)
+
+
+def dp_setting(rounds: int) -> Variant:
+    return Variant(
+        f"grud-dp-r{rounds}",
+        f"GRU-D + DP-SGD ε = 8, {rounds} rounds",
+        "federated",
+        (
+            "data.schema.validation_fraction=0.2",
+            f"rounds={rounds}",
+            "privacy.enabled=true",
+            "privacy.target_epsilon=8.0",
+        ),
+    )
+
+
+DP_GRID = (dp_setting(4), dp_setting(10))
+
+
+def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
+    """One FedAvg run: mean per-site validation AUROC after every round."""
+    run_dir, payload, wall = simulate(CONFIG, variant, seed, runs_root)
+    curve = []
+    for entry in payload["history"]:
+        aucs = [s["evaluate"]["roc_auc"] for s in entry["sites"].values() if "evaluate" in s]
+        if len(aucs) != len(payload["sites"]):
+            raise RuntimeError(f"{run_dir}: round {entry['round']} lacks a site's validation")
+        curve.append(statistics.fmean(aucs))
+    return {"seed": seed, "run_dir": str(run_dir), "wall_seconds": wall, "val_auc": curve}
+
+
+def summarize_runs(runs: list[dict[str, Any]], *, final_only: bool) -> dict[str, Any]:
+    """Per round: validation AUROC mean ± sd over seeds; the best (or final) round and value."""
+    rounds = len(runs[0]["val_auc"])
+    per_round = [summarize([r["val_auc"][i] for r in runs]) for i in range(rounds)]
+    best = rounds - 1 if final_only else max(range(rounds), key=lambda i: per_round[i]["mean"])
+    return {"per_round": per_round, "best_round": best + 1, "best": per_round[best]}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    parser.add_argument("--dp", action="store_true", help="tune FedAvg + DP-SGD's rounds")
+    parser.add_argument("--settings", nargs="+", default=None)
+    parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "tune")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+    grid = DP_GRID if args.dp else GRID
+    settings = args.settings or [v.key for v in grid]
+    output = args.output or (RESULTS_DP if args.dp else RESULTS)
+    command = shlex.join(["python", "benchmarks/sequence_physionet_tune.py", *argv])
+    print(f"reproduce with: {command}", flush=True)
+    env, started = environment(), time.time()
+    results = run_variants(
+        CONFIG,
+        [v for v in grid if v.key in settings],
+        args.seeds,
+        lambda variant, seed: run_once(variant, seed, args.runs_dir),
+        lambda run: (
+            f"val AUC final {run['val_auc'][-1]:.3f}, best {max(run['val_auc']):.3f} "
+            f"({run['wall_seconds']:.0f} s)"
+        ),
+        lambda runs: summarize_runs(runs, final_only=args.dp),
+    )
+    marks = (4, 10) if args.dp else (5, 10, 15, 20)
+    best = "final" if args.dp else "best"
+    header = ["setting", *(f"round {m}" for m in marks), f"{best} round", f"{best} val AUROC"]
+    rows = [
+        [
+            r["label"],
+            *(
+                f"{r['summary']['per_round'][m - 1]['mean']:.3f}"
+                if m <= len(r["summary"]["per_round"])
+                else "—"
+                for m in marks
+            ),
+            str(r["summary"]["best_round"]),
+            f"{r['summary']['best']['mean']:.3f}",
+        ]
+        for r in results.values()
+    ]
+    chosen = max(results, key=lambda k: results[k]["summary"]["best"]["mean"])
+    what = "FedAvg + DP-SGD" if args.dp else "FedAvg"
+    print(f"\n{what} validation AUROC (mean of per-site), mean over seeds {args.seeds}")
+    print_table(header, rows)
+    print(f"chosen: {chosen} at round {results[chosen]['summary']['best_round']}")
+    note_source_change(env)
+    payload = {
+        "benchmark": f"PhysioNet 2012 sequence settings chosen on validation stays ({what})",
+        "metric": "ROC-AUC per site on 20 % of its train stays (validation), unweighted mean "
+        "over sites, mean ± sample sd over seeds; the test stays are not evaluated",
+        "command": command,
+        "measured_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "seeds": args.seeds,
+        "wall_seconds": round(time.time() - started, 1),
+        "environment": env,
+        "settings": results,
+        "chosen": {"setting": chosen, "round": results[chosen]["summary"]["best_round"]},
+        "table": {"columns": header, "rows": rows},
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
