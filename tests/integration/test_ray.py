@@ -21,11 +21,6 @@ def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
         assert main(["simulate", str(config), "--engine", engine, "--quiet"]) == 0
         run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
         results[engine] = json.loads((run_dir / "metrics.json").read_text())
-        for site in ("a", "b"):
-            stored = list(
-                (tmp_path / run_dir / "sites" / site / "local-layers").rglob("*.safetensors")
-            )
-            assert stored, f"{engine}: site {site} kept no layers in its run folder"
 
     a, b = results["inprocess"], results["ray"]
     assert b["engine"] == "ray"
