@@ -305,10 +305,13 @@ def test_a_killed_secure_run_resumes_from_its_last_round(csv_study: RunConfig) -
     assert resumed_rounds == [2, 3]  # only the remaining rounds, with their true numbers
     resumed = json.loads((run_dir / "metrics.json").read_text())
     assert [h["round"] for h in resumed["history"]] == [1, 2, 3]
-    # SecAgg+ rounds stochastically when it quantizes: equal up to that, not bit for bit.
+    # SecAgg+ rounds stochastically when it quantizes: equal up to that, not bit for bit. A
+    # site's masked vector is (rows / max_weight 1000) x its parameters on 2^22 levels over
+    # [-8, 8], so one round's error per parameter is up to ~4e-6 x 1000 / rows (5e-5 to 1e-4 for
+    # these 40-84-row train splits), and it carries through later rounds: compare at 1e-3.
     for site, metrics in reference["final"]["sites"].items():
-        assert resumed["final"]["sites"][site]["loss"] == pytest.approx(metrics["loss"], abs=1e-4)
+        assert resumed["final"]["sites"][site]["loss"] == pytest.approx(metrics["loss"], abs=1e-3)
     a = load_file(f"{reference['_dir']}/model.safetensors")
     b = load_file(run_dir / "model.safetensors")
     for key in a:
-        np.testing.assert_allclose(b[key], a[key], atol=1e-4)
+        np.testing.assert_allclose(b[key], a[key], atol=1e-3)
