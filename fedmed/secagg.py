@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord
 from flwr.client import NumPyClient
 from flwr.client.mod import fixedclipping_mod, secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -58,10 +58,10 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, add_gaussian_noise_to_params
-from flwr.supercore.run import Run
 
 from fedmed.client_app import RUN_KEY, STUDY_KEY, fail_closed_mod, local_evaluate, local_round
 from fedmed.report import RunHistory
+from fedmed.runtime.grid import GridWrapper
 from fedmed.security.policy import PLAN_RECORD, site_audit_mod, site_policy_mod
 from fedmed.study import RunPlan, finish_run
 
@@ -222,7 +222,7 @@ def add_noise(parameters: Parameters, sigma: float, clipping_norm: float, sites:
     return add_gaussian_noise_to_params(parameters, sigma, clipping_norm, sites)
 
 
-class PlanStampingGrid(Grid):
+class PlanStampingGrid(GridWrapper):
     """Every message the secure workflow sends carries the plan; every wait has a deadline.
 
     SecAgg+'s setup, share-keys and unmask messages carry only protocol data, so a site could
@@ -232,30 +232,10 @@ class PlanStampingGrid(Grid):
     """
 
     def __init__(self, grid: Grid, plan: dict[str, str], timeout: float, done: int = 0) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.plan = plan
         self.timeout = timeout
         self.done = done  # rounds completed before a resume: Flower's workflow counts from 1
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
 
     def _stamp(self, messages: Iterable[Message]) -> list[Message]:
         out = list(messages)
@@ -266,9 +246,6 @@ class PlanStampingGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(self._stamp(messages))
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

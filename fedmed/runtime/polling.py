@@ -16,47 +16,22 @@ import time
 import types
 from collections.abc import Iterable
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
+
+from fedmed.runtime.grid import GridWrapper
 
 POLL_SECONDS = 0.2
 # `fedmed coordinator start --cold` sets this to Flower's own 3 s (benchmarks compare the two).
 GRID_POLL_ENV = "FEDMED_GRID_POLL_SECONDS"
 
 
-class PromptGrid(Grid):
+class PromptGrid(GridWrapper):
     """Delegates to Flower's Grid; only send_and_receive polls for replies more often."""
 
     def __init__(self, grid: Grid, interval: float | None = None) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.interval = interval or float(os.environ.get(GRID_POLL_ENV, POLL_SECONDS))
-
-    def set_run(self, run: Run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self.grid.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
