@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
@@ -18,18 +16,16 @@ from fedmed import secagg
 from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig, parse_run_config
 from fedmed.errors import ConfigError
 from fedmed.privacy import RDP_ALPHAS
-from fedmed.runtime.inprocess import RUN_ID
 from fedmed.secagg import SITE_MODS, SiteClient
 from fedmed.secagg import client_app as secure_app
 from fedmed.security.audit import AuditLog
-from fedmed.security.policy import SITE_CONFIG_KEY
 from fedmed.server_app import build_server_app
 from fedmed.strategies import central_epsilon
 from fedmed.study import RunPlan, new_run_dir, plan_hash
 
 from .conftest import write_site_csv
 from .test_runtime import _run
-from .test_site_daemon import RecordingGrid, _site
+from .test_site_daemon import _run_deployed, _site
 from .test_site_daemon import _study as _daemon_study
 
 SECURE = StrategyConfig(secure_aggregation=True, validate_updates=False)
@@ -140,17 +136,9 @@ def test_deployed_sites_check_the_plan_and_audit_every_secagg_stage(tmp_path: Pa
         # gamma's steward approved another plan and registered no data: refusal on the plan alone
         _site(tmp_path, "gamma", "sha256:" + "1" * 64, None),
     ]
-    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
-    grid = RecordingGrid(secure_app, len(site_files), plan.to_run_config())
-    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
-        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
-    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    server = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), plan.to_run_config())
 
-    build_server_app(plan)(grid, server)
+    grid, metrics, _ = _run_deployed(cfg, site_files, secure_app)
 
-    metrics = json.loads((plan.run_dir / "metrics.json").read_text())
     assert set(metrics["final"]["sites"]) == {"alpha", "beta"}
     for h in metrics["history"]:  # named with its own reason, in both phases of every round
         assert [(f["site"], f["phase"]) for f in h["failures"]] == [

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
@@ -107,24 +108,16 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
         _site(tmp_path, "echo", approved, None),
     ]
 
-    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
-    grid = RecordingGrid(client_app, len(site_files), plan.to_run_config())
-    for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
-        context.node_config = {SITE_CONFIG_KEY: str(site_file)}
-    TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    server = Context(RUN_ID, SUPERLINK_NODE_ID, {}, RecordDict(), plan.to_run_config())
-    build_server_app(plan)(grid, server)
+    grid, metrics, run_dir = _run_deployed(cfg, site_files)
 
-    metrics = json.loads((plan.run_dir / "metrics.json").read_text())
     assert set(metrics["final"]["sites"]) == {"alpha", "beta"}
     reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
     assert any("'gamma'" in r and "failed validation" in r for r in reasons), reasons
     assert any("'delta'" in r and "not approved" in r for r in reasons), reasons
     assert any("'echo'" in r and "'cohort' is not registered" in r for r in reasons), reasons
-    assert (plan.run_dir / "model.safetensors").is_file()
+    assert (run_dir / "model.safetensors").is_file()
     # Serving statistics come only from sites that opted in (alpha); beta declined.
-    card = json.loads((plan.run_dir / "model.card.json").read_text())
+    card = json.loads((run_dir / "model.card.json").read_text())
     assert card["preprocessing"]["sites"] == 1
     assert any("'beta'" in r and "share feature statistics" in r for r in reasons), reasons
 
@@ -169,9 +162,12 @@ def test_sites_decide_and_nothing_identifying_leaves(tmp_path: Path) -> None:
 CANARY_ID = 8_675_309  # a patient id no test table otherwise holds
 
 
-def _run_deployed(cfg, site_files: list[Path]) -> tuple[RecordingGrid, dict, Path]:
+def _run_deployed(
+    cfg, site_files: list[Path], app: ClientApp = client_app
+) -> tuple[RecordingGrid, dict, Path]:
+    """The study's ServerApp over in-process sites that each run with their own site TOML."""
     plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
-    grid = RecordingGrid(client_app, len(site_files), plan.to_run_config())
+    grid = RecordingGrid(app, len(site_files), plan.to_run_config())
     for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
         context.node_config = {SITE_CONFIG_KEY: str(site_file)}
     TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
