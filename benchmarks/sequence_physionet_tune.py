@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,14 +53,24 @@ ROUNDS = 20
 VALIDATION = ("data.schema.validation_fraction=0.2", f"rounds={ROUNDS}")
 RESULTS = Path(__file__).resolve().parent / "results" / "sequence_physionet_tuning.json"
 RESULTS_DP = RESULTS.with_name("sequence_physionet_tuning_dp.json")
+RESULTS_FEATURES = RESULTS.with_name("sequence_physionet_tuning_features.json")
 
 
-def setting(kind: str, hidden: int, lr: float) -> Variant:
+# Right-skewed labs and urine output (long right tails in set A; PROVENANCE.md) for --grid
+# features: read as log(1 + x) (data.series.log_variables).
+SKEWED = ("Urine", "BUN", "Creatinine", "Glucose", "Lactate", "Bilirubin", "AST", "ALT", "ALP",
+          "TroponinT", "TroponinI", "WBC")  # fmt: skip
+LOG = "data.series.log_variables=[" + ", ".join(f'"{v}"' for v in SKEWED) + "]"
+SUMMARIES = "model.summaries=true"
+
+
+def setting(kind: str, hidden: int, lr: float, *extra: str, tag: str = "") -> Variant:
+    what = {LOG: "log labs", SUMMARIES: "summaries"}
     return Variant(
-        f"{kind}-h{hidden}-lr{lr:g}",
-        f"{kind.upper()} {hidden} units, lr {lr:g}",
+        f"{kind}-h{hidden}-lr{lr:g}{tag}",
+        f"{kind.upper()} {hidden} units, lr {lr:g}" + "".join(f", {what[e]}" for e in extra),
         "federated",
-        (*VALIDATION, f"model.kind={kind}", f"model.hidden=[{hidden}]", f"train.lr={lr}"),
+        (*VALIDATION, f"model.kind={kind}", f"model.hidden=[{hidden}]", f"train.lr={lr}", *extra),
     )
 
 
@@ -69,6 +80,17 @@ GRID = (
     setting("grud", 64, 0.003),
     setting("grud", 64, 0.001),
     setting("grud", 32, 0.003),
+)
+
+# Second round (session 4): inputs and output layer, on 4 seeds, judged by the smoothed rule.
+FEATURE_GRID = (
+    setting("grud", 64, 0.003),
+    setting("grud", 64, 0.001),
+    setting("grud", 64, 0.003, LOG, tag="-log"),
+    setting("grud", 64, 0.003, SUMMARIES, tag="-sum"),
+    setting("grud", 64, 0.003, LOG, SUMMARIES, tag="-log-sum"),
+    setting("grud", 64, 0.001, LOG, SUMMARIES, tag="-log-sum"),
+    setting("gru", 64, 0.003, LOG, SUMMARIES, tag="-log-sum"),
 )
 
 
@@ -101,12 +123,31 @@ def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
     return {"seed": seed, "run_dir": str(run_dir), "wall_seconds": wall, "val_auc": curve}
 
 
-def summarize_runs(runs: list[dict[str, Any]], *, final_only: bool) -> dict[str, Any]:
-    """Per round: validation AUROC mean ± sd over seeds; the best (or final) round and value."""
+def summarize_runs(runs: list[dict[str, Any]], *, rule: str) -> dict[str, Any]:
+    """Per round: validation AUROC mean ± sd over seeds; the chosen round and its value.
+
+    rule "best": the round with the highest mean; "final": the last round (DP: ε is planned
+    for the whole run); "smoothed": the highest mean of rounds r-1..r+1 (a plateau, not a spike
+    of small validation sets), reported as that 3-round mean.
+    """
     rounds = len(runs[0]["val_auc"])
     per_round = [summarize([r["val_auc"][i] for r in runs]) for i in range(rounds)]
-    best = rounds - 1 if final_only else max(range(rounds), key=lambda i: per_round[i]["mean"])
-    return {"per_round": per_round, "best_round": best + 1, "best": per_round[best]}
+    if rule == "final":
+        best = rounds - 1
+    elif rule == "best":
+        best = max(range(rounds), key=lambda i: per_round[i]["mean"])
+    else:
+        window = [statistics.fmean(p["mean"] for p in per_round[max(0, i - 1) : i + 2])
+                  for i in range(rounds)]  # fmt: skip
+        best = max(range(rounds), key=lambda i: window[i])
+        return {"per_round": per_round, "rule": rule, "best_round": best + 1,
+                "best": {**per_round[best], "smoothed": window[best]}}  # fmt: skip
+    return {"per_round": per_round, "rule": rule, "best_round": best + 1, "best": per_round[best]}
+
+
+def score(summary: dict[str, Any]) -> float:
+    """What the rule ranks settings by (the smoothed mean under "smoothed")."""
+    return summary["best"].get("smoothed", summary["best"]["mean"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,28 +156,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--dp", action="store_true", help="tune FedAvg + DP-SGD's rounds")
     parser.add_argument("--settings", nargs="+", default=None)
+    parser.add_argument("--grid", choices=("models", "features"), default="models")
+    parser.add_argument("--rule", choices=("best", "smoothed"), default="best")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (2 on 2 cores)")
     parser.add_argument("--runs-dir", type=Path, default=Path(tempfile.gettempdir()) / "tune")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    grid = DP_GRID if args.dp else GRID
+    grid = DP_GRID if args.dp else (FEATURE_GRID if args.grid == "features" else GRID)
     settings = args.settings or [v.key for v in grid]
-    output = args.output or (RESULTS_DP if args.dp else RESULTS)
+    output = args.output or (
+        RESULTS_DP if args.dp else RESULTS_FEATURES if args.grid == "features" else RESULTS
+    )
     command = shlex.join(["python", "benchmarks/sequence_physionet_tune.py", *argv])
     print(f"reproduce with: {command}", flush=True)
     env, started = environment(), time.time()
-    results = run_variants(
-        CONFIG,
-        [v for v in grid if v.key in settings],
-        args.seeds,
-        lambda variant, seed: run_once(variant, seed, args.runs_dir),
-        lambda run: (
-            f"val AUC final {run['val_auc'][-1]:.3f}, best {max(run['val_auc']):.3f} "
-            f"({run['wall_seconds']:.0f} s)"
-        ),
-        lambda runs: summarize_runs(runs, final_only=args.dp),
-    )
+    chosen_grid = [v for v in grid if v.key in settings]
+    # Runs are independent subprocesses: --jobs N runs N at once, results kept in grid order.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            (v.key, seed): pool.submit(run_once, v, seed, args.runs_dir)
+            for v in chosen_grid
+            for seed in args.seeds
+        }
+        results = run_variants(
+            CONFIG,
+            chosen_grid,
+            args.seeds,
+            lambda variant, seed: futures[variant.key, seed].result(),
+            lambda run: (
+                f"val AUC final {run['val_auc'][-1]:.3f}, best {max(run['val_auc']):.3f} "
+                f"({run['wall_seconds']:.0f} s)"
+            ),
+            lambda runs: summarize_runs(runs, rule="final" if args.dp else args.rule),
+        )
     marks = (4, 10) if args.dp else (5, 10, 15, 20)
-    best = "final" if args.dp else "best"
+    best = "final" if args.dp else {"best": "best", "smoothed": "plateau"}[args.rule]
     header = ["setting", *(f"round {m}" for m in marks), f"{best} round", f"{best} val AUROC"]
     rows = [
         [
@@ -148,11 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for m in marks
             ),
             str(r["summary"]["best_round"]),
-            f"{r['summary']['best']['mean']:.3f}",
+            f"{score(r['summary']):.3f}",
         ]
         for r in results.values()
     ]
-    chosen = max(results, key=lambda k: results[k]["summary"]["best"]["mean"])
+    chosen = max(results, key=lambda k: score(results[k]["summary"]))
     what = "FedAvg + DP-SGD" if args.dp else "FedAvg"
     print(f"\n{what} validation AUROC (mean of per-site), mean over seeds {args.seeds}")
     print_table(header, rows)

@@ -55,6 +55,9 @@ class ModelConfig:
     ``cnn`` (imaging): ``hidden`` lists the channels of its conv blocks. ``gru`` (sequences):
     ``hidden[0]`` is the GRU's state size; ``grud`` (sequences) is GRU-D, the same with learned
     decays of the last observation and of the state (fedmed.tasks.sequence).
+    ``summaries`` (sequences): the output layer also reads per-variable summaries of the whole
+    window (share of bins observed, mean/min/max of the observed values, last value), so the
+    extremes a clinician scans for do not have to survive 48 recurrent steps.
     """
 
     kind: str = field(
@@ -62,6 +65,7 @@ class ModelConfig:
     )
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
+    summaries: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -219,6 +223,11 @@ class SeriesConfig:
     hours: int = 48  # observation window from admission
     bin_minutes: int = 60
     missing_code: float | None = -1.0  # a value that means "not measured" (PhysioNet: -1)
+    # Right-skewed variables (urine output, creatinine, lactate...) read as log(1 + value) before
+    # binning and standardization: otherwise a few extreme patients set the scale and +-5 sd
+    # clipping flattens the range that separates the sick from the very sick. Negative values
+    # (artefacts) count as 0.
+    log_variables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

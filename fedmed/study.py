@@ -231,7 +231,7 @@ def _combine_series(sites: list[dict[str, Any]]) -> dict[str, Any]:
     """
     import numpy as np
 
-    layout = ("variables", "bins", "bin_minutes", "hours", "missing_code")
+    layout = ("variables", "bins", "bin_minutes", "hours", "missing_code", "log_variables")
     first = {k: sites[0].get(k) for k in layout}
     if any({k: s.get(k) for k in layout} != first for s in sites):
         raise ConfigError("sites reported different series layouts; check their data.series")

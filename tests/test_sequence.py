@@ -22,7 +22,7 @@ from fedmed.data import load_site_data, load_site_table
 from fedmed.data.series import bin_means, features_of, load_long
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import build_model
-from fedmed.tasks.sequence import SeriesGRUD
+from fedmed.tasks.sequence import SeriesGRUD, window_summaries
 
 from .conftest import DATA_DIR, needs_shared_data
 from .test_imaging import _to_toml
@@ -110,6 +110,43 @@ def test_binning_masks_carry_forward_and_delta_by_hand() -> None:
     assert np.allclose(delta, np.array([0, 1, 0, 0]) / 4)
     assert np.allclose(x[0, :, 5], np.array([1, 2, 3, 4]) / 4)  # Temp never seen: since admission
     assert np.all(x[0, :, 1] == 0.0)  # never-seen values are the train mean (0)
+
+
+def test_log_variables_and_window_summaries_by_hand() -> None:
+    cfg = parse_run_config(
+        {
+            "task": "sequence-classification",
+            "model": {"kind": "gru"},
+            "data": {
+                "schema": {"features": ["HR", "Urine"]},
+                "series": {"hours": 2, "bin_minutes": 60, "log_variables": ["Urine"]},
+            },
+            "sites": [{"name": "a", "path": "x"}],
+            "mode": "local",
+        }
+    )
+    obs = pd.DataFrame(
+        {
+            "id": [1, 1, 1, 1],
+            "time": [0, 10, 70, 80],
+            "variable": ["HR", "Urine", "Urine", "Urine"],
+            "value": [80.0, 99.0, -5.0, 1999.0],  # -5: an artefact, read as 0
+        }
+    )
+    sums, counts = bin_means(obs, np.array([1]), ("HR", "Urine"), cfg.data.series, 2)
+
+    assert sums[0, 0].tolist() == [80.0, pytest.approx(np.log1p(99.0))]  # HR is not logged
+    assert sums[0, 1, 1] == pytest.approx(np.log(2000.0))  # log1p(0) + log1p(1999)
+    assert counts[0, :, 1].tolist() == [1, 2]
+    # Summaries over (patients, bins, value|mask|delta): observed share, mean, min, max, last.
+    x = torch.tensor([[[2.0, 1.0, 0.0], [4.0, 1.0, 0.0], [4.0, 0.0, 0.5]]])
+    never = torch.tensor([[[0.0, 0.0, 0.1]] * 3])
+    assert window_summaries(x, 1).tolist() == [[pytest.approx(2 / 3), 3.0, 2.0, 4.0, 4.0]]
+    assert window_summaries(never, 1).tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ConfigError, match="log_variables names 'Lactate'"):
+        raw = cfg.to_dict()
+        raw["data"]["series"]["log_variables"] = ["Lactate"]
+        load_site_table(bad := parse_run_config(raw), bad.sites[0])
 
 
 def test_outcome_fields_never_reach_the_model(tmp_path: Path) -> None:
@@ -261,12 +298,16 @@ def test_validation_split_is_carved_from_train_and_never_shows_test(tmp_path: Pa
         parse_run_config(raw)
 
 
-@pytest.mark.parametrize(("kind", "private"), [("gru", False), ("gru", True), ("grud", True)])
+@pytest.mark.parametrize(
+    ("kind", "private", "summaries"),
+    [("gru", False, False), ("gru", True, False), ("grud", True, False), ("grud", True, True)],
+)
 def test_federated_sequence_study_trains_with_and_without_dp(
-    tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, private: bool
+    tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, private: bool, summaries: bool
 ) -> None:
     toml = tmp_path / "seq.toml"
-    study = _study(tmp_path, privacy={"enabled": private}, model={"kind": kind, "hidden": [8]})
+    model = {"kind": kind, "hidden": [8], "summaries": summaries}
+    study = _study(tmp_path, privacy={"enabled": private}, model=model)
     toml.write_text(_to_toml(study))
 
     code = main(["simulate", str(toml), "--quiet"])

@@ -146,6 +146,22 @@ def test_series_model_serves_a_patients_observations_as_the_sites_built_them(
     assert client.get("/model").json()["preprocessing"]["variables"] == ["HR", "Temp", "Age"]
 
 
+def test_logged_variables_and_summaries_serve_as_the_sites_trained_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _series_study(tmp_path, model={"kind": "grud", "hidden": [8], "summaries": True})
+    raw["data"]["series"]["log_variables"] = ["HR"]
+    served = open_model(_trained(raw, tmp_path, capsys))
+
+    x = served.inputs([PATIENT])[0]
+
+    assert served.pre["log_variables"] == ["HR"] and served.series.log_variables == ("HR",)
+    logged = np.array([np.log1p(90.0), (np.log1p(100.0) + np.log1p(110.0)) / 2])
+    np.testing.assert_allclose(x[[0, 2], 0], (logged - served.mean[0]) / served.std[0], rtol=1e-5)
+    np.testing.assert_allclose(x[0, 2], (50.0 - served.mean[2]) / served.std[2], rtol=1e-5)
+    assert served.model.head.in_features == 8 + 5 * 3  # the state + 5 summaries x 3 variables
+
+
 def test_bad_series_get_422s_that_name_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -3,9 +3,10 @@
 A site holds a long table (patient, time in minutes since admission, variable, value) and an
 outcomes table (patient, 0/1 target). Each patient becomes a (bins, 3 x variables) array:
 
-- value: the bin's mean observation, standardized with the site's TRAIN patients' statistics,
-  carried forward after the last observation (0 = the train mean before the first one),
-  clipped to +-5 sd (PhysioNet has 0 °F temperatures and similar artefacts);
+- value: the bin's mean observation (of log(1 + x) for data.series.log_variables),
+  standardized with the site's TRAIN patients' statistics, carried forward after the last
+  observation (0 = the train mean before the first one), clipped to +-5 sd (PhysioNet has
+  0 °F temperatures and similar artefacts);
 - mask: 1 where the variable was observed in that bin;
 - delta: time since the variable was last observed (or since admission), in windows, the
   input GRU-D's decay is computed from; the GRU learns its own use of it.
@@ -186,7 +187,8 @@ def bin_and_scale(
     std = np.where(std > 1e-9, std, 1.0)
     stats = {"variables": list(variables), "mean": mean.tolist(), "std": std.tolist(),
              "bins": n_bins, "bin_minutes": series.bin_minutes, "hours": series.hours,
-             "missing_code": series.missing_code}  # fmt: skip
+             "missing_code": series.missing_code,
+             "log_variables": list(series.log_variables)}  # fmt: skip
     return (
         features_of(sums_tr, counts_tr, mean, std),
         features_of(sums_te, counts_te, mean, std),
@@ -212,10 +214,14 @@ def bin_means(
     # The window's last minute (e.g. 48:00) belongs to the last bin.
     bin_ = np.minimum(rows["time"].to_numpy() // series.bin_minutes, n_bins - 1).astype(np.int64)
     var = rows["variable"].astype(str).map(var_index).to_numpy(np.int64)
+    values = rows["value"].to_numpy(np.float64)
+    if series.log_variables:
+        logged = np.isin(var, [var_index[name] for name in series.log_variables])
+        values = np.where(logged, np.log1p(np.maximum(values, 0.0)), values)
     flat = (patient * n_bins + bin_) * len(variables) + var
     size = len(ids) * n_bins * len(variables)
     shape = (len(ids), n_bins, len(variables))
-    sums = np.bincount(flat, weights=rows["value"].to_numpy(np.float64), minlength=size)
+    sums = np.bincount(flat, weights=values, minlength=size)
     counts = np.bincount(flat, minlength=size)
     return sums.reshape(shape), counts.reshape(shape)
 

@@ -181,6 +181,7 @@ class ServedSeries(ServedArrays):
             hours=int(self.pre["hours"]),
             bin_minutes=int(self.pre["bin_minutes"]),
             missing_code=self.pre.get("missing_code"),
+            log_variables=tuple(self.pre.get("log_variables", ())),
         )
         self.bins = int(self.pre["bins"])
         self.mean = np.asarray(self.pre["mean"], dtype=np.float64)

@@ -31,19 +31,57 @@ from fedmed.tasks.tabular import TabularClassification
 INPUTS_PER_VARIABLE = 3  # value, mask, delta (fedmed.data.series.CHANNELS)
 
 
-class SeriesGRU(nn.Module):
+SUMMARIES = ("observed", "mean", "min", "max", "last")  # per variable, model.summaries
+
+
+def window_summaries(x: torch.Tensor, n_variables: int) -> torch.Tensor:
+    """Per patient and variable over the whole window: share of bins observed, mean, min and
+    max of the observed (standardized) values, and the last value carried forward; 0 where a
+    variable was never observed (= the train mean). Parameter-free, so DP-SGD is unaffected."""
+    value, mask = x[..., :n_variables], x[..., n_variables : 2 * n_variables]
+    seen = mask.sum(dim=1)
+    any_seen = seen > 0
+    far = torch.finfo(x.dtype).max
+    lowest = torch.where(mask > 0, value, torch.full_like(value, far)).amin(dim=1)
+    highest = torch.where(mask > 0, value, torch.full_like(value, -far)).amax(dim=1)
+    parts = (
+        seen / x.shape[1],
+        (value * mask).sum(dim=1) / seen.clamp(min=1),
+        torch.where(any_seen, lowest, torch.zeros_like(lowest)),
+        torch.where(any_seen, highest, torch.zeros_like(highest)),
+        value[:, -1],
+    )
+    return torch.cat(parts, dim=1)
+
+
+class RecurrentClassifier(nn.Module):
+    """The output end both recurrent models share: dropout -> one logit from the last state,
+    which also reads the window summaries when model.summaries is on (fedmed's parameter names
+    head.weight/head.bias stay those of models saved before summaries existed)."""
+
+    def build_head(self, hidden: int, n_variables: int, cfg: ModelConfig) -> None:
+        self.n_summarized = n_variables if cfg.summaries else 0
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(hidden + len(SUMMARIES) * self.n_summarized, 1)
+
+    def logit(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.n_summarized:
+            state = torch.cat([state, window_summaries(x, self.n_summarized)], dim=1)
+        return self.head(self.dropout(state))
+
+
+class SeriesGRU(RecurrentClassifier):
     """GRU over time bins -> last state -> dropout -> logit."""
 
     def __init__(self, n_variables: int, cfg: ModelConfig) -> None:
         super().__init__()
         hidden = cfg.hidden[0] if cfg.hidden else 32
         self.gru = nn.GRU(INPUTS_PER_VARIABLE * n_variables, hidden, batch_first=True)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(hidden, 1)
+        self.build_head(hidden, n_variables, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.gru(x)
-        return self.head(self.dropout(out[:, -1]))
+        return self.logit(out[:, -1], x)
 
 
 class DiagonalDecay(nn.Module):
@@ -92,7 +130,7 @@ def last_observed(mask: torch.Tensor) -> torch.Tensor:
     return before.expand_as(mask)
 
 
-class SeriesGRUD(nn.Module):
+class SeriesGRUD(RecurrentClassifier):
     """GRU-D: decayed inputs and hidden state from time since last observation -> logit.
 
     Per bin t, variable d (Che et al. 2018, eqs. 4-5, means = 0 after standardization):
@@ -119,8 +157,7 @@ class SeriesGRUD(nn.Module):
         bound = 1 / math.sqrt(hidden)  # nn.GRU's initialization
         for p in (*self.ih.parameters(), *self.hh.parameters()):
             nn.init.uniform_(p, -bound, bound)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.head = nn.Linear(hidden, 1)
+        self.build_head(hidden, n_variables, cfg)
         register_grad_samplers()
 
     def decayed_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,7 +183,7 @@ class SeriesGRUD(nn.Module):
             r_h, z_h, n_h = self.hh(h).chunk(3, dim=1)
             r, z = torch.sigmoid(r_x + r_h), torch.sigmoid(z_x + z_h)
             h = (1 - z) * torch.tanh(n_x + r * n_h) + z * h
-        return self.head(self.dropout(h))
+        return self.logit(h, x)
 
 
 MODELS = {"gru": SeriesGRU, "grud": SeriesGRUD}
@@ -167,6 +204,12 @@ class SequenceClassification(TabularClassification):
         series = cfg.data.series
         if series.bin_minutes <= 0 or series.hours <= 0:
             raise ConfigError("data.series.hours and data.series.bin_minutes must be > 0")
+        unknown = [v for v in series.log_variables if v not in cfg.data.schema.features]
+        if unknown:
+            raise ConfigError(
+                f"data.series.log_variables names '{unknown[0]}', which is not one of "
+                "data.schema.features; list only variables the model reads"
+            )
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
         return MODELS[cfg.kind](n_inputs, cfg)
