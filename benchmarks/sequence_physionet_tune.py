@@ -62,10 +62,11 @@ SKEWED = ("Urine", "BUN", "Creatinine", "Glucose", "Lactate", "Bilirubin", "AST"
           "TroponinT", "TroponinI", "WBC")  # fmt: skip
 LOG = "data.series.log_variables=[" + ", ".join(f'"{v}"' for v in SKEWED) + "]"
 SUMMARIES = "model.summaries=true"
+CONSORTIUM = "data.series.standardize=consortium"
 
 
 def setting(kind: str, hidden: int, lr: float, *extra: str, tag: str = "") -> Variant:
-    what = {LOG: "log labs", SUMMARIES: "summaries"}
+    what = {LOG: "log labs", SUMMARIES: "summaries", CONSORTIUM: "consortium scale"}
     return Variant(
         f"{kind}-h{hidden}-lr{lr:g}{tag}",
         f"{kind.upper()} {hidden} units, lr {lr:g}" + "".join(f", {what[e]}" for e in extra),
@@ -91,6 +92,12 @@ FEATURE_GRID = (
     setting("grud", 64, 0.003, LOG, SUMMARIES, tag="-log-sum"),
     setting("grud", 64, 0.001, LOG, SUMMARIES, tag="-log-sum"),
     setting("gru", 64, 0.003, LOG, SUMMARIES, tag="-log-sum"),
+    # Added after the rows above had run: one scale for all sites (data.series.standardize).
+    setting("grud", 64, 0.003, CONSORTIUM, tag="-cons"),
+    setting("grud", 64, 0.001, CONSORTIUM, tag="-cons"),
+    setting("grud", 64, 0.003, CONSORTIUM, LOG, tag="-cons-log"),
+    setting("grud", 64, 0.003, CONSORTIUM, LOG, SUMMARIES, tag="-cons-log-sum"),
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, tag="-cons-log"),
 )
 
 

@@ -22,7 +22,7 @@ from fedmed.data.table import Preprocessor, SiteData, prepare
 from fedmed.privacy import Entry, epsilon_spent, train_private
 from fedmed.report import RunHistory
 from fedmed.server_app import initial_model
-from fedmed.study import RunPlan, finish_run, live_reporter
+from fedmed.study import RunPlan, finish_run, live_reporter, with_series_reference
 from fedmed.tasks import get_task
 from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_plain
 
@@ -97,11 +97,17 @@ def pooled_site_data(cfg: RunConfig) -> tuple[SiteData, list[SiteData]]:
 
     Images and series (ArrayTable) keep each site's own preprocessing: images use a fixed
     transform anyway; a series site standardizes with its own train statistics, as it does
-    when it federates, so pooled differs from federated only in how the model is trained.
+    when it federates, so pooled differs from federated only in how the model is trained
+    (with data.series.standardize = "consortium", with the union's, as federated then does).
     """
     tables = [load_site_table(cfg, s) for s in cfg.sites]
     if isinstance(tables[0], ArrayTable):
         per_site = [t.data for t in tables if isinstance(t, ArrayTable)]
+        series = cfg.data.series
+        if tables[0].target == "series" and series.standardize == "consortium" and not series.mean:
+            # the union's scale, as a federated consortium study computes it before round 1
+            cfg = with_series_reference(cfg, [d.preprocessing for d in per_site])
+            per_site = [load_site_data(cfg, s) for s in cfg.sites]
         return _pooled(per_site, per_site[0].preprocessing), per_site
     schema = cfg.data.schema
     pooled_x = pd.concat([t.x_train for t in tables], ignore_index=True)

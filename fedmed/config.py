@@ -228,6 +228,15 @@ class SeriesConfig:
     # clipping flattens the range that separates the sick from the very sick. Negative values
     # (artefacts) count as 0.
     log_variables: tuple[str, ...] = ()
+    # "site": each site standardizes with its own train patients' statistics (nothing leaves the
+    # site, but a shared model sees every ICU centred on its own mean). "consortium": before
+    # round 1 the coordinator asks every site for its per-variable count/mean/sd, combines them
+    # exactly as the union's, and every site standardizes with that (fedmed.server_app);
+    # needs every site to share statistics. mean/std: that reference, one per feature, filled
+    # in by the coordinator (or agreed by a consortium and written here).
+    standardize: str = field(default="site", metadata=_choices("site", "consortium"))
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,12 +50,16 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     round and runs only the rounds that remain.
     """
     started = time.time()
+    history = RunHistory(sites=plan.config.site_names)
+    series = plan.config.data.series
+    if plan.config.task == "sequence-classification" and series.standardize == "consortium":
+        plan = consortium_scale(grid, plan, history) if not series.mean else plan
     cfg = plan.config
     model = initial_model(plan)
     # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
     kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
     base = build_strategy(cfg)
-    done, history = 0, RunHistory(sites=cfg.site_names)
+    done = 0
     if plan.resume:
         checkpoint = load_checkpoint(plan.run_dir, cfg)
         done, history = checkpoint.round, checkpoint.history
@@ -144,8 +148,10 @@ def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: R
             history.record_failure(cfg.rounds, "personalize", reason)
 
 
-def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
-    """Serving preprocessing from the sites that opted in (share_statistics); "" if none did."""
+def ask_statistics(
+    grid: Grid, plan: RunPlan, history: RunHistory, rnd: int
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each site's fitted statistics by site name, and the refusals (site -> reason)."""
     study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
     messages = [
         grid.create_message(
@@ -153,13 +159,47 @@ def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
         )
         for node in grid.get_node_ids()
     ]
-    sites = []
+    sites, refused = {}, {}
     for reply in grid.send_and_receive(messages, timeout=300):
         if reply.has_error():
-            history.record_failure(history.last_round(), "statistics", reply.error.reason)
+            reason = reply.error.reason or "failed"
+            history.record_failure(rnd, "statistics", reason)
+            refused[f"node {reply.metadata.src_node_id}"] = reason
             continue
-        sites.append(json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY])))
-    return combine_site_statistics(sites)
+        name = str(reply.content[SITE_KEY]["name"])
+        sites[name] = json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY]))
+    return sites, refused
+
+
+def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
+    """Serving preprocessing from the sites that opted in (share_statistics); "" if none did."""
+    sites, _ = ask_statistics(grid, plan, history, history.last_round())
+    return combine_site_statistics([sites[name] for name in sorted(sites)])
+
+
+def consortium_scale(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
+    """data.series.standardize = "consortium": the union's scale, from every site, before round 1.
+
+    Sites send per-variable counts, means and sds of their train bins (what share_statistics
+    already allows for the served model); every site then trains and evaluates on inputs scaled
+    alike, so the shared model sees each ICU's real levels. All sites or none: a study whose
+    sites scale differently would not be the study that was approved.
+    """
+    from fedmed.errors import ConfigError
+    from fedmed.study import with_series_reference
+
+    sites, refused = ask_statistics(grid, plan, history, 0)
+    missing = sorted(set(plan.config.site_names) - set(sites))
+    if missing or refused:
+        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
+        raise ConfigError(
+            f"data.series.standardize = 'consortium' needs every site's statistics, but "
+            f"{', '.join(missing) or 'a site'} did not send them ({why}); set share_statistics "
+            "= true in those sites' configs, or use standardize = 'site'"
+        )
+    cfg = with_series_reference(plan.config, [sites[name] for name in plan.config.site_names])
+    log.info("consortium scale from %d sites' statistics", len(sites))
+    return replace(plan, config=cfg)
 
 
 def build_server_app(

@@ -224,26 +224,56 @@ def _combine_images(sites: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _combine_series(sites: list[dict[str, Any]]) -> dict[str, Any]:
-    """Series: per-variable means/stds, n-weighted (by train patients) like a table's.
+    """Series: the scale the sites trained with, for the served model.
 
-    A site's statistics are over its observed bins, so weighting by patients is close to, not
-    equal to, the union's (sites observe a variable at different rates).
+    With a consortium reference (data.series.mean/std) every site used it and so does the
+    served model. Otherwise each site used its own statistics and the served model gets the
+    union's (``series_reference``).
     """
-    import numpy as np
-
     layout = ("variables", "bins", "bin_minutes", "hours", "missing_code", "log_variables")
     first = {k: sites[0].get(k) for k in layout}
     if any({k: s.get(k) for k in layout} != first for s in sites):
         raise ConfigError("sites reported different series layouts; check their data.series")
-    n = np.array([float(s["n"]) for s in sites])
-    mean, std = _pooled_moments(n / n.sum(), sites)
-    return {
-        "fitted_on": f"n-weighted combination of {len(sites)} sites' train statistics",
-        "sites": len(sites),
-        **first,
-        "mean": mean.tolist(),
-        "std": std.tolist(),
-    }
+    if sites[0].get("reference"):
+        fitted_on, mean, std = (
+            "the consortium reference every site trained with",
+            *(list(sites[0][k]) for k in ("mean", "std")),
+        )
+    else:
+        fitted_on = f"union of {len(sites)} sites' train statistics (exact combination)"
+        mean, std = series_reference(sites)
+    return {"fitted_on": fitted_on, "sites": len(sites), **first, "mean": mean, "std": std}
+
+
+def with_series_reference(cfg: RunConfig, sites: list[dict[str, Any]]) -> RunConfig:
+    """``cfg`` with the union's per-variable scale as every site's reference (consortium)."""
+    from dataclasses import replace
+
+    mean, std = series_reference(sites)
+    series = replace(cfg.data.series, mean=tuple(mean), std=tuple(std))
+    return cfg.replace(data=replace(cfg.data, series=series))
+
+
+def series_reference(sites: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """Per-variable mean and sd of the union of the sites' observed train bins.
+
+    Each site reports, per variable, how many (patient, bin) cells it observed and their mean
+    and sd ("own"); weighting by those counts gives exactly the union's moments (a site that
+    never observed a variable adds nothing to it). Used for the served model's scale and for
+    consortium standardization (fedmed.server_app.consortium_scale).
+    """
+    import numpy as np
+
+    owns = [s.get("own") or {**s, "count": [float(s["n"])] * len(s["mean"])} for s in sites]
+    counts = np.array([o["count"] for o in owns], dtype=np.float64)
+    means = np.array([o["mean"] for o in owns], dtype=np.float64)
+    stds = np.array([o["std"] for o in owns], dtype=np.float64)
+    total = counts.sum(axis=0)
+    weights = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0)
+    mean = (weights * means).sum(axis=0)
+    var = (weights * (stds**2 + means**2)).sum(axis=0) - mean**2
+    std = np.sqrt(np.maximum(var, 0.0))
+    return mean.tolist(), np.where(std > 1e-9, std, 1.0).tolist()
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -281,6 +311,8 @@ def plan_hash(cfg: RunConfig) -> str:
     site_owned = {
         "outcomes",
         "column",
+        "mean",  # the consortium reference: derived from the sites' statistics during the run
+        "std",
         *(k for k in spec["data"]["series"] if k.endswith("_column")),
     }
     for key, default in (("images", ImageConfig()), ("series", SeriesConfig())):

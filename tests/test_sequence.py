@@ -149,6 +149,46 @@ def test_log_variables_and_window_summaries_by_hand() -> None:
         load_site_table(bad := parse_run_config(raw), bad.sites[0])
 
 
+def test_consortium_scale_is_the_unions_and_trains_serves_and_pools_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from fedmed.baselines import pooled_site_data
+    from fedmed.study import series_reference
+
+    raw = _study(tmp_path)
+    raw["data"]["series"]["log_variables"] = ["HR"]
+    cfg = parse_run_config(raw)
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+    observed = []  # every observed train bin of both sites, back in (logged) units
+    for t in tables:
+        x, pre = t.data.x_train, t.data.preprocessing
+        raw_units = x[..., :3] * np.array(pre["std"]) + np.array(pre["mean"])
+        observed.append([raw_units[..., v][x[..., 3 + v] > 0] for v in range(3)])
+    union = [np.concatenate([site[v] for site in observed]) for v in range(3)]
+
+    mean, std = series_reference([t.data.preprocessing for t in tables])
+
+    seen = [0, 2]  # Temp (1) is only ever the missing code: no cell, the neutral (0, 1)
+    np.testing.assert_allclose(np.array(mean)[seen], [union[v].mean() for v in seen], rtol=1e-5)
+    np.testing.assert_allclose(np.array(std)[seen], [union[v].std() for v in seen], rtol=1e-4)
+    assert (mean[1], std[1]) == (0.0, 1.0) and len(union[1]) == 0
+    raw["data"]["series"]["standardize"] = "consortium"
+    toml = tmp_path / "consortium.toml"
+    toml.write_text(_to_toml(raw))
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    used = json.loads((run_dir / "metrics.json").read_text())["config"]["data"]["series"]
+    card = json.loads((run_dir / "model.card.json").read_text())["preprocessing"]
+    np.testing.assert_allclose(used["mean"], mean, rtol=1e-12)
+    np.testing.assert_allclose(card["mean"], mean, rtol=1e-12)
+    pooled, per_site = pooled_site_data(parse_run_config(raw))
+    assert all(np.allclose(d.preprocessing["mean"], mean) for d in per_site)
+    assert np.allclose(pooled.preprocessing["mean"], mean)
+    with pytest.raises(ConfigError, match="SecAgg"):
+        raw["strategy"] = {"secure_aggregation": True, "validate_updates": False}
+        load_site_table(bad := parse_run_config(raw), bad.sites[0])
+
+
 def test_outcome_fields_never_reach_the_model(tmp_path: Path) -> None:
     cfg = parse_run_config(_study(tmp_path))
     before = load_site_data(cfg, cfg.sites[0])

@@ -23,7 +23,7 @@ from fedmed.client_app import app as client_app
 from fedmed.config import SiteSpec, parse_run_config
 from fedmed.data import load_site_table
 from fedmed.data.registry import DatasetRegistry
-from fedmed.errors import DataError
+from fedmed.errors import ConfigError, DataError
 from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import SITE_CONFIG_KEY
@@ -307,6 +307,54 @@ def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -
             b".csv",
         ],
     )
+
+
+def test_consortium_scale_needs_every_site_and_then_trains_every_site_alike(
+    tmp_path: Path,
+) -> None:
+    from tests.test_sequence import VARIABLES, _long_and_outcomes
+
+    raw = {
+        "name": "icu",
+        "task": "sequence-classification",
+        "rounds": 1,
+        "output_dir": str(tmp_path / "runs"),
+        "model": {"kind": "grud", "hidden": [8]},
+        "train": {"local_steps": 2, "batch_size": 16, "optimizer": "adam", "lr": 0.01},
+        "data": {
+            "dataset": "study-data",
+            "schema": {"target": "In-hospital_death", "features": list(VARIABLES), "min_rows": 10},
+            "series": {"hours": 12, "bin_minutes": 60, "standardize": "consortium"},
+        },
+        "sites": [{"name": "coronary"}, {"name": "surgical"}],
+    }
+    cfg = parse_run_config(raw)
+    files = []
+    for i, name in enumerate(("coronary", "surgical")):
+        (tmp_path / name).mkdir()
+        files.append(_long_and_outcomes(tmp_path / name, seed=i + 5))
+    approved = plan_hash(cfg)
+
+    def sites(share_surgical: bool) -> list[Path]:  # fresh site files: configs are cached
+        base = tmp_path / f"share-{share_surgical}"
+        base.mkdir()
+        return [
+            _registered_site(base, name, approved, long, share=share, outcomes=out)
+            for name, (long, out), share in zip(
+                ("coronary", "surgical"), files, (True, share_surgical), strict=True
+            )
+        ]
+
+    with pytest.raises(ConfigError, match="surgical did not send them.*set share_statistics"):
+        _run_deployed(cfg, sites(share_surgical=False))
+    _, metrics, run_dir = _run_deployed(cfg, sites(share_surgical=True))
+
+    assert set(metrics["final"]["sites"]) == {"coronary", "surgical"}, metrics["history"]
+    used = metrics["config"]["data"]["series"]
+    card = json.loads((run_dir / "model.card.json").read_text())["preprocessing"]
+    assert len(used["mean"]) == len(VARIABLES) and card["mean"] == used["mean"]
+    assert card["std"] == used["std"] and card["fitted_on"].startswith("the consortium")
+    assert plan_hash(parse_run_config(metrics["config"])) == approved  # still the approved plan
 
 
 def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: Path) -> None:

@@ -185,10 +185,14 @@ def bin_and_scale(
         ]
     )
     std = np.where(std > 1e-9, std, 1.0)
+    # count: observed (patient, bin) cells per variable, so that sites' moments combine exactly.
+    own = {"mean": mean.tolist(), "std": std.tolist(), "count": observed.sum(axis=(0, 1)).tolist()}
+    if series.mean:  # a consortium reference: every site scales alike
+        mean, std = np.asarray(series.mean, np.float64), np.asarray(series.std, np.float64)
     stats = {"variables": list(variables), "mean": mean.tolist(), "std": std.tolist(),
              "bins": n_bins, "bin_minutes": series.bin_minutes, "hours": series.hours,
-             "missing_code": series.missing_code,
-             "log_variables": list(series.log_variables)}  # fmt: skip
+             "missing_code": series.missing_code, "log_variables": list(series.log_variables),
+             "reference": bool(series.mean), "own": own}  # fmt: skip
     return (
         features_of(sums_tr, counts_tr, mean, std),
         features_of(sums_te, counts_te, mean, std),

@@ -204,6 +204,20 @@ class SequenceClassification(TabularClassification):
         series = cfg.data.series
         if series.bin_minutes <= 0 or series.hours <= 0:
             raise ConfigError("data.series.hours and data.series.bin_minutes must be > 0")
+        n = len(cfg.data.schema.features)
+        if (series.mean or series.std) and not len(series.mean) == len(series.std) == n:
+            raise ConfigError(
+                f"data.series.mean and data.series.std need one value per feature ({n}); got "
+                f"{len(series.mean)} and {len(series.std)}; or leave both out"
+            )
+        if any(sd <= 0 for sd in series.std):
+            raise ConfigError("data.series.std values must be > 0")
+        if series.standardize == "consortium" and cfg.strategy.secure_aggregation:
+            raise ConfigError(
+                "data.series.standardize = 'consortium' needs a statistics exchange before "
+                "round 1, which Flower's SecAgg+ path cannot carry; use standardize = 'site' or "
+                "write the agreed reference in data.series.mean/std"
+            )
         unknown = [v for v in series.log_variables if v not in cfg.data.schema.features]
         if unknown:
             raise ConfigError(
