@@ -533,7 +533,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         served = open_model(args.model, allow_unsigned=args.allow_unsigned)
         if isinstance(served, ServedSeries):
             result = predict_series_csv(
-                served, args.rows, args.output, explain=args.explain, columns=_columns(args, served)
+                served,
+                args.rows,
+                args.output,
+                explain=args.explain,
+                columns=_columns(args, served.pre.get("columns")),
             )
         elif isinstance(served, ServedModel):
             result = predict_csv(served, args.rows, args.output, explain=args.explain)
@@ -549,15 +553,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _columns(args: argparse.Namespace, served) -> tuple[str, str, str, str] | None:
+def _columns(args: argparse.Namespace, recorded: list[str] | None) -> tuple[str, ...] | None:
     """The long CSV's columns: each flag given overrides the card's (or the default) name."""
     flags = (args.id_column, args.time_column, args.variable_column, args.value_column)
     if all(f is None for f in flags):
         return None
     from fedmed.serving.arrays import DEFAULT_COLUMNS
 
-    known = tuple(served.pre.get("columns") or DEFAULT_COLUMNS)
-    return tuple(f or k for f, k in zip(flags, known, strict=True))  # type: ignore[return-value]
+    known = tuple(recorded or DEFAULT_COLUMNS)
+    return tuple(f or k for f, k in zip(flags, known, strict=True))
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:

@@ -304,9 +304,9 @@ def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
     header = "record_id,time_min,parameter,value\n"
     cases = {
         "unit.csv": (
-            header + "1,0,HR,80\n1,5,Unit,1\n",
-            "unknown variable 'Unit'",
-            "data row 2; the model reads: HR, Temp, Age",
+            header + "1,0,HR,80\n1,5,Unit,1\n1,0,ICUType,2\n",
+            "unknown variable 'Unit' in column 'parameter' at data row 2 (unknown: Unit, ICUType)",
+            "the model reads: HR, Temp, Age; remove the rows",
         ),
         "text.csv": (
             header + "1,0,HR,80\n1,5,HR,high\n",
@@ -319,6 +319,7 @@ def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
             "patient 2 has no observation",
             "0 to 720 minutes",
         ),
+        "empty.csv": (header, "no observations", "add rows"),
         "cols.csv": ("id,t,var,val\n1,0,HR,80\n", "column 'record_id' is missing", "--id-column"),
     }
     for name, (text, what, fix) in cases.items():

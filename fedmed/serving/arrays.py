@@ -277,11 +277,11 @@ class ServedSeries(ServedArrays):
         return out
 
     def from_csv(
-        self, path: Path, columns: tuple[str, str, str, str] | None = None
+        self, path: Path, columns: tuple[str, ...] | None = None
     ) -> tuple[np.ndarray, str, np.ndarray]:
         """A long CSV (patient id, time in minutes, variable, value per row) -> (patient ids in
-        file order, the id column's name, model inputs). Checked like the HTTP request, with
-        the file, data row or patient named; rows in the missing code are dropped as at sites."""
+        file order, the id column's name, model inputs). Checked like the HTTP request, naming
+        the file and the data row or patient; missing-code values are dropped as at the sites."""
         cols = columns or tuple(self.pre.get("columns") or DEFAULT_COLUMNS)
         header = read_header(str(path))
         absent = [c for c in cols if c not in header]
@@ -293,6 +293,8 @@ class ServedSeries(ServedArrays):
         raw = pd.read_csv(path, usecols=list(set(cols)), dtype={cols[2]: str})
         names = ("id", "time", "variable", "value")
         df = pd.DataFrame({k: raw[c] for k, c in zip(names, cols, strict=True)})
+        if df.empty:
+            raise DataError(f"{path}: no observations; add rows (one observation each)")
         if df["id"].isna().any():
             raise DataError(
                 f"{path}: column '{cols[0]}' is empty at data row "
@@ -301,13 +303,13 @@ class ServedSeries(ServedArrays):
         unknown = ~df["variable"].isin(self.variables)
         if unknown.any():
             row = int(unknown.idxmax())
+            others = df["variable"][unknown].drop_duplicates().astype(str).tolist()
+            also = f" (unknown: {', '.join(others[:8])}{', ...' * (len(others) > 8)})"
             raise DataError(
                 f"{path}: unknown variable {df['variable'][row]!r} in column '{cols[2]}' at data "
-                f"row {row + 1}; the model reads: {', '.join(self.variables)}; remove the rows "
-                "of other variables or rename them"
+                f"row {row + 1}{also if len(others) > 1 else ''}; the model reads: "
+                f"{', '.join(self.variables)}; remove the rows of other variables or rename them"
             )
-        if df.empty:
-            raise DataError(f"{path}: no observations; add rows (one observation each)")
         for key, col in (("time", cols[1]), ("value", cols[3])):
             parsed = pd.to_numeric(df[key], errors="coerce")
             # An empty value is "not measured" and dropped, as at the sites; an empty time is
@@ -354,7 +356,7 @@ def predict_series_csv(
     output: Path | None,
     *,
     explain: bool = False,
-    columns: tuple[str, str, str, str] | None = None,
+    columns: tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
     """Batch prediction for the command line: one row per patient of a long CSV, in file order.
 
