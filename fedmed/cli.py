@@ -147,24 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     prd = sub.add_parser(
         "predict",
-        help="batch predictions for a CSV of patient rows (or a .npz of images)",
+        help="batch predictions for a CSV of patient rows (or a .npz of images, or a long "
+        "CSV of observations)",
         description="Predict every row of a CSV (columns = the model's features) and write the "
         "rows with probability and label columns. An imaging model takes a .npz of images; "
-        "with --explain it writes saliency PNGs next to --output.",
+        "with --explain it writes saliency PNGs next to --output. A sequence model takes a long "
+        "CSV (patient id, time in minutes, variable, value) and writes one row per patient.",
     )
     prd.add_argument("model", type=Path, help="run directory or model .safetensors file")
-    prd.add_argument("rows", type=Path, help="CSV with one patient per row, or a .npz of images")
+    prd.add_argument(
+        "rows",
+        type=Path,
+        help="CSV with one patient per row, a .npz of images, or a long CSV of observations",
+    )
     prd.add_argument("--output", type=Path, default=None, help="write CSV here (default stdout)")
     prd.add_argument(
         "--explain",
         action="store_true",
-        help="add explain:<feature> columns (integrated-gradients attributions)",
+        help="add explain:<feature> columns (integrated-gradients attributions; per variable "
+        "for sequence models)",
     )
     prd.add_argument(
         "--allow-unsigned",
         action="store_true",
         help="use a model whose card is unsigned (not for clinical use)",
     )
+    for name in ("id", "time", "variable", "value"):
+        prd.add_argument(
+            f"--{name}-column",
+            default=None,
+            help=f"sequence models: the long CSV's {name} column (default: the study's)",
+        )
 
     from fedmed.cli_deploy import add_commands
 
@@ -502,7 +515,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmed.serving.api import ServedModel, predict_csv
+    from fedmed.errors import ConfigError
+    from fedmed.serving.api import ServedModel, open_model, predict_csv
+    from fedmed.serving.arrays import ServedSeries, predict_series_csv
 
     if args.rows.suffix.lower() == ".npz":
         from fedmed.serving.saliency import predict_images
@@ -515,13 +530,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
             allow_unsigned=args.allow_unsigned,
         )
     else:
-        served = ServedModel(args.model, allow_unsigned=args.allow_unsigned)
-        result = predict_csv(served, args.rows, args.output, explain=args.explain)
+        served = open_model(args.model, allow_unsigned=args.allow_unsigned)
+        if isinstance(served, ServedSeries):
+            result = predict_series_csv(
+                served,
+                args.rows,
+                args.output,
+                explain=args.explain,
+                columns=_columns(args, served.pre.get("columns")),
+            )
+        elif isinstance(served, ServedModel):
+            result = predict_csv(served, args.rows, args.output, explain=args.explain)
+        else:
+            raise ConfigError(
+                f"{served.path} is a '{served.card['task']}' model; give it a .npz of images "
+                f"(an 'images' array), not {args.rows}"
+            )
     if args.output is None:
         result.to_csv(sys.stdout, index=False)
     else:
         print(args.output)
     return 0
+
+
+def _columns(args: argparse.Namespace, recorded: list[str] | None) -> tuple[str, ...] | None:
+    """The long CSV's columns: each flag given overrides the card's (or the default) name."""
+    flags = (args.id_column, args.time_column, args.variable_column, args.value_column)
+    if all(f is None for f in flags):
+        return None
+    from fedmed.serving.arrays import DEFAULT_COLUMNS
+
+    known = tuple(recorded or DEFAULT_COLUMNS)
+    return tuple(f or k for f, k in zip(flags, known, strict=True))
 
 
 def cmd_show_config(args: argparse.Namespace) -> int:

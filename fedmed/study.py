@@ -156,9 +156,14 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
     from fedmed.data.table import Preprocessor
 
     if isinstance(tables[0], ArrayTable):  # images, series: combined as in a deployment
-        return combine_site_statistics(
+        combined = combine_site_statistics(
             [{**t.data.preprocessing, "n": t.data.n_train} for t in tables]
         )
+        if tables[0].target == "series":  # `fedmed predict` reads a long CSV named alike
+            s = cfg.data.series
+            columns = [s.id_column, s.time_column, s.variable_column, s.value_column]
+            combined = json.dumps({**json.loads(combined), "columns": columns})
+        return combined
     pooled = pd.concat([t.x_train for t in tables], ignore_index=True)
     fitted = Preprocessor(cfg.data.schema.features, cfg.data.schema).fit(pooled)
     return json.dumps({"fitted_on": "union of the sites' train splits", **fitted.to_dict()})

@@ -233,6 +233,9 @@ def test_predict_explain_writes_saliency_pngs(
     png = Image.open(preds["saliency_png"][0])
     assert png.size == (64, 64) and png.mode == "RGB"
     assert main(["predict", str(run_dir), str(tmp_path / "new.npz"), "--explain"]) == 2
+    (tmp_path / "rows.csv").write_text("x\n1\n")
+    assert main(["predict", str(run_dir), str(tmp_path / "rows.csv")]) == 2
+    assert "give it a .npz of images" in capsys.readouterr().err
 
 
 @needs_shared_data

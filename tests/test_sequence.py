@@ -5,6 +5,7 @@ validation splits, federated training with and without DP (DPGRU, GRU-D), and th
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -359,10 +360,17 @@ def test_federated_sequence_study_trains_with_and_without_dp(
     assert all(0 <= m["roc_auc"] <= 1 for m in metrics["final"]["sites"].values())
     eps = [m["train"]["epsilon"] for h in metrics["history"] for m in h["sites"].values()]
     assert (max(eps) > 0) == private
-    rows = tmp_path / "rows.csv"
-    rows.write_text("HR\n80\n")
-    assert main(["predict", str(run_dir), str(rows)]) == 2
-    assert "is not served from table rows" in capsys.readouterr().err
+    rows = tmp_path / "rows.csv"  # a clinic's long table, scored and explained offline
+    rows.write_text("record_id,time_min,parameter,value\n7,0,Age,60\n7,30,HR,95\n7,90,HR,-1\n")
+    assert main(["predict", str(run_dir), str(rows), "--explain"]) == 0
+    scored = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert scored.columns.tolist() == [
+        "record_id",
+        "probability",
+        "label",
+        *(f"explain:{v}" for v in VARIABLES),
+    ]
+    assert scored["explain:Temp"].tolist() == [0.0]  # never observed: exactly the baseline
 
 
 @needs_shared_data

@@ -1,6 +1,7 @@
 """`fedmed serve` for image and sequence models: raw images (JSON arrays, PNG uploads) and
-patients' observations in, probabilities out, the card's preprocessing applied exactly, and
-422s that name the fix."""
+patients' observations in, probabilities (and integrated-gradients explanations) out, the card's
+preprocessing applied exactly, 422s that name the fix; `fedmed predict` on a long CSV of
+observations agrees with the HTTP API."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -17,7 +19,7 @@ from fedmed.cli import main
 from fedmed.data.images import to_model_input
 from fedmed.errors import ConfigError
 from fedmed.serving.api import ServedModel, create_app, open_model
-from fedmed.serving.arrays import ServedImages, ServedSeries
+from fedmed.serving.arrays import ServedImages, ServedSeries, series_explanation
 
 from .test_imaging import _images, _to_toml
 from .test_imaging import _study as _image_study
@@ -181,3 +183,150 @@ def test_bad_series_get_422s_that_name_the_fix(
         assert reply.status_code == 422, (kind, reply.text)
         detail = reply.json()["detail"][0]
         assert detail["type"] == kind and fix in detail["msg"], detail
+
+
+def _logits(served: ServedSeries, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return served.model(torch.from_numpy(x)).squeeze(-1).numpy()
+
+
+@pytest.mark.parametrize("model", [{"kind": "gru"}, {"kind": "grud", "summaries": True}])
+def test_series_attributions_add_up_and_are_zero_for_a_variable_never_observed(
+    tmp_path: Path, capsys: pytest.CaptureFixture, model: dict
+) -> None:
+    raw = _series_study(tmp_path, model={"hidden": [8], **model})
+    served = open_model(_trained(raw, tmp_path, capsys))
+    other = [
+        {"time": 60, "variable": "HR", "value": 70.0},
+        {"time": 65, "variable": "Temp", "value": 38.5},
+    ]
+    x = served.inputs([PATIENT, other])
+
+    per_bin = served.attributions(torch.from_numpy(x))
+
+    assert isinstance(served, ServedSeries) and per_bin.shape == (2, 12, 3)
+    baseline = served.baseline()[0]  # nothing observed: train mean, no masks, time since admission
+    steps = np.arange(12)
+    np.testing.assert_array_equal(baseline[:, :6], 0.0)
+    np.testing.assert_allclose(baseline[:, 6:], np.repeat((steps + 1)[:, None] / 12, 3, 1))
+    gap = _logits(served, x) - _logits(served, served.baseline())
+    np.testing.assert_allclose(per_bin.sum(axis=(1, 2)), gap, atol=0.01 * np.abs(gap).max())
+    assert (per_bin[0, :, 1] == 0.0).all()  # PATIENT's only Temp was the missing code
+    assert (per_bin[1, :, 2] == 0.0).all()  # the other patient has no Age
+    assert np.abs(per_bin[0, :, 0]).sum() > 0 and np.abs(per_bin[1, :, 1]).sum() > 0
+
+
+def test_series_explain_over_http_gives_every_variable_and_bins_for_the_top_five(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _series_study(tmp_path)
+    raw["rounds"] = 1
+    served = open_model(_trained(raw, tmp_path, capsys))
+    client = TestClient(create_app(served))
+    body = {"patients": [{"observations": PATIENT}]}
+
+    plain = client.post("/predict", json=body)
+    explained = client.post("/predict", json={**body, "explain": True})
+
+    assert plain.status_code == 200 and explained.status_code == 200, explained.text
+    assert plain.json()["predictions"][0]["explanation"] is None
+    one = explained.json()["predictions"][0]
+    assert one["probability"] == plain.json()["predictions"][0]["probability"]
+    per_bin = served.attributions(torch.from_numpy(served.inputs([PATIENT])))[0]
+    totals = dict(zip(served.variables, per_bin.sum(0).tolist(), strict=True))
+    assert one["explanation"] == pytest.approx(totals, abs=1e-5)
+    assert set(one["explanation_bins"]) == {"HR", "Temp", "Age"}
+    assert one["explanation_bins"]["HR"] == pytest.approx(per_bin[:, 0].tolist(), abs=1e-5)
+    # With more variables than that, only the 5 largest carry their course over time.
+    many = np.zeros((12, 7))
+    many[3] = [0.1, -0.9, 0.2, 0.8, 0.0, -0.5, 0.3]
+    small = series_explanation(tuple("ABCDEFG"), many)
+    assert list(small["explanation"]) == list("ABCDEFG")
+    assert list(small["explanation_bins"]) == ["B", "D", "F", "G", "C"]
+
+
+def _long_csv(path: Path, patients: dict[str, list[dict]], names: tuple[str, ...]) -> Path:
+    rows = [
+        (pid, o["time"], o["variable"], o["value"]) for pid, obs in patients.items() for o in obs
+    ]
+    pd.DataFrame(rows, columns=list(names)).to_csv(path, index=False)
+    return path
+
+
+def test_fedmed_predict_on_a_long_csv_matches_the_http_api(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _series_study(tmp_path)
+    raw["rounds"] = 1
+    run_dir = _trained(raw, tmp_path, capsys)
+    client = TestClient(create_app(open_model(run_dir)))
+    other = [{"time": 60, "variable": "HR", "value": 70.0}]
+    default = _long_csv(
+        tmp_path / "obs.csv",
+        {"p9": other, "p1": PATIENT},
+        ("record_id", "time_min", "parameter", "value"),
+    )
+    own = _long_csv(
+        tmp_path / "own.csv", {"p9": other, "p1": PATIENT}, ("pid", "minute", "item", "reading")
+    )
+    flags = "--id-column pid --time-column minute --variable-column item --value-column reading"
+    out_a, out_b = tmp_path / "a.csv", tmp_path / "b.csv"
+
+    codes = [
+        main(["predict", str(run_dir), str(default), "--explain", "--output", str(out_a)]),
+        main(["predict", str(run_dir), str(own), *flags.split(), "--output", str(out_b)]),
+    ]
+    reply = client.post(
+        "/predict",
+        json={"patients": [{"observations": other}, {"observations": PATIENT}], "explain": True},
+    )
+
+    assert codes == [0, 0], capsys.readouterr().err
+    a, b = pd.read_csv(out_a), pd.read_csv(out_b)
+    predictions = reply.json()["predictions"]
+    assert a["record_id"].tolist() == ["p9", "p1"] and b["pid"].tolist() == ["p9", "p1"]
+    probs = [p["probability"] for p in predictions]
+    np.testing.assert_allclose(a["probability"], probs, atol=1e-6)
+    np.testing.assert_allclose(b["probability"], probs, atol=1e-6)
+    assert a["label"].tolist() == [p["label"] for p in predictions]
+    for variable in ("HR", "Temp", "Age"):
+        expected = [p["explanation"][variable] for p in predictions]
+        np.testing.assert_allclose(a[f"explain:{variable}"], expected, atol=1e-5)
+    assert "explain:HR" not in b.columns
+
+
+def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    raw = _series_study(tmp_path)
+    raw["rounds"] = 1
+    run_dir = _trained(raw, tmp_path, capsys)
+    header = "record_id,time_min,parameter,value\n"
+    cases = {
+        "unit.csv": (
+            header + "1,0,HR,80\n1,5,Unit,1\n1,0,ICUType,2\n",
+            "unknown variable 'Unit' in column 'parameter' at data row 2 (unknown: Unit, ICUType)",
+            "the model reads: HR, Temp, Age; remove the rows",
+        ),
+        "text.csv": (
+            header + "1,0,HR,80\n1,5,HR,high\n",
+            "column 'value' has 'high'",
+            "data row 2; give a number",
+        ),
+        "notime.csv": (header + "1,,HR,80\n", "column 'time_min' is empty", "data row 1"),
+        "late.csv": (
+            header + "1,0,HR,80\n2,5,Temp,-1\n2,9000,HR,80\n",
+            "patient 2 has no observation",
+            "0 to 720 minutes",
+        ),
+        "empty.csv": (header, "no observations", "add rows"),
+        "cols.csv": ("id,t,var,val\n1,0,HR,80\n", "column 'record_id' is missing", "--id-column"),
+    }
+    for name, (text, what, fix) in cases.items():
+        (tmp_path / name).write_text(text)
+
+        code = main(["predict", str(run_dir), str(tmp_path / name)])
+
+        err = capsys.readouterr().err
+        assert code == 2 and str(tmp_path / name) in err, err
+        assert what in err and fix in err, err

@@ -241,7 +241,11 @@ class Observation(BaseModel):
 
 
 def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str]) -> None:
-    prediction = _prediction_model(served)
+    prediction = _prediction_model(
+        served,
+        explanation=(dict[str, float] | None, None),
+        explanation_bins=(dict[str, list[float]] | None, None),
+    )
 
     class Patient(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -254,6 +258,11 @@ def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str])
     class SeriesRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         patients: list[Patient] = Field(min_length=1, max_length=1000)
+        explain: bool = Field(
+            default=False,
+            description="add per-variable integrated gradients against a patient with nothing "
+            "observed (explanation), and per time bin for the 5 largest (explanation_bins)",
+        )
 
     class SeriesResponse(BaseModel):
         predictions: list[prediction]  # type: ignore[valid-type]
@@ -262,7 +271,7 @@ def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str])
     @app.post("/predict", response_model=SeriesResponse)
     def predict(request: SeriesRequest) -> dict[str, Any]:
         patients = [[o.model_dump() for o in p.observations] for p in request.patients]
-        return {"predictions": served.predict(patients), "model": identity}
+        return {"predictions": served.predict(patients, request.explain), "model": identity}
 
 
 def predict_csv(

@@ -25,12 +25,23 @@ from fastapi import HTTPException
 
 from fedmed.config import SeriesConfig
 from fedmed.data.images import resize, to_model_input
-from fedmed.errors import ConfigError
+from fedmed.data.series import bin_means, features_of, read_header
+from fedmed.errors import ConfigError, DataError
 from fedmed.serving.export import load_model, resolve_model_path
 from fedmed.tasks import get_task
 from fedmed.tasks.imaging import integrated_gradients
+from fedmed.tasks.sequence import INPUTS_PER_VARIABLE
 
 MAX_PIXELS = 4096 * 4096  # per image: a bound on what one request may make the server decode
+TOP_BINNED = 5  # variables whose per-bin attributions a series explanation carries
+EXPLAIN_CHUNK = 256  # patients per integrated-gradients pass
+_SERIES = SeriesConfig()  # a long CSV's columns when the card names none: the sites' defaults
+DEFAULT_COLUMNS = (
+    _SERIES.id_column,
+    _SERIES.time_column,
+    _SERIES.variable_column,
+    _SERIES.value_column,
+)
 
 
 def invalid(loc: list[str | int], msg: str, kind: str) -> HTTPException:
@@ -189,8 +200,6 @@ class ServedSeries(ServedArrays):
 
     def inputs(self, patients: list[list[dict[str, Any]]]) -> np.ndarray:
         """Observations per patient -> (patients, bins, 3 x variables), as the sites built them."""
-        from fedmed.data.series import bin_means, features_of
-
         rows = []
         window = self.series.hours * 60
         for p, observations in enumerate(patients):
@@ -217,15 +226,154 @@ class ServedSeries(ServedArrays):
             if not usable:
                 raise invalid(
                     ["patients", p, "observations"],
-                    f"no observation in the model's window (time 0 to {window} minutes after "
-                    f"admission, values other than the missing code {self.series.missing_code})",
+                    f"no observation in the model's {self.window}",
                     "series_empty",
                 )
             rows += [(p, o["time"], o["variable"], o["value"]) for o in usable]
         obs = pd.DataFrame(rows, columns=["id", "time", "variable", "value"])
-        ids = np.arange(len(patients))
+        return self.binned(obs, len(patients))
+
+    @property
+    def window(self) -> str:
+        return (
+            f"window (time 0 to {self.series.hours * 60} minutes after admission, values other "
+            f"than the missing code {self.series.missing_code})"
+        )
+
+    def binned(self, obs: pd.DataFrame, n_patients: int) -> np.ndarray:
+        """Observations with ids 0..n_patients-1 -> model inputs, by the data layer's own code."""
+        ids = np.arange(n_patients)
         sums, counts = bin_means(obs, ids, self.variables, self.series, self.bins)
         return features_of(sums, counts, self.mean, self.std)
 
-    def predict(self, patients: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        return self.outputs(torch.from_numpy(self.inputs(patients)))
+    def baseline(self) -> np.ndarray:
+        """The patient with nothing observed, (1, bins, 3 x variables): values at the train
+        mean, no masks, time since admission. Built by features_of from zero counts, so a
+        variable a patient never had is identical to it and gets exactly 0 attribution."""
+        zeros = np.zeros((1, self.bins, len(self.variables)))
+        return features_of(zeros, zeros, self.mean, self.std)
+
+    def attributions(self, x: torch.Tensor) -> np.ndarray:
+        """Integrated gradients per (patient, bin, variable), the value, mask and delta channels
+        summed: a clinician asks which measurement mattered, not which encoding of it. A
+        patient's attributions add up to logit(patient) - logit(nothing observed)."""
+        baseline = torch.from_numpy(self.baseline())
+        parts = [
+            integrated_gradients(self.model, chunk, baseline=baseline)
+            for chunk in torch.split(x, EXPLAIN_CHUNK)  # bounds the GRU's stored activations
+        ]
+        ig = torch.cat(parts).detach()
+        n, bins, _ = x.shape
+        return ig.reshape(n, bins, INPUTS_PER_VARIABLE, len(self.variables)).sum(dim=2).numpy()
+
+    def predict(
+        self, patients: list[list[dict[str, Any]]], explain: bool = False
+    ) -> list[dict[str, Any]]:
+        x = torch.from_numpy(self.inputs(patients))
+        out = self.outputs(x)
+        if explain:
+            for item, per_bin in zip(out, self.attributions(x), strict=True):
+                item.update(series_explanation(self.variables, per_bin))
+        return out
+
+    def from_csv(
+        self, path: Path, columns: tuple[str, ...] | None = None
+    ) -> tuple[np.ndarray, str, np.ndarray]:
+        """A long CSV (patient id, time in minutes, variable, value per row) -> (patient ids in
+        file order, the id column's name, model inputs). Checked like the HTTP request, naming
+        the file and the data row or patient; missing-code values are dropped as at the sites."""
+        cols = columns or tuple(self.pre.get("columns") or DEFAULT_COLUMNS)
+        header = read_header(str(path))
+        absent = [c for c in cols if c not in header]
+        if absent:
+            raise DataError(
+                f"{path}: column '{absent[0]}' is missing (columns: {', '.join(header)}); name "
+                "the columns with --id-column, --time-column, --variable-column, --value-column"
+            )
+        raw = pd.read_csv(path, usecols=list(set(cols)), dtype={cols[2]: str})
+        names = ("id", "time", "variable", "value")
+        df = pd.DataFrame({k: raw[c] for k, c in zip(names, cols, strict=True)})
+        if df.empty:
+            raise DataError(f"{path}: no observations; add rows (one observation each)")
+        if df["id"].isna().any():
+            raise DataError(
+                f"{path}: column '{cols[0]}' is empty at data row "
+                f"{int(df['id'].isna().idxmax()) + 1}; give every row its patient id"
+            )
+        unknown = ~df["variable"].isin(self.variables)
+        if unknown.any():
+            row = int(unknown.idxmax())
+            others = df["variable"][unknown].drop_duplicates().astype(str).tolist()
+            also = f" (unknown: {', '.join(others[:8])}{', ...' * (len(others) > 8)})"
+            raise DataError(
+                f"{path}: unknown variable {df['variable'][row]!r} in column '{cols[2]}' at data "
+                f"row {row + 1}{also if len(others) > 1 else ''}; the model reads: "
+                f"{', '.join(self.variables)}; remove the rows of other variables or rename them"
+            )
+        for key, col in (("time", cols[1]), ("value", cols[3])):
+            parsed = pd.to_numeric(df[key], errors="coerce")
+            # An empty value is "not measured" and dropped, as at the sites; an empty time is
+            # an error: nothing says which bin the observation belongs to.
+            bad = parsed.isna() & (df[key].notna() if key == "value" else True)
+            if bad.any():
+                row = int(bad.idxmax())
+                what = "is empty" if pd.isna(df[key][row]) else f"has {df[key][row]!r}"
+                unit = " (minutes since admission)" if key == "time" else ""
+                raise DataError(
+                    f"{path}: column '{col}' {what} at data row {row + 1}; give a number{unit} "
+                    "or remove the row"
+                )
+            df[key] = parsed.astype(np.float64)
+        codes, ids = pd.factorize(df["id"])
+        df["id"] = codes
+        usable = df["time"].between(0, self.series.hours * 60) & df["value"].notna()
+        if self.series.missing_code is not None:
+            usable &= df["value"] != self.series.missing_code
+        seen = np.bincount(codes[usable.to_numpy()], minlength=len(ids)) > 0
+        if not seen.all():
+            raise DataError(
+                f"{path}: patient {ids[np.argmin(seen)]} has no observation in the model's "
+                f"{self.window}; check that times are minutes since admission, or leave the "
+                "patient out"
+            )
+        return np.asarray(ids), cols[0], self.binned(df[usable], len(ids))
+
+
+def series_explanation(variables: tuple[str, ...], per_bin: np.ndarray) -> dict[str, Any]:
+    """One patient's (bins, variables) attributions -> every variable's total, and the per-bin
+    course of the TOP_BINNED largest only: a 40-variable x 48-bin reply would be noise."""
+    totals = per_bin.sum(axis=0)
+    top = np.argsort(-np.abs(totals), kind="stable")[:TOP_BINNED]
+    return {
+        "explanation": {v: round(float(a), 6) for v, a in zip(variables, totals, strict=True)},
+        "explanation_bins": {variables[i]: np.round(per_bin[:, i], 6).tolist() for i in top},
+    }
+
+
+def predict_series_csv(
+    served: ServedSeries,
+    path: Path,
+    output: Path | None,
+    *,
+    explain: bool = False,
+    columns: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
+    """Batch prediction for the command line: one row per patient of a long CSV, in file order.
+
+    ``explain`` adds one ``explain:<variable>`` column per variable (the totals the HTTP API
+    returns; the per-bin course stays an HTTP feature: 48 columns per variable help no one).
+    """
+    ids, id_column, x = served.from_csv(path, columns)
+    inputs = torch.from_numpy(x)
+    outputs = served.outputs(inputs)
+    result = pd.DataFrame({id_column: ids})
+    for name, tp in served.task.prediction_fields.items():
+        values = np.array([o[name] for o in outputs])
+        result[name] = np.round(values, 6) if tp is float else values
+    if explain:
+        totals = served.attributions(inputs).sum(axis=1)
+        for v, variable in enumerate(served.variables):
+            result[f"explain:{variable}"] = np.round(totals[:, v], 6)
+    if output is not None:
+        result.to_csv(output, index=False)
+    return result

@@ -105,19 +105,25 @@ class ImagingClassification(TabularClassification):
 
 
 def integrated_gradients(
-    model: nn.Module, images: torch.Tensor, steps: int = IG_STEPS
+    model: nn.Module,
+    inputs: torch.Tensor,
+    steps: int = IG_STEPS,
+    *,
+    baseline: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-pixel integrated gradients of the logit, from a black image to each image.
+    """Per-input integrated gradients of the logit, from ``baseline`` (default: a black image).
 
-    Same shape as ``images``; per image the attributions sum (up to the Riemann error of
+    Same shape as ``inputs``; per example the attributions sum (up to the Riemann error of
     ``steps`` midpoints, larger where ReLUs and max-pools switch along the path) to
-    logit(image) - logit(black). Positive = pushes towards label 1.
+    logit(input) - logit(baseline). Positive = pushes towards label 1. ``baseline`` broadcasts
+    against ``inputs``: a series model passes its "nothing observed" patient, whose layout only
+    its data layer knows. Where an input equals the baseline its attribution is exactly 0.
     """
     model.eval()
-    baseline = torch.full_like(images, BASELINE)
-    total = torch.zeros_like(images)
+    start = torch.full_like(inputs, BASELINE) if baseline is None else baseline.expand_as(inputs)
+    total = torch.zeros_like(inputs)
     for alpha in (torch.arange(steps) + 0.5) / steps:  # midpoint rule: the smaller error
-        point = (baseline + alpha * (images - baseline)).detach().requires_grad_(True)
+        point = (start + alpha * (inputs - start)).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(model(point).sum(), point)
         total += grad
-    return (images - baseline) * total / steps
+    return (inputs - start) * total / steps
