@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -103,17 +104,25 @@ def pooled_site_data(cfg: RunConfig) -> tuple[SiteData, list[SiteData]]:
     tables = [load_site_table(cfg, s) for s in cfg.sites]
     if isinstance(tables[0], ArrayTable):
         per_site = [t.data for t in tables if isinstance(t, ArrayTable)]
-        series = cfg.data.series
-        if tables[0].target == "series" and series.standardize == "consortium" and not series.mean:
-            # the union's scale, as a federated consortium study computes it before round 1
-            cfg = with_series_reference(cfg, [d.preprocessing for d in per_site])
-            per_site = [load_site_data(cfg, s) for s in cfg.sites]
         return _pooled(per_site, per_site[0].preprocessing), per_site
     schema = cfg.data.schema
     pooled_x = pd.concat([t.x_train for t in tables], ignore_index=True)
     pre = Preprocessor(tables[0].features, schema).fit(pooled_x)
     per_site = [prepare(t, schema, fitted=pre) for t in tables]  # type: ignore[arg-type]
     return _pooled(per_site, pre.to_dict()), per_site
+
+
+def union_scale(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the union's series scale when it asks for a consortium one (else as is).
+
+    A pooled run computes it from the sites' statistics exactly as a federated consortium study
+    does before round 1, and records it in the run's config like the federated run does.
+    """
+    series = cfg.data.series
+    if cfg.task != "sequence-classification" or series.standardize != "consortium" or series.mean:
+        return cfg
+    own = [load_site_data(cfg, s).preprocessing for s in cfg.sites]
+    return with_series_reference(cfg, own)
 
 
 def _pooled(per_site: list[SiteData], preprocessing: dict) -> SiteData:
@@ -132,6 +141,7 @@ def _pooled(per_site: list[SiteData], preprocessing: dict) -> SiteData:
 
 def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     started = time.time()
+    plan = replace(plan, config=union_scale(plan.config))
     cfg = plan.config
     pooled, per_site = pooled_site_data(cfg)
     history = RunHistory(sites=cfg.site_names)

@@ -153,7 +153,7 @@ def test_log_variables_and_window_summaries_by_hand() -> None:
 def test_consortium_scale_is_the_unions_and_trains_serves_and_pools_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from fedmed.baselines import pooled_site_data
+    from fedmed.baselines import pooled_site_data, union_scale
     from fedmed.study import series_reference
 
     raw = _study(tmp_path)
@@ -182,7 +182,7 @@ def test_consortium_scale_is_the_unions_and_trains_serves_and_pools_alike(
     card = json.loads((run_dir / "model.card.json").read_text())["preprocessing"]
     np.testing.assert_allclose(used["mean"], mean, rtol=1e-12)
     np.testing.assert_allclose(card["mean"], mean, rtol=1e-12)
-    pooled, per_site = pooled_site_data(parse_run_config(raw))
+    pooled, per_site = pooled_site_data(union_scale(parse_run_config(raw)))
     assert all(np.allclose(d.preprocessing["mean"], mean) for d in per_site)
     assert np.allclose(pooled.preprocessing["mean"], mean)
     with pytest.raises(ConfigError, match="SecAgg"):
