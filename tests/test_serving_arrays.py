@@ -256,9 +256,7 @@ def _long_csv(path: Path, patients: dict[str, list[dict]], names: tuple[str, ...
 def test_fedmed_predict_on_a_long_csv_matches_the_http_api(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    raw = _series_study(tmp_path)
-    raw["rounds"] = 1
-    run_dir = _trained(raw, tmp_path, capsys)
+    run_dir = _trained({**_series_study(tmp_path), "rounds": 1}, tmp_path, capsys)
     client = TestClient(create_app(open_model(run_dir)))
     other = [{"time": 60, "variable": "HR", "value": 70.0}]
     default = _long_csv(
@@ -298,9 +296,7 @@ def test_fedmed_predict_on_a_long_csv_matches_the_http_api(
 def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    raw = _series_study(tmp_path)
-    raw["rounds"] = 1
-    run_dir = _trained(raw, tmp_path, capsys)
+    run_dir = _trained({**_series_study(tmp_path), "rounds": 1}, tmp_path, capsys)
     header = "record_id,time_min,parameter,value\n"
     cases = {
         "unit.csv": (

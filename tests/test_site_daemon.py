@@ -242,24 +242,30 @@ def test_image_sites_train_from_their_registered_npz_and_png_folder(tmp_path: Pa
     )
 
 
-def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -> None:
-    from tests.test_sequence import VARIABLES, _long_and_outcomes
+def _icu_study(tmp_path: Path, *, rounds: int, kind: str, **series: str) -> dict:
+    """Two ICUs' series study, naming a dataset each site registered (deployment)."""
+    from tests.test_sequence import VARIABLES
 
-    raw = {
+    return {
         "name": "icu",
         "task": "sequence-classification",
-        "rounds": 2,
+        "rounds": rounds,
         "output_dir": str(tmp_path / "runs"),
-        "model": {"kind": "gru", "hidden": [8]},
+        "model": {"kind": kind, "hidden": [8]},
         "train": {"local_steps": 2, "batch_size": 16, "optimizer": "adam", "lr": 0.01},
         "data": {
             "dataset": "study-data",
             "schema": {"target": "In-hospital_death", "features": list(VARIABLES), "min_rows": 10},
-            "series": {"hours": 12, "bin_minutes": 60},
+            "series": {"hours": 12, "bin_minutes": 60, **series},
         },
         "sites": [{"name": "coronary"}, {"name": "surgical"}],
     }
-    cfg = parse_run_config(raw)
+
+
+def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -> None:
+    from tests.test_sequence import VARIABLES, _long_and_outcomes
+
+    cfg = parse_run_config(_icu_study(tmp_path, rounds=2, kind="gru"))
     approved = plan_hash(cfg)
     a, b = tmp_path / "hospital-a", tmp_path / "hospital-b"
     a.mkdir(), b.mkdir()
@@ -314,21 +320,7 @@ def test_consortium_scale_needs_every_site_and_then_trains_every_site_alike(
 ) -> None:
     from tests.test_sequence import VARIABLES, _long_and_outcomes
 
-    raw = {
-        "name": "icu",
-        "task": "sequence-classification",
-        "rounds": 1,
-        "output_dir": str(tmp_path / "runs"),
-        "model": {"kind": "grud", "hidden": [8]},
-        "train": {"local_steps": 2, "batch_size": 16, "optimizer": "adam", "lr": 0.01},
-        "data": {
-            "dataset": "study-data",
-            "schema": {"target": "In-hospital_death", "features": list(VARIABLES), "min_rows": 10},
-            "series": {"hours": 12, "bin_minutes": 60, "standardize": "consortium"},
-        },
-        "sites": [{"name": "coronary"}, {"name": "surgical"}],
-    }
-    cfg = parse_run_config(raw)
+    cfg = parse_run_config(_icu_study(tmp_path, rounds=1, kind="grud", standardize="consortium"))
     files = []
     for i, name in enumerate(("coronary", "surgical")):
         (tmp_path / name).mkdir()
