@@ -69,7 +69,8 @@ BATCH = "train.batch_size=32"
 
 def setting(kind: str, hidden: int, lr: float, *extra: str, tag: str = "") -> Variant:
     what = {LOG: "log labs", SUMMARIES: "summaries", CONSORTIUM: "consortium scale",
-            DROPOUT: "dropout 0.5", BATCH: "batch 32"}  # fmt: skip
+            DROPOUT: "dropout 0.5", BATCH: "batch 32", "train.lr_decay=0.9": "lr × 0.9/round",
+            "train.lr_decay=0.95": "lr × 0.95/round"}  # fmt: skip
     return Variant(
         f"{kind}-h{hidden}-lr{lr:g}{tag}",
         f"{kind.upper()} {hidden} units, lr {lr:g}" + "".join(f", {what[e]}" for e in extra),
@@ -107,6 +108,10 @@ FEATURE_GRID = (
     setting("gru", 64, 0.003, CONSORTIUM, LOG, SUMMARIES, tag="-cons-log-sum"),
     setting("gru", 64, 0.003, CONSORTIUM, LOG, DROPOUT, tag="-cons-log-drop5"),
     setting("gru", 64, 0.003, CONSORTIUM, LOG, BATCH, tag="-cons-log-b32"),
+    # A learning rate that decays across rounds (train.lr_decay, new in the same session).
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, "train.lr_decay=0.9", tag="-cons-log-d90"),
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, "train.lr_decay=0.95", tag="-cons-log-d95"),
+    setting("gru", 64, 0.005, CONSORTIUM, LOG, "train.lr_decay=0.9", tag="-cons-log-d90"),
 )
 
 

@@ -49,13 +49,16 @@ class _Trainer:
 
     def train_round(self, rnd: int, data: SiteData) -> dict[str, float]:
         seed = derive_seed(self.cfg.seed, rnd, self.name)
+        this_round = self.cfg.replace(train=self.cfg.train.at_round(rnd))  # train.lr_decay
+        for group in self.optimizer.param_groups:
+            group["lr"] = this_round.train.lr
         if self.cfg.privacy.enabled:
             result, entries = train_private(
                 self.model,
                 data.x_train,
                 data.y_train,
                 self.task,
-                self.cfg,
+                this_round,
                 seed=seed,
                 device=self.device,
             )
@@ -67,7 +70,7 @@ class _Trainer:
                 data.x_train,
                 data.y_train,
                 self.task,
-                self.cfg.train,
+                this_round.train,
                 seed=seed,
                 device=self.device,
                 optimizer=self.optimizer,

@@ -233,6 +233,7 @@ def local_round(
     run, site, data = _site_inputs(run_json, context)
     model = build_model(run)
     server_round = int(config["server-round"])
+    this_round = run.replace(train=run.train.at_round(server_round))  # train.lr_decay
     local = _local_layers(run, site, context, config)
     if local is not None:  # FedBN: this site's own normalization layers, from its last round
         state = local.start(model, state, server_round - 1)
@@ -257,7 +258,7 @@ def local_round(
             data.x_train,
             data.y_train,
             task,
-            run,
+            this_round,
             seed=seed,
             device=device,
             proximal_mu=proximal_mu,
@@ -271,7 +272,7 @@ def local_round(
             data.x_train,
             data.y_train,
             task,
-            run.train,
+            this_round.train,
             seed=seed,
             device=device,
             proximal_mu=proximal_mu,

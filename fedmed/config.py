@@ -13,7 +13,7 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -78,10 +78,22 @@ class TrainConfig:
     batch_size: int = 16
     optimizer: str = field(default="sgd", metadata=_choices("sgd", "adam"))
     lr: float = 0.05
+    # Round r trains at lr x lr_decay^(r - 1): late rounds take smaller steps, so the shared
+    # model settles instead of being pushed around by each round's local epochs (decaying step
+    # sizes are what FedAvg's convergence results assume). 1.0 = a constant rate.
+    lr_decay: float = 1.0
     momentum: float = 0.0
     weight_decay: float = 0.0
 
+    def at_round(self, server_round: int) -> TrainConfig:
+        """These settings with round ``server_round``'s learning rate (rounds count from 1)."""
+        if self.lr_decay == 1.0:
+            return self
+        return replace(self, lr=self.lr * self.lr_decay ** max(server_round - 1, 0))
+
     def __post_init__(self) -> None:
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ConfigError(f"train.lr_decay must be in (0, 1] (got {self.lr_decay}); 1 = off")
         if self.local_epochs is not None and self.local_steps is not None:
             raise ConfigError(
                 "set only one of train.local_epochs and train.local_steps "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,3 +88,33 @@ def test_device_auto_falls_back_to_cpu_and_absent_cuda_is_an_error() -> None:
         assert device.type in ("cpu", "mps")
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("mode", ["federated", "pooled"])
+def test_lr_decay_trains_round_r_at_lr_times_decay_to_the_r_minus_1(
+    mode: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    import fedmed.baselines
+    import fedmed.client_app
+    from fedmed.cli import main
+
+    seen: list[float] = []
+    module = fedmed.client_app if mode == "federated" else fedmed.baselines
+    original = module.train_plain
+
+    def recording(*args, **kwargs):  # the lr the round's optimizer actually steps with
+        optimizer = kwargs.get("optimizer")
+        seen.append(optimizer.param_groups[0]["lr"] if optimizer else args[4].lr)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_plain", recording)
+    args = ["--set", "rounds=3", "--set", "train.lr=0.08", "--set", "train.lr_decay=0.5"]
+    plain = ["--set", "privacy.enabled=false", "--mode", mode, "--set", f"output_dir={tmp_path}"]
+
+    assert main(["simulate", "demo", "--quiet", *args, *plain]) == 0, capsys.readouterr().err
+
+    per_round = 4 if mode == "federated" else 1  # 4 sites, or one pooled model
+    assert seen == pytest.approx([0.08] * per_round + [0.04] * per_round + [0.02] * per_round)
+    assert TrainConfig(lr=0.1).at_round(5) == TrainConfig(lr=0.1)  # 1.0: unchanged
+    with pytest.raises(ConfigError, match=r"lr_decay must be in \(0, 1\]"):
+        TrainConfig(lr_decay=1.5)
