@@ -65,12 +65,16 @@ SUMMARIES = "model.summaries=true"
 CONSORTIUM = "data.series.standardize=consortium"
 DROPOUT = "model.dropout=0.5"
 BATCH = "train.batch_size=32"
+AVG3 = "strategy.average_last=3"
+AVG5 = "strategy.average_last=5"
+EPOCHS2 = "train.local_epochs=2"
 
 
 def setting(kind: str, hidden: int, lr: float, *extra: str, tag: str = "") -> Variant:
     what = {LOG: "log labs", SUMMARIES: "summaries", CONSORTIUM: "consortium scale",
             DROPOUT: "dropout 0.5", BATCH: "batch 32", "train.lr_decay=0.9": "lr × 0.9/round",
-            "train.lr_decay=0.95": "lr × 0.95/round"}  # fmt: skip
+            "train.lr_decay=0.95": "lr × 0.95/round", AVG3: "mean of last 3 rounds",
+            AVG5: "mean of last 5 rounds", EPOCHS2: "2 local epochs"}  # fmt: skip
     return Variant(
         f"{kind}-h{hidden}-lr{lr:g}{tag}",
         f"{kind.upper()} {hidden} units, lr {lr:g}" + "".join(f", {what[e]}" for e in extra),
@@ -112,6 +116,11 @@ FEATURE_GRID = (
     setting("gru", 64, 0.003, CONSORTIUM, LOG, "train.lr_decay=0.9", tag="-cons-log-d90"),
     setting("gru", 64, 0.003, CONSORTIUM, LOG, "train.lr_decay=0.95", tag="-cons-log-d95"),
     setting("gru", 64, 0.005, CONSORTIUM, LOG, "train.lr_decay=0.9", tag="-cons-log-d90"),
+    # Session 5: the released model as the mean of the last rounds' global models
+    # (strategy.average_last), and 2 local epochs per round.
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, AVG3, tag="-cons-log-avg3"),
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, AVG5, tag="-cons-log-avg5"),
+    setting("gru", 64, 0.003, CONSORTIUM, LOG, EPOCHS2, tag="-cons-log-e2"),
 )
 
 

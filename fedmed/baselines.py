@@ -9,6 +9,7 @@ curves sit next to the federated ones. No Flower here: nothing is exchanged.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -23,6 +24,7 @@ from fedmed.data.table import Preprocessor, SiteData, prepare
 from fedmed.privacy import Entry, epsilon_spent, train_private
 from fedmed.report import RunHistory
 from fedmed.server_app import initial_model
+from fedmed.strategies import mean_of_models
 from fedmed.study import RunPlan, finish_run, live_reporter, with_series_reference
 from fedmed.tasks import get_task
 from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_plain
@@ -46,6 +48,10 @@ class _Trainer:
         # so "10 rounds x 5 epochs" is the same training as "50 epochs".
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.cfg.train)
+        # strategy.average_last, as a federated run applies it: evaluate and save the mean of
+        # the last rounds' models while training continues from the latest.
+        self.window: list[dict[str, np.ndarray]] = []
+        self._released: torch.nn.Module | None = None
 
     def train_round(self, rnd: int, data: SiteData) -> dict[str, float]:
         seed = derive_seed(self.cfg.seed, rnd, self.name)
@@ -76,6 +82,9 @@ class _Trainer:
                 optimizer=self.optimizer,
             )
             eps = 0.0
+        state = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        self.window = [*self.window, state][-self.cfg.strategy.average_last :]
+        self._released = None
         return {
             "num-examples": result.num_examples,
             "train_loss": result.loss,
@@ -83,9 +92,19 @@ class _Trainer:
             "epsilon": eps,
         }
 
+    def released(self) -> torch.nn.Module:
+        """The model this round reports and the run saves (the window's mean, if averaging)."""
+        if len(self.window) < 2:
+            return self.model
+        if self._released is None:
+            self._released = copy.deepcopy(self.model)
+            mean = mean_of_models(self.window)
+            self._released.load_state_dict({k: torch.from_numpy(v) for k, v in mean.items()})
+        return self._released
+
     def evaluate(self, data: SiteData) -> dict[str, float]:
         metrics = evaluate(
-            self.model,
+            self.released(),
             data.x_test,
             data.y_test,
             self.task,
@@ -156,7 +175,7 @@ def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
             history.record(rnd, "train", data.name, train_metrics)
             history.record(rnd, "evaluate", data.name, trainer.evaluate(data))
         report(rnd, history)
-    return finish_run(plan, history, {"model": trainer.model}, started)
+    return finish_run(plan, history, {"model": trainer.released()}, started)
 
 
 def run_local(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
@@ -172,5 +191,5 @@ def run_local(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
             history.record(rnd, "train", data.name, trainer.train_round(rnd, data))
             history.record(rnd, "evaluate", data.name, trainer.evaluate(data))
         report(rnd, history)
-    models: dict[str, torch.nn.Module] = {f"model-{n}": t.model for n, t in trainers.items()}
+    models: dict[str, torch.nn.Module] = {f"model-{n}": t.released() for n, t in trainers.items()}
     return finish_run(plan, history, models, started)

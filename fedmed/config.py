@@ -124,6 +124,17 @@ class StrategyConfig:
     round_timeout: float = 3600.0
     # SecAgg+ (fedmed.secagg): the coordinator sees only the sum of the updates; FedAvg only.
     secure_aggregation: bool = False
+    # Tail averaging (Polyak-Ruppert / SWA across rounds): the model each round evaluates, and
+    # the one the study saves and serves, is the mean of the last ``average_last`` rounds'
+    # global models; the sites keep training from the latest one. 1 = off.
+    average_last: int = 1
+
+    def __post_init__(self) -> None:
+        if self.average_last < 1:
+            raise ConfigError(
+                f"strategy.average_last must be >= 1 (got {self.average_last}); 1 = evaluate "
+                "and save the latest global model, 5 = the mean of the last 5 rounds' models"
+            )
 
 
 @dataclass(frozen=True)
@@ -532,6 +543,11 @@ def _check_secure(cfg: RunConfig) -> None:
         ),
         (cfg.personalize.local_epochs > 0, "personalize.local_epochs = 0"),
         (cfg.personalize.local_normalization, "personalize.local_normalization = false"),
+        (
+            s.average_last > 1,
+            "strategy.average_last = 1 (Flower's legacy SecAgg+ loop evaluates the model it "
+            "aggregated; averaging rounds is not wired into it)",
+        ),
     ]
     for conflict, fix in conflicts:
         if conflict:

@@ -19,6 +19,8 @@ from fedmed.local_layers import check_model, split
 from fedmed.personalize import unflatten
 from fedmed.report import RunHistory
 from fedmed.strategies import (
+    AVERAGE_STATE,
+    AverageRounds,
     KeepDtypes,
     RoundOffset,
     SiteRecorder,
@@ -59,14 +61,17 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
     kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
     base = build_strategy(cfg)
-    done = 0
+    done, window = 0, {}
     if plan.resume:
         checkpoint = load_checkpoint(plan.run_dir, cfg)
         done, history = checkpoint.round, checkpoint.history
         restored = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
         model.load_state_dict({**split(model.state_dict(), kept)[1], **restored})
         shared_keys = [k for k in model.state_dict() if k not in kept]
-        restore_strategy_state(base, checkpoint.strategy_state, shared_keys)
+        saved = checkpoint.strategy_state
+        window = {k: v for k, v in saved.items() if k.startswith(AVERAGE_STATE)}
+        own = {k: v for k, v in saved.items() if k not in window}
+        restore_strategy_state(base, own, shared_keys)
         log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
 
     report = live_reporter(plan, on_round)
@@ -77,7 +82,8 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         arrays = recorder.global_arrays
         assert arrays is not None  # set by configure_evaluate, which precedes this callback
         state = {k: arrays[k].numpy() for k in arrays}
-        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, strategy_state(base)))
+        kept_state = {**strategy_state(base), **(averager.state() if averager else {})}
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, kept_state))
         report(rnd, history)
 
     # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.
@@ -93,6 +99,10 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         from fedmed.runtime.polling import PromptGrid
 
         grid = PromptGrid(grid)
+    averager = None
+    if cfg.strategy.average_last > 1:  # sites train from the latest model; evaluation sees the mean
+        strategy = averager = AverageRounds(strategy, cfg.strategy.average_last)
+        averager.restore(window)
     recorder = SiteRecorder(strategy, history, on_round=round_done)
     study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     result = RoundOffset(recorder, done).start(
@@ -105,6 +115,8 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     )
     if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
         model.load_state_dict({**model.state_dict(), **result.arrays.to_torch_state_dict()})
+    if averager is not None and averager.models:  # the released model is the evaluated one
+        model.load_state_dict({**model.state_dict(), **averager.averaged().to_torch_state_dict()})
     if cfg.personalize.local_epochs or kept:
         shared = split(model.state_dict(), kept)[0]
         personalize_sites(grid, plan, ArrayRecord(shared), history)

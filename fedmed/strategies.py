@@ -332,6 +332,59 @@ class KeepDtypes(StrategyWrapper):
         return ArrayRecord(cast), metrics
 
 
+class AverageRounds(StrategyWrapper):
+    """Evaluates (and releases) the mean of the last ``window`` rounds' global models.
+
+    FedAvg's global model moves with every round's local epochs; averaging the tail of its
+    trajectory (Polyak-Ruppert averaging, SWA across rounds) gives a model nearer the middle of
+    the region it wanders in, without another round or any site data. Training is untouched:
+    the sites always receive the latest global model, only evaluation and the saved model see
+    the average. Non-float arrays (counters) are taken from the latest round. The window is
+    post-processing of released models, so it changes no privacy accounting.
+    """
+
+    def __init__(self, inner: Strategy, window: int) -> None:
+        super().__init__(inner)
+        self.window = window
+        self.models: list[dict[str, np.ndarray]] = []  # oldest first, at most ``window``
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.add({k: arrays[k].numpy() for k in arrays})
+        return self.inner.configure_evaluate(server_round, self.averaged(), config, grid)
+
+    def add(self, model: dict[str, np.ndarray]) -> None:
+        """One more round's global model; the oldest falls out of a full window."""
+        self.models = [*self.models, model][-self.window :]
+
+    def averaged(self) -> ArrayRecord:
+        """The mean of the window, in the latest model's keys and dtypes."""
+        return ArrayRecord({k: Array(v) for k, v in mean_of_models(self.models).items()})
+
+    def state(self) -> dict[str, dict[str, np.ndarray]]:
+        """The window as checkpoint groups ``average/<i>`` (oldest first)."""
+        return {f"{AVERAGE_STATE}{i}": dict(m) for i, m in enumerate(self.models)}
+
+    def restore(self, state: dict[str, dict[str, np.ndarray]]) -> None:
+        models = sorted((int(k[len(AVERAGE_STATE) :]), v) for k, v in state.items())
+        self.models = [v for _, v in models][-self.window :]
+
+
+AVERAGE_STATE = "average-"  # checkpoint state groups of AverageRounds' window
+
+
+def mean_of_models(models: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Element-wise mean (in float64, cast back) of float arrays; others from the last model."""
+    out = {}
+    for key, value in models[-1].items():
+        if np.issubdtype(value.dtype, np.floating):
+            value = np.stack([m[key].astype(np.float64) for m in models]).mean(axis=0)
+            value = value.astype(models[-1][key].dtype)
+        out[key] = np.ascontiguousarray(value)
+    return out
+
+
 class RoundOffset(StrategyWrapper):
     """Shifts Flower's round numbers by ``offset`` (the rounds a resumed run already completed).
 
