@@ -45,6 +45,9 @@ GRUD = (
 # The third (the config's default since session 4): GRU, one consortium scale, log labs, 14
 # rounds, chosen on validation by sequence_physionet_tune.py --grid features (seeds 0-3).
 CONSORTIUM = ("model.kind=gru", "rounds=14")
+# The fourth (session 5): the same GRU as a 3-member ensemble for 20 rounds, chosen on validation
+# by sequence_physionet_tune.py --settings ...-m3 ...-m5 (seeds 0-3, plateau rule).
+ENSEMBLE = ("model.kind=gru", "rounds=20", "model.members=3")
 
 VARIANTS = (
     Variant("pooled", "Pooled (GRU-D)", "pooled", GRUD),
@@ -72,6 +75,15 @@ VARIANTS = (
         "FedAvg + DP-SGD (DPGRU, consortium scale, log labs, 14 rounds, ε = 8)",
         "federated",
         (*CONSORTIUM, *DP),
+    ),
+    Variant("pooled_ens", "Pooled (3-GRU ensemble, 20 rounds)", "pooled", ENSEMBLE),
+    Variant("fedavg_ens", "FedAvg (3-GRU ensemble, 20 rounds)", "federated", ENSEMBLE),
+    Variant("local_ens", "Local (3-GRU ensemble, 20 rounds; own scale)", "local", ENSEMBLE),
+    Variant(
+        "fedavg_dp_ens",
+        "FedAvg + DP-SGD (3-DPGRU ensemble, 20 rounds, ε = 8)",
+        "federated",
+        (*ENSEMBLE, *DP),
     ),
     Variant("pooled_gru", "Pooled (GRU, 10 rounds)", "pooled", GRU),
     Variant("fedavg_gru", "FedAvg (GRU, 10 rounds)", "federated", GRU),

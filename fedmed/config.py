@@ -58,6 +58,9 @@ class ModelConfig:
     ``summaries`` (sequences): the output layer also reads per-variable summaries of the whole
     window (share of bins observed, mean/min/max of the observed values, last value), so the
     extremes a clinician scans for do not have to survive 48 recurrent steps.
+    ``members`` (classification tasks): a deep ensemble of that many copies of the network, each
+    initialized on its own and trained with its own loss on the same batches; the model's output
+    is the mean of their logits (fedmed.tasks.ensemble).
     """
 
     kind: str = field(
@@ -66,7 +69,15 @@ class ModelConfig:
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
     summaries: bool = False
+    members: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ConfigError(
+                f"model.members must be >= 1 (got {self.members}); 1 = one network, 5 = an "
+                "ensemble of 5 networks whose logits are averaged"
+            )
 
 
 @dataclass(frozen=True)

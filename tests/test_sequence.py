@@ -340,14 +340,26 @@ def test_validation_split_is_carved_from_train_and_never_shows_test(tmp_path: Pa
 
 
 @pytest.mark.parametrize(
-    ("kind", "private", "summaries"),
-    [("gru", False, False), ("gru", True, False), ("grud", True, False), ("grud", True, True)],
+    ("kind", "private", "summaries", "members"),
+    [
+        ("gru", False, False, 1),
+        ("gru", True, False, 1),
+        ("grud", True, False, 1),
+        ("grud", True, True, 1),
+        ("gru", False, False, 3),  # an ensemble: trained, saved, served and explained as one
+        ("gru", True, False, 2),
+    ],
 )
 def test_federated_sequence_study_trains_with_and_without_dp(
-    tmp_path: Path, capsys: pytest.CaptureFixture, kind: str, private: bool, summaries: bool
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    kind: str,
+    private: bool,
+    summaries: bool,
+    members: int,
 ) -> None:
     toml = tmp_path / "seq.toml"
-    model = {"kind": kind, "hidden": [8], "summaries": summaries}
+    model = {"kind": kind, "hidden": [8], "summaries": summaries, "members": members}
     study = _study(tmp_path, privacy={"enabled": private}, model=model)
     toml.write_text(_to_toml(study))
 

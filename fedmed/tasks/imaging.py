@@ -21,6 +21,7 @@ from torch import nn
 
 from fedmed.config import AugmentConfig, ModelConfig, RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.ensemble import ensemble_of
 from fedmed.tasks.tabular import TabularClassification
 
 IG_STEPS = 32
@@ -101,7 +102,7 @@ class ImagingClassification(TabularClassification):
             raise ConfigError("model.augment.max_shift must be >= 0 (pixels)")
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
-        return cnn(n_inputs, cfg)
+        return ensemble_of(lambda: cnn(n_inputs, cfg), cfg)
 
 
 def integrated_gradients(

@@ -26,6 +26,7 @@ from torch import nn
 
 from fedmed.config import ModelConfig, RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.ensemble import ensemble_of
 from fedmed.tasks.tabular import TabularClassification
 
 INPUTS_PER_VARIABLE = 3  # value, mask, delta (fedmed.data.series.CHANNELS)
@@ -226,4 +227,4 @@ class SequenceClassification(TabularClassification):
             )
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
-        return MODELS[cfg.kind](n_inputs, cfg)
+        return ensemble_of(lambda: MODELS[cfg.kind](n_inputs, cfg), cfg)

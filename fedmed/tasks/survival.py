@@ -121,6 +121,12 @@ class Survival:
             )
         if cfg.privacy.enabled:
             raise ConfigError(DP_REFUSED)
+        if cfg.model.members > 1:
+            raise ConfigError(
+                "model.members > 1 (an ensemble) is for the classification tasks; a Cox model's "
+                "risk scores are only defined up to a constant per member, so their mean is not "
+                "one model's score: set model.members = 1"
+            )
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
         # No output bias: a constant cancels from every risk set, so it would never be learned.

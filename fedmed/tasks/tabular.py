@@ -16,6 +16,7 @@ from torch import nn
 
 from fedmed.config import ModelConfig, RunConfig
 from fedmed.errors import ConfigError
+from fedmed.tasks.ensemble import ensemble_of
 
 METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "loss")
 
@@ -77,10 +78,13 @@ class TabularClassification:
             )
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
-        return mlp(n_inputs, cfg)
+        return ensemble_of(lambda: mlp(n_inputs, cfg), cfg)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(output.squeeze(-1), target)
+        logits = output.squeeze(-1)
+        if logits.dim() == 2:  # an ensemble while training: the mean of the members' own losses
+            target = target.unsqueeze(-1).expand_as(logits)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target)
 
     def scores(self, output: torch.Tensor) -> np.ndarray:
         return torch.sigmoid(output.squeeze(-1)).detach().cpu().numpy()
