@@ -82,9 +82,10 @@ class _Trainer:
                 optimizer=self.optimizer,
             )
             eps = 0.0
-        state = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
-        self.window = [*self.window, state][-self.cfg.strategy.average_last :]
-        self._released = None
+        if self.cfg.strategy.average_last > 1:  # no copy of the model when nothing averages
+            state = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+            self.window = [*self.window, state][-self.cfg.strategy.average_last :]
+            self._released = None
         return {
             "num-examples": result.num_examples,
             "train_loss": result.loss,

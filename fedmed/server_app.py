@@ -82,8 +82,8 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
         arrays = recorder.global_arrays
         assert arrays is not None  # set by configure_evaluate, which precedes this callback
         state = {k: arrays[k].numpy() for k in arrays}
-        kept_state = {**strategy_state(base), **(averager.state() if averager else {})}
-        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, kept_state))
+        cross_round = {**strategy_state(base), **(averager.state() if averager else {})}
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, cross_round))
         report(rnd, history)
 
     # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.

@@ -363,7 +363,7 @@ class AverageRounds(StrategyWrapper):
         return ArrayRecord({k: Array(v) for k, v in mean_of_models(self.models).items()})
 
     def state(self) -> dict[str, dict[str, np.ndarray]]:
-        """The window as checkpoint groups ``average/<i>`` (oldest first)."""
+        """The window as checkpoint state groups ``average-<i>`` (oldest first)."""
         return {f"{AVERAGE_STATE}{i}": dict(m) for i, m in enumerate(self.models)}
 
     def restore(self, state: dict[str, dict[str, np.ndarray]]) -> None:
