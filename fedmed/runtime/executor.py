@@ -12,16 +12,26 @@ its own process (a crash or leak cannot outlive the message), the SuperNode runs
 Fork safety: the parent only imports modules and talks HTTP to the local SuperNode; it never
 runs a torch operation, so no thread pool exists at fork time.
 
-Run by ``fedmed site start`` (``python -m fedmed.runtime.executor ...``); not a user command.
+Trust: the executor is also where a daemon decides WHAT it runs. Every task's app bundle is
+checked against fedmed's allowlist (``fedmed.security.apps``) in the child, right after Flower
+pulls the task and before anything is installed, imported or read; a foreign app is refused (and,
+at a site, audited). With ``--secret-file`` the executor signs its task requests with the
+daemon's SuperExec secret, so no other local process can take this daemon's tasks.
+
+Run by ``fedmed site start`` (role ``site``) and ``fedmed coordinator start`` (role
+``coordinator``, for ServerApp tasks) as ``python -m fedmed.runtime.executor ...``; not a user
+command.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
+import traceback
 from typing import Any
 
 POLL_SECONDS = "0.1"  # how often the loop asks the SuperNode for work (Flower's default: 1 s)
@@ -41,11 +51,20 @@ def warm_imports() -> None:
     import fedmed.secagg  # noqa: F401  (secure studies' ClientApp)
 
 
-class ForkExecutor:
-    """Flower's SuperExec Executor protocol, launching ClientApp tasks as forked children."""
+ROLES = ("site", "coordinator")
 
-    def __init__(self) -> None:
+
+class ForkExecutor:
+    """Flower's SuperExec Executor protocol, launching its role's tasks as forked children."""
+
+    def __init__(self, role: str = "site") -> None:
+        self.role = role
         self.children: set[int] = set()
+
+    def _task_type(self) -> Any:
+        from flwr.supercore.constant import TaskType
+
+        return TaskType.CLIENT_APP if self.role == "site" else TaskType.SERVER_APP
 
     def get_eligible_capacity(
         self,
@@ -54,27 +73,26 @@ class ForkExecutor:
         insecure: bool = False,
         root_certificates_path: str | None = None,
     ) -> tuple[set[Any], set[str]]:
-        from flwr.supercore.constant import TaskType
-
-        return {t for t in supported_task_types if t == TaskType.CLIENT_APP}, set()
+        return {t for t in supported_task_types if t == self._task_type()}, set()
 
     def wait_for_capacity(self, *args: Any, **kwargs: Any) -> None:
         """Forking has no capacity gate."""
 
     def launch(self, spec: Any) -> Any:
-        from flwr.supercore.constant import TaskType
         from flwr.supercore.superexec.executor.types import LaunchResult
 
-        if spec.task_type != TaskType.CLIENT_APP:
-            return LaunchResult.failed("the fedmed site executor runs ClientApp tasks only")
+        if spec.task_type != self._task_type():
+            return LaunchResult.failed(f"the fedmed {self.role} executor runs its own tasks only")
         pid = os.fork()
         if pid == 0:  # child: never return into the parent's loop
             code = 1
             try:
-                _run_task(spec)
+                (_run_clientapp if self.role == "site" else _run_serverapp)(spec)
                 code = 0
             except SystemExit as exc:  # Flower ends tasks with sys.exit(code)
                 code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # never silent: the daemon's log is where a steward looks
+                traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -97,14 +115,103 @@ class ForkExecutor:
                 os.kill(pid, signal.SIGTERM)
 
 
-def _run_task(spec: Any) -> None:
+def _guard_clientapp() -> None:
+    """Check the task's app right after Flower pulls it, before it is installed or loaded.
+
+    Flower's ``run_clientapp`` pulls (message, context, run, FAB), installs the FAB and imports
+    the component it names. Wrapping the pull refuses a foreign app before either happens; the
+    exception ends the task (Flower logs it) and the refusal goes to the site's audit log.
+    """
+    from fedmed.security.apps import ForeignApp, check_fab
+
+    flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    pull = flower.pull_task_input
+
+    def guarded_pull(client: Any) -> Any:
+        message, context, run, fab = pull(client)
+        try:
+            check_fab(fab.content)
+        except ForeignApp as exc:
+            _audit_refusal(message, context, str(exc))
+            raise
+        return message, context, run, fab
+
+    flower.pull_task_input = guarded_pull
+
+
+def _audit_refusal(message: Any, context: Any, reason: str) -> None:
+    from fedmed.security.audit import AuditLog
+    from fedmed.security.policy import site_config
+
+    site = site_config(context)
+    if site is None:
+        return
+    AuditLog(site.state_path).append(
+        site=site.name,
+        run_id=int(message.metadata.run_id),
+        message_type=message.metadata.message_type,
+        message_id=message.metadata.message_id,
+        direction="received",
+        outcome=f"refused: {reason}",
+        bytes=-1,
+        update_sha256="",
+    )
+
+
+def _guard_serverapp() -> None:
+    """The coordinator's side of the same rule: Flower installs the FAB, then imports its
+    serverapp; checking at install time refuses a foreign app before any import."""
+    from fedmed.security.apps import check_fab
+
+    flower = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    install = flower.install_from_fab
+
+    def guarded_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+        check_fab(bytes(fab_file))
+        return install(fab_file, *args, **kwargs)
+
+    flower.install_from_fab = guarded_install
+
+
+def _child_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _run_clientapp(spec: Any) -> None:
     from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
+    _child_signals()
+    _guard_clientapp()
     run_clientapp(
         runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(
+            spec.root_certificates_path, spec.insecure
+        ),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=False,
+    )
+
+
+def _run_serverapp(spec: Any) -> None:
+    from queue import Queue
+
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.superlink.runtime.run_serverapp import run_serverapp
+
+    flwr_serverapp = importlib.import_module("flwr.superlink.cli.flwr_serverapp")
+    _child_signals()
+    _guard_serverapp()
+    log_queue: Queue[str | None] = Queue()
+    flwr_serverapp.mirror_output_to_queue(log_queue)  # what `flwr log RUN` shows operators
+    run_serverapp(
+        runtime_api_address=spec.runtime_api_address,
+        log_queue=log_queue,
         token=spec.token,
         insecure=spec.insecure,
         certificates=validate_and_resolve_root_certificates(
@@ -118,8 +225,13 @@ def _run_task(spec: Any) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime-api-address", required=True)
+    parser.add_argument("--role", choices=ROLES, default="site")
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--cache-dir", default=None, help="results children share (noise)")
+    parser.add_argument("--secret-file", default=None, help="the daemon's SuperExec secret")
+    parser.add_argument(
+        "--root-certificates", default=None, help="CA of a TLS Runtime API (coordinator)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", POLL_SECONDS)
     if args.cache_dir:
@@ -127,13 +239,20 @@ def main(argv: list[str] | None = None) -> None:
 
         os.environ[CACHE_ENV] = args.cache_dir
     warm_imports()
+    from flwr.supercore.auth import load_superexec_auth_secret
     from flwr.supercore.superexec import run_superexec as superexec
 
     # Flower picks its executor through this module-level factory; ours forks warm children.
-    superexec.get_executor = lambda *a, **k: ForkExecutor()
+    superexec.get_executor = lambda *a, **k: ForkExecutor(args.role)
     superexec.run_superexec(
         runtime_api_address=args.runtime_api_address,
-        insecure=True,  # the SuperNode's Runtime API listens on 127.0.0.1 only
+        # A site's Runtime API listens on 127.0.0.1 without TLS; the coordinator's is the
+        # SuperLink's own port, with TLS.
+        insecure=args.root_certificates is None,
+        root_certificates_path=args.root_certificates,
+        superexec_auth_secret=(
+            load_superexec_auth_secret(args.secret_file) if args.secret_file else None
+        ),
         parent_pid=args.parent_pid,
         runtime_dependency_install=False,
     )
