@@ -8,6 +8,9 @@ Layout of a PKI directory (``fedmed pki init`` makes it; private keys are 0600):
                                         OpenSSH format: what Flower's SuperNode auth takes)
     sites/<name>/ca.crt                 copy of the CA certificate the site verifies TLS with
     registered/<name>.pub               sites the coordinator admits (registered at start-up)
+    operators/<name>/operator.crt .key  an operator's client certificate (OU=fedmed-operators):
+                                        the only credential the coordinator's gate accepts for
+                                        its Control API (submit, list, log, stop, register)
 
 A hospital may instead make its key pair itself and hand over only node.pub
 (``fedmed coordinator register NAME node.pub``): the private key then never leaves the site.
@@ -33,6 +36,13 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 COORDINATOR_CERT = "coordinator.crt"
 COORDINATOR_KEY = "coordinator.key"
+OPERATOR_CERT = "operator.crt"
+OPERATOR_KEY = "operator.key"
+OPERATOR_OU = "fedmed-operators"  # what the gate (fedmed.runtime.gate) requires
+# The SuperLink listens on 127.0.0.1 behind the gate; the gate (which checks a DNS name: nginx
+# does not match IP SANs) and the coordinator's executor dial it: every coordinator certificate
+# names both.
+LOOPBACK = ("localhost", "127.0.0.1")
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -143,6 +153,7 @@ def issue_coordinator(pki_dir: Path, hosts: list[str], days: int = 825) -> Path:
     """The SuperLink's TLS certificate, valid for every name/IP the sites will dial."""
     if not hosts:
         raise ConfigError("give at least one --host the sites use to reach the coordinator")
+    hosts = [*hosts, *(h for h in LOOPBACK if h not in hosts)]
     pki_dir = Path(pki_dir)
     ca_cert, ca_key = load_ca(pki_dir)
     key = ec.generate_private_key(ec.SECP384R1())
@@ -168,6 +179,43 @@ def issue_coordinator(pki_dir: Path, hosts: list[str], days: int = 825) -> Path:
     _write_private(pki_dir / COORDINATOR_KEY, _pem_key(key))
     _write_public(pki_dir / COORDINATOR_CERT, cert.public_bytes(serialization.Encoding.PEM))
     return pki_dir / COORDINATOR_CERT
+
+
+def issue_operator(pki_dir: Path, name: str, days: int = 365) -> Path:
+    """An operator's client certificate: who may submit, list, read and stop runs, and register
+    or unregister sites, through the coordinator's gate. Returns the operator's folder."""
+    check_site_name(name)  # the same plain-name rule: it becomes a folder name
+    pki_dir = Path(pki_dir)
+    ca_cert, ca_key = load_ca(pki_dir)
+    folder = pki_dir / "operators" / name
+    if (folder / OPERATOR_KEY).exists():
+        raise ConfigError(f"operator '{name}' already has a certificate in {folder}")
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OPERATOR_OU),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write_private(folder / OPERATOR_KEY, _pem_key(key))
+    _write_public(folder / OPERATOR_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _write_public(folder / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return folder
 
 
 def make_node_key(key_path: Path) -> Path:
