@@ -4,8 +4,10 @@ Deployment: `fedmed coordinator start` (Flower SuperLink, TLS + node auth) and 4
 start` daemons (SuperNodes) on 127.0.0.1, running the demo task (4 hospitals, MLP, DP-SGD) from
 each site's exported CSV — measured twice, side by side in one run:
 
-- cold: Flower's defaults, i.e. before fedmed's speed work (`fedmed coordinator start --cold`,
-  `fedmed site start --cold`): a fresh `flwr-clientapp` interpreter per message, 3 s polling;
+- cold: the coordinator polls for replies at Flower's default 3 s (`fedmed coordinator start
+  --cold`). Sites have no cold mode any more: Flower's stock launcher would install and import a
+  run's app, so every site runs fedmed's checking executor (docs/security.md); results recorded
+  before that change also had a fresh `flwr-clientapp` interpreter per message at the sites;
 - warm: fedmed's executor (`fedmed site start`): one process per site imports torch/Opacus once and
   forks a child per message; the ServerApp and SuperNodes poll every 0.2 s instead of 3 s.
 
@@ -78,9 +80,13 @@ def round_times(cmd: list[str], root: Path, runs: Path) -> dict[str, float]:
     }
 
 
+OPERATOR = "pki/operators/admin"
+
+
 def setup(root: Path, port: int, rounds: int) -> Path:
     fedmed(root, "pki", "init")
     fedmed(root, "pki", "issue-coordinator", "--host", "localhost", "--host", "127.0.0.1")
+    fedmed(root, "pki", "issue-operator", "admin")
     fedmed(root, "demo-data", "tables")
     study = root / "study.toml"
     text = resolve_config_path("federation").read_text().replace("rounds = 3", f"rounds = {rounds}")
@@ -110,7 +116,7 @@ def deployment(root: Path, port: int, study: Path, cold: bool) -> dict[str, floa
     """A fresh coordinator (own state folder) and 4 site daemons, then one timed `fedmed run`."""
     extra = ["--cold"] if cold else []
     home = root / ("coordinator-cold" if cold else "coordinator-warm")
-    c = Coordinator(home=home, pki_dir=root / "pki", port=port)
+    c = Coordinator(home=home, pki_dir=root / "pki", port=port, operator=root / OPERATOR)
     quiet = {"cwd": root, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     procs = [
         subprocess.Popen(
@@ -121,7 +127,7 @@ def deployment(root: Path, port: int, study: Path, cold: bool) -> dict[str, floa
     try:
         wait_until_ready(home, timeout=120, proc=procs[0])
         procs += [
-            subprocess.Popen([*FEDMED, "site", "start", f"sites/{n}.toml", *extra], **quiet)
+            subprocess.Popen([*FEDMED, "site", "start", f"sites/{n}.toml"], **quiet)
             for n in SITES
         ]
         deadline = time.monotonic() + 120
@@ -130,6 +136,7 @@ def deployment(root: Path, port: int, study: Path, cold: bool) -> dict[str, floa
                 raise SystemExit("sites did not come online")
             time.sleep(1)
         run = [*FEDMED, "run", str(study), "--quiet", "--coordinator", home.name]
+        run += ["--operator", OPERATOR]
         return round_times(run, root, root / "runs")
     finally:
         for proc in reversed(procs):  # sites first, then the coordinator

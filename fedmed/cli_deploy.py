@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from fedmed.errors import ConfigError, FedmedError
@@ -46,6 +47,13 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     )
     p.add_argument("name", help="site name, e.g. st-marys")
     p.add_argument("--dir", type=Path, default=Path("pki"))
+    p = pki.add_parser(
+        "issue-operator",
+        help="an operator's client certificate: the credential that submits, lists, reads and "
+        "stops runs and registers sites (through the coordinator's gate)",
+    )
+    p.add_argument("name", help="operator name, e.g. admin")
+    p.add_argument("--dir", type=Path, default=Path("pki"))
 
     coord = _group(sub, "coordinator", "run the consortium's coordinator (Flower SuperLink)")
     p = coord.add_parser("start", help="start the SuperLink (foreground; Ctrl-C stops it)")
@@ -61,7 +69,10 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     p = coord.add_parser("register", help="admit a site by its public key (node.pub)")
     p.add_argument("name")
     p.add_argument("public_key", type=Path)
-    _coordinator_args(p)
+    _control_args(p)
+    p = coord.add_parser("unregister", help="revoke a site: its daemon is cut off at once")
+    p.add_argument("name")
+    _control_args(p)
 
     run = sub.add_parser(
         "run",
@@ -71,6 +82,7 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     )
     add_config_args(run)
     run.add_argument("--coordinator", type=Path, default=Path("coordinator"), help="its --dir")
+    _operator_arg(run)
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--timeout", type=float, default=3600, help="give up after SECONDS")
 
@@ -93,11 +105,6 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     p = site.add_parser("start", help="start the site daemon (Flower SuperNode; Ctrl-C stops)")
     p.add_argument("site_config", type=Path, help="sites/<name>.toml")
     p.add_argument("--max-wait", type=float, default=None, help="give up connecting after SECONDS")
-    p.add_argument(
-        "--cold",
-        action="store_true",
-        help="Flower's default: a fresh interpreter per message (slower; see docs/benchmarks.md)",
-    )
     p.add_argument(
         "--verbose", action="store_true", help="Flower's log here, not in STATE/supernode.log"
     )
@@ -171,6 +178,22 @@ def _coordinator_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _operator_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--operator",
+        type=Path,
+        default=None,
+        help="an operator's folder (fedmed pki issue-operator NAME): the coordinator's Control "
+        "API takes only operator certificates",
+    )
+
+
+def _control_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", type=Path, default=Path("coordinator"), help="the coordinator's")
+    p.add_argument("--pki", type=Path, default=Path("pki"), help="PKI folder")
+    _operator_arg(p)
+
+
 # -- pki -----------------------------------------------------------------------------------------
 
 
@@ -184,6 +207,12 @@ def cmd_pki(args: argparse.Namespace) -> int:
         hosts = args.host or ["localhost", "127.0.0.1"]
         cert = pki.issue_coordinator(args.dir, hosts)
         print(f"coordinator certificate for {', '.join(hosts)}: {cert}")
+    elif args.action == "issue-operator":
+        folder = pki.issue_operator(args.dir, args.name)
+        print(
+            f"operator '{args.name}': {folder}/ (operator.crt, operator.key); pass "
+            f"--operator {folder} to `fedmed run` and `fedmed coordinator register|unregister`"
+        )
     else:
         bundle = pki.issue_site(args.dir, args.name)
         print(
@@ -217,11 +246,12 @@ def _save_settings(c) -> None:
         "port": c.port,
         "insecure": c.insecure,
         "pki": str(c.pki_dir) if c.pki_dir else None,
+        "internal_port": c.internal_port,
     }
     (c.home / "coordinator.json").write_text(json.dumps(settings, indent=1) + "\n")
 
 
-def load_coordinator(home: Path):
+def load_coordinator(home: Path, operator: Path | None = None):
     """The settings `fedmed coordinator start --dir HOME` recorded."""
     from fedmed.runtime.deployment import Coordinator
 
@@ -237,6 +267,8 @@ def load_coordinator(home: Path):
         host=s["host"],
         port=int(s["port"]),
         insecure=bool(s["insecure"]),
+        internal_port=int(s.get("internal_port", 0)),
+        operator=operator.resolve() if operator else None,
     )
 
 
@@ -244,10 +276,10 @@ def _supervise(
     cmd: list[str],
     env: dict[str, str],
     after_start: Callable[[], None],
-    companion: Callable[[int], list[str]] | None = None,
+    companions: list[Callable[[int], list[str]]] = (),  # type: ignore[assignment]
     log: Path | None = None,
 ) -> int:
-    """Run a Flower daemon (and a companion given its pid) in the foreground until one exits.
+    """Run a Flower daemon (and companions given its pid) in the foreground until one exits.
 
     SIGINT/SIGTERM stop both and everything they started (each runs in its own process group).
     With ``log``, Flower's own output (several lines a second while sites poll) goes to that
@@ -272,7 +304,7 @@ def _supervise(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        if companion is not None:
+        for companion in companions:
             procs.append(
                 subprocess.Popen(
                     companion(procs[0].pid), env=env, start_new_session=True, **streams
@@ -303,29 +335,30 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from fedmed.runtime import deployment as dep
     from fedmed.security import pki
 
+    if args.action in ("register", "unregister"):
+        return _coordinator_control(args)
     c = _coordinator(args)
-    if args.action == "register":
-        pki.register_site(c.pki_dir or args.pki, args.name, args.public_key)
-        print(f"site '{args.name}' added to {args.pki}/registered")
-        try:
-            dep.wait_for_port(c.host, c.port, timeout=1)
-        except FedmedError:
-            print("the coordinator is not running: the key is registered when it starts")
-            return 0
-        print(f"site '{args.name}': {dep.register_with_superlink(c, args.name, args.public_key)}")
-        return 0
     if c.insecure:
         print(dep.INSECURE_WARNING, file=sys.stderr)
+    else:
+        from fedmed.runtime.gate import nginx_bin
+
+        nginx_bin()  # a clear error before anything starts
+        c = replace(c, internal_port=dep.free_local_port())
+        dep.make_secret(c.secret_file)
     c.home.mkdir(parents=True, exist_ok=True)
     _save_settings(c)
     dep.write_connection(c)
 
     def admit_sites() -> None:
-        dep.wait_for_port(c.host, c.port, timeout=60)
-        if not c.insecure and c.pki_dir is not None:
+        dep.wait_for_port("127.0.0.1" if not c.insecure else c.host, c.internal_port or c.port, 60)
+        if not c.insecure:
+            dep.wait_for_port(c.host, c.port, timeout=60)  # the gate
+            assert c.pki_dir is not None
             for name, key in pki.registered_sites(c.pki_dir).items():
-                print(f"site '{name}': {dep.register_with_superlink(c, name, key)}", flush=True)
-        mode = "INSECURE" if c.insecure else "TLS + node authentication"
+                state = dep.register_with_superlink(c, name, key, local=True)
+                print(f"site '{name}': {state}", flush=True)
+        mode = "INSECURE" if c.insecure else "TLS + node authentication + operator gate"
         dep.ready_file(c.home).write_text(f"{c.address}\n")
         print(f"coordinator ready on {c.address} ({mode}); state in {c.home}", flush=True)
 
@@ -336,10 +369,47 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
         env[GRID_POLL_ENV] = "3"
     log = None if args.verbose else c.home / "superlink.log"
+    companions = (
+        []
+        if c.insecure
+        else [
+            lambda pid: dep.coordinator_executor_command(c, pid),
+            lambda _pid: dep.gate_command(c),
+        ]
+    )
     try:
-        return _supervise(dep.superlink_command(c), env, admit_sites, log=log)
+        return _supervise(dep.superlink_command(c), env, admit_sites, companions, log=log)
     finally:
         dep.ready_file(c.home).unlink(missing_ok=True)
+
+
+def _coordinator_control(args: argparse.Namespace) -> int:
+    """register / unregister: the registry in --pki, and the running coordinator (operators)."""
+    from fedmed.runtime import deployment as dep
+    from fedmed.security import pki
+
+    running = (args.dir / "coordinator.json").is_file() and dep.ready_file(args.dir).is_file()
+    c = load_coordinator(args.dir, args.operator) if running else None
+    if c is not None and not c.insecure:
+        dep.operator_files(c)  # no credential: refuse before touching anything
+    if args.action == "register":
+        pki.register_site(args.pki, args.name, args.public_key)
+        print(f"site '{args.name}' added to {args.pki}/registered")
+        if c is None:
+            print("the coordinator is not running: the key is registered when it starts")
+            return 0
+        print(f"site '{args.name}': {dep.register_with_superlink(c, args.name, args.public_key)}")
+        return 0
+    if c is not None:
+        node = dep.unregister_from_superlink(c, args.name)
+        print(f"site '{args.name}' (node {node}) unregistered: its daemon is cut off")
+    key = args.pki / "registered" / f"{pki.check_site_name(args.name)}.pub"
+    if key.is_file():
+        key.unlink()
+        print(f"{key} removed: the site is not admitted at the next start")
+    elif c is None:
+        raise ConfigError(f"site '{args.name}' is not registered in {args.pki}/registered")
+    return 0
 
 
 # -- site ----------------------------------------------------------------------------------------
@@ -407,19 +477,19 @@ def _site_start(site, args: argparse.Namespace) -> int:
 
     if site.insecure:
         print(dep.INSECURE_WARNING, file=sys.stderr)
-    warm = not args.cold
-    cmd = dep.supernode_command(site, args.site_config, max_wait=args.max_wait, warm=warm)
+    cmd = dep.supernode_command(site, args.site_config, max_wait=args.max_wait)
     site.state_path.mkdir(parents=True, exist_ok=True)
+    dep.make_secret(dep.site_secret(site))
     approved = len(site.approved_plans)
     print(
         f"site '{site.name}' connecting to {site.coordinator}; {approved} approved plan(s); "
         f"audit log {site.state_path / 'audit.jsonl'}",
         flush=True,
     )
-    companion = (lambda pid: dep.executor_command(site, pid)) if warm else None
     log = None if args.verbose else site.state_path / "supernode.log"
     env = dep.flower_env(site.state_path / "flwr")
-    return _supervise(cmd, env, lambda: None, companion, log=log)
+    companions = [lambda pid: dep.executor_command(site, pid)]
+    return _supervise(cmd, env, lambda: None, companions, log=log)
 
 
 def _site_data(site, args: argparse.Namespace) -> int:
@@ -540,9 +610,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "list data.schema.features: the coordinator cannot see the sites' tables to infer them"
         )
-    c = load_coordinator(args.coordinator)
+    c = load_coordinator(args.coordinator, args.operator)
+    if not c.insecure:
+        dep.operator_files(c)
     cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
-    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment")
+    # Which node speaks for which site: the coordinator's registry, never a reply's own claim.
+    nodes = dep.read_nodes(c)
+    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment", nodes=json.dumps(nodes))
     online = dep.online_sites(c)
     run_id = dep.submit(c, plan)
     print(

@@ -132,7 +132,7 @@ class StrategyConfig:
     max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this x the round median
     # Seconds the coordinator waits for a phase's replies; a site that has not answered by then
     # is recorded as failed for that round (and asked again the next round).
-    round_timeout: float = 3600.0
+    round_timeout: float = 600.0  # seconds; a site gone offline is dropped sooner (runtime.polling)
     # SecAgg+ (fedmed.secagg): the coordinator sees only the sum of the updates; FedAvg only.
     secure_aggregation: bool = False
     # Tail averaging (Polyak-Ruppert / SWA across rounds): the model each round evaluates, and

@@ -414,7 +414,7 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
     if plan.engine == "deployment":
         from fedmed.runtime.polling import PromptGrid
 
-        grid = PromptGrid(grid)
+        grid = PromptGrid(grid, nodes=plan.site_nodes())
     stamp = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
     if done < cfg.rounds:
         workflow(PlanStampingGrid(grid, stamp, cfg.strategy.round_timeout, done), legacy)

@@ -53,6 +53,10 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     """
     started = time.time()
     history = RunHistory(sites=plan.config.site_names)
+    if plan.engine == "deployment":
+        from fedmed.runtime.polling import PromptGrid
+
+        grid = PromptGrid(grid, nodes=plan.site_nodes())
     series = plan.config.data.series
     if plan.config.task == "sequence-classification" and series.standardize == "consortium":
         plan = consortium_scale(grid, plan, history) if not series.mean else plan
@@ -95,10 +99,6 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
             max_norm_ratio=cfg.strategy.max_norm_ratio,
             min_sites=cfg.strategy.min_sites or len(cfg.sites),
         )
-    if plan.engine == "deployment":
-        from fedmed.runtime.polling import PromptGrid
-
-        grid = PromptGrid(grid)
     averager = None
     if cfg.strategy.average_last > 1:  # sites train from the latest model; evaluation sees the mean
         strategy = averager = AverageRounds(strategy, cfg.strategy.average_last)

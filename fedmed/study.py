@@ -27,6 +27,7 @@ SERVING_KEY = "fedmed-serving"
 RUN_DIR_KEY = "fedmed-run-dir"
 ENGINE_KEY = "fedmed-engine"
 RESUME_KEY = "fedmed-resume"
+NODES_KEY = "fedmed-nodes"
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class RunPlan:
     serving: str = ""  # JSON
     # Continue run_dir from its checkpoint instead of starting at round 1 (fedmed.checkpoint).
     resume: bool = False
+    # Deployment: {site name: Flower node id} from the coordinator's registry (JSON). Replies
+    # are attributed to the site their authenticated node was registered as, never to the name
+    # a reply claims; "" (simulations, --insecure) trusts the in-process or unauthenticated sites.
+    nodes: str = ""
 
     def to_run_config(self) -> dict[str, str]:
         return {
@@ -46,7 +51,15 @@ class RunPlan:
             ENGINE_KEY: self.engine,
             SERVING_KEY: self.serving,
             RESUME_KEY: "1" if self.resume else "",
+            NODES_KEY: self.nodes,
         }
+
+    def site_nodes(self) -> dict[int, str]:
+        """Flower node id -> site name, for the sites this study lists."""
+        if not self.nodes:
+            return {}
+        listed = set(self.config.site_names)
+        return {int(n): s for s, n in json.loads(self.nodes).items() if s in listed}
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> RunPlan:
@@ -61,6 +74,7 @@ class RunPlan:
             str(run_config.get(ENGINE_KEY, "deployment")),
             str(run_config.get(SERVING_KEY, "")),
             bool(run_config.get(RESUME_KEY, "")),
+            str(run_config.get(NODES_KEY, "")),
         )
 
 

@@ -5,13 +5,19 @@ authentication on unless told otherwise), keeps Flower offline (no telemetry, up
 per-run dependency installs), registers the consortium's site keys with the SuperLink, and
 submits studies with ``flwr run``. The app a run ships (its FAB) holds only a pyproject that
 points at ``fedmed.server_app:app`` / ``fedmed.client_app:app``: each side runs the fedmed it has
-installed, so a coordinator can never push code into a hospital.
+installed, and both sides' executors refuse any other app (fedmed.security.apps).
+
+Who may do what (docs/security.md): the SuperLink listens on 127.0.0.1 only, behind the gate
+(fedmed.runtime.gate: nginx, operators by client certificate for the Control API); its Runtime
+API and each site's local Runtime API take tasks only from fedmed's executor, which holds the
+daemon's SuperExec secret (0600, made at start).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -88,16 +94,31 @@ class Coordinator:
     home: Path  # state.db, Flower's home (connection config), logs
     pki_dir: Path | None = None
     host: str = "127.0.0.1"
-    port: int = 9092
+    port: int = 9092  # the gate's (what sites and operators dial)
     insecure: bool = False
+    internal_port: int = 0  # the SuperLink's, on 127.0.0.1 behind the gate
+    operator: Path | None = None  # an operator's folder (fedmed pki issue-operator)
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
     @property
+    def internal_address(self) -> str:
+        return f"127.0.0.1:{self.internal_port}"
+
+    @property
     def flwr_home(self) -> Path:
         return self.home / "flwr"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.home / SECRET_FILE
+
+    @property
+    def nodes_file(self) -> Path:
+        """Which Flower node id speaks for which site: fixed when its key is registered."""
+        return self.home / "nodes.json"
 
     def check(self) -> None:
         if self.insecure:
@@ -112,6 +133,26 @@ class Coordinator:
                     else f"fedmed pki init --dir {self.pki_dir}"
                 )
                 raise ConfigError(f"{self.pki_dir / name} is missing; run: {hint}")
+
+
+SECRET_FILE = "superexec.secret"
+
+
+def make_secret(path: Path) -> Path:
+    """A fresh 0600 SuperExec secret: the executor signs its task requests with it, so no other
+    local process can pull this daemon's tasks. New at every start (nothing to leak for long)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_hex(32).encode())
+    return path
+
+
+def free_local_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def ready_file(home: Path) -> Path:
@@ -131,23 +172,25 @@ def wait_until_ready(home: Path, timeout: float, proc: subprocess.Popen | None =
 
 
 def superlink_command(c: Coordinator) -> list[str]:
+    """Flower's SuperLink; with TLS it listens on 127.0.0.1 only, behind the gate."""
     cmd = [
         flower_bin("flower-superlink"),
-        "--host",
-        c.host,
-        "--port",
-        str(c.port),
         "--database",
         str(c.home / "state.db"),
-        "--isolation",
-        "subprocess",
         "--disable-runtime-dependency-installation",
     ]
     if c.insecure:
-        return [*cmd, "--insecure"]
+        return [
+            *cmd,
+            *("--host", c.host, "--port", str(c.port)),
+            *("--isolation", "subprocess", "--insecure"),
+        ]
     assert c.pki_dir is not None
     return [
         *cmd,
+        *("--host", "127.0.0.1", "--port", str(c.internal_port)),
+        # ServerApp tasks go to fedmed's executor, which refuses any app but fedmed's.
+        *("--isolation", "process", "--superexec-auth-secret-file", str(c.secret_file)),
         "--ssl-ca-certfile",
         str(c.pki_dir / pki.CA_CERT),
         "--ssl-certfile",
@@ -158,28 +201,72 @@ def superlink_command(c: Coordinator) -> list[str]:
     ]
 
 
-def write_connection(c: Coordinator) -> None:
-    """Flower's CLI reaches the SuperLink through a named connection in $FLWR_HOME/config.toml."""
-    c.flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f'address = "{c.address}"',
+def gate_command(c: Coordinator) -> list[str]:
+    """nginx in front of the SuperLink (fedmed.runtime.gate)."""
+    from fedmed.runtime import gate
+
+    assert c.pki_dir is not None
+    conf = gate.write_config(
+        c.home / "gate",
+        c.address,
+        c.internal_port,
+        c.pki_dir,
+        pki.COORDINATOR_CERT,
+        pki.COORDINATOR_KEY,
+        pki.CA_CERT,
+    )
+    return gate.command(conf)
+
+
+def coordinator_executor_command(c: Coordinator, superlink_pid: int) -> list[str]:
+    """fedmed's executor for the coordinator's ServerApp tasks (fedmed.runtime.executor)."""
+    assert c.pki_dir is not None
+    return [
+        sys.executable,
+        "-m",
+        "fedmed.runtime.executor",
+        *("--role", "coordinator"),
+        *("--runtime-api-address", c.internal_address),
+        *("--root-certificates", str((c.pki_dir / pki.CA_CERT).resolve())),
+        *("--secret-file", str(c.secret_file)),
+        *("--parent-pid", str(superlink_pid)),
     ]
-    if c.insecure:
-        lines.append("insecure = true")
-    else:
-        assert c.pki_dir is not None
-        lines.append(f"root-certificates = {json.dumps(str((c.pki_dir / pki.CA_CERT).resolve()))}")
-    (c.flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def flwr_cli(c: Coordinator, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+LOCAL = "fedmed-local"  # the coordinator host's own connection, straight to the SuperLink
+
+
+def write_connection(c: Coordinator) -> None:
+    """Flower's CLI reaches the SuperLink through named connections in $FLWR_HOME/config.toml:
+    ``fedmed`` through the gate (operators), ``fedmed-local`` on 127.0.0.1 (start-up only)."""
+    c.flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', ""]
+    targets = {CONNECTION: c.address, LOCAL: c.internal_address if c.internal_port else c.address}
+    for name, address in targets.items():
+        lines += [f"[superlink.{name}]", f'address = "{address}"']
+        if c.insecure:
+            lines.append("insecure = true")
+        else:
+            assert c.pki_dir is not None
+            ca = json.dumps(str((c.pki_dir / pki.CA_CERT).resolve()))
+            lines.append(f"root-certificates = {ca}")
+        lines.append("")
+    (c.flwr_home / "config.toml").write_text("\n".join(lines))
+
+
+def flwr_cli(
+    c: Coordinator, *args: str, timeout: float = 120, local: bool = False
+) -> subprocess.CompletedProcess:
+    """Flower's CLI; through the gate it presents the operator's certificate (``c.operator``)."""
+    env = flower_env(c.flwr_home)
+    if not c.insecure and not local:
+        cert, key = operator_files(c)
+        from fedmed.runtime.operator_cli import CERT_ENV, KEY_ENV
+
+        env.update({CERT_ENV: str(cert), KEY_ENV: str(key)})
     return subprocess.run(
-        [flower_bin("flwr"), *args],
-        env=flower_env(c.flwr_home),
+        [sys.executable, "-m", "fedmed.runtime.operator_cli", *args],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -187,44 +274,135 @@ def flwr_cli(c: Coordinator, *args: str, timeout: float = 120) -> subprocess.Com
     )
 
 
-def _flwr_json(c: Coordinator, *args: str) -> dict:
-    res = flwr_cli(c, *args, "--format", "json", timeout=60)
+def operator_files(c: Coordinator) -> tuple[Path, Path]:
+    if c.operator is None:
+        raise ConfigError(
+            "controlling the coordinator needs an operator credential: pass --operator DIR "
+            "(made by `fedmed pki issue-operator NAME --dir PKI`)"
+        )
+    cert, key = c.operator / pki.OPERATOR_CERT, c.operator / pki.OPERATOR_KEY
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(
+                f"{path} not found; --operator takes the folder made by "
+                "`fedmed pki issue-operator NAME`"
+            )
+    return cert, key
+
+
+def _flwr_json(c: Coordinator, *args: str, local: bool = False) -> dict:
+    res = flwr_cli(c, *args, "--format", "json", timeout=60, local=local)
     try:
         return json.loads(res.stdout)
     except json.JSONDecodeError:
         return {}
 
 
+def online_nodes(c: Coordinator, local: bool = False) -> set[int]:
+    """Flower node ids of the site daemons connected right now."""
+    conn = LOCAL if local else CONNECTION
+    nodes = _flwr_json(c, "supernode", "list", conn, local=local).get("nodes", [])
+    return {int(n["node-id"]) for n in nodes if n.get("status") == "online"}
+
+
 def online_sites(c: Coordinator) -> int:
     """How many site daemons are connected right now."""
-    nodes = _flwr_json(c, "supernode", "list", CONNECTION).get("nodes", [])
-    return sum(1 for n in nodes if n.get("status") == "online")
+    return len(online_nodes(c))
 
 
-def register_with_superlink(c: Coordinator, name: str, public_key: Path) -> str:
-    """Admit one site's key; returns 'registered' or 'already registered'."""
+def read_nodes(c: Coordinator) -> dict[str, int]:
+    """site name -> Flower node id, as registered by this coordinator."""
+    try:
+        data = json.loads(c.nodes_file.read_text())
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise FedmedError(
+            f"{c.nodes_file} is unreadable; restore it from a backup, or unregister and "
+            "re-register the sites"
+        ) from None
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def _write_nodes(c: Coordinator, nodes: dict[str, int]) -> None:
+    from fedmed.report import atomic_write
+
+    atomic_write(c.nodes_file, (json.dumps(nodes, indent=1, sort_keys=True) + "\n").encode())
+
+
+def register_with_superlink(
+    c: Coordinator, name: str, public_key: Path, local: bool = False
+) -> str:
+    """Admit one site's key and record which node id speaks for it; 'registered' or
+    'already registered'."""
+    from fedmed.report import file_lock
+
     pki.read_node_public_key(public_key)  # a clear error for a bad key file, before Flower's
-    res = flwr_cli(c, "supernode", "register", str(public_key), CONNECTION, "--name", name)
-    if res.returncode == 0:
-        return "registered"
-    if "already" in (res.stdout + res.stderr).lower():  # a restart: the state DB remembers
-        return "already registered"
-    raise FedmedError(
-        f"could not register site '{name}' with the coordinator: "
-        f"{(res.stderr or res.stdout).strip().splitlines()[-1:]}"
+    conn = LOCAL if local else CONNECTION
+    res = flwr_cli(
+        c, "supernode", "register", str(public_key), conn, "--name", name, "--format", "json",
+        local=local,
     )
+    try:
+        reply = json.loads(res.stdout)
+    except json.JSONDecodeError:
+        reply = {}
+    with file_lock(c.nodes_file):
+        nodes = read_nodes(c)
+        if res.returncode == 0 and reply.get("node-id"):
+            nodes[name] = int(reply["node-id"])
+            _write_nodes(c, nodes)
+            return "registered"
+        text = (res.stdout + res.stderr).lower()
+        if "already" in text and name in nodes:  # a restart: the state DB remembers
+            return "already registered"
+    detail = reply.get("error-message") or (res.stderr or res.stdout).strip()[-300:]
+    if "already" in text:
+        detail = "its key is registered, but not as this site in " + str(c.nodes_file)
+    raise FedmedError(
+        f"could not register site '{name}' with the coordinator ({detail}); to replace a "
+        f"site's key: fedmed coordinator unregister {name}, then register the new one"
+    )
+
+
+def unregister_from_superlink(c: Coordinator, name: str) -> int:
+    """Revoke a site: Flower forgets its node (the daemon is cut off); returns the node id."""
+    from fedmed.report import file_lock
+
+    with file_lock(c.nodes_file):
+        nodes = read_nodes(c)
+        if name not in nodes:
+            raise ConfigError(
+                f"site '{name}' is not registered with the coordinator in {c.home} "
+                f"(registered: {', '.join(sorted(nodes)) or 'none'})"
+            )
+        node = nodes[name]
+        res = flwr_cli(c, "supernode", "unregister", str(node), CONNECTION, "--format", "json")
+        if res.returncode != 0 and "not found" not in (res.stdout + res.stderr).lower():
+            raise FedmedError(
+                f"the coordinator refused to unregister site '{name}' (node {node}): "
+                f"{(res.stderr or res.stdout).strip()[-300:]}"
+            )
+        del nodes[name]
+        _write_nodes(c, nodes)
+    return node
 
 
 # -- sites ---------------------------------------------------------------------------------------
 
 
-def supernode_command(
-    site: SiteConfig, config_path: Path, max_wait: float | None = None, warm: bool = True
-) -> list[str]:
-    """flower-supernode for ``site``.
+def site_secret(site: SiteConfig) -> Path:
+    return site.state_path / SECRET_FILE
 
-    ``warm`` (fedmed's speed work) leaves task launching to executor_command and polls promptly
-    (fedmed.runtime.polling); otherwise it is Flower's own command with Flower's defaults.
+
+def supernode_command(
+    site: SiteConfig, config_path: Path, max_wait: float | None = None
+) -> list[str]:
+    """flower-supernode for ``site``, polling promptly (fedmed.runtime.polling).
+
+    Tasks are launched only by fedmed's executor (executor_command), which holds the site's
+    SuperExec secret and runs fedmed's own ClientApp only: there is no mode in which Flower's
+    stock launcher would install and import a run's app next to the site's data.
     """
     host, _, port = site.coordinator.rpartition(":")
     if not host or not port.isdigit():
@@ -232,17 +410,15 @@ def supernode_command(
             f"site '{site.name}': coordinator = '{site.coordinator}' must be host:port"
         )
     cmd = [
-        *(
-            [sys.executable, "-m", "fedmed.runtime.polling"]
-            if warm
-            else [flower_bin("flower-supernode")]
-        ),
+        *[sys.executable, "-m", "fedmed.runtime.polling"],
         "--superlink",
         site.coordinator,
         "--port",
         str(site.runtime_port),
         "--isolation",
-        "process" if warm else "subprocess",
+        "process",
+        "--superexec-auth-secret-file",
+        str(site_secret(site)),
         "--node-config",
         f"fedmed-site={json.dumps(str(Path(config_path).resolve()))}",
     ]
@@ -277,6 +453,8 @@ def executor_command(site: SiteConfig, supernode_pid: int) -> list[str]:
         str(supernode_pid),
         "--cache-dir",
         str(site.state_path / "cache"),
+        "--secret-file",
+        str(site_secret(site)),
     ]
 
 

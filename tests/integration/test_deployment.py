@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fedmed.config import load_run_config, resolve_config_path
-from fedmed.runtime.deployment import Coordinator, online_sites, wait_until_ready
+from fedmed.runtime.deployment import online_sites, wait_until_ready
 from fedmed.security.audit import AuditLog
 from fedmed.serving.server import free_port
 from fedmed.study import plan_hash
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 FEDMED = [sys.executable, "-m", "fedmed.cli"]
 SITES = ("st-marys", "riverside", "northgate")
+OPERATOR = ("--operator", "pki/operators/admin")  # `fedmed pki issue-operator admin`
 
 
 def fedmed(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -102,6 +103,7 @@ def _setup(
     for cmd in (
         ["pki", "init"],
         ["pki", "issue-coordinator", "--host", "localhost", "--host", "127.0.0.1"],
+        ["pki", "issue-operator", "admin"],
         *[["pki", "issue-site", s] for s in SITES],
         ["demo-data", "tables"],
     ):
@@ -153,7 +155,10 @@ def federation(tmp_path: Path) -> Iterator[tuple[Path, Daemons, int]]:
 
 
 def _wait_online(root: Path, port: int, n: int, timeout: float = 90) -> None:
-    c = Coordinator(home=root / "coordinator", pki_dir=root / "pki", port=port)
+    from fedmed.cli_deploy import load_coordinator
+
+    c = load_coordinator(root / "coordinator", root / OPERATOR[1])
+    assert c.port == port
     deadline = time.monotonic() + timeout
     while online_sites(c) < n:
         assert time.monotonic() < deadline, f"{n} sites never came online"
@@ -167,7 +172,7 @@ def test_real_federation_over_tls(federation) -> None:
     _wait_online(root, port, len(SITES))
 
     # -- a 3-round study; northgate refuses the unapproved plan, the others finish it ----------
-    res = fedmed("run", "study.toml", cwd=root, timeout=600)
+    res = fedmed("run", "study.toml", *OPERATOR, cwd=root, timeout=600)
     assert res.returncode == 0, res.stderr + daemons.log("coordinator")[-3000:]
     run_dir = Path(res.stdout.strip().splitlines()[-1])
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -257,6 +262,7 @@ def test_a_site_killed_mid_study_does_not_stop_it(tmp_path: Path) -> None:
                 *FEDMED,
                 "run",
                 "study.toml",
+                *OPERATOR,
                 "--quiet",
                 "--set",
                 "rounds=3",
@@ -306,7 +312,7 @@ def test_a_secure_study_runs_across_site_daemons(tmp_path: Path) -> None:
         _wait_online(tmp_path, port, len(SITES))
         sets = [arg for o in SECURE for arg in ("--set", o)]
 
-        res = fedmed("run", "study.toml", *sets, cwd=tmp_path, timeout=600)
+        res = fedmed("run", "study.toml", *sets, *OPERATOR, cwd=tmp_path, timeout=600)
 
         assert res.returncode == 0, res.stderr + daemons.log("coordinator")[-3000:]
         run_dir = Path(res.stdout.strip().splitlines()[-1])
