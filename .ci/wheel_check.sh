@@ -23,6 +23,8 @@ fi
 mkdir "$tmp/elsewhere"
 cd "$tmp/elsewhere"
 export PATH="$tmp/venv/bin:$PATH"
+# The demo's privacy ledger, signing key and site state stay in $tmp, never in ~/.fedmed.
+export FEDMED_LEDGER_DIR="$tmp/ledger" FEDMED_KEY_DIR="$tmp/keys" FEDMED_SITE_STATE_DIR="$tmp/sites"
 "$tmp/venv/bin/python" - "$repo" <<'PY'
 import importlib, pkgutil, sys
 import fedmed
