@@ -226,8 +226,11 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedmed.study import RunPlan, new_run_dir, serving_preprocessing
+    from fedmed.train import resolve_device
 
-    cfg, tables = preflight(_load(args))
+    cfg = _load(args)
+    resolve_device(cfg.device)  # device="cuda" without a GPU: refused before any run folder
+    cfg, tables = preflight(cfg)
     if args.engine == "ray" and cfg.mode != "federated":
         raise FedmedError("--engine ray runs federated studies; drop it for pooled/local")
     if not args.verbose:
