@@ -22,7 +22,7 @@ from fedmed.config import SchemaConfig
 from fedmed.data.table import OUTCOMES, Preprocessor
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.arrays import ServedImages, ServedSeries
-from fedmed.serving.export import load_model, resolve_model_path
+from fedmed.serving.export import load_model, malformed_card, resolve_model_path
 from fedmed.tasks import get_task
 
 IG_STEPS = 32
@@ -40,22 +40,23 @@ class ServedModel:
                 f"{self.path}: a '{self.card['task']}' model is not served from table rows; "
                 "open it with fedmed.serving.api.open_model (as `fedmed serve` does)"
             )
-        raw = self.card["schema"]
-        self.schema = SchemaConfig(
-            target=raw["target"],
-            features=tuple(raw["features"]),
-            categorical={k: tuple(v) for k, v in raw["categorical"].items()},
-            drop_first=raw["drop_first"],
-            missing=raw["missing"],
-            standardize=raw["standardize"],
-        )
-        params = self.card.get("preprocessing")
-        if not params:
-            raise ConfigError(
-                f"{self.path}: the model card has no serving preprocessing; re-run the study "
-                "with this fedmed version to export it"
+        with malformed_card(self.path):
+            raw = self.card["schema"]
+            self.schema = SchemaConfig(
+                target=raw["target"],
+                features=tuple(raw["features"]),
+                categorical={k: tuple(v) for k, v in raw["categorical"].items()},
+                drop_first=raw["drop_first"],
+                missing=raw["missing"],
+                standardize=raw["standardize"],
             )
-        self.pre = Preprocessor.from_dict(self.schema.features, self.schema, params)
+            params = self.card.get("preprocessing")
+            if not params:
+                raise ConfigError(
+                    f"{self.path}: the model card has no serving preprocessing; re-run the study "
+                    "with this fedmed version to export it"
+                )
+            self.pre = Preprocessor.from_dict(self.schema.features, self.schema, params)
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         df = pd.DataFrame(rows, columns=list(self.schema.features))
