@@ -21,7 +21,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 from fedmed.config import RunConfig, load_run_config, resolve_config_path
-from fedmed.errors import FedmedError
+from fedmed.errors import ConfigError, DataError, FedmedError
 
 ENGINES = ("inprocess", "ray")
 # Metrics shown in the progress bar and the summary table, in this order, when the task has them.
@@ -142,7 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--allow-unsigned",
         action="store_true",
-        help="serve a model whose card is unsigned (not for clinical use)",
+        help="serve a model whose card is unsigned (not for clinical use); a signature that "
+        "is present is still checked, and a failed check is warned about on stderr",
+    )
+    srv.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=5.0,
+        help="largest request body accepted, in MB (default 5); larger requests get HTTP 413",
     )
 
     prd = sub.add_parser(
@@ -212,7 +219,15 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
 
     from fedmed.data import load_site_table
 
-    tables = [load_site_table(cfg, s) for s in cfg.sites]
+    tables = []
+    failures: list[tuple[str, FedmedError]] = []
+    for site in cfg.sites:  # every site is checked, so one run lists every table to fix
+        try:
+            tables.append(load_site_table(cfg, site))
+        except (DataError, ConfigError) as exc:
+            failures.append((site.name, exc))
+    if failures:
+        raise _site_failures(failures, len(cfg.sites))
     features = tables[0].features
     for t in tables[1:]:
         if t.features != features:
@@ -224,10 +239,25 @@ def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
     return cfg.replace(data=replace(cfg.data, schema=schema)), tables
 
 
+def _site_failures(failures: list[tuple[str, FedmedError]], sites: int) -> FedmedError:
+    """One error for all failing sites: each site's own message (file, column, rows, fix).
+
+    A failure shared by every site (a config problem, not a table problem) is said once.
+    """
+    messages = {str(exc) for _, exc in failures}
+    if len(failures) == 1 or len(messages) == 1:
+        return failures[0][1]
+    listed = "; ".join(f"[{name}] {exc}" for name, exc in failures)
+    return DataError(f"{len(failures)} of {sites} sites failed the data checks: {listed}")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedmed.study import RunPlan, new_run_dir, serving_preprocessing
+    from fedmed.train import resolve_device
 
-    cfg, tables = preflight(_load(args))
+    cfg = _load(args)
+    resolve_device(cfg.device)  # device="cuda" without a GPU: refused before any run folder
+    cfg, tables = preflight(cfg)
     if args.engine == "ray" and cfg.mode != "federated":
         raise FedmedError("--engine ray runs federated studies; drop it for pooled/local")
     if not args.verbose:
@@ -510,12 +540,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_unsigned and "signature" not in served.card:
         print("fedmed: warning: serving an UNSIGNED model", file=sys.stderr)
     print(f"serving {served.path} on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
-    serve(create_app(served), args.host, args.port)
+    if not 0 < args.max_body_mb <= 1000:
+        raise FedmedError(f"--max-body-mb must be in (0, 1000], got {args.max_body_mb}")
+    serve(create_app(served, max_body_bytes=int(args.max_body_mb * 1e6)), args.host, args.port)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from fedmed.errors import ConfigError
     from fedmed.serving.api import ServedModel, open_model, predict_csv
     from fedmed.serving.arrays import ServedSeries, predict_series_csv
 

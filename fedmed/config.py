@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -30,6 +32,37 @@ def data_dir() -> Path:
 
 def _choices(*names: str) -> dict[str, tuple[str, ...]]:
     return {"choices": names}
+
+
+# One rule for every name that becomes part of a path (a study's run folder, a site's state
+# folder and ledger): a letter or digit first, then letters, digits, '.', '_' or '-', at most 64
+# characters, and never '..'. So `name = "../../escaped"` cannot write outside the output folder.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME_RULE = (
+    "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
+)
+MAX_ECHO = 200  # characters of a user's value quoted back in an error: never a whole file
+
+
+def echo(value: Any, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error stays one short line, whatever came in.
+
+    repr escapes newlines, so a multi-line value cannot break the one-line rule either.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text)} chars)"
+
+
+def check_name(key: str, name: Any) -> str:
+    """``name`` if it obeys SAFE_NAME_RULE; else a ConfigError naming ``key`` and the rule.
+
+    Shared by the study ``name`` and every site name, because both become folder names.
+    """
+    if not isinstance(name, str) or not SAFE_NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"{key} = {echo(name)} is not a safe name; use {SAFE_NAME_RULE} (e.g. st-marys)"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -313,6 +346,9 @@ class SiteSpec:
     # deployment it comes from the site's own config, never from the coordinator.
     epsilon_cap: float | None = None
 
+    def __post_init__(self) -> None:
+        check_name("sites.name", self.name)
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -405,12 +441,7 @@ class SiteConfig:
 def load_site_config(path: Path | str) -> SiteConfig:
     """Read sites/<name>.toml; relative file paths become absolute (next to the file)."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read site config {path}: {exc.strerror}") from None
+    raw = read_toml(path, "site config")
     for key in ("ca_certificate", "node_key", "state_dir"):
         value = raw.get(key)
         if isinstance(value, str) and value:
@@ -424,24 +455,11 @@ def load_site_config(path: Path | str) -> SiteConfig:
 
 
 def _check_run(cfg: RunConfig) -> None:
-    _positive("rounds", cfg.rounds)
-    _positive("train.batch_size", cfg.train.batch_size)
-    _positive("train.lr", cfg.train.lr)
-    _positive("strategy.round_timeout", cfg.strategy.round_timeout)
-    if cfg.train.local_epochs is not None:
-        _positive("train.local_epochs", cfg.train.local_epochs)
-    if cfg.train.local_steps is not None:
-        _positive("train.local_steps", cfg.train.local_steps)
+    check_name("name", cfg.name)
+    _check_ranges(cfg)
     if cfg.privacy.central != "off":
         _positive("privacy.central_noise_multiplier", cfg.privacy.central_noise_multiplier)
         _positive("privacy.central_clipping_norm", cfg.privacy.central_clipping_norm)
-        if not 0 < cfg.privacy.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
-    if cfg.privacy.enabled:
-        _positive("privacy.target_epsilon", cfg.privacy.target_epsilon)
-        _positive("privacy.max_grad_norm", cfg.privacy.max_grad_norm)
-        if not 0 < cfg.privacy.delta < 1:
-            raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta}")
     if cfg.personalize.local_epochs < 0 or cfg.personalize.lr < 0:
         raise ConfigError(
             "personalize.local_epochs and personalize.lr must be >= 0 (0 = off/default)"
@@ -457,10 +475,6 @@ def _check_run(cfg: RunConfig) -> None:
     schema = cfg.data.schema
     if schema.horizons:
         _check_horizons(cfg)
-    if not 0 < schema.test_fraction < 1:
-        raise ConfigError(
-            f"data.schema.test_fraction must be in (0, 1), got {schema.test_fraction}"
-        )
     if not 0 <= schema.validation_fraction < 1:
         raise ConfigError(
             "data.schema.validation_fraction must be in [0, 1) (0 = evaluate on the test rows), "
@@ -487,9 +501,23 @@ def _check_run(cfg: RunConfig) -> None:
             )
     if cfg.mode == "federated" and len(cfg.sites) < 2:
         raise ConfigError("a federated run needs at least 2 sites; use --mode local for one site")
-    if cfg.strategy.min_sites > len(cfg.sites):
-        raise ConfigError(
-            f"strategy.min_sites={cfg.strategy.min_sites} exceeds the {len(cfg.sites)} sites"
+    sites = len(cfg.sites)
+    _in_range("strategy.min_sites", cfg.strategy.min_sites, 0, sites, fix=f"0 = all {sites} sites")
+    if cfg.strategy.name in ("krum", "multikrum"):
+        # Krum keeps the updates of the sites - num_malicious most central sites: at least one.
+        _in_range(
+            "strategy.num_malicious",
+            cfg.strategy.num_malicious,
+            0,
+            sites - 1,
+            fix=f"fewer than the {sites} sites",
+        )
+        _in_range(
+            "strategy.krum_select",
+            cfg.strategy.krum_select,
+            0,
+            sites - cfg.strategy.num_malicious,
+            fix="0 = sites - num_malicious",
         )
     for col in schema.categorical:
         if not schema.categorical[col]:
@@ -566,8 +594,75 @@ def _check_secure(cfg: RunConfig) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {echo(value)}")
+
+
+U32 = 2**32 - 1  # seeds: numpy's and torch's generators take 0 .. 2**32 - 1
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Every numeric study setting is finite and inside a range that means something.
+
+    The bounds are generous (they refuse nonsense, not unusual studies): a value outside them
+    is a typo or a unit slip (ε = 300000, δ = 0.5) that would otherwise run for hours or
+    report a privacy guarantee that is none. Each error names the key, the value and the range.
+    """
+    t, s, p, m, sc = cfg.train, cfg.strategy, cfg.privacy, cfg.model, cfg.data.schema
+    _in_range("rounds", cfg.rounds, 1, 100_000)
+    _in_range("seed", cfg.seed, 0, U32)
+    _in_range("data.partition_seed", cfg.data.partition_seed, 0, U32)
+    _in_range("data.schema.split_seed", sc.split_seed, 0, U32)
+    _in_range("data.schema.test_fraction", sc.test_fraction, 0, 0.9, low_open=True)
+    _in_range("data.dirichlet_alpha", cfg.data.dirichlet_alpha, 0, 1e6, low_open=True)
+    _in_range("train.batch_size", t.batch_size, 1, 1_000_000)
+    _in_range("train.lr", t.lr, 0, 100, low_open=True)
+    _in_range("train.momentum", t.momentum, 0, 1, high_open=True)
+    _in_range("train.weight_decay", t.weight_decay, 0, 100)
+    if t.local_epochs is not None:
+        _in_range("train.local_epochs", t.local_epochs, 0, 10_000, low_open=True)
+    if t.local_steps is not None:
+        _in_range("train.local_steps", t.local_steps, 1, 10_000_000)
+    _in_range("model.members", m.members, 1, 64, fix="1 = one network, 5 = an ensemble of 5")
+    _in_range("model.dropout", m.dropout, 0, 1, high_open=True)
+    for i, size in enumerate(m.hidden):
+        _in_range(f"model.hidden[{i}]", size, 1, 65_536)
+    _in_range("strategy.round_timeout", s.round_timeout, 1, 7 * 24 * 3600, fix="in seconds")
+    _in_range("strategy.max_norm_ratio", s.max_norm_ratio, 1, 1e6, low_open=True)
+    _in_range("strategy.trim_beta", s.trim_beta, 0, 0.5, high_open=True)
+    _in_range("strategy.num_malicious", s.num_malicious, 0, 1_000)
+    _in_range("strategy.krum_select", s.krum_select, 0, 1_000)
+    _in_range("strategy.server_lr", s.server_lr, 0, 100, low_open=True)
+    # ε below 0.01 cannot be calibrated to any useful noise; above 1000 it protects no one.
+    _in_range("privacy.target_epsilon", p.target_epsilon, 0.01, 1000)
+    # δ must stay far below 1/n (a mechanism that leaks one record in ten is not private).
+    _in_range("privacy.delta", p.delta, 0, 0.1, low_open=True, high_open=True)
+    _in_range("privacy.max_grad_norm", p.max_grad_norm, 0, 1e6, low_open=True)
+
+
+def _in_range(
+    key: str,
+    value: float,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    fix: str = "",
+) -> None:
+    """A ConfigError unless ``low <= value <= high`` (strict at an open end) and finite."""
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if math.isfinite(value) and above and below:
+        return
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if isinstance(value, int) and not low_open and not high_open:
+        interval = f"{low} .. {high}"
+    hint = f" ({fix})" if fix else ""
+    raise ConfigError(
+        f"{key} = {echo(value)} is out of range; it must be in {interval}{hint}: "
+        f"fix it in the config or with --set {key}=VALUE"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +709,7 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> A
         return _build(tp, value, f"{key}.")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
+            raise ConfigError(f"{key} must be a list, got {echo(value)}")
         if args and args[0] is SiteSpec:
             return tuple(_build(SiteSpec, v, f"{key}[{i}].") for i, v in enumerate(value))
         item = args[0] if args and args[0] is not Any else None
@@ -623,27 +718,42 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> A
         )
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table, got {value!r}")
+            raise ConfigError(f"{key} must be a table, got {echo(value)}")
         return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise ConfigError(f"{key} must be true or false, got {echo(value)}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or int(value) != value
+        ):
+            raise ConfigError(f"{key} must be an integer, got {echo(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} must be a number, got {echo(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # a TOML integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(
+                f"{key} must be a finite number, got {echo(value)}; give a plain number"
+            )
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {echo(value)}")
         if choices and value not in choices:
-            raise ConfigError(f"{key}='{value}' is not valid; choose one of: {', '.join(choices)}")
+            raise ConfigError(
+                f"{key}={echo(value)} is not valid; choose one of: {', '.join(choices)}"
+            )
         return value
     return value
 
@@ -683,14 +793,27 @@ def resolve_config_path(name: str | None) -> Path:
     )
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, binary or malformed file is a one-line ConfigError."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{what} {echo(str(path))} is not a text file (not UTF-8); give a TOML config file"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {echo(str(path))}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"{echo(str(path))} is not valid TOML ({echo(str(exc))}); fix the file"
+        ) from None
+
+
 def load_run_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a TOML run config and apply ``key.sub=value`` overrides, then validate once."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    raw = read_toml(Path(path), "config")
     for item in overrides:
         apply_override(raw, item)
     return parse_run_config(raw)

@@ -6,12 +6,17 @@ so that validation errors can point a data steward at the exact rows to fix.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
-from fedmed.config import RunConfig, SchemaConfig, SiteSpec, data_dir
+from fedmed.config import RunConfig, SchemaConfig, SiteSpec, data_dir, echo
 from fedmed.data.partition import partition_rows
 from fedmed.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def resolve_site_path(path: str) -> str:
@@ -33,6 +38,8 @@ def read_table(path: str, schema: SchemaConfig) -> pd.DataFrame:
         raise DataError(f"{path}: file is empty; export the table again with a header row")
     suffix = file.suffix.lower()
     names = list(schema.column_names) or None
+    if names:
+        _no_duplicates(names, f"{path}: data.schema.column_names", "data.schema.column_names")
     try:
         if suffix in (".parquet", ".pq"):
             try:
@@ -44,6 +51,7 @@ def read_table(path: str, schema: SchemaConfig) -> pd.DataFrame:
             first_line = 1
         else:
             sep = "\t" if suffix in (".tsv", ".tab") else ","
+            _no_nul_bytes(file, sep, path)
             df = pd.read_csv(
                 file,
                 sep=sep,
@@ -57,13 +65,55 @@ def read_table(path: str, schema: SchemaConfig) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file has no rows; export the table again") from None
     except pd.errors.ParserError as exc:
-        raise DataError(f"{path}: not a well-formed table ({exc}); fix the file") from None
+        raise DataError(
+            f"{path}: not a well-formed table ({echo(str(exc))}); fix the file"
+        ) from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text; save it as UTF-8 CSV") from None
+    if not names and suffix not in (".parquet", ".pq"):
+        _no_duplicates(_header(file, sep), f"{path}: the header row", "the header row")
     if df.empty:
         raise DataError(f"{path}: file has a header but no data rows")
     df.index = pd.RangeIndex(first_line, first_line + len(df))
     return df
+
+
+def _no_nul_bytes(file: Path, sep: str, path: str) -> None:
+    """Refuse a text table with a NUL byte, naming its line and column.
+
+    pandas' C parser silently cuts a cell at a NUL ("7\\x003" reads as 7): a corrupted
+    export would be read as plausible, wrong numbers.
+    """
+    data = file.read_bytes()
+    at = data.find(b"\x00")
+    if at < 0:
+        return
+    start = data.rfind(b"\n", 0, at) + 1
+    line = data.count(b"\n", 0, at) + 1
+    index = data.count(sep.encode(), start, at)
+    header = data[: data.find(b"\n")].decode("utf-8", "replace").split(sep)
+    column = header[index].strip() if index < len(header) else f"#{index + 1}"
+    raise DataError(
+        f"{path}: column {echo(column)} has a NUL byte at row {line} (a binary or corrupted "
+        "export); export the table again as plain UTF-8 text"
+    )
+
+
+def _header(file: object, sep: str) -> list[str]:
+    """The header row as written: read_csv renames a repeated column (age, age.1) silently."""
+    row = pd.read_csv(file, sep=sep, header=None, nrows=1, dtype=str, skipinitialspace=True)
+    return ["" if pd.isna(v) else str(v).strip() for v in row.iloc[0]]
+
+
+def _no_duplicates(names: list[str], where: str, fix_in: str) -> None:
+    """Two columns with one name: which one is 'age'? Refused, naming the column."""
+    seen: set[str] = set()
+    for name in names:
+        if name and name in seen:  # unnamed columns get pandas' own unique names
+            raise DataError(
+                f"{where} names column {echo(name)} twice; rename or remove one of them in {fix_in}"
+            )
+        seen.add(name)
 
 
 def builtin_table(name: str) -> pd.DataFrame:

@@ -19,10 +19,13 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from fedmed.config import SchemaConfig
+from fedmed.config import SchemaConfig, echo
 from fedmed.errors import ConfigError, DataError
 
 MAX_ROWS_SHOWN = 5
+# Models compute in float32: a value beyond this (1e39, inf) would become inf and every
+# prediction and update it touches NaN, so it is refused when the table is read.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,7 @@ def validate_table(
 
     y = outcome.labels(y_raw, schema, origin)
     if len(y) < schema.min_rows:
-        raise DataError(
-            f"{origin}: only {len(y)} usable rows after removing missing values (need at least "
-            f"{schema.min_rows}); add rows, set data.schema.missing='mean', or lower "
-            "data.schema.min_rows"
-        )
+        raise DataError(_too_few_rows(origin, len(y), missing_x, missing_y, schema))
     outcome.check(y, schema, origin)
     if schema.validation_fraction:
         raise ConfigError(
@@ -140,6 +139,28 @@ def validate_table(
         )
     x_tr, y_tr, x_te, y_te = _split(x, y, outcome.strata(y), split_values, schema, origin)
     return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te, target)
+
+
+def _too_few_rows(
+    origin: str, usable: int, missing_x: pd.Series, missing_y: pd.Series, schema: SchemaConfig
+) -> str:
+    """Why a table is too small, suggesting missing='mean' only when it would bring rows back.
+
+    Rows with an empty outcome are never imputed, so 'mean' helps only when rows were dropped
+    for an empty feature; suggesting it for a table that is simply small sends a steward astray.
+    """
+    by_features = int((missing_x & ~missing_y).sum()) if schema.missing == "drop" else 0
+    by_outcome = int(missing_y.sum())
+    removed = by_features + by_outcome
+    need = f"need at least {schema.min_rows}"
+    if not removed:
+        return f"{origin}: only {usable} rows ({need}); add rows or lower data.schema.min_rows"
+    fixes = "add rows, " + ("set data.schema.missing='mean', " if by_features else "")
+    return (
+        f"{origin}: only {usable} usable rows after removing {removed} with missing values "
+        f"({by_features} for a feature, {by_outcome} for the outcome; {need}); {fixes}or lower "
+        "data.schema.min_rows"
+    )
 
 
 def parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) -> pd.Series:
@@ -156,27 +177,65 @@ def parse_column(raw: pd.Series, col: str, schema: SchemaConfig, origin: str) ->
     bad = values.notna() & ~values.isin(list(allowed))
     if bad.any():
         raise DataError(
-            f"{origin}: column '{col}' has value {values[bad].iloc[0]!r} at {_rows(raw.index[bad])}"
-            f", not among the declared categories {list(allowed)}; fix the rows or add the value "
-            f"to data.schema.categorical.{col}"
+            f"{origin}: column '{col}' has value {echo(values[bad].iloc[0])} at "
+            f"{_rows(raw.index[bad])}, not among the declared categories {echo(list(allowed))}; "
+            f"fix the rows or add the value to data.schema.categorical.{col}"
         )
     return values
 
 
 def _numeric(raw: pd.Series, col: str, origin: str) -> pd.Series:
+    """A column of numbers, read strictly: every failure names the file, column and rows.
+
+    Refused: text that is not a number, NUL bytes (a binary or corrupted export), and values
+    that are not finite in float32 (inf, -inf, 1e39), which would otherwise turn a model's
+    inputs, and so its updates and predictions, into inf/NaN. The echoed value is cut short.
+    """
     if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
-        return raw.astype(float)
-    text = raw.astype("string").str.strip()
-    text = text.mask(text == "")
-    values = pd.to_numeric(text, errors="coerce")
-    bad = text.notna() & values.isna()
-    if bad.any():
+        values = raw.astype(float)
+    else:
+        text = raw.astype("string").str.strip()
+        text = text.mask(text == "")
+        nul = text.str.contains("\x00", regex=False).fillna(False).astype(bool)
+        if nul.any():
+            raise DataError(
+                f"{origin}: column '{col}' has a NUL byte at {_rows(raw.index[nul])} (a binary "
+                "or corrupted export); export the table again as plain UTF-8 text"
+            )
+        values = pd.to_numeric(text, errors="coerce").astype(float)
+        # pandas gives up on numbers beyond float64 ("1e400"); Python reads them as inf, so
+        # they are reported below as out of range, not as "non-numeric".
+        retry = text.notna() & values.isna()
+        if retry.any():
+            values.loc[retry] = text[retry].map(_float_or_nan).astype(float)
+        bad = text.notna() & values.isna()
+        if bad.any():
+            raise DataError(
+                f"{origin}: column '{col}' has non-numeric value {echo(text[bad].iloc[0])} at "
+                f"{_rows(raw.index[bad])}; fix those rows, mark them missing "
+                f"(data.schema.na_values), or declare '{col}' in data.schema.categorical"
+            )
+    huge = values.notna() & ~(values.abs() <= FLOAT32_MAX)
+    if huge.any():
         raise DataError(
-            f"{origin}: column '{col}' has non-numeric value {text[bad].iloc[0]!r} at "
-            f"{_rows(raw.index[bad])}; fix those rows, mark them missing (data.schema.na_values), "
-            f"or declare '{col}' in data.schema.categorical"
+            f"{origin}: column '{col}' has value {values[huge].iloc[0]!r} at "
+            f"{_rows(raw.index[huge])}, not a finite number within float32 (|x| <= 3.4e38); "
+            "fix those rows (a unit or export error?) or mark them missing (data.schema.na_values)"
         )
-    return values.astype(float)
+    return values
+
+
+def _float_or_nan(text: str) -> float:
+    """inf for a number too large for float64 ("1e400"), else NaN (still not a number).
+
+    Only overflow is taken from Python's float(): it also reads "1_000", which pandas
+    rightly calls non-numeric.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        return float("nan")
+    return value if value in (float("inf"), float("-inf")) else float("nan")
 
 
 class BinaryOutcome:

@@ -9,23 +9,43 @@ preprocessing stored in the card, never with statistics of the request itself.
 built per model card inside create_app, as real classes.)
 """
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from fedmed.config import SchemaConfig
+from fedmed.config import SchemaConfig, echo
 from fedmed.data.table import OUTCOMES, Preprocessor
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.arrays import ServedImages, ServedSeries
-from fedmed.serving.export import load_model, resolve_model_path
+from fedmed.serving.export import load_model, malformed_card, resolve_model_path
 from fedmed.tasks import get_task
 
 IG_STEPS = 32
+MAX_BODY_BYTES = 5_000_000  # default request-body limit (fedmed serve --max-body-mb)
+MAX_ERRORS = 20  # validation errors listed in one 422; the rest are counted
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# A clinical value the model can compute with: finite and inside float32 (the model's dtype), so
+# Infinity, "Infinity", 1e300 or NaN never become "probability: null, label: 0".
+Finite = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
+
+
+def _nan_is_missing(value: Any) -> Any:
+    """With missing = "mean", NaN (a JSON NaN or the text "NaN") means "not measured": None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "nan":
+        return None
+    return value
 
 
 class ServedModel:
@@ -40,22 +60,23 @@ class ServedModel:
                 f"{self.path}: a '{self.card['task']}' model is not served from table rows; "
                 "open it with fedmed.serving.api.open_model (as `fedmed serve` does)"
             )
-        raw = self.card["schema"]
-        self.schema = SchemaConfig(
-            target=raw["target"],
-            features=tuple(raw["features"]),
-            categorical={k: tuple(v) for k, v in raw["categorical"].items()},
-            drop_first=raw["drop_first"],
-            missing=raw["missing"],
-            standardize=raw["standardize"],
-        )
-        params = self.card.get("preprocessing")
-        if not params:
-            raise ConfigError(
-                f"{self.path}: the model card has no serving preprocessing; re-run the study "
-                "with this fedmed version to export it"
+        with malformed_card(self.path):
+            raw = self.card["schema"]
+            self.schema = SchemaConfig(
+                target=raw["target"],
+                features=tuple(raw["features"]),
+                categorical={k: tuple(v) for k, v in raw["categorical"].items()},
+                drop_first=raw["drop_first"],
+                missing=raw["missing"],
+                standardize=raw["standardize"],
             )
-        self.pre = Preprocessor.from_dict(self.schema.features, self.schema, params)
+            params = self.card.get("preprocessing")
+            if not params:
+                raise ConfigError(
+                    f"{self.path}: the model card has no serving preprocessing; re-run the study "
+                    "with this fedmed version to export it"
+                )
+            self.pre = Preprocessor.from_dict(self.schema.features, self.schema, params)
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         df = pd.DataFrame(rows, columns=list(self.schema.features))
@@ -65,18 +86,34 @@ class ServedModel:
         return df
 
     def predict(self, rows: list[dict[str, Any]], explain: bool = False) -> list[dict[str, Any]]:
+        """Predictions per row; ``imputed`` lists the fields filled with the train mean."""
+        numeric = [c for c in self.schema.features if c not in self.schema.categorical]
         x = torch.from_numpy(self.pre.transform(self.frame(rows)))
         out = self.outputs(x)
+        for item, row in zip(out, rows, strict=True):
+            item["imputed"] = [c for c in numeric if row.get(c) is None]
         if explain:
             for item, attr in zip(out, self.attributions(x), strict=True):
                 item["explanation"] = attr
         return out
 
     def outputs(self, x: torch.Tensor) -> list[dict[str, Any]]:
-        """The task's prediction fields per row of model inputs ``x``."""
+        """The task's prediction fields per row of model inputs ``x``.
+
+        A row whose output is not a finite number (inputs far outside anything the model was
+        trained on can overflow it) is an error naming the row, never a null probability.
+        """
         with torch.no_grad():
-            scores = self.task.scores(self.model(x))
+            raw = self.model(x)
+            scores = self.task.scores(raw)
             reference = float(self.task.scores(self.model(torch.zeros(1, x.shape[1])))[0])
+        broken = ~torch.isfinite(raw.reshape(len(x), -1)).all(dim=1)
+        if broken.any():
+            row = int(broken.nonzero()[0, 0])
+            raise DataError(
+                f"row {row}: the model's output is not a finite number for these values (far "
+                "outside the range it was trained on?); check the row's units and values"
+            )
         columns = self.task.predictions(scores, reference)
         return [{k: v[i].item() for k, v in columns.items()} for i in range(len(x))]
 
@@ -111,9 +148,12 @@ def _row_model(served: ServedModel) -> type[BaseModel]:
     optional = served.schema.missing == "mean"
     for col in served.schema.features:
         cats = served.schema.categorical.get(col)
-        tp: Any = Literal[tuple(cats)] if cats else float  # type: ignore[valid-type]
+        tp: Any = Literal[tuple(cats)] if cats else Finite  # type: ignore[valid-type]
         if optional and not cats:
-            fields[col] = (tp | None, Field(default=None, description="missing = train mean"))
+            fields[col] = (
+                Annotated[Finite | None, BeforeValidator(_nan_is_missing)],
+                Field(default=None, description="null, NaN or absent = the train mean (imputed)"),
+            )
         else:
             fields[col] = (tp, ...)
     return create_model("PatientRow", __config__=ConfigDict(extra="forbid", strict=False), **fields)
@@ -138,11 +178,12 @@ def open_model(path: Path, *, allow_unsigned: bool = False) -> Served:
     return (kind or ServedModel)(weights, allow_unsigned=allow_unsigned)
 
 
-def create_app(served: Served) -> FastAPI:
+def create_app(served: Served, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The HTTP API around ``served``: /predict, /model, /health, and OpenAPI docs at /docs.
 
     /predict takes what the model reads: table rows, images (plus /predict/png for one PNG
-    file) or patients' series.
+    file) or patients' series. A body over ``max_body_bytes`` gets 413 before it is parsed;
+    a 422 names each bad field without echoing more than a short excerpt of what was sent.
     """
     card = served.card
     study = card["study"]
@@ -156,6 +197,9 @@ def create_app(served: Served) -> FastAPI:
         version=card.get("fedmed_version", ""),
     )
     identity = {"study": study["name"], "weights_sha256": card["weights_sha256"]}
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _short_422)
+    app.add_exception_handler(DataError, _data_422)
     if isinstance(served, ServedImages):
         _image_routes(app, served, identity)
     elif isinstance(served, ServedSeries):
@@ -174,6 +218,101 @@ def create_app(served: Served) -> FastAPI:
     return app
 
 
+class BodyLimit:
+    """413 for a request body over ``max_bytes``, checked before anything parses it.
+
+    A declared Content-Length is checked up front; a chunked body is counted as it arrives,
+    so a client cannot make the server hold (or the validator echo) megabytes of JSON.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = f"{self.max_bytes / 1e6:g} MB"
+        response = JSONResponse(
+            status_code=413,
+            content={"detail": f"request body over {limit}; send fewer rows per request"},
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
+def _short(value: Any) -> Any:
+    """A validation error's ``input`` or ``loc`` item as JSON, at most ~200 characters."""
+    if value is None or (isinstance(value, bool | int) and abs(value) < 10**15):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= 200:
+        return value
+    return echo(value)
+
+
+async def _short_422(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 shape (loc, msg, type, input), but never an echo of a large input.
+
+    The default handler returns each error's whole ``input``: a 5 MB row would come back as
+    a 5 MB error (and a non-finite number would not even serialize as JSON).
+    """
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    detail = [
+        {
+            "loc": [_short(part) for part in error.get("loc", ())],
+            "msg": str(error.get("msg", ""))[:200],
+            "type": error.get("type", ""),
+            "input": _short(error.get("input")),
+        }
+        for error in errors[:MAX_ERRORS]
+    ]
+    if len(errors) > MAX_ERRORS:
+        detail.append(
+            {"loc": ["body"], "msg": f"and {len(errors) - MAX_ERRORS} more", "type": "more"}
+        )
+    return JSONResponse(status_code=422, content={"detail": detail})
+
+
+async def _data_422(request: Request, exc: Exception) -> JSONResponse:
+    """Values that pass the schema but not the model (e.g. an overflowing output): 422, one line."""
+    return JSONResponse(status_code=422, content={"detail": str(exc)[:300]})
+
+
 def _prediction_model(served: Served, **extra: Any) -> type[BaseModel]:
     """The task's fields, e.g. probability + label, or hazard ratio."""
     return create_model(
@@ -189,7 +328,14 @@ def _table_routes(app: FastAPI, served: ServedModel, identity: dict[str, str]) -
         rows: list[row_model] = Field(min_length=1, max_length=10_000)  # type: ignore[valid-type]
         explain: bool = False
 
-    prediction = _prediction_model(served, explanation=(dict[str, float] | None, None))
+    prediction = _prediction_model(
+        served,
+        explanation=(dict[str, float] | None, None),
+        imputed=(
+            list[str],
+            Field(default_factory=list, description="fields filled with the train mean"),
+        ),
+    )
 
     class PredictResponse(BaseModel):
         predictions: list[prediction]  # type: ignore[valid-type]
@@ -235,9 +381,9 @@ def _image_routes(app: FastAPI, served: ServedImages, identity: dict[str, str]) 
 
 class Observation(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    time: float = Field(description="minutes since admission")
-    variable: str
-    value: float
+    time: Finite = Field(description="minutes since admission")
+    variable: str = Field(max_length=200)
+    value: Finite
 
 
 def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str]) -> None:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from fedmed import __version__
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, echo
 from fedmed.data.table import input_names
 from fedmed.errors import ConfigError
 from fedmed.report import atomic_write, json_safe
@@ -123,14 +126,11 @@ def load_model(
         raise ConfigError(f"{weights}: model file not found")
     if not card_path.is_file():
         raise ConfigError(f"{card_path}: model card missing; export the model again with fedmed")
-    try:
-        card = json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{card_path}: not valid JSON ({exc}); export the model again") from None
-    if card.get("format") != CARD_FORMAT:
-        raise ConfigError(f"{card_path}: not a {CARD_FORMAT} card")
+    card = read_card(card_path)
     if require_signature:
         verify_card(card, str(card_path))
+    elif "signature" in card:
+        _warn_if_forged(card, str(card_path))
     if _sha256(weights) != card.get("weights_sha256"):
         raise ConfigError(
             f"{weights}: SHA-256 does not match its model card; the file was changed or "
@@ -142,12 +142,64 @@ def load_model(
         raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
     from fedmed.config import ModelConfig, _build
 
-    model = get_task(card["task"]).build_model(
-        len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
-    )
-    if card.get("privacy", {}).get("enabled"):
-        from fedmed.privacy import make_compatible
+    with malformed_card(card_path):
+        model = get_task(card["task"]).build_model(
+            len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
+        )
+        if card.get("privacy", {}).get("enabled"):
+            from fedmed.privacy import make_compatible
 
-        model = make_compatible(model)
-    model.load_state_dict(state)
+            model = make_compatible(model)
+        model.load_state_dict(state)
     return model.eval(), card
+
+
+def read_card(card_path: Path) -> dict[str, Any]:
+    """The model card as a dict; binary, malformed or non-object JSON is a one-line ConfigError."""
+    try:
+        card = json.loads(card_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(
+            f"{card_path}: model card is not valid JSON ({echo(str(exc))}); export the model "
+            "again from its run directory"
+        ) from None
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        raise ConfigError(
+            f"{card_path}: not a {CARD_FORMAT} model card; export the model again from its run "
+            "directory"
+        )
+    return card
+
+
+@contextmanager
+def malformed_card(card_path: Path) -> Iterator[None]:
+    """Turn a card field of the wrong type or shape into one line naming the card.
+
+    The card passed the format check, so such a field means an edited or foreign card: the
+    weights cannot be trusted to match it, and a KeyError deep in model building says nothing.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise ConfigError(
+            f"{card_path}: model card does not describe these weights ({type(exc).__name__}: "
+            f"{echo(str(exc))}); export the model again from its run directory"
+        ) from None
+
+
+def _warn_if_forged(card: dict[str, Any], where: str) -> None:
+    """--allow-unsigned accepts an unsigned card, never silently a card whose signature fails.
+
+    A signature that does not verify means the card or weights were changed after export;
+    serving it may still be what a developer wants, but it must be said, loudly, on stderr.
+    """
+    try:
+        verify_card(card, where)
+    except ConfigError as exc:
+        print(
+            f"fedmed: WARNING: SIGNATURE CHECK FAILED ({exc}); serving anyway because of "
+            "--allow-unsigned: NOT FOR CLINICAL USE",
+            file=sys.stderr,
+        )
