@@ -217,6 +217,19 @@ def _local_layers(
     return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
 
 
+def _proximal_mu(run: RunConfig, config: Mapping[str, Any]) -> float:
+    """FedProx's mu as the approved plan sets it (the hash binds it).
+
+    Flower's FedProx also sends its mu with every train message; a value that differs from the
+    plan's would train outside what the site approved, so the round is refused.
+    """
+    planned = run.strategy.proximal_mu if run.strategy.name == "fedprox" else 0.0
+    sent = config.get("proximal-mu")
+    if sent is not None and float(sent) != planned:
+        raise PolicyViolation("the message's proximal-mu differs from the approved plan's")
+    return planned
+
+
 # -- handlers ------------------------------------------------------------------------------------
 
 
@@ -238,8 +251,7 @@ def local_round(
     if local is not None:  # FedBN: this site's own normalization layers, from its last round
         state = local.start(model, state, server_round - 1)
     model.load_state_dict(state)
-    # FedProx: Flower's strategy sends its mu with every train message.
-    proximal_mu = float(config.get("proximal-mu", 0.0))
+    proximal_mu = _proximal_mu(run, config)
     seed = derive_seed(run.seed, server_round, site.name)
     device = resolve_device(run.device)
     task = get_task(run.task)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedmed import __version__
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, SiteSpec
 from fedmed.errors import ConfigError
 from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
@@ -288,31 +288,90 @@ def _asdict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
 
 
-def plan_hash(cfg: RunConfig) -> str:
-    """Content hash of what a site is asked to run: task, model architecture and data schema.
+# What a plan hash leaves out: where results go, and how the coordinator combines what sites send
+# (these never reach a site's data, its privacy loss or what it releases).
+PLAN_OUTPUT_ONLY = frozenset({"name", "output_dir"})
+COORDINATOR_ONLY_STRATEGY = frozenset(
+    {
+        "min_sites",
+        "server_lr",
+        "server_momentum",
+        "tau",
+        "trim_beta",
+        "num_malicious",
+        "krum_select",
+        "validate_updates",
+        "max_norm_ratio",
+        "round_timeout",
+        "average_last",
+    }
+)
+# Settings that set a site's privacy loss or its release: hashed with their values even at
+# their defaults, so an approved hash means the same ε whichever fedmed version parsed the plan.
+PRIVACY_BINDING = ("rounds", "seed", "train", "privacy", "personalize")
+RELEASE_STRATEGY = ("name", "proximal_mu", "secure_aggregation")
 
-    Training knobs (rounds, learning rate, seed) are deliberately left out: a hospital approves
-    WHAT is computed on its data, not how long. Same plan, same hash, on every machine. Settings
-    left at their defaults are omitted, so a fedmed upgrade that adds a config key does not void
-    every approval a hospital has given.
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default values of a config dataclass's fields as plain JSON (required ones left out)."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(
+        json.dumps(out, default=lambda o: _asdict(o) if dataclasses.is_dataclass(o) else list(o))
+    )
+
+
+def plan_hash(cfg: RunConfig) -> str:
+    """Content hash of everything a site is asked to run and spend on its data.
+
+    A hospital approves one hash, so the hash must bind every setting that determines what is
+    computed on its data, what leaves the site and its privacy loss: the task, model and data
+    schema, and also rounds, local steps/epochs, batch size, learning rate schedule, the seed,
+    local and central DP settings, personalization, FedProx's mu and secure aggregation. Left
+    out are only the output settings (name, output_dir) and the coordinator's own aggregation
+    knobs (PLAN_OUTPUT_ONLY, COORDINATOR_ONLY_STRATEGY), plus the files and columns a site maps
+    from its own registry. Other settings left at their defaults are omitted, so a fedmed
+    upgrade that adds an unrelated config key does not void every approval; the privacy-binding
+    ones (PRIVACY_BINDING, RELEASE_STRATEGY) are always hashed with their values.
     """
     import hashlib
 
-    from fedmed.config import ImageConfig, ModelConfig, SchemaConfig, SeriesConfig
+    from fedmed.config import ImageConfig, SeriesConfig
 
-    def changed(values: dict[str, Any], default: Any) -> dict[str, Any]:
-        base = _asdict(default)
-        return {k: v for k, v in values.items() if base.get(k) != v}
+    default = _defaults(RunConfig)
+
+    def changed(values: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict) and base[key]:
+                nested = changed(value, base[key])
+                if nested:
+                    out[key] = nested
+            elif base.get(key) != value:
+                out[key] = value
+        return out
 
     spec = cfg.to_dict()
-    content = {
-        "task": spec["task"],
-        "model": changed(spec["model"], ModelConfig()),
-        "schema": changed(spec["data"]["schema"], SchemaConfig()),
+    content: dict[str, Any] = {
+        key: value
+        for key, value in changed(spec, default).items()
+        if key not in PLAN_OUTPUT_ONLY and key not in ("strategy", "data", "sites")
     }
-    # What images and series become (size; window, bins, missing code) is part of what runs.
-    # File names and columns are the site's own (its registry), so they are left out; an
-    # unchanged default adds nothing, so table plans keep their hashes.
+    for key in PRIVACY_BINDING:
+        content[key] = spec[key]
+    content["strategy"] = {k: spec["strategy"][k] for k in RELEASE_STRATEGY}
+    content["sites"] = [
+        changed(site, {**_asdict(SiteSpec("")), "name": None}) for site in spec["sites"]
+    ]
+    data = changed(spec["data"], default["data"])
+    # What images and series become (size; window, bins, missing code) is part of what runs;
+    # file names and columns are the site's own (its registry), so they are left out.
     site_owned = {
         "outcomes",
         "column",
@@ -320,9 +379,11 @@ def plan_hash(cfg: RunConfig) -> str:
         "std",
         *(k for k in spec["data"]["series"] if k.endswith("_column")),
     }
-    for key, default in (("images", ImageConfig()), ("series", SeriesConfig())):
+    for key, base in (("images", ImageConfig()), ("series", SeriesConfig())):
         values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
-        if changed(values, default):
-            content[key] = changed(values, default)
+        data.pop(key, None)
+        if changed(values, _asdict(base)):
+            data[key] = changed(values, _asdict(base))
+    content["data"] = data
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
