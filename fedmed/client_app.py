@@ -35,7 +35,7 @@ from fedmed.local_layers import (
     split,
 )
 from fedmed.personalize import flatten, personalize
-from fedmed.privacy import planned_round, train_private
+from fedmed.privacy import at_site_delta, planned_round, site_delta, train_private
 from fedmed.security.policy import (
     RUN_KEY,
     STUDY_KEY,
@@ -259,12 +259,18 @@ def local_round(
     if run.privacy.enabled:
         # Budget guard first: the site's own cap, against everything ever spent on this data.
         own = site_config(context)
+        # A deployed site accounts at its own δ; a simulated one at the plan's.
+        privacy = (
+            at_site_delta(run.privacy, site_delta(own.delta, data.n_train))
+            if own is not None
+            else run.privacy
+        )
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
         dataset = fingerprint(data.x_train, data.y_train)
         study = str(config.get(STUDY_KEY, "unnamed"))
         release = _release(state, seed, run_json)
         if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
-            ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
+            ledger.check(dataset, privacy, planned_round(data.n_train, run), site.epsilon_cap)
         result, entries = train_private(
             model,
             data.x_train,
@@ -276,8 +282,8 @@ def local_round(
             proximal_mu=proximal_mu,
         )
         ledger.record(dataset, study, server_round, entries, release=release)
-        epsilon = ledger.spent(dataset, run.privacy, study=study)
-        epsilon_total = ledger.spent(dataset, run.privacy)
+        epsilon = ledger.spent(dataset, privacy, study=study)
+        epsilon_total = ledger.spent(dataset, privacy)
     else:
         result = train_plain(
             model,

@@ -379,3 +379,70 @@ def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: P
     assert metrics["final"]["sites"] == {}
     reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
     assert any("reads only its registered data" in r for r in reasons), reasons
+
+
+# -- each site's own δ ---------------------------------------------------------------------------
+
+
+def _site_with(tmp_path: Path, name: str, approved: str, table: Path, extra: str) -> Path:
+    """A deployment site whose config adds ``extra`` lines (its δ, its cap)."""
+    path = _site(tmp_path, name, approved, table)
+    path.write_text(path.read_text() + extra)
+    return path
+
+
+def test_a_site_accounts_at_its_own_delta_and_caps_there(tmp_path: Path) -> None:
+    raw = _study(tmp_path)
+    raw.update(rounds=1, sites=[{"name": n} for n in ("alpha", "beta", "gamma", "delta")])
+    raw["strategy"]["min_sites"] = 1
+    raw["privacy"]["delta"] = 1e-9  # noise calibrated for ε = 4 at δ = 1e-9
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    table = write_site_csv(tmp_path / "same.csv", 80, seed=1)  # same rows: same noise
+    sites = [
+        _site_with(tmp_path, "alpha", approved, table, ""),  # default: min(1e-5, 1/rows)
+        _site_with(tmp_path, "beta", approved, table, "delta = 1e-9\n"),
+        # The same cap below the plan's target ε: within it at δ = 1e-5, over it at δ = 1e-9.
+        _site_with(tmp_path, "gamma", approved, table, "epsilon_cap = 3.9\n"),
+        _site_with(tmp_path, "delta", approved, table, "delta = 1e-9\nepsilon_cap = 3.9\n"),
+    ]
+
+    _, metrics, _ = _run_deployed(cfg, sites)
+
+    eps = metrics["history"][0]["epsilon"]
+    assert 3.9 < eps["beta"] <= 4.0 + 1e-6  # the plan's calibration, at the plan's δ
+    assert 0 < eps["alpha"] < 3.9  # the same noise and steps, stated at alpha's larger δ
+    assert eps["gamma"] == eps["alpha"]
+    reasons = [f["reason"] for f in metrics["history"][0]["failures"] if f["phase"] == "train"]
+    assert reasons == ["site 'delta': privacy budget exhausted"]
+
+
+def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Path) -> None:
+    raw = _study(tmp_path)
+    raw.update(rounds=1, sites=[{"name": n} for n in ("alpha", "beta")])
+    raw["strategy"]["min_sites"] = 1
+    raw["privacy"]["delta"] = 0.9  # the δ-bypass: ε would look tiny, or even negative
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    table = write_site_csv(tmp_path / "same.csv", 80, seed=1)
+    sites = [
+        _site_with(tmp_path, "alpha", approved, table, ""),
+        # beta knowingly accepts δ = 0.95: it trains, and its ε (at 0.95) is never negative
+        _site_with(tmp_path, "beta", approved, table, "delta = 0.95\n"),
+    ]
+
+    grid, metrics, _ = _run_deployed(cfg, sites)
+
+    reasons = {
+        f["reason"] for h in metrics["history"] for f in h["failures"] if f["phase"] == "train"
+    }
+    assert reasons == {
+        "site 'alpha': the plan calibrates its noise at privacy.delta=0.9, larger than this "
+        "site's δ; lower privacy.delta (e.g. 1e-6)"
+    }
+    assert 0.0 <= metrics["history"][0]["epsilon"]["beta"] <= 4.0
+    refused = [
+        e for e in AuditLog(tmp_path / "state" / "alpha").entries() if e["direction"] == "sent"
+    ]
+    assert any("privacy.delta=0.9" in e.get("outcome", "") for e in refused)
+    _assert_nothing_leaked(b"".join(grid.sent), tmp_path, [b"Traceback"])
