@@ -16,16 +16,17 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.config import RunConfig, SiteSpec
+from fedmed.config import RunConfig, SiteSpec, data_dir
 from fedmed.data import SiteData, clear_file_caches, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
-from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.ledger import LedgerDamaged, PrivacyLedger, fingerprint
 from fedmed.local_layers import (
     LocalLayerStore,
     initial_local_state,
@@ -109,8 +110,32 @@ def _site_of(run: RunConfig, context: Context) -> tuple[RunConfig, SiteSpec, str
 
 def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
     """The study plan (as this site runs it), this node's site and its data."""
-    run, site, fingerprint = _site_of(_parse_run(run_json), context)
-    return run, site, _load_data(run, site, context, fingerprint)
+    return _keyed_inputs(run_json, context)[:3]
+
+
+def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData, str]:
+    """``_site_inputs`` and the key of the site's privacy ledger for this data.
+
+    The key is the dataset's identity BEFORE any split or preprocessing (its registered files'
+    SHA-256 in a deployment, the file's in a simulation), so a plan with another split_seed,
+    test_fraction or schema spends from the same budget.
+    """
+    run, site, registered = _site_of(_parse_run(run_json), context)
+    data = _load_data(run, site, context, registered)
+    return run, site, data, registered or _simulated_key(run, site, data)
+
+
+def _simulated_key(run: RunConfig, site: SiteSpec, data: SiteData) -> str:
+    """A simulated site's data identity: its file (and rows chosen by site_values), else the
+    training arrays of a builtin or partitioned table (those have no file of their own)."""
+    path = Path(site.path.replace("{data_dir}", str(data_dir()))) if site.path else None
+    if path is None or run.data.builtin or run.data.partition_file or not path.is_file():
+        return fingerprint(data.x_train, data.y_train)
+    digest = hashlib.sha256(json.dumps(list(site.site_values), default=str).encode())
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
@@ -151,6 +176,10 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
                 reason = "privacy budget exhausted"
             elif isinstance(exc, PolicyViolation):
                 reason = str(exc)
+            elif isinstance(exc, LedgerDamaged):  # the operator's fix is in the site's log
+                reason = (
+                    "privacy ledger failed verification; the site trains no more until restored"
+                )
             elif isinstance(exc, DataError):
                 reason = "site data failed validation (details in the site's log)"
             else:
@@ -243,7 +272,7 @@ def local_round(
     the normalization layers when the site keeps them) and the metrics to report. Under DP the
     site's ledger guards and records the round first.
     """
-    run, site, data = _site_inputs(run_json, context)
+    run, site, data, dataset = _keyed_inputs(run_json, context)
     model = build_model(run)
     server_round = int(config["server-round"])
     this_round = run.replace(train=run.train.at_round(server_round))  # train.lr_decay
@@ -266,24 +295,39 @@ def local_round(
             else run.privacy
         )
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
-        dataset = fingerprint(data.x_train, data.y_train)
+        # Spending recorded before ledgers were keyed by the registered files still counts.
+        legacy = (fingerprint(data.x_train, data.y_train),)
         study = str(config.get(STUDY_KEY, "unnamed"))
         release = _release(state, seed, run_json)
-        if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
-            ledger.check(dataset, privacy, planned_round(data.n_train, run), site.epsilon_cap)
-        result, entries = train_private(
-            model,
-            data.x_train,
-            data.y_train,
-            task,
-            this_round,
-            seed=seed,
-            device=device,
-            proximal_mu=proximal_mu,
-        )
-        ledger.record(dataset, study, server_round, entries, release=release)
-        epsilon = ledger.spent(dataset, privacy, study=study)
-        epsilon_total = ledger.spent(dataset, privacy)
+        held = ledger.reserve(
+            dataset,
+            study,
+            server_round,
+            planned_round(data.n_train, run),
+            privacy,
+            site.epsilon_cap,
+            release=release,
+            aliases=legacy,
+        )  # None: a replay of a round already charged, free (see fedmed.ledger)
+        try:
+            result, entries = train_private(
+                model,
+                data.x_train,
+                data.y_train,
+                task,
+                this_round,
+                seed=seed,
+                device=device,
+                proximal_mu=proximal_mu,
+            )
+        except BaseException:
+            if held is not None:  # nothing left the site: the reservation is released
+                ledger.cancel(held)
+            raise
+        if held is not None:
+            ledger.settle(held, entries)
+        epsilon = ledger.spent(dataset, privacy, study=study, aliases=legacy)
+        epsilon_total = ledger.spent(dataset, privacy, aliases=legacy)
     else:
         result = train_plain(
             model,

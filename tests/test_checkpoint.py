@@ -144,9 +144,11 @@ def test_a_replayed_private_round_is_not_charged_twice(
     _resume(cfg, run_dir)
 
     for site in cfg.site_names:
-        rows = json.loads(PrivacyLedger(site, _private_ledger).path.read_text())["datasets"]
-        (entries,) = rows.values()
-        rounds = [r["round"] for r in entries if r["study"] == run_dir.name]
+        ledger = PrivacyLedger(site, _private_ledger)
+        entries = json.loads(ledger.path.read_text())["entries"]
+        datasets = {e["dataset"] for e in entries if "dataset" in e}
+        (dataset,) = datasets
+        rounds = [r["round"] for r in ledger.records(dataset, study=run_dir.name)]
         assert rounds == [1, 2, 3]  # round 3 trained twice, recorded once
     assert _numbers(_metrics(run_dir)) == _numbers(reference)
 

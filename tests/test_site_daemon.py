@@ -24,6 +24,7 @@ from fedmed.config import SiteSpec, parse_run_config
 from fedmed.data import load_site_table
 from fedmed.data.registry import DatasetRegistry
 from fedmed.errors import ConfigError, DataError
+from fedmed.ledger import PrivacyLedger
 from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import SITE_CONFIG_KEY
@@ -415,6 +416,10 @@ def test_a_site_accounts_at_its_own_delta_and_caps_there(tmp_path: Path) -> None
     assert eps["gamma"] == eps["alpha"]
     reasons = [f["reason"] for f in metrics["history"][0]["failures"] if f["phase"] == "train"]
     assert reasons == ["site 'delta': privacy budget exhausted"]
+    # The ledger is keyed by the registered files, before any split or preprocessing.
+    registered = DatasetRegistry(tmp_path / "state" / "alpha").verify("cohort").sha256
+    ledger = PrivacyLedger("alpha", tmp_path / "state" / "alpha" / "ledger")
+    assert [r["round"] for r in ledger.records(registered)] == [1]
 
 
 def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Path) -> None:
