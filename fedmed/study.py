@@ -18,7 +18,7 @@ import torch
 
 from fedmed import __version__
 from fedmed.config import RunConfig, SiteSpec
-from fedmed.errors import ConfigError
+from fedmed.errors import ConfigError, StudyFailed
 from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
 
@@ -109,21 +109,76 @@ def live_reporter(
     return report
 
 
+def release_problem(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> str:
+    """Why ``model`` must not be released ("" if it may): non-finite weights, or weights that
+    are still the untrained ``initial`` ones (no round ever aggregated an update)."""
+    state = model.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"its weights hold NaN or Inf ('{key}'): training diverged"
+    if all(key in initial and torch.equal(v.cpu(), initial[key]) for key, v in state.items()):
+        return "no round aggregated an update (it is still the initial model)"
+    return ""
+
+
+def _initial_state(plan: RunPlan) -> dict[str, torch.Tensor]:
+    """The study's round-0 model (seeded, so the same one every runtime started from)."""
+    from fedmed.server_app import initial_model
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        model = initial_model(plan)
+    if plan.config.privacy.enabled:
+        from fedmed.privacy import make_compatible
+
+        model = make_compatible(model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def finish_run(
     plan: RunPlan, history: RunHistory, models: dict[str, torch.nn.Module], started: float
 ) -> dict[str, Any]:
-    """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json."""
+    """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json.
+
+    Nothing broken is released: a model with NaN/Inf weights, or one no round ever updated, is
+    not written (nor signed). A local-mode site whose own model diverged is named under
+    ``failed_models`` and its final metrics are null (never a misleading 0.0); when no model is
+    left to release the study fails (StudyFailed, one line naming the cause) after writing
+    its metrics with status "failed".
+    """
     cfg = plan.config
+    initial = _initial_state(plan)
+    failed = {
+        stem: why for stem, model in models.items() if (why := release_problem(model, initial))
+    }
     header = {
         **_header(plan),
-        "status": "finished",
+        "status": "failed" if len(failed) == len(models) else "finished",
         "wall_seconds": round(time.time() - started, 3),
     }
+    if failed:
+        header["failed_models"] = {stem.removeprefix("model-"): why for stem, why in failed.items()}
     payload = write_metrics(plan.run_dir, history, header)
+    for stem in failed:  # local mode: that site's own model's numbers are not results
+        site = stem.removeprefix("model-")
+        if site in payload["final"]["sites"]:
+            payload["final"]["sites"][site] = dict.fromkeys(payload["final"]["sites"][site])
+    if len(failed) < len(models) and failed:
+        write_json(plan.run_dir / "metrics.json", payload)
+    if len(failed) == len(models):
+        stem, why = next(iter(failed.items()))
+        payload["error"] = f"no model released: {why}"
+        write_json(plan.run_dir / "metrics.json", payload)
+        write_json(plan.run_dir / "live.json", payload)
+        raise StudyFailed(
+            f"study '{cfg.name}' released no model: {why}; see {plan.run_dir / 'metrics.json'} "
+            "(failures per round) and fix the sites or settings before running it again"
+        )
     write_json(plan.run_dir / "live.json", payload)
     serving = json.loads(plan.serving) if plan.serving else None
     final = payload["final"]
     for stem, model in models.items():
+        if stem in failed:
+            continue
         save_model(
             plan.run_dir,
             stem,

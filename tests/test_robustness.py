@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedmed.client_app import evaluate_global, train
 from fedmed.config import ModelConfig, RunConfig, StrategyConfig, TrainConfig
+from fedmed.errors import StudyFailed
 from fedmed.strategies import STRATEGIES, build_strategy
 from fedmed.tasks import get_task
 from fedmed.train import train_plain
@@ -112,8 +116,14 @@ def test_too_few_valid_updates_keep_the_previous_model(csv_study: RunConfig) -> 
 
     cfg = csv_study.replace(rounds=1, strategy=StrategyConfig(min_sites=3))
 
-    out = _run(cfg, _poisoned_app(0, _nan))
+    with pytest.raises(StudyFailed, match="no round aggregated an update"):
+        _run(cfg, _poisoned_app(0, _nan))
 
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    out = json.loads((run_dir / "metrics.json").read_text()) | {"_dir": str(run_dir)}
+    assert out["status"] == "failed" and "no round aggregated" in out["error"]
+    assert not (run_dir / "model.safetensors").exists()
+    assert not (run_dir / "model.card.json").exists()
     assert [f["site"] for f in out["history"][0]["failures"]] == ["alpha"]
     # No aggregation happened: every site evaluated the untouched initial model.
     ready, _ = preflight(cfg)
@@ -255,11 +265,16 @@ def test_the_norm_check_works_with_two_sites(csv_study: RunConfig) -> None:
 
 
 def test_a_non_finite_aggregate_keeps_the_previous_model(csv_study: RunConfig) -> None:
-    # Without update validation a NaN update reaches FedAvg: the mean is NaN and is refused.
+    # Without update validation a NaN update reaches FedAvg: the mean is NaN and is refused,
+    # and a study that never aggregated anything releases no model.
     cfg = csv_study.replace(rounds=1, strategy=StrategyConfig(min_sites=2, validate_updates=False))
 
-    out = _run(cfg, _poisoned_app(1, _nan))
+    with pytest.raises(StudyFailed, match="no round aggregated"):
+        _run(cfg, _poisoned_app(1, _nan))
 
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    out = json.loads((run_dir / "metrics.json").read_text())
     (failure,) = out["history"][0]["failures"]
     assert failure["site"] == "coordinator" and "NaN or Inf" in failure["reason"]
     assert all(np.isfinite(s["loss"]) for s in out["final"]["sites"].values())
+    assert not (run_dir / "model.safetensors").exists()

@@ -23,7 +23,7 @@ from fedmed.client_app import app as client_app
 from fedmed.config import SiteSpec, parse_run_config
 from fedmed.data import load_site_table
 from fedmed.data.registry import DatasetRegistry
-from fedmed.errors import ConfigError, DataError
+from fedmed.errors import ConfigError, DataError, StudyFailed
 from fedmed.ledger import PrivacyLedger
 from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
 from fedmed.security.audit import AuditLog
@@ -375,9 +375,13 @@ def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: P
         for n in ("coronary", "surgical")
     ]
 
-    _, metrics, _ = _run_deployed(cfg, sites)
+    with pytest.raises(StudyFailed, match="no round aggregated"):  # and so no model
+        _run_deployed(cfg, sites)
 
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final"]["sites"] == {}
+    assert not (run_dir / "model.safetensors").exists()
     reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
     assert any("reads only its registered data" in r for r in reasons), reasons
 
