@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -246,6 +249,40 @@ def _local_layers(
     return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
 
 
+NOISE_KEY = "noise.key"  # in a deployed site's state_dir: the secret part of its training seeds
+
+
+def _training_seed(seed: int, context: Context) -> int:
+    """The seed a site trains with: ``seed`` (from the plan) keyed by the site's own secret.
+
+    Without DP-SGD's noise being secret, DP means nothing: the plan's seed is the coordinator's
+    choice, and Opacus (without secure_mode) draws its noise and its Poisson batches from
+    torch's RNG, so a coordinator that knows the seed can regenerate every noise vector and
+    subtract it from the update. A deployed site therefore mixes in a 256-bit secret kept in
+    its state_dir (created 0600 on first use) and uses 63 bits of the HMAC: still the same seed
+    for the same round (a replayed release reproduces its update), unpredictable to anyone else.
+    Simulations (one owner of all data) keep the plan's seed, for reproducible experiments.
+    """
+    own = site_config(context)
+    if own is None:
+        return seed
+    path = own.state_path / NOISE_KEY
+    if not path.exists():  # written whole, then linked: a racing reader never sees it half-made
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{NOISE_KEY}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    secret = path.read_bytes()
+    if len(secret) < 32:
+        raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
+    digest = hmac.new(secret, str(seed).encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def _proximal_mu(run: RunConfig, config: Mapping[str, Any]) -> float:
     """FedProx's mu as the approved plan sets it (the hash binds it).
 
@@ -281,7 +318,7 @@ def local_round(
         state = local.start(model, state, server_round - 1)
     model.load_state_dict(state)
     proximal_mu = _proximal_mu(run, config)
-    seed = derive_seed(run.seed, server_round, site.name)
+    seed = _training_seed(derive_seed(run.seed, server_round, site.name), context)
     device = resolve_device(run.device)
     task = get_task(run.task)
     epsilon = epsilon_total = 0.0

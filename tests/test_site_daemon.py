@@ -455,3 +455,22 @@ def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Pa
     ]
     assert any("privacy.delta=0.9" in e.get("outcome", "") for e in refused)
     _assert_nothing_leaked(b"".join(grid.sent), tmp_path, [b"Traceback"])
+
+
+def test_a_deployed_site_trains_with_a_seed_the_coordinator_cannot_know(tmp_path: Path) -> None:
+    from fedmed.client_app import NOISE_KEY, _training_seed
+
+    def context(site: Path) -> Context:
+        return Context(RUN_ID, 1, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})
+
+    alpha = _site(tmp_path, "alpha", "sha256:" + "1" * 64, None)
+    beta = _site(tmp_path, "beta", "sha256:" + "1" * 64, None)
+    simulated = Context(RUN_ID, 1, {"partition-id": 0}, RecordDict(), {})
+
+    seed = _training_seed(1234, context(alpha))
+
+    assert seed == _training_seed(1234, context(alpha))  # a replayed round: the same update
+    assert seed != 1234 and seed != _training_seed(1234, context(beta))
+    assert 2**32 <= seed < 2**63  # 63 secret bits, not a 32-bit seed one could search
+    assert (tmp_path / "state" / "alpha" / NOISE_KEY).stat().st_mode & 0o777 == 0o600
+    assert _training_seed(1234, simulated) == 1234  # simulations stay reproducible
