@@ -134,6 +134,19 @@ def _initial_state(plan: RunPlan) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def _void_final_metrics(history: RunHistory, sites: list[str]) -> None:
+    """A diverged model's final scores are not results: NaN (null in metrics.json, "n/a" on the
+    console, left out of the averages), so a broken model never reads as a real 0.0."""
+    import math
+
+    rnd = history.last_round()
+    for site in sites:
+        metrics = history.evaluated(rnd).get(site)
+        if metrics:
+            void = {k: v if k == "num-examples" else math.nan for k, v in metrics.items()}
+            history.record(rnd, "evaluate", site, void)
+
+
 def finish_run(
     plan: RunPlan, history: RunHistory, models: dict[str, torch.nn.Module], started: float
 ) -> dict[str, Any]:
@@ -157,13 +170,8 @@ def finish_run(
     }
     if failed:
         header["failed_models"] = {stem.removeprefix("model-"): why for stem, why in failed.items()}
+    _void_final_metrics(history, [stem.removeprefix("model-") for stem in failed])
     payload = write_metrics(plan.run_dir, history, header)
-    for stem in failed:  # local mode: that site's own model's numbers are not results
-        site = stem.removeprefix("model-")
-        if site in payload["final"]["sites"]:
-            payload["final"]["sites"][site] = dict.fromkeys(payload["final"]["sites"][site])
-    if len(failed) < len(models) and failed:
-        write_json(plan.run_dir / "metrics.json", payload)
     if len(failed) == len(models):
         stem, why = next(iter(failed.items()))
         payload["error"] = f"no model released: {why}"

@@ -22,7 +22,8 @@ def _history(cfg: RunConfig) -> RunHistory:
     history = RunHistory(sites=cfg.site_names)
     for site in cfg.site_names:
         history.record(1, "train", site, {"num-examples": 50.0, "train_loss": 0.5})
-        history.record(1, "evaluate", site, {"num-examples": 20.0, "accuracy": 0.0, "loss": 0.7})
+        loss = 5.0 if site == "beta" else 0.7  # beta's model is the one that diverges below
+        history.record(1, "evaluate", site, {"num-examples": 20.0, "accuracy": 0.0, "loss": loss})
     return history
 
 
@@ -70,8 +71,10 @@ def test_a_diverged_local_model_is_named_and_its_metrics_are_null(csv_study: Run
     assert set(payload["failed_models"]) == {"beta"}
     assert "NaN or Inf" in payload["failed_models"]["beta"]
     saved = json.loads((plan.run_dir / "metrics.json").read_text())
-    assert all(v is None for v in saved["final"]["sites"]["beta"].values())  # not 0.0
+    beta = saved["final"]["sites"]["beta"]
+    assert beta["accuracy"] is None and beta["loss"] is None  # not 0.0
     assert saved["final"]["sites"]["alpha"]["accuracy"] == 0.0  # a real (bad) score stays
+    assert saved["final"]["average"]["loss"] == pytest.approx(0.7)  # beta left out
     assert not (plan.run_dir / "model-beta.safetensors").exists()
     assert (plan.run_dir / "model-alpha.safetensors").is_file()
 
