@@ -191,6 +191,15 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
     check_plan(_site(approved_plans=(plan_hash(secure),), require_secure_aggregation=True), secure)
 
 
+def test_a_site_with_its_own_delta_refuses_a_larger_plan_delta_before_reading_data() -> None:
+    run = _federation(["privacy.delta=0.9"])
+    approved = (plan_hash(run),)
+
+    with pytest.raises(PolicyViolation, match=r"privacy.delta=0.9, larger than this site's δ"):
+        check_plan(_site(approved_plans=approved, delta=1e-6), run)
+    check_plan(_site(approved_plans=approved, delta=0.95), run)  # the site's own choice
+
+
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
     site = load_site_config(Path(__file__).parents[1] / "sites" / "example-hospital.toml")
     assert plan_hash(_federation()) in site.approved_plans
