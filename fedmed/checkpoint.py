@@ -5,12 +5,26 @@ any instant leaves either the previous round's checkpoint or this one, never a m
 global model and the strategy's own state (server-optimizer moments, momentum) as tensors, and in
 the safetensors metadata the round counter, the metric history and the config with its hash.
 safetensors, never pickle: a checkpoint is a file on disk that someone else could have written.
+
+It is also authenticated: the metadata carries an HMAC-SHA256 over every tensor (name, dtype,
+shape, bytes) and every other metadata entry, keyed by a per-run secret in
+``RUN_DIR/checkpoint.key`` (32 random bytes, mode 0600, created with the first checkpoint).
+``--resume`` refuses a checkpoint whose MAC does not verify (zeroed weights, a round set to -3
+or 99, a swapped history) in one line. Why a per-run key in the run directory rather than a
+coordinator-wide key: a run directory may be moved and still resume, and the secret never has
+to leave it. What it does not stop: someone who can read the coordinator's files (the key) can
+forge a checkpoint; they could equally run the coordinator. The MAC sits inside the one file
+that is replaced atomically, so a kill at any instant still leaves a checkpoint that verifies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,8 +35,10 @@ from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
 from fedmed.report import RunHistory, atomic_write
 
-FORMAT = "fedmed-checkpoint/1"
+FORMAT = "fedmed-checkpoint/2"  # /1 had no MAC: such a checkpoint is refused
 FILENAME = "checkpoint.safetensors"
+KEY_FILE = "checkpoint.key"
+MAC = "mac"  # metadata entry: HMAC-SHA256 (hex) of the rest
 MODEL = "model"  # tensor-name prefix of the global model; strategy state uses "state/<name>"
 # Where a run's outputs go is not part of what it computes: a moved run may still resume.
 NOT_HASHED = ("output_dir",)
@@ -49,6 +65,42 @@ def config_hash(cfg: RunConfig) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def _run_key(run_dir: Path, *, create: bool) -> bytes:
+    """The run's checkpoint secret; created (0600) on the first save, required on resume."""
+    path = run_dir / KEY_FILE
+    if create and not path.exists():
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} is missing, so the checkpoint cannot be authenticated; restore it, or start "
+            "a new run without --resume"
+        )
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise ConfigError(f"{path} is readable by others; run `chmod 600 {path}` and retry")
+    key = path.read_bytes()
+    if len(key) < 32:
+        raise ConfigError(f"{path} is damaged; start a new run without --resume")
+    return key
+
+
+def _mac(key: bytes, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """HMAC-SHA256 over the metadata (but the MAC) and every tensor's name, dtype, shape, bytes."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    body = {k: v for k, v in metadata.items() if k != MAC}
+    mac.update(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        mac.update(f"|{name}|{array.dtype.str}|{list(array.shape)}|".encode())
+        mac.update(array.tobytes())
+    return mac.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, cfg: RunConfig, checkpoint: Checkpoint) -> Path:
     """Write (atomically replace) the run's checkpoint; returns its path."""
     from safetensors.numpy import save
@@ -63,6 +115,7 @@ def save_checkpoint(run_dir: Path, cfg: RunConfig, checkpoint: Checkpoint) -> Pa
         "config": cfg.to_json(),
         "history": json.dumps(checkpoint.history.to_state()),
     }
+    metadata[MAC] = _mac(_run_key(run_dir, create=True), tensors, metadata)
     path = run_dir / FILENAME
     atomic_write(path, save(tensors, metadata=metadata))
     return path
@@ -87,7 +140,16 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
             f"{path} is not a readable checkpoint ({exc}); start a new run without --resume"
         ) from None
     if metadata.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a {FORMAT} file; start a new run without --resume")
+        raise ConfigError(
+            f"{path} is not a {FORMAT} file (older ones carry no MAC); start a new run without "
+            "--resume"
+        )
+    expected = _mac(_run_key(run_dir, create=False), tensors, metadata)
+    if not hmac.compare_digest(str(metadata.get(MAC, "")), expected):
+        raise ConfigError(
+            f"{path} failed authentication: it was edited or damaged after the coordinator wrote "
+            "it; restore it from backup, or start a new run without --resume"
+        )
     if metadata["config_hash"] != config_hash(cfg):
         changed = _differences(_hashed(RunConfig.from_json(metadata["config"])), _hashed(cfg))
         raise ConfigError(
@@ -105,7 +167,12 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
             attr, _, param = key.partition("/")
             state.setdefault(attr, {})[param] = value
     history = RunHistory.from_state(json.loads(metadata["history"]))
-    return Checkpoint(int(metadata["round"]), arrays, history, state)
+    done = int(metadata["round"])
+    if not 0 < done <= cfg.rounds:  # authenticated, so only a bug could get here; still refuse
+        raise ConfigError(
+            f"{path} says round {done} of {cfg.rounds}; start a new run without --resume"
+        )
+    return Checkpoint(done, arrays, history, state)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

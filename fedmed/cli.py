@@ -445,6 +445,8 @@ def _print_summary(payload: dict) -> None:
             print(f"failed or refused in round(s) {','.join(map(str, rounds))} — {reason}")
     if final.get("missing_sites"):
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
+    for site, why in payload.get("failed_models", {}).items():
+        print(f"no model released for {site}: {why} (its final metrics are n/a)")
 
 
 def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:

@@ -97,6 +97,12 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     p.add_argument("--min-rows", type=int, default=20)
     p.add_argument("--insecure", action="store_true", help="local experiments only")
     p.add_argument(
+        "--no-require-privacy",
+        dest="require_privacy",
+        action="store_false",
+        help="also accept plans that train without local DP-SGD (default: refuse them)",
+    )
+    p.add_argument(
         "--share-statistics",
         action="store_true",
         help="send feature means/stds once per study so the served model can preprocess rows",
@@ -455,7 +461,8 @@ def _site_init(args: argparse.Namespace) -> int:
         "# Plans (fedmed plan hash CONFIG) this site's data steward approved:",
         f"approved_plans = {json.dumps(args.approve)}",
         f"min_rows = {args.min_rows}",
-        "require_privacy = false",
+        "# true: refuse any plan that trains without local DP-SGD (--no-require-privacy: false)",
+        f"require_privacy = {str(args.require_privacy).lower()}",
         "require_secure_aggregation = false  # true: only SecAgg+ studies (no update in the clear)",
         "# Feature means/stds (train split) for the served model's preprocessing, once per study:",
         f"share_statistics = {str(args.share_statistics).lower()}",

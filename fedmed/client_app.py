@@ -13,19 +13,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.config import RunConfig, SiteSpec
+from fedmed.config import RunConfig, SiteSpec, data_dir
 from fedmed.data import SiteData, clear_file_caches, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
-from fedmed.ledger import PrivacyLedger, fingerprint
+from fedmed.ledger import LedgerDamaged, PrivacyLedger, fingerprint
 from fedmed.local_layers import (
     LocalLayerStore,
     initial_local_state,
@@ -35,7 +39,7 @@ from fedmed.local_layers import (
     split,
 )
 from fedmed.personalize import flatten, personalize
-from fedmed.privacy import planned_round, train_private
+from fedmed.privacy import at_site_delta, planned_round, site_delta, train_private
 from fedmed.security.policy import (
     RUN_KEY,
     STUDY_KEY,
@@ -109,8 +113,32 @@ def _site_of(run: RunConfig, context: Context) -> tuple[RunConfig, SiteSpec, str
 
 def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
     """The study plan (as this site runs it), this node's site and its data."""
-    run, site, fingerprint = _site_of(_parse_run(run_json), context)
-    return run, site, _load_data(run, site, context, fingerprint)
+    return _keyed_inputs(run_json, context)[:3]
+
+
+def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData, str]:
+    """``_site_inputs`` and the key of the site's privacy ledger for this data.
+
+    The key is the dataset's identity BEFORE any split or preprocessing (its registered files'
+    SHA-256 in a deployment, the file's in a simulation), so a plan with another split_seed,
+    test_fraction or schema spends from the same budget.
+    """
+    run, site, registered = _site_of(_parse_run(run_json), context)
+    data = _load_data(run, site, context, registered)
+    return run, site, data, registered or _simulated_key(run, site, data)
+
+
+def _simulated_key(run: RunConfig, site: SiteSpec, data: SiteData) -> str:
+    """A simulated site's data identity: its file (and rows chosen by site_values), else the
+    training arrays of a builtin or partitioned table (those have no file of their own)."""
+    path = Path(site.path.replace("{data_dir}", str(data_dir()))) if site.path else None
+    if path is None or run.data.builtin or run.data.partition_file or not path.is_file():
+        return fingerprint(data.x_train, data.y_train)
+    digest = hashlib.sha256(json.dumps(list(site.site_values), default=str).encode())
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
@@ -151,6 +179,10 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
                 reason = "privacy budget exhausted"
             elif isinstance(exc, PolicyViolation):
                 reason = str(exc)
+            elif isinstance(exc, LedgerDamaged):  # the operator's fix is in the site's log
+                reason = (
+                    "privacy ledger failed verification; the site trains no more until restored"
+                )
             elif isinstance(exc, DataError):
                 reason = "site data failed validation (details in the site's log)"
             else:
@@ -217,6 +249,53 @@ def _local_layers(
     return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
 
 
+NOISE_KEY = "noise.key"  # in a deployed site's state_dir: the secret part of its training seeds
+
+
+def _training_seed(seed: int, context: Context) -> int:
+    """The seed a site trains with: ``seed`` (from the plan) keyed by the site's own secret.
+
+    Without DP-SGD's noise being secret, DP means nothing: the plan's seed is the coordinator's
+    choice, and Opacus (without secure_mode) draws its noise and its Poisson batches from
+    torch's RNG, so a coordinator that knows the seed can regenerate every noise vector and
+    subtract it from the update. A deployed site therefore mixes in a 256-bit secret kept in
+    its state_dir (created 0600 on first use) and uses 63 bits of the HMAC: still the same seed
+    for the same round (a replayed release reproduces its update), unpredictable to anyone else.
+    Simulations (one owner of all data) keep the plan's seed, for reproducible experiments.
+    """
+    own = site_config(context)
+    if own is None:
+        return seed
+    path = own.state_path / NOISE_KEY
+    if not path.exists():  # written whole, then linked: a racing reader never sees it half-made
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{NOISE_KEY}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+        tmp.unlink()
+    secret = path.read_bytes()
+    if len(secret) < 32:
+        raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
+    digest = hmac.new(secret, str(seed).encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _proximal_mu(run: RunConfig, config: Mapping[str, Any]) -> float:
+    """FedProx's mu as the approved plan sets it (the hash binds it).
+
+    Flower's FedProx also sends its mu with every train message; a value that differs from the
+    plan's would train outside what the site approved, so the round is refused.
+    """
+    planned = run.strategy.proximal_mu if run.strategy.name == "fedprox" else 0.0
+    sent = config.get("proximal-mu")
+    if sent is not None and float(sent) != planned:
+        raise PolicyViolation("the message's proximal-mu differs from the approved plan's")
+    return planned
+
+
 # -- handlers ------------------------------------------------------------------------------------
 
 
@@ -230,7 +309,7 @@ def local_round(
     the normalization layers when the site keeps them) and the metrics to report. Under DP the
     site's ledger guards and records the round first.
     """
-    run, site, data = _site_inputs(run_json, context)
+    run, site, data, dataset = _keyed_inputs(run_json, context)
     model = build_model(run)
     server_round = int(config["server-round"])
     this_round = run.replace(train=run.train.at_round(server_round))  # train.lr_decay
@@ -238,34 +317,54 @@ def local_round(
     if local is not None:  # FedBN: this site's own normalization layers, from its last round
         state = local.start(model, state, server_round - 1)
     model.load_state_dict(state)
-    # FedProx: Flower's strategy sends its mu with every train message.
-    proximal_mu = float(config.get("proximal-mu", 0.0))
-    seed = derive_seed(run.seed, server_round, site.name)
+    proximal_mu = _proximal_mu(run, config)
+    seed = _training_seed(derive_seed(run.seed, server_round, site.name), context)
     device = resolve_device(run.device)
     task = get_task(run.task)
     epsilon = epsilon_total = 0.0
     if run.privacy.enabled:
         # Budget guard first: the site's own cap, against everything ever spent on this data.
         own = site_config(context)
+        # A deployed site accounts at its own δ; a simulated one at the plan's.
+        privacy = (
+            at_site_delta(run.privacy, site_delta(own.delta, data.n_train))
+            if own is not None
+            else run.privacy
+        )
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
-        dataset = fingerprint(data.x_train, data.y_train)
+        # Spending recorded before ledgers were keyed by the registered files still counts.
+        legacy = (fingerprint(data.x_train, data.y_train),)
         study = str(config.get(STUDY_KEY, "unnamed"))
         release = _release(state, seed, run_json)
-        if not ledger.has_release(dataset, study, server_round, release):  # else a free replay
-            ledger.check(dataset, run.privacy, planned_round(data.n_train, run), site.epsilon_cap)
-        result, entries = train_private(
-            model,
-            data.x_train,
-            data.y_train,
-            task,
-            this_round,
-            seed=seed,
-            device=device,
-            proximal_mu=proximal_mu,
-        )
-        ledger.record(dataset, study, server_round, entries, release=release)
-        epsilon = ledger.spent(dataset, run.privacy, study=study)
-        epsilon_total = ledger.spent(dataset, run.privacy)
+        held = ledger.reserve(
+            dataset,
+            study,
+            server_round,
+            planned_round(data.n_train, run),
+            privacy,
+            site.epsilon_cap,
+            release=release,
+            aliases=legacy,
+        )  # None: a replay of a round already charged, free (see fedmed.ledger)
+        try:
+            result, entries = train_private(
+                model,
+                data.x_train,
+                data.y_train,
+                task,
+                this_round,
+                seed=seed,
+                device=device,
+                proximal_mu=proximal_mu,
+            )
+        except BaseException:
+            if held is not None:  # nothing left the site: the reservation is released
+                ledger.cancel(held)
+            raise
+        if held is not None:
+            ledger.settle(held, entries)
+        epsilon = ledger.spent(dataset, privacy, study=study, aliases=legacy)
+        epsilon_total = ledger.spent(dataset, privacy, aliases=legacy)
     else:
         result = train_plain(
             model,

@@ -409,6 +409,10 @@ class SiteConfig:
     state_dir: str = ""  # dataset registry, audit log, privacy ledger; default ~/.fedmed/sites/NAME
     approved_plans: tuple[str, ...] = ()
     epsilon_cap: float | None = None
+    # The δ at which this site accounts its ε (and checks its cap); None = min(1e-5, 1 / the
+    # training rows), computed when it trains. A plan whose noise is calibrated at a larger δ
+    # is refused: its ε would be stated at a failure probability the site does not accept.
+    delta: float | None = None
     min_rows: int = 20
     require_privacy: bool = False  # refuse any plan that trains without local DP-SGD
     # refuse any plan whose coordinator would see this site's update in the clear (SecAgg+ only)
@@ -425,6 +429,15 @@ class SiteConfig:
             raise ConfigError(
                 f"site '{self.name}': set ca_certificate and node_key (from `fedmed pki "
                 "issue-site`), or insecure = true for a local experiment"
+            )
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ConfigError(
+                f"site '{self.name}': delta must be in (0, 1), got {self.delta}; e.g. 1e-6, or "
+                "remove it for min(1e-5, 1 / training rows)"
+            )
+        if self.epsilon_cap is not None and not self.epsilon_cap >= 0:
+            raise ConfigError(
+                f"site '{self.name}': epsilon_cap must be >= 0, got {self.epsilon_cap}"
             )
         bad = [p for p in self.approved_plans if not p.startswith("sha256:")]
         if bad:

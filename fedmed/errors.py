@@ -33,3 +33,10 @@ class PolicyViolation(FedmedError):
     Its message is written to be sent to the coordinator as is: it names the site and the rule,
     never a path or a row.
     """
+
+
+class StudyFailed(FedmedError):
+    """A study ended without a model fit to release (nothing aggregated, NaN/Inf weights).
+
+    Its metrics are written (status "failed", with the cause); no model file is written or signed.
+    """

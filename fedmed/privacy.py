@@ -24,7 +24,7 @@ import numpy as np
 from torch import nn
 
 from fedmed.config import PrivacyConfig, RunConfig
-from fedmed.errors import ConfigError
+from fedmed.errors import ConfigError, PolicyViolation
 from fedmed.tasks import Task
 from fedmed.train import TrainResult, make_loader, make_optimizer, run_steps, steps_per_round
 
@@ -131,14 +131,57 @@ def merge_history(history: list[Entry]) -> list[Entry]:
 
 
 def epsilon_spent(history: list[Entry], privacy: PrivacyConfig) -> float:
-    """ε after every step in ``history`` (0 before any private step)."""
+    """ε after every step in ``history`` (0 before any private step); never negative or NaN.
+
+    Opacus' RDP-to-(ε, δ) conversion (Balle et al. 2020) subtracts log(1/δ)/(α-1) terms that
+    turn negative for a large δ: strong noise at δ = 0.3 gives ε = -0.37. ε >= 0 by definition,
+    so the bound is clamped at 0 (sites also refuse δ above their own, at most 1e-5 by default,
+    where no order we use can go negative). A NaN ε cannot be trusted, so it is an error.
+    """
     if not history:
         return 0.0
     from opacus.accountants import create_accountant
 
     accountant = create_accountant(privacy.accountant)
     accountant.history = merge_history(history)
-    return float(accountant.get_epsilon(delta=privacy.delta, **_accountant_kwargs(privacy)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha" at large δ
+        epsilon = float(accountant.get_epsilon(delta=privacy.delta, **_accountant_kwargs(privacy)))
+    if math.isnan(epsilon):
+        raise ConfigError(
+            f"the {privacy.accountant} accountant gave no ε at δ={privacy.delta:g}; "
+            "use a δ below 1 / training rows (e.g. 1e-5)"
+        )
+    return max(epsilon, 0.0)
+
+
+DEFAULT_SITE_DELTA = 1e-5
+
+
+def site_delta(configured: float | None, n_train: int) -> float:
+    """The δ a site accounts at: its own setting, else min(1e-5, 1 / its training rows).
+
+    δ is the chance the guarantee fails outright; above 1/n it could amount to releasing
+    one patient's record, which is why the default never exceeds it.
+    """
+    if configured is not None:
+        return configured
+    return min(DEFAULT_SITE_DELTA, 1.0 / max(n_train, 1))
+
+
+def at_site_delta(privacy: PrivacyConfig, delta: float) -> PrivacyConfig:
+    """The plan's privacy settings accounted at the site's own ``delta``.
+
+    The plan's noise is calibrated for (target ε, plan δ); stated at a smaller δ its ε would be
+    larger than the target, which the site's cap catches. A plan calibrated at a LARGER δ (say
+    0.9, where ε looks tiny or even negative) is refused: the δ-bypass.
+    """
+    if privacy.delta > delta:
+        raise PolicyViolation(
+            f"the plan calibrates its noise at privacy.delta={privacy.delta:g}, larger than "
+            "this site's δ; lower privacy.delta (e.g. 1e-6)"
+        )
+    return dataclasses.replace(privacy, delta=delta)
 
 
 def _accountant_kwargs(privacy: PrivacyConfig) -> dict[str, object]:

@@ -417,6 +417,51 @@ class RoundOffset(StrategyWrapper):
         return self.inner.aggregate_evaluate(server_round + self.offset, replies)
 
 
+# What a site may report. A reply is numbers from a peer the coordinator does not control: a
+# weight (num-examples) decides how far one site moves the shared model, so it is checked first.
+MAX_EXAMPLES = 10**8  # rows at one site past which a count is absurd (no hospital has them)
+UNIT_INTERVAL = ("accuracy", "precision", "recall", "f1", "roc_auc", "c_index", "auc_mean", "ibs")
+# Rank metrics that are undefined (NaN) on a test split with one class or beyond follow-up.
+MAY_BE_UNDEFINED = ("roc_auc", "c_index", "auc_mean", "ibs")
+NON_NEGATIVE = ("epsilon", "epsilon_total", "steps", "loss", "train_loss")
+
+
+def _bounded(key: str) -> bool:
+    return key in UNIT_INTERVAL or key.startswith("auc@")
+
+
+def metrics_problem(metrics: dict[str, float], known_examples: float | None) -> str:
+    """Why a reply's metrics cannot be believed ("" if they can).
+
+    ``num-examples`` must be a positive integer up to MAX_EXAMPLES and, once the coordinator
+    has learned a site's count (its first reply in that phase), the same count: a site that
+    suddenly claims more rows would take over the weighted mean. Scores in [0, 1] must be
+    there; ε, steps and losses must be finite and >= 0; only rank metrics may be NaN.
+    """
+    n = metrics.get("num-examples")
+    if n is None or not math.isfinite(n) or n != int(n) or not 0 < n <= MAX_EXAMPLES:
+        return f"num-examples must be a positive whole number of rows, got {n!r}"
+    if known_examples is not None and n != known_examples:
+        return f"num-examples changed from {known_examples:g} to {n:g}"
+    for key, value in metrics.items():
+        if math.isnan(value):
+            if key in MAY_BE_UNDEFINED or key.startswith("auc@"):
+                continue
+            return f"'{key}' is NaN"
+        if math.isinf(value):
+            return f"'{key}' is infinite"
+        if _bounded(key) and not 0.0 <= value <= 1.0:
+            return f"'{key}' = {value:g} is outside [0, 1]"
+        if key in NON_NEGATIVE and value < 0:
+            return f"'{key}' = {value:g} is negative"
+    return ""
+
+
+def model_is_finite(arrays: ArrayRecord) -> bool:
+    """Whether every value of an aggregated model is finite (no NaN, no Inf)."""
+    return all(np.isfinite(arrays[key].numpy()).all() for key in arrays)
+
+
 class SiteRecorder(StrategyWrapper):
     """Wraps any strategy; records each site's train and evaluate replies and failures.
 
@@ -425,6 +470,11 @@ class SiteRecorder(StrategyWrapper):
     phase asked and names the ones missing from the replies (by the site name that node gave in
     an earlier reply, else its node id). It also keeps the global model each round evaluates
     (``global_arrays``): the round's result, which the coordinator checkpoints.
+
+    It is also the first judge of what arrives (always on, whatever strategy.validate_updates
+    says): a reply whose metrics cannot be believed (``metrics_problem``) is recorded as a
+    failure and never reaches aggregation, and an aggregated model that is not finite is not
+    accepted (the round keeps the global model it started from and records why).
     """
 
     def __init__(
@@ -436,6 +486,13 @@ class SiteRecorder(StrategyWrapper):
         self.global_arrays: ArrayRecord | None = None
         self._asked: dict[str, list[int]] = {}
         self._names: dict[int, str] = {}  # node id -> site name, learned from replies
+        # (phase, site) -> the row count it first reported (kept across a resume: the history)
+        self._examples: dict[tuple[str, str], float] = {}
+        for rnd in sorted(history.rounds):
+            for phase, sites in history.rounds[rnd].items():
+                for site, metrics in sites.items():
+                    if "num-examples" in metrics:
+                        self._examples.setdefault((phase, site), metrics["num-examples"])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -454,15 +511,23 @@ class SiteRecorder(StrategyWrapper):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = _in_site_order(replies)
-        self._record(server_round, "train", replies)
-        return self.inner.aggregate_train(server_round, replies)
+        replies = self._record(server_round, "train", _in_site_order(replies))
+        arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        if arrays is not None and not model_is_finite(arrays):
+            log.warning("round %d: the aggregated model is not finite", server_round)
+            self.history.record_failure(
+                server_round,
+                "train",
+                "site 'coordinator': the aggregated model has NaN or Inf weights; the round "
+                "keeps the previous global model",
+            )
+            return None, None
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = _in_site_order(replies)
-        self._record(server_round, "evaluate", replies)
+        replies = self._record(server_round, "evaluate", _in_site_order(replies))
         aggregated = self.inner.aggregate_evaluate(server_round, replies)
         if self.on_round:
             self.on_round(server_round)
@@ -473,13 +538,16 @@ class SiteRecorder(StrategyWrapper):
         self._asked[phase] = [m.metadata.dst_node_id for m in messages]
         return messages
 
-    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
+        """Record every reply and every silence; return the replies fit to aggregate."""
         asked = self._asked.pop(phase, [])
+        kept: list[Message] = []
         # Errors the runtime makes up for a node (e.g. the SuperLink's "Node Unavailable") come
         # from the SuperLink, not from the node: they are matched to the nodes that did not answer.
         unattributed: list[str] = []
         for msg in replies:
             if msg.has_error():
+                kept.append(msg)
                 reason = msg.error.reason or "failed"
                 if reason.startswith("site '"):  # the site's own, wire-safe reason
                     self.history.record_failure(server_round, phase, reason)
@@ -491,7 +559,19 @@ class SiteRecorder(StrategyWrapper):
             else:
                 site = _site_name(msg)
                 self._names[msg.metadata.src_node_id] = site
-                self.history.record(server_round, phase, site, _site_metrics(msg))
+                metrics = _site_metrics(msg)
+                problem = metrics_problem(metrics, self._examples.get((phase, site)))
+                if problem:
+                    log.warning(
+                        "round %d: %s from %s rejected: %s", server_round, phase, site, problem
+                    )
+                    self.history.record_failure(
+                        server_round, phase, f"site '{site}': reply rejected: {problem}"
+                    )
+                    continue
+                self._examples.setdefault((phase, site), metrics["num-examples"])
+                self.history.record(server_round, phase, site, metrics)
+                kept.append(msg)
         answered = {msg.metadata.src_node_id for msg in replies}
         for node in asked:
             if node not in answered:
@@ -503,6 +583,7 @@ class SiteRecorder(StrategyWrapper):
                 self.history.record_failure(server_round, phase, f"site '{site}': {why}")
         for reason in unattributed:
             self.history.record_failure(server_round, phase, f"site 'unknown': {reason}")
+        return kept
 
     def _name(self, node: int) -> str:
         return self._names.get(node, f"node-{node}")
@@ -512,10 +593,13 @@ class UpdateValidator(StrategyWrapper):
     """Rejects malformed or outlying model updates before any strategy aggregates them.
 
     Checks, in order: the reply carries exactly the global model's keys, with the same shapes and
-    dtypes; every value is finite; and (with 3+ valid replies) the update's L2 norm is at most
-    ``max_norm_ratio`` times the round's median norm. A rejected update is recorded with the site
-    and reason and never aggregated; if fewer than ``min_sites`` remain, the round keeps the
-    previous global model instead of aggregating a rump.
+    dtypes; every value is finite; and the update's L2 norm is at most ``max_norm_ratio`` times
+    the median of the OTHER updates' norms: this round's other valid replies plus the norms
+    accepted in the previous round. Leaving the judged update out is what makes the check work
+    with two sites (a median that includes a huge update is pulled up by it), and the previous
+    round's norms give it a reference when only one site replies. A rejected update is recorded
+    with the site and reason and never aggregated; if fewer than ``min_sites`` remain, the round
+    keeps the previous global model instead of aggregating a rump.
     """
 
     def __init__(
@@ -526,6 +610,7 @@ class UpdateValidator(StrategyWrapper):
         self.max_norm_ratio = max_norm_ratio
         self.min_sites = min_sites
         self._global: dict[str, np.ndarray] = {}
+        self._previous: list[float] = []  # norms accepted in the last round that had any
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -549,16 +634,22 @@ class UpdateValidator(StrategyWrapper):
             else:
                 norms[id(msg)] = norm
                 kept.append(msg)
-        if len(norms) >= 3:
-            limit = self.max_norm_ratio * float(np.median(list(norms.values())))
-            for msg in [m for m in kept if id(m) in norms and norms[id(m)] > limit]:
-                self._reject(
-                    server_round,
-                    msg,
-                    f"update norm {norms[id(msg)]:.3g} is over "
-                    f"{self.max_norm_ratio:g}x the round's median",
-                )
-                kept.remove(msg)
+        outliers = []
+        for msg in [m for m in kept if id(m) in norms]:
+            others = [v for k, v in norms.items() if k != id(msg)] + self._previous
+            if others and norms[id(msg)] > self.max_norm_ratio * float(np.median(others)):
+                outliers.append(msg)
+        for msg in outliers:
+            self._reject(
+                server_round,
+                msg,
+                f"update norm {norms[id(msg)]:.3g} is over {self.max_norm_ratio:g}x the "
+                "median of the other sites' and the last round's",
+            )
+            kept.remove(msg)
+            del norms[id(msg)]
+        if norms:
+            self._previous = list(norms.values())
         valid = sum(1 for m in kept if not m.has_error())
         if valid < self.min_sites:
             # Still let the inner strategy see the replies (for recording), but aggregate none.

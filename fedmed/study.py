@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from fedmed import __version__
-from fedmed.config import RunConfig
-from fedmed.errors import ConfigError
+from fedmed.config import RunConfig, SiteSpec
+from fedmed.errors import ConfigError, StudyFailed
 from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
 
@@ -123,21 +123,84 @@ def live_reporter(
     return report
 
 
+def release_problem(model: torch.nn.Module, initial: dict[str, torch.Tensor]) -> str:
+    """Why ``model`` must not be released ("" if it may): non-finite weights, or weights that
+    are still the untrained ``initial`` ones (no round ever aggregated an update)."""
+    state = model.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"its weights hold NaN or Inf ('{key}'): training diverged"
+    if all(key in initial and torch.equal(v.cpu(), initial[key]) for key, v in state.items()):
+        return "no round aggregated an update (it is still the initial model)"
+    return ""
+
+
+def _initial_state(plan: RunPlan) -> dict[str, torch.Tensor]:
+    """The study's round-0 model (seeded, so the same one every runtime started from)."""
+    from fedmed.server_app import initial_model
+
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG as it was
+        model = initial_model(plan)
+    if plan.config.privacy.enabled:
+        from fedmed.privacy import make_compatible
+
+        model = make_compatible(model)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _void_final_metrics(history: RunHistory, sites: list[str]) -> None:
+    """A diverged model's final scores are not results: NaN (null in metrics.json, "n/a" on the
+    console, left out of the averages), so a broken model never reads as a real 0.0."""
+    import math
+
+    rnd = history.last_round()
+    for site in sites:
+        metrics = history.evaluated(rnd).get(site)
+        if metrics:
+            void = {k: v if k == "num-examples" else math.nan for k, v in metrics.items()}
+            history.record(rnd, "evaluate", site, void)
+
+
 def finish_run(
     plan: RunPlan, history: RunHistory, models: dict[str, torch.nn.Module], started: float
 ) -> dict[str, Any]:
-    """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json."""
+    """Write metrics (json/csv/png) and the model(s) with their cards; returns metrics.json.
+
+    Nothing broken is released: a model with NaN/Inf weights, or one no round ever updated, is
+    not written (nor signed). A local-mode site whose own model diverged is named under
+    ``failed_models`` and its final metrics are null (never a misleading 0.0); when no model is
+    left to release the study fails (StudyFailed, one line naming the cause) after writing
+    its metrics with status "failed".
+    """
     cfg = plan.config
+    initial = _initial_state(plan)
+    failed = {
+        stem: why for stem, model in models.items() if (why := release_problem(model, initial))
+    }
     header = {
         **_header(plan),
-        "status": "finished",
+        "status": "failed" if len(failed) == len(models) else "finished",
         "wall_seconds": round(time.time() - started, 3),
     }
+    if failed:
+        header["failed_models"] = {stem.removeprefix("model-"): why for stem, why in failed.items()}
+    _void_final_metrics(history, [stem.removeprefix("model-") for stem in failed])
     payload = write_metrics(plan.run_dir, history, header)
+    if len(failed) == len(models):
+        stem, why = next(iter(failed.items()))
+        payload["error"] = f"no model released: {why}"
+        write_json(plan.run_dir / "metrics.json", payload)
+        write_json(plan.run_dir / "live.json", payload)
+        raise StudyFailed(
+            f"study '{cfg.name}' released no model: {why}; see {plan.run_dir / 'metrics.json'} "
+            "(failures per round) and fix the sites or settings before running it again"
+        )
     write_json(plan.run_dir / "live.json", payload)
     serving = json.loads(plan.serving) if plan.serving else None
     final = payload["final"]
     for stem, model in models.items():
+        if stem in failed:
+            continue
         save_model(
             plan.run_dir,
             stem,
@@ -302,31 +365,90 @@ def _asdict(obj: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
 
 
-def plan_hash(cfg: RunConfig) -> str:
-    """Content hash of what a site is asked to run: task, model architecture and data schema.
+# What a plan hash leaves out: where results go, and how the coordinator combines what sites send
+# (these never reach a site's data, its privacy loss or what it releases).
+PLAN_OUTPUT_ONLY = frozenset({"name", "output_dir"})
+COORDINATOR_ONLY_STRATEGY = frozenset(
+    {
+        "min_sites",
+        "server_lr",
+        "server_momentum",
+        "tau",
+        "trim_beta",
+        "num_malicious",
+        "krum_select",
+        "validate_updates",
+        "max_norm_ratio",
+        "round_timeout",
+        "average_last",
+    }
+)
+# Settings that set a site's privacy loss or its release: hashed with their values even at
+# their defaults, so an approved hash means the same ε whichever fedmed version parsed the plan.
+PRIVACY_BINDING = ("rounds", "seed", "train", "privacy", "personalize")
+RELEASE_STRATEGY = ("name", "proximal_mu", "secure_aggregation")
 
-    Training knobs (rounds, learning rate, seed) are deliberately left out: a hospital approves
-    WHAT is computed on its data, not how long. Same plan, same hash, on every machine. Settings
-    left at their defaults are omitted, so a fedmed upgrade that adds a config key does not void
-    every approval a hospital has given.
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default values of a config dataclass's fields as plain JSON (required ones left out)."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(
+        json.dumps(out, default=lambda o: _asdict(o) if dataclasses.is_dataclass(o) else list(o))
+    )
+
+
+def plan_hash(cfg: RunConfig) -> str:
+    """Content hash of everything a site is asked to run and spend on its data.
+
+    A hospital approves one hash, so the hash must bind every setting that determines what is
+    computed on its data, what leaves the site and its privacy loss: the task, model and data
+    schema, and also rounds, local steps/epochs, batch size, learning rate schedule, the seed,
+    local and central DP settings, personalization, FedProx's mu and secure aggregation. Left
+    out are only the output settings (name, output_dir) and the coordinator's own aggregation
+    knobs (PLAN_OUTPUT_ONLY, COORDINATOR_ONLY_STRATEGY), plus the files and columns a site maps
+    from its own registry. Other settings left at their defaults are omitted, so a fedmed
+    upgrade that adds an unrelated config key does not void every approval; the privacy-binding
+    ones (PRIVACY_BINDING, RELEASE_STRATEGY) are always hashed with their values.
     """
     import hashlib
 
-    from fedmed.config import ImageConfig, ModelConfig, SchemaConfig, SeriesConfig
+    from fedmed.config import ImageConfig, SeriesConfig
 
-    def changed(values: dict[str, Any], default: Any) -> dict[str, Any]:
-        base = _asdict(default)
-        return {k: v for k, v in values.items() if base.get(k) != v}
+    default = _defaults(RunConfig)
+
+    def changed(values: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict) and base[key]:
+                nested = changed(value, base[key])
+                if nested:
+                    out[key] = nested
+            elif base.get(key) != value:
+                out[key] = value
+        return out
 
     spec = cfg.to_dict()
-    content = {
-        "task": spec["task"],
-        "model": changed(spec["model"], ModelConfig()),
-        "schema": changed(spec["data"]["schema"], SchemaConfig()),
+    content: dict[str, Any] = {
+        key: value
+        for key, value in changed(spec, default).items()
+        if key not in PLAN_OUTPUT_ONLY and key not in ("strategy", "data", "sites")
     }
-    # What images and series become (size; window, bins, missing code) is part of what runs.
-    # File names and columns are the site's own (its registry), so they are left out; an
-    # unchanged default adds nothing, so table plans keep their hashes.
+    for key in PRIVACY_BINDING:
+        content[key] = spec[key]
+    content["strategy"] = {k: spec["strategy"][k] for k in RELEASE_STRATEGY}
+    content["sites"] = [
+        changed(site, {**_asdict(SiteSpec("")), "name": None}) for site in spec["sites"]
+    ]
+    data = changed(spec["data"], default["data"])
+    # What images and series become (size; window, bins, missing code) is part of what runs;
+    # file names and columns are the site's own (its registry), so they are left out.
     site_owned = {
         "outcomes",
         "column",
@@ -334,9 +456,11 @@ def plan_hash(cfg: RunConfig) -> str:
         "std",
         *(k for k in spec["data"]["series"] if k.endswith("_column")),
     }
-    for key, default in (("images", ImageConfig()), ("series", SeriesConfig())):
+    for key, base in (("images", ImageConfig()), ("series", SeriesConfig())):
         values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
-        if changed(values, default):
-            content[key] = changed(values, default)
+        data.pop(key, None)
+        if changed(values, _asdict(base)):
+            data[key] = changed(values, _asdict(base))
+    content["data"] = data
     text = json.dumps(content, sort_keys=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()

@@ -144,9 +144,11 @@ def test_a_replayed_private_round_is_not_charged_twice(
     _resume(cfg, run_dir)
 
     for site in cfg.site_names:
-        rows = json.loads(PrivacyLedger(site, _private_ledger).path.read_text())["datasets"]
-        (entries,) = rows.values()
-        rounds = [r["round"] for r in entries if r["study"] == run_dir.name]
+        ledger = PrivacyLedger(site, _private_ledger)
+        entries = json.loads(ledger.path.read_text())["entries"]
+        datasets = {e["dataset"] for e in entries if "dataset" in e}
+        (dataset,) = datasets
+        rounds = [r["round"] for r in ledger.records(dataset, study=run_dir.name)]
         assert rounds == [1, 2, 3]  # round 3 trained twice, recorded once
     assert _numbers(_metrics(run_dir)) == _numbers(reference)
 
@@ -194,3 +196,59 @@ def _round_of(path: Path) -> int:
             return int((handle.metadata() or {}).get("round", 0))
     except Exception:  # caught mid-replace: not there yet
         return 0
+
+
+def _rewrite(run_dir: Path, edit) -> None:
+    """Change a checkpoint the way someone with write access to the run directory could."""
+    from safetensors import safe_open
+    from safetensors.numpy import save
+
+    path = run_dir / FILENAME
+    with safe_open(str(path), framework="numpy") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    edit(tensors, metadata)
+    path.write_bytes(save(tensors, metadata=metadata))
+
+
+def _zeroed(tensors: dict, metadata: dict) -> None:
+    for name in tensors:
+        tensors[name] = np.zeros_like(tensors[name])
+
+
+def _round(value: str):
+    def edit(tensors: dict, metadata: dict) -> None:
+        metadata["round"] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit", [_zeroed, _round("-3"), _round("99"), _round("2")], ids=["zeroed", "-3", "99", "2"]
+)
+def test_an_edited_checkpoint_is_refused_on_resume(csv_study: RunConfig, edit) -> None:
+    cfg, _ = preflight(csv_study.replace(rounds=3))
+    plan = RunPlan(cfg, new_run_dir(cfg))
+    with pytest.raises(Killed):
+        _run(plan, _kill_after(1))
+    key = plan.run_dir / "checkpoint.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert load_checkpoint(plan.run_dir, cfg).round == 1  # untouched: verifies
+
+    _rewrite(plan.run_dir, edit)
+
+    with pytest.raises(ConfigError, match="failed authentication") as err:
+        _resume(cfg, plan.run_dir)
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_without_its_key_is_refused(csv_study: RunConfig) -> None:
+    cfg, _ = preflight(csv_study.replace(rounds=3))
+    plan = RunPlan(cfg, new_run_dir(cfg))
+    with pytest.raises(Killed):
+        _run(plan, _kill_after(1))
+
+    (plan.run_dir / "checkpoint.key").unlink()
+
+    with pytest.raises(ConfigError, match="cannot be authenticated"):
+        load_checkpoint(plan.run_dir, cfg)

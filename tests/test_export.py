@@ -55,12 +55,16 @@ def test_missing_card_is_a_clear_error(demo_config: RunConfig, tmp_path: Path) -
         load_model(path)
 
 
-def test_plan_hash_covers_what_runs_not_how_long(demo_config: RunConfig) -> None:
+def test_plan_hash_covers_what_runs_and_how_long_not_where_it_is_written(
+    demo_config: RunConfig,
+) -> None:
     from fedmed.study import plan_hash
 
-    longer = demo_config.replace(rounds=50, seed=7)
+    longer = demo_config.replace(rounds=50)  # more rounds spend more of a site's privacy
     wider = demo_config.replace(model=demo_config.model.__class__(kind="mlp", hidden=(64,)))
+    elsewhere = demo_config.replace(name="renamed", output_dir="/elsewhere")
 
-    assert plan_hash(demo_config) == plan_hash(longer)
+    assert plan_hash(demo_config) != plan_hash(longer)
     assert plan_hash(demo_config) != plan_hash(wider)
+    assert plan_hash(demo_config) == plan_hash(elsewhere)
     assert plan_hash(demo_config).startswith("sha256:")

@@ -54,7 +54,7 @@ def test_corrupt_ledger_is_an_error_not_a_reset(tmp_path: Path) -> None:
     ledger.path.parent.mkdir(parents=True, exist_ok=True)
     ledger.path.write_text("{not json")
 
-    with pytest.raises(ConfigError, match="never delete a ledger"):
+    with pytest.raises(ConfigError, match="never delete or edit a ledger"):
         ledger.entries("abc")
 
 
@@ -91,14 +91,174 @@ def test_site_at_its_cap_refuses_and_the_run_completes(
         assert "train" not in h["sites"]["lakeview"]
         assert all("train" in h["sites"][s] for s in ("st-marys", "riverside", "northgate"))
     assert out["final"]["round"] == 2
-    # lakeview spent nothing: its ledger holds no entries.
-    ledger = (
-        json.loads((_private_ledger / "lakeview.json").read_text())
-        if (_private_ledger / "lakeview.json").exists()
-        else {"datasets": {}}
+    # lakeview spent nothing (it refused before reserving); the others hold both rounds.
+    lakeview = PrivacyLedger("lakeview", _private_ledger)
+    assert not lakeview.path.exists() or json.loads(lakeview.path.read_text())["entries"] == []
+    st_marys = PrivacyLedger("st-marys", _private_ledger)
+    entries = json.loads(st_marys.path.read_text())["entries"]
+    (dataset,) = {e["dataset"] for e in entries if "dataset" in e}
+    assert [r["round"] for r in st_marys.records(dataset)] == [1, 2]
+    assert {r["kind"] for r in st_marys.records(dataset)} == {"settle"}
+
+
+# -- reservations: a budget that cannot be raced -------------------------------------------------
+
+ROUND = [(1.0, 0.1, 50)]  # one round's planned steps
+
+
+def _cap_for(rounds: int) -> float:
+    """A cap that fits exactly ``rounds`` rounds (and not one more)."""
+    fits = epsilon_spent(ROUND * rounds, PRIVACY)
+    return (fits + epsilon_spent(ROUND * (rounds + 1), PRIVACY)) / 2
+
+
+def _spend_once(directory: str, study: str, cap: float) -> bool:
+    """One study's round against the shared ledger: reserve, 'train', settle."""
+    import time
+
+    ledger = PrivacyLedger("site", Path(directory))
+    try:
+        held = ledger.reserve("abc", study, 1, ROUND, PRIVACY, cap)
+    except PrivacyBudgetExceeded:
+        return False
+    time.sleep(0.05)  # training: another study may try to spend meanwhile
+    assert held is not None
+    ledger.settle(held, ROUND)
+    return True
+
+
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_concurrent_studies_never_spend_past_the_cap(tmp_path: Path, pool: str) -> None:
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+    cap = _cap_for(2)
+    executor = ThreadPoolExecutor if pool == "threads" else ProcessPoolExecutor
+    with executor(max_workers=4) as workers:
+        outcomes = list(
+            workers.map(_spend_once, [str(tmp_path)] * 6, [f"s{i}" for i in range(6)], [cap] * 6)
+        )
+
+    assert outcomes.count(True) == 2
+    assert PrivacyLedger("site", tmp_path).spent("abc", PRIVACY) <= cap
+
+
+def test_an_open_reservation_counts_and_a_cancelled_one_does_not(tmp_path: Path) -> None:
+    ledger = PrivacyLedger("site", tmp_path)
+    cap = _cap_for(1)
+    held = ledger.reserve("abc", "s1", 1, ROUND, PRIVACY, cap)
+    assert held is not None
+    with pytest.raises(PrivacyBudgetExceeded):  # s1 has not settled yet: its round counts
+        ledger.reserve("abc", "s2", 1, ROUND, PRIVACY, cap)
+    ledger.cancel(held)  # s1 failed before anything left the site
+    assert ledger.reserve("abc", "s2", 1, ROUND, PRIVACY, cap) is not None
+
+
+def test_a_replayed_release_is_held_once(tmp_path: Path) -> None:
+    ledger = PrivacyLedger("site", tmp_path)
+    held = ledger.reserve("abc", "s", 3, ROUND, PRIVACY, None, release="r")
+    assert held is not None
+    ledger.settle(held, ROUND)
+    assert ledger.reserve("abc", "s", 3, ROUND, PRIVACY, None, release="r") is None
+    assert ledger.entries("abc") == ROUND
+
+
+# -- a ledger that cannot be reset ----------------------------------------------------------------
+
+
+def _spent_ledger(tmp_path: Path) -> PrivacyLedger:
+    ledger = PrivacyLedger("site", tmp_path)
+    for rnd in (1, 2, 3):
+        ledger.record("abc", "s", rnd, ROUND)
+    return ledger
+
+
+def _negative_steps(ledger: PrivacyLedger) -> None:
+    data = json.loads(ledger.path.read_text())
+    data["entries"][-1]["steps"] = [[1.0, 0.1, -150]]
+    ledger.path.write_text(json.dumps(data))
+
+
+def _rehashed_negative_steps(ledger: PrivacyLedger) -> None:
+    """Edited AND re-chained by someone who read this module: still caught (invalid steps)."""
+    from fedmed.ledger import _entry_hash
+
+    data = json.loads(ledger.path.read_text())
+    last = data["entries"][-1]
+    last["steps"] = [[1.0, 0.1, -150]]
+    last["hash"] = _entry_hash(last)
+    ledger.path.write_text(json.dumps(data))
+    ledger.head_path.write_text(json.dumps({"count": len(data["entries"]), "hash": last["hash"]}))
+
+
+def _truncated(ledger: PrivacyLedger) -> None:
+    data = json.loads(ledger.path.read_text())
+    data["entries"] = data["entries"][:2]
+    ledger.path.write_text(json.dumps(data))
+
+
+def _lowered_noise(ledger: PrivacyLedger) -> None:
+    data = json.loads(ledger.path.read_text())
+    data["entries"][1]["steps"][0][0] = 50.0
+    ledger.path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda ledger: ledger.path.unlink(),
+        _truncated,
+        _negative_steps,
+        _rehashed_negative_steps,
+        _lowered_noise,
+        lambda ledger: ledger.head_path.unlink(),
+    ],
+    ids=["deleted", "truncated", "negative-steps", "rehashed", "lowered-noise", "head-deleted"],
+)
+def test_a_tampered_ledger_is_refused_with_the_fix(tmp_path: Path, tamper) -> None:
+    from fedmed.ledger import LedgerDamaged
+
+    ledger = _spent_ledger(tmp_path)
+    tamper(ledger)
+
+    with pytest.raises(LedgerDamaged, match="restore it") as err:
+        ledger.reserve("abc", "s", 4, ROUND, PRIVACY, cap=100.0)
+    assert "\n" not in str(err.value)
+
+
+def test_an_untouched_ledger_verifies(tmp_path: Path) -> None:
+    ledger = _spent_ledger(tmp_path)
+    ledger.verify()
+    assert ledger.entries("abc") == ROUND * 3
+
+
+def test_a_version_1_ledger_is_upgraded_without_forgetting(tmp_path: Path) -> None:
+    ledger = PrivacyLedger("site", tmp_path)
+    row = {"study": "old", "round": 1, "noise": 1.0, "rate": 0.1, "steps": 50, "release": ""}
+    legacy = {"format": "fedmed-ledger/1", "site": "site", "datasets": {"abc": [row]}}
+    ledger.path.write_text(json.dumps(legacy))
+
+    assert ledger.entries("abc") == ROUND
+    assert json.loads(ledger.path.read_text())["format"] == "fedmed-ledger/2"
+    ledger.verify()
+
+
+def test_another_split_seed_spends_from_the_same_budget(csv_study: RunConfig) -> None:
+    from dataclasses import replace
+
+    from flwr.app import Context, RecordDict
+
+    from fedmed.client_app import _keyed_inputs
+
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
+    schema = csv_study.data.schema
+    other = csv_study.replace(
+        data=replace(csv_study.data, schema=replace(schema, split_seed=7, test_fraction=0.2))
     )
-    assert not any(ledger["datasets"].values())
-    # the others trained and their ledgers hold both rounds
-    ledger = json.loads((_private_ledger / "st-marys.json").read_text())
-    (rows,) = ledger["datasets"].values()
-    assert [r["round"] for r in rows] == [1, 2]
+
+    _, _, data, key = _keyed_inputs(csv_study.to_json(), context)
+    _, _, other_data, other_key = _keyed_inputs(other.to_json(), context)
+
+    assert fingerprint(data.x_train, data.y_train) != fingerprint(
+        other_data.x_train, other_data.y_train
+    )  # other training rows ...
+    assert key == other_key  # ... from the same patients: the same ledger key

@@ -194,3 +194,29 @@ def test_noise_calibration_is_shared_through_the_disk_cache(tmp_path, monkeypatc
     monkeypatch.setattr("fedmed.privacy._calibrate", lambda *a: pytest.fail("recomputed"))
     assert _noise_for(privacy, 0.1, 120) == first
     _noise_for.cache_clear()
+
+
+def test_epsilon_is_never_negative_even_at_a_large_delta() -> None:
+    # Strong noise at δ = 0.3: Opacus' RDP conversion gives ε ≈ -0.37; ε >= 0 by definition.
+
+    history = [(5.0, 0.01, 10)]
+    large = PrivacyConfig(enabled=True, delta=0.3)
+    small = PrivacyConfig(enabled=True, delta=1e-5)
+
+    assert epsilon_spent(history, large) == 0.0
+    assert epsilon_spent(history, small) > 0.0
+
+
+def test_a_site_delta_defaults_to_one_over_its_rows_and_refuses_a_larger_plan_delta() -> None:
+    from fedmed.errors import PolicyViolation
+    from fedmed.privacy import at_site_delta, site_delta
+
+    assert site_delta(None, 1_000) == 1e-5
+    assert site_delta(None, 50) == 1e-5
+    assert site_delta(None, 10**7) == 1e-7
+    assert site_delta(1e-9, 50) == 1e-9
+    strict = PrivacyConfig(enabled=True, delta=1e-7)
+    assert at_site_delta(strict, 1e-5).delta == 1e-5  # accounted at the site's δ
+    plan = PrivacyConfig(enabled=True, delta=1e-5)
+    with pytest.raises(PolicyViolation, match="privacy.delta=1e-05"):
+        at_site_delta(plan, 1e-6)

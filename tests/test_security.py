@@ -164,8 +164,9 @@ def test_policy_accepts_only_approved_plans() -> None:
     with pytest.raises(PolicyViolation, match="not approved") as err:
         check_plan(_site(approved_plans=(plan_hash(run),)), other)
     assert "/" not in str(err.value).replace("sha256:", "")
-    # Training knobs do not change what runs on the data: same plan.
-    assert plan_hash(_federation(["rounds=9", "train.lr=0.5"])) == plan_hash(run)
+    # What a site spends is part of what it approves: more rounds are another plan.
+    with pytest.raises(PolicyViolation, match="not approved"):
+        check_plan(_site(approved_plans=(plan_hash(run),)), _federation(["rounds=9"]))
 
 
 def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
@@ -177,7 +178,8 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
         check_plan(_site(approved_plans=approved, require_privacy=True), run)
     with pytest.raises(PolicyViolation, match="masked updates"):
         check_plan(_site(approved_plans=approved, require_secure_aggregation=True), run)
-    # The same plan with SecAgg+ is the same plan hash, and this time the site takes part.
+    # With SecAgg+ (another release: only masked updates leave) it is another plan, which the
+    # site can approve and then takes part.
     secure = _federation(
         [
             "privacy.enabled=false",
@@ -185,13 +187,68 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
             "strategy.validate_updates=false",
         ]
     )
-    assert plan_hash(secure) == plan_hash(run)
-    check_plan(_site(approved_plans=approved, require_secure_aggregation=True), secure)
+    assert plan_hash(secure) != plan_hash(run)
+    check_plan(_site(approved_plans=(plan_hash(secure),), require_secure_aggregation=True), secure)
+
+
+def test_a_site_with_its_own_delta_refuses_a_larger_plan_delta_before_reading_data() -> None:
+    run = _federation(["privacy.delta=0.9"])
+    approved = (plan_hash(run),)
+
+    with pytest.raises(PolicyViolation, match=r"privacy.delta=0.9, larger than this site's δ"):
+        check_plan(_site(approved_plans=approved, delta=1e-6), run)
+    check_plan(_site(approved_plans=approved, delta=0.95), run)  # the site's own choice
 
 
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
     site = load_site_config(Path(__file__).parents[1] / "sites" / "example-hospital.toml")
     assert plan_hash(_federation()) in site.approved_plans
+
+
+# Every setting that determines a site's privacy loss, what it releases or how it trains.
+BINDING = [
+    "privacy.enabled=false",
+    "privacy.target_epsilon=30.0",
+    "privacy.delta=1e-3",
+    "privacy.max_grad_norm=5.0",
+    'privacy.accountant="prv"',
+    'privacy.grad_sample_mode="functorch"',
+    'privacy.central="server-side"',
+    "privacy.central_noise_multiplier=0.1",
+    "privacy.central_clipping_norm=9.0",
+    "rounds=300",
+    "seed=7",
+    "train.local_epochs=none;train.local_steps=5",
+    "train.local_epochs=20",
+    "train.batch_size=1",
+    "train.lr=0.5",
+    "train.lr_decay=0.5",
+    "train.momentum=0.0",
+    'train.optimizer="adam"',
+    "train.weight_decay=0.1",
+    'strategy.name="fedprox"',
+    "strategy.proximal_mu=1.0",
+    "data.schema.split_seed=7",
+    "data.schema.test_fraction=0.1",
+    "personalize.local_normalization=true",
+]
+
+
+@pytest.mark.parametrize("override", BINDING)
+def test_plan_hash_binds_every_privacy_and_release_setting(override: str) -> None:
+    assert plan_hash(_federation(override.split(";"))) != plan_hash(_federation())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ['name="renamed"'],
+        ['output_dir="/elsewhere"'],
+        ["strategy.min_sites=0", "strategy.round_timeout=5.0", "strategy.max_norm_ratio=3.0"],
+    ],
+)
+def test_plan_hash_ignores_output_and_coordinator_only_settings(overrides: list[str]) -> None:
+    assert plan_hash(_federation(overrides)) == plan_hash(_federation())
 
 
 def test_plan_hash_ignores_settings_left_at_their_defaults() -> None:
@@ -223,3 +280,15 @@ def test_fedmed_run_refuses_what_a_federation_cannot_do(
     code = main(["run", "federation", *sets, "--coordinator", str(tmp_path / "none")])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_site_init_requires_privacy_unless_told_otherwise(tmp_path: Path) -> None:
+    from fedmed.cli import main
+
+    default, opted_out = tmp_path / "a.toml", tmp_path / "b.toml"
+    assert main(["site", "init", "st-marys", "--insecure", "--out", str(default)]) == 0
+    args = ["site", "init", "st-marys", "--insecure", "--no-require-privacy", "--out"]
+    assert main([*args, str(opted_out)]) == 0
+
+    assert load_site_config(default).require_privacy is True
+    assert load_site_config(opted_out).require_privacy is False

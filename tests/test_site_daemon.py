@@ -23,7 +23,8 @@ from fedmed.client_app import app as client_app
 from fedmed.config import SiteSpec, parse_run_config
 from fedmed.data import load_site_table
 from fedmed.data.registry import DatasetRegistry
-from fedmed.errors import ConfigError, DataError
+from fedmed.errors import ConfigError, DataError, StudyFailed
+from fedmed.ledger import PrivacyLedger
 from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import SITE_CONFIG_KEY
@@ -374,8 +375,102 @@ def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: P
         for n in ("coronary", "surgical")
     ]
 
-    _, metrics, _ = _run_deployed(cfg, sites)
+    with pytest.raises(StudyFailed, match="no round aggregated"):  # and so no model
+        _run_deployed(cfg, sites)
 
+    (run_dir,) = Path(cfg.output_dir).iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["final"]["sites"] == {}
+    assert not (run_dir / "model.safetensors").exists()
     reasons = {f["reason"] for h in metrics["history"] for f in h["failures"]}
     assert any("reads only its registered data" in r for r in reasons), reasons
+
+
+# -- each site's own δ ---------------------------------------------------------------------------
+
+
+def _site_with(tmp_path: Path, name: str, approved: str, table: Path, extra: str) -> Path:
+    """A deployment site whose config adds ``extra`` lines (its δ, its cap)."""
+    path = _site(tmp_path, name, approved, table)
+    path.write_text(path.read_text() + extra)
+    return path
+
+
+def test_a_site_accounts_at_its_own_delta_and_caps_there(tmp_path: Path) -> None:
+    raw = _study(tmp_path)
+    raw.update(rounds=1, sites=[{"name": n} for n in ("alpha", "beta", "gamma", "delta")])
+    raw["strategy"]["min_sites"] = 1
+    raw["privacy"]["delta"] = 1e-9  # noise calibrated for ε = 4 at δ = 1e-9
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    table = write_site_csv(tmp_path / "same.csv", 80, seed=1)  # same rows: same noise
+    sites = [
+        _site_with(tmp_path, "alpha", approved, table, ""),  # default: min(1e-5, 1/rows)
+        _site_with(tmp_path, "beta", approved, table, "delta = 1e-9\n"),
+        # The same cap below the plan's target ε: within it at δ = 1e-5, over it at δ = 1e-9.
+        _site_with(tmp_path, "gamma", approved, table, "epsilon_cap = 3.9\n"),
+        _site_with(tmp_path, "delta", approved, table, "delta = 1e-9\nepsilon_cap = 3.9\n"),
+    ]
+
+    _, metrics, _ = _run_deployed(cfg, sites)
+
+    eps = metrics["history"][0]["epsilon"]
+    assert 3.9 < eps["beta"] <= 4.0 + 1e-6  # the plan's calibration, at the plan's δ
+    assert 0 < eps["alpha"] < 3.9  # the same noise and steps, stated at alpha's larger δ
+    assert eps["gamma"] == eps["alpha"]
+    reasons = [f["reason"] for f in metrics["history"][0]["failures"] if f["phase"] == "train"]
+    assert reasons == ["site 'delta': privacy budget exhausted"]
+    # The ledger is keyed by the registered files, before any split or preprocessing.
+    registered = DatasetRegistry(tmp_path / "state" / "alpha").verify("cohort").sha256
+    ledger = PrivacyLedger("alpha", tmp_path / "state" / "alpha" / "ledger")
+    assert [r["round"] for r in ledger.records(registered)] == [1]
+
+
+def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Path) -> None:
+    raw = _study(tmp_path)
+    raw.update(rounds=1, sites=[{"name": n} for n in ("alpha", "beta")])
+    raw["strategy"]["min_sites"] = 1
+    raw["privacy"]["delta"] = 0.9  # the δ-bypass: ε would look tiny, or even negative
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    table = write_site_csv(tmp_path / "same.csv", 80, seed=1)
+    sites = [
+        _site_with(tmp_path, "alpha", approved, table, ""),
+        # beta knowingly accepts δ = 0.95: it trains, and its ε (at 0.95) is never negative
+        _site_with(tmp_path, "beta", approved, table, "delta = 0.95\n"),
+    ]
+
+    grid, metrics, _ = _run_deployed(cfg, sites)
+
+    reasons = {
+        f["reason"] for h in metrics["history"] for f in h["failures"] if f["phase"] == "train"
+    }
+    assert reasons == {
+        "site 'alpha': the plan calibrates its noise at privacy.delta=0.9, larger than this "
+        "site's δ; lower privacy.delta (e.g. 1e-6)"
+    }
+    assert 0.0 <= metrics["history"][0]["epsilon"]["beta"] <= 4.0
+    refused = [
+        e for e in AuditLog(tmp_path / "state" / "alpha").entries() if e["direction"] == "sent"
+    ]
+    assert any("privacy.delta=0.9" in e.get("outcome", "") for e in refused)
+    _assert_nothing_leaked(b"".join(grid.sent), tmp_path, [b"Traceback"])
+
+
+def test_a_deployed_site_trains_with_a_seed_the_coordinator_cannot_know(tmp_path: Path) -> None:
+    from fedmed.client_app import NOISE_KEY, _training_seed
+
+    def context(site: Path) -> Context:
+        return Context(RUN_ID, 1, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})
+
+    alpha = _site(tmp_path, "alpha", "sha256:" + "1" * 64, None)
+    beta = _site(tmp_path, "beta", "sha256:" + "1" * 64, None)
+    simulated = Context(RUN_ID, 1, {"partition-id": 0}, RecordDict(), {})
+
+    seed = _training_seed(1234, context(alpha))
+
+    assert seed == _training_seed(1234, context(alpha))  # a replayed round: the same update
+    assert seed != 1234 and seed != _training_seed(1234, context(beta))
+    assert 2**32 <= seed < 2**63  # 63 secret bits, not a 32-bit seed one could search
+    assert (tmp_path / "state" / "alpha" / NOISE_KEY).stat().st_mode & 0o777 == 0o600
+    assert _training_seed(1234, simulated) == 1234  # simulations stay reproducible

@@ -70,6 +70,12 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
         raise PolicyViolation("this study does not list the site")
     if site.require_privacy and not run.privacy.enabled:
         raise PolicyViolation("the site only trains with local differential privacy")
+    if run.privacy.enabled and site.delta is not None:
+        # Known before any data is read when the site sets its δ (else fedmed.privacy's
+        # at_site_delta refuses the same plan once the training rows are counted).
+        from fedmed.privacy import at_site_delta
+
+        at_site_delta(run.privacy, site.delta)
     if site.require_secure_aggregation and not run.strategy.secure_aggregation:
         raise PolicyViolation(
             "the site only sends masked updates (strategy.secure_aggregation = true)"
