@@ -644,8 +644,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"run {run_id} ended ({status}) without results; see the coordinator's output, or "
             f"FLWR_HOME={c.flwr_home} flwr log {run_id} {dep.CONNECTION}"
         )
+    payload = json.loads(metrics.read_text())
+    if payload.get("status") == "failed":  # the coordinator released no model (fedmed.study)
+        from fedmed.errors import StudyFailed
+
+        raise StudyFailed(
+            f"run {run_id} released no model: {payload.get('error', 'see metrics.json')}; see "
+            f"{metrics} (failures per round)"
+        )
     if not args.quiet:
-        _print_summary(json.loads(metrics.read_text()))
+        _print_summary(payload)
     print(plan.run_dir)
     return 0
 

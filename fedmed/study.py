@@ -444,7 +444,9 @@ def plan_hash(cfg: RunConfig) -> str:
         content[key] = spec[key]
     content["strategy"] = {k: spec["strategy"][k] for k in RELEASE_STRATEGY}
     content["sites"] = [
-        changed(site, {**_asdict(SiteSpec("")), "name": None}) for site in spec["sites"]
+        # Defaults of a site entry (its name is always "changed": every site is listed).
+        changed(site, {**_asdict(SiteSpec("site")), "name": None})
+        for site in spec["sites"]
     ]
     data = changed(spec["data"], default["data"])
     # What images and series become (size; window, bins, missing code) is part of what runs;

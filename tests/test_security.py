@@ -192,12 +192,12 @@ def test_policy_refuses_unlisted_site_and_non_private_plans() -> None:
 
 
 def test_a_site_with_its_own_delta_refuses_a_larger_plan_delta_before_reading_data() -> None:
-    run = _federation(["privacy.delta=0.9"])
+    run = _federation(["privacy.delta=0.05"])  # 0.1 is the parse-time limit for any plan
     approved = (plan_hash(run),)
 
-    with pytest.raises(PolicyViolation, match=r"privacy.delta=0.9, larger than this site's δ"):
+    with pytest.raises(PolicyViolation, match=r"privacy.delta=0.05, larger than this site's δ"):
         check_plan(_site(approved_plans=approved, delta=1e-6), run)
-    check_plan(_site(approved_plans=approved, delta=0.95), run)  # the site's own choice
+    check_plan(_site(approved_plans=approved, delta=0.06), run)  # the site's own choice
 
 
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:

@@ -430,7 +430,7 @@ def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Pa
     raw = _study(tmp_path)
     raw.update(rounds=1, sites=[{"name": n} for n in ("alpha", "beta")])
     raw["strategy"]["min_sites"] = 1
-    raw["privacy"]["delta"] = 0.9  # the δ-bypass: ε would look tiny, or even negative
+    raw["privacy"]["delta"] = 0.05  # the δ-bypass (0.1 is the parse-time limit; a site δ is ≤ 1e-5)
     cfg = parse_run_config(raw)
     approved = plan_hash(cfg)
     table = write_site_csv(tmp_path / "same.csv", 80, seed=1)
@@ -446,14 +446,14 @@ def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Pa
         f["reason"] for h in metrics["history"] for f in h["failures"] if f["phase"] == "train"
     }
     assert reasons == {
-        "site 'alpha': the plan calibrates its noise at privacy.delta=0.9, larger than this "
+        "site 'alpha': the plan calibrates its noise at privacy.delta=0.05, larger than this "
         "site's δ; lower privacy.delta (e.g. 1e-6)"
     }
     assert 0.0 <= metrics["history"][0]["epsilon"]["beta"] <= 4.0
     refused = [
         e for e in AuditLog(tmp_path / "state" / "alpha").entries() if e["direction"] == "sent"
     ]
-    assert any("privacy.delta=0.9" in e.get("outcome", "") for e in refused)
+    assert any("privacy.delta=0.05" in e.get("outcome", "") for e in refused)
     _assert_nothing_leaked(b"".join(grid.sent), tmp_path, [b"Traceback"])
 
 

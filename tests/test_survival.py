@@ -366,7 +366,9 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
         "log_hazard_ratio",
         "hazard_ratio",
         "explanation",
+        "imputed",  # the fields filled with the training mean (missing = "mean"): none here
     }
+    assert reply.json()["predictions"][0]["imputed"] == []
     np.testing.assert_allclose(
         scored["hazard_ratio"], [p["hazard_ratio"] for p in preds], rtol=1e-5
     )

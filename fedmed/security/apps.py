@@ -36,7 +36,7 @@ class ForeignApp(PolicyViolation):
 def check_fab(content: bytes) -> tuple[str, str]:
     """(serverapp, clientapp) of a FAB that is fedmed's; ForeignApp (wire-safe text) otherwise."""
     if len(content) > MAX_FAB_BYTES:
-        raise ForeignApp("the run's app is not fedmed's (its bundle is too large to be a pyproject)")
+        raise ForeignApp("the run's app is not fedmed's (its bundle is too large for a pyproject)")
     try:
         with zipfile.ZipFile(io.BytesIO(content)) as fab:
             names = set(fab.namelist())

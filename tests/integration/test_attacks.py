@@ -190,7 +190,7 @@ def test_an_outsider_or_a_site_controls_nothing_at_the_coordinator(federation) -
 
 def test_a_foreign_app_is_refused_by_the_coordinator(federation) -> None:
     """Even an operator's credential cannot make the coordinator import another app."""
-    root, daemons, port = federation
+    root, _, port = federation
     home = connection(root / "operator-home", port, root / "pki" / "ca.crt")
     canary = root / "coordinator-canary"
     app = foreign_app(root / "foreign-app", canary)
@@ -380,5 +380,33 @@ def test_a_killed_site_costs_a_round_at_most_two_minutes(tmp_path: Path) -> None
         assert run.returncode == 0, err
         metrics = json.loads((Path(out.split()[-1]) / "metrics.json").read_text())
         assert any(f["site"] == "riverside" for f in metrics["history"][1]["failures"])
+    finally:
+        daemons.stop_all()
+
+
+def test_a_larger_delta_cannot_buy_epsilon_at_a_real_site(tmp_path: Path) -> None:
+    """Issue 15's δ bypass through `fedmed run`: even a plan the stewards approved, whose noise
+    is calibrated at δ = 0.05, is refused by every site (each accounts at its own δ ≤ 1e-5),
+    so nothing is aggregated, no model is written, and the run fails loudly."""
+    sets = ("privacy.delta=0.05", "rounds=1")
+    port, daemons = _setup(tmp_path, unapproved=set(), overrides=sets)
+    try:
+        for name in ("st-marys", "riverside", "northgate"):
+            daemons.start(name, "site", "start", f"sites/{name}.toml")
+        _wait_online(tmp_path, port, 3)
+        args = [a for s in sets for a in ("--set", s)]
+        res = fedmed("run", "study.toml", *args, *OPERATOR, cwd=tmp_path, timeout=600)
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert "released no model" in res.stderr
+        run_dir = next((tmp_path / "runs").iterdir())
+        assert not (run_dir / "model.safetensors").exists()
+        failures = json.loads((run_dir / "metrics.json").read_text())["history"][0]["failures"]
+        assert {f["site"] for f in failures if "δ" in f["reason"] or "delta" in f["reason"]} == {
+            "st-marys", "riverside", "northgate"
+        }, failures
+        for name in ("st-marys", "riverside", "northgate"):
+            refused = [e for e in AuditLog(tmp_path / "state" / name).entries()
+                       if str(e.get("outcome", "")).startswith("refused")]  # fmt: skip
+            assert refused, name
     finally:
         daemons.stop_all()
