@@ -427,6 +427,8 @@ def _print_summary(payload: dict) -> None:
         *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
     )
     Console(file=sys.stdout, width=120).print(table)
+    for line in _coverage_lines(final.get("average_coverage"), [c for c in cols if c in avg]):
+        print(line)
     if final.get("personalized"):
         _print_personalized(final["personalized"], order, payload["config"]["personalize"])
     if final.get("central_epsilon") is not None:
@@ -447,6 +449,30 @@ def _print_summary(payload: dict) -> None:
         print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
     for site, why in payload.get("failed_models", {}).items():
         print(f"no model released for {site}: {why} (its final metrics are n/a)")
+
+
+def _coverage_lines(coverage: dict | None, shown: list[str]) -> list[str]:
+    """One line per group of shown metrics whose average leaves sites out: 'average of N/M'.
+
+    Without it a mean over 2 of 3 sites reads like a mean over all 3. Metrics missing the same
+    sites share a line; long site lists are cut so the line stays one line.
+    """
+    if not coverage:
+        return []
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for metric in shown:
+        gaps = tuple(coverage["missing"].get(metric, ()))
+        if gaps:
+            groups.setdefault(gaps, []).append(metric)
+    total = coverage["sites"]
+    lines = []
+    for gaps, metrics in groups.items():
+        names = ", ".join(gaps[:5]) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
+        lines.append(
+            f"{', '.join(metrics)}: average of {total - len(gaps)}/{total} sites "
+            f"(no value from {names})"
+        )
+    return lines
 
 
 def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:

@@ -80,6 +80,25 @@ class RunHistory:
         keys = sorted({k for m in per_site.values() for k in m if k != "num-examples"})
         return {k: _mean([m[k] for m in per_site.values() if k in m]) for k in keys}
 
+    def average_coverage(self, rnd: int) -> dict[str, Any]:
+        """Which sites each average of round ``rnd`` covers, so a mean of 2 of 3 sites says so.
+
+        ``sites`` is the number of study sites; ``covered[metric]`` how many gave a value;
+        ``missing[metric]`` (only metrics with a gap) the sites with no value: absent from the
+        round, or NaN (e.g. ROC-AUC on a one-class test split, a diverged local model).
+        """
+        per_site = self.evaluated(rnd)
+        sites = list(dict.fromkeys([*self.sites, *per_site]))
+        keys = sorted({k for m in per_site.values() for k in m if k != "num-examples"})
+        missing = {
+            k: [s for s in sites if math.isnan(per_site.get(s, {}).get(k, math.nan))] for k in keys
+        }
+        return {
+            "sites": len(sites),
+            "covered": {k: len(sites) - len(gaps) for k, gaps in missing.items()},
+            "missing": {k: gaps for k, gaps in missing.items() if gaps},
+        }
+
     def weighted_average(self, rnd: int) -> dict[str, float]:
         """Mean weighted by each site's number of test rows."""
         per_site = self.evaluated(rnd)
@@ -118,6 +137,7 @@ class RunHistory:
         return {
             "round": rnd,
             "average": self.average(rnd),
+            "average_coverage": self.average_coverage(rnd),
             "weighted_average": self.weighted_average(rnd),
             "sites": sites,
             "missing_sites": sorted(set(self.sites) - set(self.evaluated(rnd))),
@@ -142,6 +162,7 @@ class RunHistory:
                 {
                     "round": rnd,
                     "average": self.average(rnd),
+                    "average_coverage": self.average_coverage(rnd),
                     "sites": {
                         site: {
                             ph: phases.get(ph, {}).get(site)

@@ -75,6 +75,7 @@ def test_a_diverged_local_model_is_named_and_its_metrics_are_null(csv_study: Run
     assert beta["accuracy"] is None and beta["loss"] is None  # not 0.0
     assert saved["final"]["sites"]["alpha"]["accuracy"] == 0.0  # a real (bad) score stays
     assert saved["final"]["average"]["loss"] == pytest.approx(0.7)  # beta left out
+    assert saved["final"]["average_coverage"]["missing"]["loss"] == ["beta"]  # and says so
     assert not (plan.run_dir / "model-beta.safetensors").exists()
     assert (plan.run_dir / "model-alpha.safetensors").is_file()
 

@@ -1,0 +1,69 @@
+"""metrics.json / metrics.png: averages say which sites they cover; plots stay readable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmed.cli import _print_summary
+from fedmed.report import RunHistory, write_metrics
+from fedmed.tasks import get_task
+
+SITES = ("st-marys", "riverside", "lakeview")
+
+
+def _history_with_a_one_class_site() -> RunHistory:
+    """riverside's test split holds one class, so the task gives it ROC-AUC NaN (undefined)."""
+    task = get_task("tabular-classification")
+    rng = np.random.default_rng(0)
+    history = RunHistory(sites=SITES)
+    for site in SITES:
+        y = np.ones(20) if site == "riverside" else rng.integers(0, 2, 20).astype(float)
+        scores = rng.uniform(size=20)
+        history.record(1, "evaluate", site, {**task.evaluate(y, scores, loss=0.5)})
+    return history
+
+
+def test_averages_record_which_sites_they_cover(tmp_path: Path) -> None:
+    header = {"name": "cov", "mode": "federated", "config": {"task": "tabular-classification"}}
+
+    payload = write_metrics(tmp_path, _history_with_a_one_class_site(), header)
+
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    final = saved["final"]
+    assert final["sites"]["riverside"]["roc_auc"] is None
+    coverage = final["average_coverage"]
+    assert coverage["sites"] == 3
+    assert coverage["missing"] == {"roc_auc": ["riverside"]}
+    assert coverage["covered"]["roc_auc"] == 2 and coverage["covered"]["accuracy"] == 3
+    assert saved["history"][0]["average_coverage"] == coverage  # per round as well
+    expected = np.mean([final["sites"][s]["roc_auc"] for s in ("st-marys", "lakeview")])
+    assert final["average"]["roc_auc"] == pytest.approx(expected)
+    assert payload["final"]["average_coverage"] == coverage
+
+
+def test_a_site_absent_from_the_round_is_missing_from_every_average() -> None:
+    history = RunHistory(sites=SITES)
+    history.record(1, "evaluate", "st-marys", {"accuracy": 0.8, "num-examples": 10.0})
+
+    coverage = history.average_coverage(1)
+
+    assert coverage == {
+        "sites": 3,
+        "covered": {"accuracy": 1},
+        "missing": {"accuracy": ["riverside", "lakeview"]},
+    }
+
+
+def test_the_console_summary_says_average_of_n_of_m_sites(tmp_path: Path, capsys) -> None:
+    header = {"name": "cov", "mode": "federated", "config": {"task": "tabular-classification"}}
+    payload = write_metrics(tmp_path, _history_with_a_one_class_site(), header)
+
+    _print_summary(payload)  # as `fedmed simulate` does, NaN and all
+
+    out = capsys.readouterr().out
+    assert "roc_auc: average of 2/3 sites (no value from riverside)" in out
+    assert "accuracy: average" not in out  # covered by every site: nothing to say
