@@ -17,7 +17,11 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Plot panels, in this order, for the metrics a run's task reports (classification or survival).
 SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "c_index", "loss")
@@ -281,8 +285,21 @@ def write_metrics(run_dir: Path, history: RunHistory, header: dict[str, Any]) ->
     return payload
 
 
-def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
-    """Per-site lines and the average (black) by round, one panel per metric (+ ε if private)."""
+# Above this many sites, one line per site is a hairball: draw a band and the worst sites instead.
+MAX_SITE_LINES = 12
+WORST_SHOWN = 3
+# Panels where a higher value is the worse one (the rest: accuracy, ROC-AUC, F1, C-index).
+HIGHER_IS_WORSE = ("loss", "epsilon")
+
+
+def plot_history(history: RunHistory, path: Path, title: str = "") -> Figure | None:
+    """Per-site lines and the average (black) by round, one panel per metric (+ ε if private).
+
+    With more than ``MAX_SITE_LINES`` sites each panel shows instead the average, the min–max
+    band across sites and the ``WORST_SHOWN`` worst sites by their last value, so a 100-site
+    study stays readable. Returns the (closed) figure so callers can inspect what was drawn;
+    None when no site ever reported.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,15 +310,16 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
     reported = {k for r in rounds for m in history.evaluated(r).values() for k in m}
     panels = [m for m in SUMMARY_METRICS if m in reported] + (["epsilon"] if has_eps else [])
     if not panels:  # no site ever reported (e.g. every site refused the plan): nothing to plot
-        return
+        return None
+    many = len(history.sites) > MAX_SITE_LINES
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], panels, strict=True):
-        for site in history.sites:
-            if metric == "epsilon":
-                ys = [history.epsilon(r).get(site, math.nan) for r in rounds]
-            else:
-                ys = [history.evaluated(r).get(site, {}).get(metric, math.nan) for r in rounds]
-            ax.plot(rounds, ys, marker="o", markersize=3, linewidth=1.2, label=site)
+        series = {site: _site_series(history, metric, site, rounds) for site in history.sites}
+        if many:
+            _draw_band_and_worst(ax, rounds, series, metric)
+        else:
+            for site, ys in series.items():
+                ax.plot(rounds, ys, marker="o", markersize=3, linewidth=1.2, label=site)
         if metric == "epsilon" and history.central_epsilon:
             ax.plot(
                 rounds,
@@ -322,7 +340,10 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
         ax.set_title("ε spent" if metric == "epsilon" else metric)
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
+        if many:  # the worst sites differ from panel to panel: each needs its own legend
+            ax.legend(fontsize=7, loc="best")
+    if not many:
+        axes[0][0].legend(fontsize=7, loc="best")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -330,3 +351,37 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+    return fig
+
+
+def _site_series(history: RunHistory, metric: str, site: str, rounds: list[int]) -> list[float]:
+    if metric == "epsilon":
+        return [history.epsilon(r).get(site, math.nan) for r in rounds]
+    return [history.evaluated(r).get(site, {}).get(metric, math.nan) for r in rounds]
+
+
+def _draw_band_and_worst(
+    ax: Axes, rounds: list[int], series: dict[str, list[float]], metric: str
+) -> None:
+    """The min–max band across sites per round, and the worst sites by their last finite value."""
+    columns = [
+        [ys[i] for ys in series.values() if not math.isnan(ys[i])] for i in range(len(rounds))
+    ]
+    low = [min(c) if c else math.nan for c in columns]
+    high = [max(c) if c else math.nan for c in columns]
+    ax.fill_between(
+        rounds, low, high, color="tab:blue", alpha=0.2, label=f"min–max of {len(series)} sites"
+    )
+    last = {
+        site: next((v for v in reversed(ys) if not math.isnan(v)), math.nan)
+        for site, ys in series.items()
+    }
+    ranked = sorted(
+        (site for site, v in last.items() if not math.isnan(v)),
+        key=lambda site: last[site],
+        reverse=metric in HIGHER_IS_WORSE,
+    )
+    for site in ranked[:WORST_SHOWN]:
+        ax.plot(
+            rounds, series[site], marker="o", markersize=3, linewidth=1.2, label=f"worst: {site}"
+        )

@@ -67,3 +67,55 @@ def test_the_console_summary_says_average_of_n_of_m_sites(tmp_path: Path, capsys
     out = capsys.readouterr().out
     assert "roc_auc: average of 2/3 sites (no value from riverside)" in out
     assert "accuracy: average" not in out  # covered by every site: nothing to say
+
+
+def _many_sites(n: int, rounds: int = 4) -> RunHistory:
+    """``n`` sites; site-007 is the worst by accuracy, site-042 by loss, site-099 spends most ε."""
+    sites = tuple(f"site-{i:03d}" for i in range(n))
+    history = RunHistory(sites=sites)
+    for rnd in range(1, rounds + 1):
+        for i, site in enumerate(sites):
+            accuracy = 0.2 if site == "site-007" else 0.6 + 0.003 * i
+            loss = 3.0 if site == "site-042" else 0.5 + 0.001 * i
+            history.record(rnd, "train", site, {"epsilon": 0.1 * rnd * (1 + i / n)})
+            history.record(
+                rnd, "evaluate", site, {"accuracy": accuracy, "loss": loss, "num-examples": 30.0}
+            )
+    return history
+
+
+def _labels(ax) -> list[str]:
+    return [line.get_label() for line in ax.get_lines()]
+
+
+def test_metrics_png_of_a_100_site_study_draws_a_band_and_the_worst_sites(tmp_path: Path) -> None:
+    from fedmed.report import plot_history
+
+    fig = plot_history(_many_sites(100), tmp_path / "metrics.png", title="many")
+
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    assert set(by_title) == {"accuracy", "loss", "ε spent"}
+    for ax in fig.axes:
+        assert len(ax.get_lines()) <= 8, ax.get_title()
+        assert len(ax.collections) == 1  # the min–max band
+    assert "worst: site-007" in _labels(by_title["accuracy"])
+    assert "average" in _labels(by_title["accuracy"])
+    assert "worst: site-042" in _labels(by_title["loss"])  # higher loss is worse
+    assert "worst: site-099" in _labels(by_title["ε spent"])  # most ε spent is worst
+    assert "worst: site-099" not in _labels(by_title["accuracy"])  # the best accuracy
+
+
+def test_write_metrics_of_a_100_site_study_writes_the_png(tmp_path: Path) -> None:
+    write_metrics(tmp_path, _many_sites(100), {"name": "many", "mode": "federated"})
+
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+
+
+def test_a_few_sites_keep_one_line_each(tmp_path: Path) -> None:
+    from fedmed.report import plot_history
+
+    fig = plot_history(_many_sites(5), tmp_path / "metrics.png")
+
+    accuracy = next(ax for ax in fig.axes if ax.get_title() == "accuracy")
+    assert _labels(accuracy) == [*(f"site-{i:03d}" for i in range(5)), "average"]
