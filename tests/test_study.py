@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -95,3 +96,24 @@ def test_the_cli_exits_non_zero_with_one_line_when_nothing_is_released(
     assert code != 0
     assert err[-1].startswith("fedmed: error: study 'csvstudy' released no model")
     assert not list((tmp_path / "runs").glob("*/model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "strategy", "expected"),
+    [
+        ("federated", "fedprox", "csvstudy-federated-fedprox-s7-"),
+        ("pooled", "fedavg", "csvstudy-pooled-s7-"),
+        ("local", "fedavg", "csvstudy-local-s7-"),
+    ],
+)
+def test_run_folders_name_the_strategy_and_seed(
+    csv_study: RunConfig, mode: str, strategy: str, expected: str
+) -> None:
+    from fedmed.config import StrategyConfig
+
+    cfg = csv_study.replace(mode=mode, seed=7, strategy=StrategyConfig(name=strategy))
+
+    run_dir = new_run_dir(cfg)
+
+    assert run_dir.name.startswith(expected) and run_dir.is_dir()
+    assert re.fullmatch(r"\d{8}-\d{6}", run_dir.name.removeprefix(expected))
