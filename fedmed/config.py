@@ -155,6 +155,11 @@ class StrategyConfig:
     min_sites: int = 0  # 0 = every configured site must reply
     server_lr: float = 0.01
     server_momentum: float = 0.9
+    # FedAdam/FedYogi's first/second-moment decay and FedOpt's adaptivity (also FedAdagrad);
+    # Flower's defaults (FLamby's differ: beta_2 = 0.999). FedAdagrad keeps no first moment and
+    # no decay, so beta_1/beta_2 other than these defaults are refused with it.
+    beta_1: float = 0.9
+    beta_2: float = 0.99
     tau: float = 1e-3
     proximal_mu: float = 0.01  # fedprox
     trim_beta: float = 0.2  # fedtrimmedavg: fraction cut at each end, per coordinate
@@ -178,6 +183,16 @@ class StrategyConfig:
             raise ConfigError(
                 f"strategy.average_last must be >= 1 (got {self.average_last}); 1 = evaluate "
                 "and save the latest global model, 5 = the mean of the last 5 rounds' models"
+            )
+        changed = [
+            f"strategy.{key} = {value:g}"
+            for key, value, default in (("beta_1", self.beta_1, 0.9), ("beta_2", self.beta_2, 0.99))
+            if value != default
+        ]
+        if self.name == "fedadagrad" and changed:  # Flower's FedAdagrad fixes beta_1 = beta_2 = 0
+            raise ConfigError(
+                f'{changed[0]} has no effect with strategy.name = "fedadagrad" (it keeps no '
+                "moment decay); remove it, or use fedadam or fedyogi"
             )
 
 
@@ -646,6 +661,9 @@ def _check_ranges(cfg: RunConfig) -> None:
     _in_range("strategy.num_malicious", s.num_malicious, 0, 1_000)
     _in_range("strategy.krum_select", s.krum_select, 0, 1_000)
     _in_range("strategy.server_lr", s.server_lr, 0, 100, low_open=True)
+    _in_range("strategy.beta_1", s.beta_1, 0, 1, high_open=True, fix="FedAdam/FedYogi: 0.9")
+    _in_range("strategy.beta_2", s.beta_2, 0, 1, high_open=True, fix="FedAdam/FedYogi: 0.99")
+    _in_range("strategy.tau", s.tau, 0, 1, low_open=True, fix="FedOpt's adaptivity: 1e-3")
     # ε below 0.01 cannot be calibrated to any useful noise; above 1000 it protects no one.
     _in_range("privacy.target_epsilon", p.target_epsilon, 0.01, 1000)
     # δ must stay far below 1/n (a mechanism that leaks one record in ten is not private).

@@ -71,13 +71,17 @@ def _common(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def _fedopt(cls: type) -> Callable[[RunConfig], Strategy]:
-    """Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad); see KeepDtypes for their dtypes."""
+def _fedopt(cls: type, *, moments: bool = True) -> Callable[[RunConfig], Strategy]:
+    """Flower's FedOpt family (FedAdam, FedYogi, FedAdagrad); see KeepDtypes for their dtypes.
+
+    ``moments``: the strategy takes beta_1/beta_2 (FedAdagrad does not: Flower fixes them to 0,
+    and the config refuses other values for it rather than ignoring them).
+    """
 
     def build(cfg: RunConfig) -> Strategy:
-        return cls(
-            **_common(cfg), eta=cfg.strategy.server_lr, eta_l=cfg.train.lr, tau=cfg.strategy.tau
-        )
+        s = cfg.strategy
+        betas = {"beta_1": s.beta_1, "beta_2": s.beta_2} if moments else {}
+        return cls(**_common(cfg), eta=s.server_lr, eta_l=cfg.train.lr, tau=s.tau, **betas)
 
     return build
 
@@ -92,7 +96,7 @@ STRATEGIES: dict[str, Callable[[RunConfig], Strategy]] = {
     "fedprox": lambda cfg: FedProx(**_common(cfg), proximal_mu=cfg.strategy.proximal_mu),
     "fedadam": _fedopt(FedAdam),
     "fedyogi": _fedopt(FedYogi),
-    "fedadagrad": _fedopt(FedAdagrad),
+    "fedadagrad": _fedopt(FedAdagrad, moments=False),
     # Robust aggregation: tolerate a minority of broken or hostile sites.
     "fedmedian": lambda cfg: FedMedian(**_common(cfg)),
     "fedtrimmedavg": lambda cfg: FedTrimmedAvg(**_common(cfg), beta=cfg.strategy.trim_beta),

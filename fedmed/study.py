@@ -376,6 +376,8 @@ COORDINATOR_ONLY_STRATEGY = frozenset(
         "min_sites",
         "server_lr",
         "server_momentum",
+        "beta_1",
+        "beta_2",
         "tau",
         "trim_beta",
         "num_malicious",

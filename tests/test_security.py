@@ -245,6 +245,7 @@ def test_plan_hash_binds_every_privacy_and_release_setting(override: str) -> Non
         ['name="renamed"'],
         ['output_dir="/elsewhere"'],
         ["strategy.min_sites=0", "strategy.round_timeout=5.0", "strategy.max_norm_ratio=3.0"],
+        ["strategy.beta_1=0.8", "strategy.beta_2=0.999", "strategy.tau=1e-6"],  # server's Adam
     ],
 )
 def test_plan_hash_ignores_output_and_coordinator_only_settings(overrides: list[str]) -> None:

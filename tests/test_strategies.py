@@ -72,3 +72,39 @@ def test_fedadam_keeps_float32_so_no_update_is_rejected(csv_study: RunConfig, ca
     assert all(not h["failures"] for h in metrics["history"])
     model, _ = load_model(run_dir / "model.safetensors")
     assert all(p.dtype == torch.float32 for p in model.state_dict().values())
+
+
+def _parsed(strategy: dict[str, object]) -> RunConfig:
+    from fedmed.config import parse_run_config
+
+    sites = [{"name": "a", "path": "a.csv"}, {"name": "b", "path": "b.csv"}]
+    return parse_run_config({"strategy": strategy, "sites": sites})
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_fedopt_moments_and_tau_reach_flowers_strategy(name: str) -> None:
+    cfg = _parsed({"name": name, "beta_1": 0.8, "beta_2": 0.999, "tau": 1e-8, "server_lr": 0.02})
+
+    strategy = build_strategy(cfg)
+
+    assert type(strategy).__name__ == {"fedadam": "FedAdam", "fedyogi": "FedYogi"}[name]
+    assert (strategy.beta_1, strategy.beta_2) == (0.8, 0.999)
+    assert strategy.tau == 1e-8 and strategy.eta == 0.02
+
+
+def test_fedadagrad_takes_tau_and_refuses_moments_it_would_ignore() -> None:
+    assert build_strategy(_parsed({"name": "fedadagrad", "tau": 1e-6})).tau == 1e-6
+
+    with pytest.raises(ConfigError, match=r"strategy.beta_2 = 0.999 has no effect.*fedadam"):
+        _parsed({"name": "fedadagrad", "beta_2": 0.999})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("beta_1", 1.0), ("beta_1", -0.1), ("beta_2", 1.5), ("tau", 0.0), ("tau", 2.0)],
+)
+def test_fedopt_settings_out_of_range_are_refused_at_parse_time(key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=rf"strategy\.{key} = .* is out of range") as err:
+        _parsed({"name": "fedadam", key: value})
+
+    assert "\n" not in str(err.value) and f"--set strategy.{key}=" in str(err.value)
