@@ -299,10 +299,16 @@ def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
     run_dir = _trained({**_series_study(tmp_path), "rounds": 1}, tmp_path, capsys)
     header = "record_id,time_min,parameter,value\n"
     cases = {
-        "unit.csv": (
-            header + "1,0,HR,80\n1,5,Unit,1\n1,0,ICUType,2\n",
-            "unknown variable 'Unit' in column 'parameter' at data row 2 (unknown: Unit, ICUType)",
-            "the model reads: HR, Temp, Age; remove the rows",
+        "descriptors.csv": (  # patient 2 has descriptor rows only: named, never skipped
+            header + "1,0,HR,80\n2,0,RecordID,2\n2,0,ICUType,3\n",
+            "patient 2 has no observation",
+            "leave the patient out",
+        ),
+        "othermodel.csv": (
+            header + "1,0,Glucose,80\n1,0,RecordID,1\n",
+            "no observation of a variable the model reads (HR, Temp, Age; found only: "
+            "Glucose, RecordID)",
+            "rename the variables",
         ),
         "text.csv": (
             header + "1,0,HR,80\n1,5,HR,high\n",
@@ -326,3 +332,38 @@ def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
         err = capsys.readouterr().err
         assert code == 2 and str(tmp_path / name) in err, err
         assert what in err and fix in err, err
+
+
+def test_fedmed_predict_skips_the_descriptor_rows_training_skips_and_says_so_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The training table itself (with its 'Unit' rows) plus PhysioNet's RecordID/ICUType rows
+    predicts exactly like the same table holding only the model's variables."""
+    run_dir = _trained({**_series_study(tmp_path), "rounds": 1}, tmp_path, capsys)
+    long = pd.read_csv(tmp_path / "long.csv")
+    ids = long["record_id"].drop_duplicates()
+    descriptors = pd.concat(
+        [
+            pd.DataFrame({"record_id": ids, "time_min": 0, "parameter": name, "value": ids % 4})
+            for name in ("RecordID", "ICUType")
+        ]
+    )
+    messy = pd.concat([descriptors, long]).sort_index(kind="stable")
+    messy.to_csv(tmp_path / "messy.csv", index=False)
+    clean = long[long["parameter"].isin(["HR", "Temp", "Age"])]
+    clean.to_csv(tmp_path / "clean.csv", index=False)
+
+    codes = [
+        main(["predict", str(run_dir), str(tmp_path / f"{name}.csv"), "--output", str(out)])
+        for name, out in (("messy", tmp_path / "a.csv"), ("clean", tmp_path / "b.csv"))
+    ]
+
+    err = capsys.readouterr().err
+    assert codes == [0, 0], err
+    notes = [line for line in err.splitlines() if "ignored" in line]
+    assert len(notes) == 1 and str(tmp_path / "messy.csv") in notes[0], err
+    assert "3 variable(s) the model does not read: RecordID, ICUType, Unit" in notes[0]
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert sorted(a["record_id"]) == sorted(ids) and len(a) == len(ids)
+    merged = a.merge(b, on="record_id", suffixes=("_messy", "_clean"))
+    np.testing.assert_allclose(merged["probability_messy"], merged["probability_clean"])

@@ -15,6 +15,7 @@ observation in the window), never with a 500 or a silently reshaped input.
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -278,10 +279,11 @@ class ServedSeries(ServedArrays):
 
     def from_csv(
         self, path: Path, columns: tuple[str, ...] | None = None
-    ) -> tuple[np.ndarray, str, np.ndarray]:
+    ) -> tuple[np.ndarray, str, np.ndarray, list[str]]:
         """A long CSV (patient id, time in minutes, variable, value per row) -> (patient ids in
-        file order, the id column's name, model inputs). Checked like the HTTP request, naming
-        the file and the data row or patient; missing-code values are dropped as at the sites."""
+        file order, the id column's name, model inputs, the variables ignored). Checked like the
+        HTTP request, naming the file and the data row or patient; missing-code values and the
+        rows of variables the model does not read are dropped as at the sites."""
         cols = columns or tuple(self.pre.get("columns") or DEFAULT_COLUMNS)
         header = read_header(str(path))
         absent = [c for c in cols if c not in header]
@@ -300,15 +302,19 @@ class ServedSeries(ServedArrays):
                 f"{path}: column '{cols[0]}' is empty at data row "
                 f"{int(df['id'].isna().idxmax()) + 1}; give every row its patient id"
             )
-        unknown = ~df["variable"].isin(self.variables)
-        if unknown.any():
-            row = int(unknown.idxmax())
-            others = df["variable"][unknown].drop_duplicates().astype(str).tolist()
-            also = f" (unknown: {', '.join(others[:8])}{', ...' * (len(others) > 8)})"
+        # Rows of variables the model does not read (PhysioNet's RecordID and ICUType descriptor
+        # rows, another model's variables) are skipped, as training skips them; the caller
+        # lists them. The index is kept, so later errors still name the file's data row.
+        # Patients are numbered first: one with descriptor rows only is still named below.
+        codes, ids = pd.factorize(df["id"])
+        df["id"] = codes
+        unused = ~df["variable"].isin(self.variables)
+        ignored = df["variable"][unused].drop_duplicates().astype(str).tolist()
+        df = df[~unused].copy()
+        if df.empty:
             raise DataError(
-                f"{path}: unknown variable {df['variable'][row]!r} in column '{cols[2]}' at data "
-                f"row {row + 1}{also if len(others) > 1 else ''}; the model reads: "
-                f"{', '.join(self.variables)}; remove the rows of other variables or rename them"
+                f"{path}: no observation of a variable the model reads ({', '.join(self.variables)}"
+                f"; found only: {_listed(ignored)}); rename the variables or use another file"
             )
         for key, col in (("time", cols[1]), ("value", cols[3])):
             parsed = pd.to_numeric(df[key], errors="coerce")
@@ -324,8 +330,7 @@ class ServedSeries(ServedArrays):
                     "or remove the row"
                 )
             df[key] = parsed.astype(np.float64)
-        codes, ids = pd.factorize(df["id"])
-        df["id"] = codes
+        codes = df["id"].to_numpy()
         usable = df["time"].between(0, self.series.hours * 60) & df["value"].notna()
         if self.series.missing_code is not None:
             usable &= df["value"] != self.series.missing_code
@@ -336,7 +341,13 @@ class ServedSeries(ServedArrays):
                 f"{self.window}; check that times are minutes since admission, or leave the "
                 "patient out"
             )
-        return np.asarray(ids), cols[0], self.binned(df[usable], len(ids))
+        return np.asarray(ids), cols[0], self.binned(df[usable], len(ids)), ignored
+
+
+def _listed(names: list[str], limit: int = 8) -> str:
+    """Up to ``limit`` names, then how many more: keeps a note about a messy file to one line."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def series_explanation(variables: tuple[str, ...], per_bin: np.ndarray) -> dict[str, Any]:
@@ -363,7 +374,13 @@ def predict_series_csv(
     ``explain`` adds one ``explain:<variable>`` column per variable (the totals the HTTP API
     returns; the per-bin course stays an HTTP feature: 48 columns per variable help no one).
     """
-    ids, id_column, x = served.from_csv(path, columns)
+    ids, id_column, x, ignored = served.from_csv(path, columns)
+    if ignored:  # said once, so a misspelt variable is not dropped unnoticed
+        print(
+            f"note: {path}: ignored the rows of {len(ignored)} variable(s) the model does not "
+            f"read: {_listed(ignored)}",
+            file=sys.stderr,
+        )
     inputs = torch.from_numpy(x)
     outputs = served.outputs(inputs)
     result = pd.DataFrame({id_column: ids})
