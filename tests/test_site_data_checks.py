@@ -163,3 +163,27 @@ def test_check_data_with_one_failing_site_keeps_its_own_message(
 
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"fedmed: error: {beta}: column 'age'")
+
+
+def test_check_data_names_all_eight_too_small_sites_of_67_in_one_run(
+    csv_study: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A consortium-sized study: one check-data run lists every site to fix, not the first."""
+    from .conftest import write_site_csv
+
+    small = {f"h{i:02d}" for i in (3, 11, 19, 27, 35, 43, 51, 66)}
+    sites = []
+    for i in range(67):
+        name = f"h{i:02d}"
+        path = write_site_csv(tmp_path / f"{name}.csv", 3 if name in small else 40, seed=i)
+        sites.append(replace(csv_study.sites[0], name=name, path=str(path)))
+    config = _write_study(csv_study.replace(sites=tuple(sites)), tmp_path)
+
+    code = main(["check-data", str(config)])
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "8 of 67 sites failed the data checks" in err[0]
+    named = {name for name in (f"h{i:02d}" for i in range(67)) if f"[{name}]" in err[0]}
+    assert named == small
+    assert err[0].count("only 3 rows") == 8
