@@ -181,27 +181,32 @@ def _child_signals() -> None:
 
 
 def _run_clientapp(spec: Any) -> None:
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     _child_signals()
     _guard_clientapp()
-    run_clientapp(
-        runtime_api_address=spec.runtime_api_address,
-        token=spec.token,
-        insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(
+    run_clientapp(**_task_args(spec))
+
+
+def _task_args(spec: Any) -> dict[str, Any]:
+    """What Flower's run_clientapp / run_serverapp need from a launch spec (both the same)."""
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    return {
+        "runtime_api_address": spec.runtime_api_address,
+        "token": spec.token,
+        "insecure": spec.insecure,
+        "certificates": validate_and_resolve_root_certificates(
             spec.root_certificates_path, spec.insecure
         ),
-        parent_pid=spec.parent_pid,
-        runtime_dependency_install=False,
-    )
+        "parent_pid": spec.parent_pid,
+        "runtime_dependency_install": False,  # a daemon never installs what a run asks for
+    }
 
 
 def _run_serverapp(spec: Any) -> None:
     from queue import Queue
 
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
     from flwr.superlink.runtime.run_serverapp import run_serverapp
 
     flwr_serverapp = importlib.import_module("flwr.superlink.cli.flwr_serverapp")
@@ -209,17 +214,7 @@ def _run_serverapp(spec: Any) -> None:
     _guard_serverapp()
     log_queue: Queue[str | None] = Queue()
     flwr_serverapp.mirror_output_to_queue(log_queue)  # what `flwr log RUN` shows operators
-    run_serverapp(
-        runtime_api_address=spec.runtime_api_address,
-        log_queue=log_queue,
-        token=spec.token,
-        insecure=spec.insecure,
-        certificates=validate_and_resolve_root_certificates(
-            spec.root_certificates_path, spec.insecure
-        ),
-        parent_pid=spec.parent_pid,
-        runtime_dependency_install=False,
-    )
+    run_serverapp(log_queue=log_queue, **_task_args(spec))
 
 
 def main(argv: list[str] | None = None) -> None:
