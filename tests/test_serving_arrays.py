@@ -316,6 +316,14 @@ def test_bad_long_csvs_name_the_file_the_row_and_the_fix(
             "data row 2; give a number",
         ),
         "notime.csv": (header + "1,,HR,80\n", "column 'time_min' is empty", "data row 1"),
+        # A reading no model can use is refused, never scored as if it were a number.
+        "infinite.csv": (
+            header + "1,0,HR,80\n1,5,HR,inf\n",
+            "column 'value' has 'inf' at data row 2",
+            "not a finite number",
+        ),
+        "huge.csv": (header + "1,0,HR,1e39\n", "column 'value' has '1e+39'", "remove the row"),
+        "inftime.csv": (header + "1,-inf,HR,80\n", "column 'time_min' has '-inf'", "data row 1"),
         "late.csv": (
             header + "1,0,HR,80\n2,5,Temp,-1\n2,9000,HR,80\n",
             "patient 2 has no observation",

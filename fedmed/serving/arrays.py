@@ -329,6 +329,15 @@ class ServedSeries(ServedArrays):
                     f"{path}: column '{col}' {what} at data row {row + 1}; give a number{unit} "
                     "or remove the row"
                 )
+            # inf, -inf and values beyond float32 parse as numbers but no model can read them:
+            # refused, as the sites refuse them, never binned into a score.
+            unusable = parsed.notna() & ~(np.isfinite(parsed) & (parsed.abs() <= FLOAT32_MAX))
+            if unusable.any():
+                row = int(unusable.idxmax())
+                raise DataError(
+                    f"{path}: column '{col}' has {str(df[key][row])[:40]!r} at data row "
+                    f"{row + 1}, not a finite number a model can read; fix or remove the row"
+                )
             df[key] = parsed.astype(np.float64)
         codes = df["id"].to_numpy()
         usable = df["time"].between(0, self.series.hours * 60) & df["value"].notna()
@@ -342,6 +351,9 @@ class ServedSeries(ServedArrays):
                 "patient out"
             )
         return np.asarray(ids), cols[0], self.binned(df[usable], len(ids)), ignored
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _listed(names: list[str], limit: int = 8) -> str:
