@@ -623,6 +623,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).resolve()))
     # Which node speaks for which site: the coordinator's registry, never a reply's own claim.
     nodes = dep.read_nodes(c)
+    if not c.insecure and not nodes:
+        raise ConfigError(
+            f"the coordinator in {c.home} has no site registry ({c.nodes_file}): restart it "
+            "with `fedmed coordinator start` (it registers the sites in its --pki), or admit "
+            "them with `fedmed coordinator register NAME node.pub --operator DIR`"
+        )
     plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment", nodes=json.dumps(nodes))
     online = dep.online_sites(c)
     run_id = dep.submit(c, plan)

@@ -283,6 +283,33 @@ def test_fedmed_run_refuses_what_a_federation_cannot_do(
     assert message in capsys.readouterr().err
 
 
+def test_fedmed_run_refuses_a_coordinator_without_an_operator_or_a_site_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the node registry no reply could be tied to a site: refuse, never trust claims."""
+    import json
+
+    from fedmed.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the study's output_dir ("runs") is relative
+    home = tmp_path / "coordinator"
+    home.mkdir()
+    settings = {"host": "127.0.0.1", "port": 1, "insecure": False, "pki": str(tmp_path / "pki")}
+    (home / "coordinator.json").write_text(json.dumps(settings))
+    run = ["run", "federation", "--coordinator", str(home)]
+
+    assert main(run) == 2
+    assert "--operator" in capsys.readouterr().err
+
+    operator = tmp_path / "operator"
+    operator.mkdir()
+    for name in ("operator.crt", "operator.key"):
+        (operator / name).write_text("not used: refused before any connection")
+    assert main([*run, "--operator", str(operator)]) == 2
+    assert "has no site registry" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder
+
+
 def test_site_init_requires_privacy_unless_told_otherwise(tmp_path: Path) -> None:
     from fedmed.cli import main
 
