@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
+from fedmed.io import private_secret
 from fedmed.report import RunHistory, atomic_write
 
 FORMAT = "fedmed-checkpoint/2"  # /1 had no MAC: such a checkpoint is refused
@@ -68,14 +67,8 @@ def config_hash(cfg: RunConfig) -> str:
 def _run_key(run_dir: Path, *, create: bool) -> bytes:
     """The run's checkpoint secret; created (0600) on the first save, required on resume."""
     path = run_dir / KEY_FILE
-    if create and not path.exists():
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(secrets.token_bytes(32))
+    if create:
+        private_secret(path)
     if not path.is_file():
         raise ConfigError(
             f"{path} is missing, so the checkpoint cannot be authenticated; restore it, or start "

@@ -555,6 +555,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     if not args.run_dir.is_dir():
         raise FedmedError(f"{args.run_dir} is not a directory; give a run directory")
+    from fedmed.serving.server import exposure_warning
+
+    if warning := exposure_warning(args.host, "the dashboard (per-hospital results)"):
+        print(warning, file=sys.stderr)
     print(f"dashboard of {args.run_dir} on http://{args.host}:{args.port}", file=sys.stderr)
     serve(create_dashboard_app(args.run_dir), args.host, args.port)
     return 0
@@ -567,6 +571,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served = open_model(args.model, allow_unsigned=args.allow_unsigned)
     if args.allow_unsigned and "signature" not in served.card:
         print("fedmed: warning: serving an UNSIGNED model", file=sys.stderr)
+    from fedmed.serving.server import exposure_warning
+
+    if warning := exposure_warning(args.host, "the model API"):
+        print(warning, file=sys.stderr)
     print(f"serving {served.path} on http://{args.host}:{args.port} (docs: /docs)", file=sys.stderr)
     if not 0 < args.max_body_mb <= 1000:
         raise FedmedError(f"--max-body-mb must be in (0, 1000], got {args.max_body_mb}")

@@ -357,7 +357,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     dep.write_connection(c)
 
     def admit_sites() -> None:
-        dep.wait_for_port("127.0.0.1" if not c.insecure else c.host, c.internal_port or c.port, 60)
+        dep.wait_for_port(*c.superlink, timeout=60)
         if not c.insecure:
             dep.wait_for_port(c.host, c.port, timeout=60)  # the gate
             assert c.pki_dir is not None

@@ -16,8 +16,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import secrets
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from flwr.clientapp import ClientApp
 from fedmed.config import RunConfig, SiteSpec, data_dir
 from fedmed.data import SiteData, clear_file_caches, load_site_data
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
+from fedmed.io import private_secret
 from fedmed.ledger import LedgerDamaged, PrivacyLedger, fingerprint
 from fedmed.local_layers import (
     LocalLayerStore,
@@ -267,16 +266,7 @@ def _training_seed(seed: int, context: Context) -> int:
     if own is None:
         return seed
     path = own.state_path / NOISE_KEY
-    if not path.exists():  # written whole, then linked: a racing reader never sees it half-made
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{NOISE_KEY}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(secrets.token_bytes(32))
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-        tmp.unlink()
-    secret = path.read_bytes()
+    secret = private_secret(path)
     if len(secret) < 32:
         raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
     digest = hmac.new(secret, str(seed).encode(), hashlib.sha256).digest()

@@ -178,3 +178,13 @@ def test_predict_cli_explain_adds_exact_attribution_columns(run_dir: Path, tmp_p
     )
     smoker = names.index("smoker=yes")
     np.testing.assert_allclose(scored["explain:smoker"], weight[smoker] * z[:, smoker], atol=1e-5)
+
+
+def test_binding_beyond_loopback_warns_that_the_port_has_no_login() -> None:
+    from fedmed.serving.server import exposure_warning
+
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert exposure_warning(host, "the dashboard") is None
+    for host in ("0.0.0.0", "::", "10.1.2.3", "clinic.example.org"):
+        warning = exposure_warning(host, "the dashboard")
+        assert warning and "no login" in warning and host in warning

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import socket
 import subprocess
@@ -108,6 +107,11 @@ class Coordinator:
         return f"127.0.0.1:{self.internal_port}"
 
     @property
+    def superlink(self) -> tuple[str, int]:
+        """Where Flower's SuperLink itself listens: behind the gate, or (--insecure) openly."""
+        return ("127.0.0.1", self.internal_port) if self.internal_port else (self.host, self.port)
+
+    @property
     def flwr_home(self) -> Path:
         return self.home / "flwr"
 
@@ -141,11 +145,9 @@ SECRET_FILE = "superexec.secret"
 def make_secret(path: Path) -> Path:
     """A fresh 0600 SuperExec secret: the executor signs its task requests with it, so no other
     local process can pull this daemon's tasks. New at every start (nothing to leak for long)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_hex(32).encode())
+    from fedmed.io import private_secret
+
+    private_secret(path, fresh=True)
     return path
 
 
@@ -241,7 +243,8 @@ def write_connection(c: Coordinator) -> None:
     ``fedmed`` through the gate (operators), ``fedmed-local`` on 127.0.0.1 (start-up only)."""
     c.flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', ""]
-    targets = {CONNECTION: c.address, LOCAL: c.internal_address if c.internal_port else c.address}
+    host, port = c.superlink
+    targets = {CONNECTION: c.address, LOCAL: f"{host}:{port}"}
     for name, address in targets.items():
         lines += [f"[superlink.{name}]", f'address = "{address}"']
         if c.insecure:

@@ -7,6 +7,7 @@ or a coordinator never leaves a server behind.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 import threading
 import time
@@ -14,6 +15,22 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI
+
+
+def exposure_warning(host: str, what: str) -> str | None:
+    """A warning when ``host`` is reachable from other machines: these HTTP servers have no login
+    of their own (loopback is the default), so exposing one is the operator's deliberate choice
+    and must be made with eyes open."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (
+        f"WARNING: {what} on {host} has no login: anyone who can reach that address can use it. "
+        "Bind to 127.0.0.1 and put an authenticating reverse proxy (TLS + login) in front."
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
