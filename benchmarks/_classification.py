@@ -47,8 +47,8 @@ def union_roc_auc(run_dir: Path, payload: dict[str, Any]) -> float:
     from sklearn.metrics import roc_auc_score
 
     from fedmed.config import parse_run_config
-    from fedmed.data import load_site_data
     from fedmed.serving.export import load_model
+    from fedmed.tasks import load_site_data
 
     cfg = parse_run_config(payload["config"])
     single = run_dir / "model.safetensors"

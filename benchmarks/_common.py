@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedmed.report import json_safe
+from fedmed.io import json_safe
 
 __all__ = [
     "Variant",

@@ -185,7 +185,8 @@ def site_test_sets(overrides: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
     re-parsed from metrics.json, so the evaluation does not depend on that file's layout.
     """
     from fedmed.config import load_run_config, resolve_config_path
-    from fedmed.data import load_site_data, site_spec
+    from fedmed.data import site_spec
+    from fedmed.tasks import load_site_data
 
     if overrides not in _TEST_CACHE:
         cfg = load_run_config(resolve_config_path(CONFIG), list(overrides))
@@ -364,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     seeds = args.seeds[:1] if args.quick else args.seeds
-    from fedmed.config import data_dir  # after argparse: --help stays fast
+    from fedmed.config import data_dir
 
     command = reproduce_command(argv)
     print(f"reproduce with: {command}", flush=True)

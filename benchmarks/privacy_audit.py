@@ -185,10 +185,10 @@ def exact_margin_attack(run_dir: Path) -> dict[str, Any]:
         import torch
         from sklearn.metrics import roc_auc_score
 
-        from fedmed.audit import per_example_loss
         from fedmed.config import parse_run_config
-        from fedmed.data import load_site_data
+        from fedmed.privacy.membership import per_example_loss
         from fedmed.serving.export import load_model
+        from fedmed.tasks import load_site_data
 
         payload = json.loads((run_dir / "metrics.json").read_text())
         cfg = parse_run_config(payload["config"])

@@ -177,7 +177,7 @@ def flamby_true_epsilon(n_train: dict[str, int]) -> dict[str, Any]:
     from opacus.accountants import RDPAccountant
     from opacus.accountants.utils import get_noise_multiplier
 
-    from fedmed.privacy import RDP_ALPHAS
+    from fedmed.privacy.accounting import RDP_ALPHAS
 
     out: dict[str, Any] = {
         "delta": DELTA,
@@ -215,7 +215,8 @@ def flamby_true_epsilon(n_train: dict[str, int]) -> dict[str, Any]:
 def train_sizes() -> dict[str, int]:
     """Each center's train rows under the shipped config (FLamby's split)."""
     from fedmed.config import load_run_config, resolve_config_path
-    from fedmed.data import load_site_data, site_spec
+    from fedmed.data import site_spec
+    from fedmed.tasks import load_site_data
 
     cfg = load_run_config(resolve_config_path(CONFIG), [])
     return {s: len(load_site_data(cfg, site_spec(cfg, s)).y_train) for s in SITES}

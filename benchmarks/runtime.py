@@ -83,14 +83,13 @@ def bench_overhead(rounds: int, repeats: int, out_dir: str) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from fedmed.cli import preflight
-    from fedmed.client_app import app as client_app
     from fedmed.config import load_run_config, resolve_config_path
-    from fedmed.data import load_site_data
+    from fedmed.coordinator.app import build_server_app
     from fedmed.runtime.inprocess import run_inprocess
-    from fedmed.server_app import build_server_app, initial_model
-    from fedmed.study import RunPlan, new_run_dir
-    from fedmed.tasks import get_task
+    from fedmed.runtime.run import preflight
+    from fedmed.site.app import app as client_app
+    from fedmed.study.plan import RunPlan, initial_model, new_run_dir
+    from fedmed.tasks import get_task, load_site_data
     from fedmed.train import derive_seed, evaluate, train_plain
 
     cfg = load_run_config(

@@ -149,7 +149,7 @@ def byzantine_app(attacker: int, scale: float):
     from flwr.app import ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from fedmed.client_app import evaluate_global, train
+    from fedmed.site.app import evaluate_global, train
 
     app = ClientApp()
 
@@ -173,12 +173,12 @@ def run_study(
     overrides: Sequence[str], seed: int, runs_dir: Path, app=None, config: str = CONFIG
 ) -> dict[str, Any]:
     """One in-process federated study; returns avg-over-centers and per-center accuracy."""
-    from fedmed.cli import preflight
-    from fedmed.client_app import app as client_app
     from fedmed.config import load_run_config, resolve_config_path
+    from fedmed.coordinator.app import build_server_app
     from fedmed.runtime.inprocess import run_inprocess
-    from fedmed.server_app import build_server_app
-    from fedmed.study import RunPlan, new_run_dir
+    from fedmed.runtime.run import preflight
+    from fedmed.site.app import app as client_app
+    from fedmed.study.plan import RunPlan, new_run_dir
 
     items = [*overrides, f"seed={seed}", f"output_dir={runs_dir}"]
     cfg, _ = preflight(load_run_config(resolve_config_path(config), items))
@@ -286,8 +286,8 @@ def validation_config(runs_dir: Path, carving: int) -> tuple[str, list[str]]:
     from sklearn.model_selection import train_test_split
 
     from fedmed.config import load_run_config, resolve_config_path
-    from fedmed.data import load_site_table
     from fedmed.data.sources import load_site_frame
+    from fedmed.tasks import load_site_table
 
     source = resolve_config_path(CONFIG)
     cfg = load_run_config(source, [])

@@ -86,8 +86,8 @@ def run_once(variant: Variant, seed: int, runs_root: Path) -> dict[str, Any]:
 
 def _sites(seed: int) -> tuple[Any, Any, tuple[float, ...]]:
     """The pooled train split and each site's arrays (pooled preprocessing), and the horizons."""
-    from fedmed.baselines import pooled_site_data
     from fedmed.config import load_run_config, resolve_config_path
+    from fedmed.study.baselines import pooled_site_data
 
     cfg = load_run_config(resolve_config_path(CONFIG), [f"data.schema.split_seed={seed}"])
     pooled, sites = pooled_site_data(cfg)

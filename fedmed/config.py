@@ -437,7 +437,7 @@ class SiteConfig:
     share_statistics: bool = False
 
     def __post_init__(self) -> None:
-        from fedmed.security.pki import check_site_name
+        pass
 
         check_site_name(self.name)
         if not self.insecure and not (self.ca_certificate and self.node_key):
@@ -868,3 +868,16 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {key}: '{part}' is not a table")
         node = child
     node[parts[-1]] = value
+
+
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+def check_site_name(name: str) -> str:
+    """Site names become file names and node names: keep them plain."""
+    if not SITE_NAME.match(name):
+        raise ConfigError(
+            f"site name '{name}' is not allowed; use lower-case letters, digits, '-' and '_' "
+            "(e.g. st-marys)"
+        )
+    return name

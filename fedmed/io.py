@@ -4,9 +4,15 @@ file_lock still live in fedmed.report until the restructure moves them here)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
+import math
 import os
 import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def private_secret(path: Path, *, fresh: bool = False, nbytes: int = 32) -> bytes:
@@ -29,3 +35,59 @@ def private_secret(path: Path, *, fresh: bool = False, nbytes: int = 32) -> byte
                 os.link(tmp, path)
             tmp.unlink()
     return path.read_bytes()
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: write null (e.g. ROC-AUC on a one-class test split)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file + rename, so readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock (PATH.lock) around a read-modify-write of PATH shared by processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_state_json(path: Path, fmt: str, empty: dict[str, Any], fix: str) -> dict[str, Any]:
+    """A site's state file (ledger, registry): ``empty`` when absent, refused when damaged."""
+    from fedmed.errors import ConfigError
+
+    if not path.is_file():
+        return empty
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not valid JSON; {fix}") from None
+    if data.get("format") != fmt:
+        raise ConfigError(f"{path} is not a {fmt} file; {fix}")
+    return data
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    text = json.dumps(json_safe(payload), indent=2, sort_keys=False)
+    atomic_write(path, (text + "\n").encode())

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedmed.config import TrainConfig
 from fedmed.errors import ConfigError
-from fedmed.tasks import Task
+from fedmed.tasks.tabular import Task
 
 
 def resolve_device(name: str) -> torch.device:
@@ -175,3 +175,14 @@ def evaluate(
         train_scores = task.scores(model(torch.from_numpy(x_train).to(device)))
         metrics.update(task.horizon_metrics(y_train, train_scores, y, scores, horizons))
     return metrics
+
+
+def mean_of_models(models: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Element-wise mean (in float64, cast back) of float arrays; others from the last model."""
+    out = {}
+    for key, value in models[-1].items():
+        if np.issubdtype(value.dtype, np.floating):
+            value = np.stack([m[key].astype(np.float64) for m in models]).mean(axis=0)
+            value = value.astype(models[-1][key].dtype)
+        out[key] = np.ascontiguousarray(value)
+    return out

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed.audit import audit_run, loss_threshold_attack
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
+from fedmed.privacy.membership import loss_threshold_attack
+from fedmed.study.audit import audit_run
 
 
 def test_attack_is_chance_without_leak_and_high_with_one() -> None:
@@ -48,7 +49,7 @@ def test_audit_needs_a_run_directory(tmp_path: Path) -> None:
 def test_confident_rows_do_not_tie_at_zero_loss() -> None:
     import torch
 
-    from fedmed.audit import per_example_loss
+    from fedmed.privacy.membership import per_example_loss
 
     model = torch.nn.Linear(1, 1)
     with torch.no_grad():

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedmed.baselines import run_pooled
-from fedmed.checkpoint import FILENAME, load_checkpoint
-from fedmed.cli import preflight
 from fedmed.config import RunConfig, StrategyConfig
+from fedmed.coordinator.checkpoint import FILENAME, load_checkpoint
+from fedmed.coordinator.strategies import AverageRounds
 from fedmed.errors import ConfigError
-from fedmed.strategies import AverageRounds, mean_of_models
-from fedmed.study import RunPlan, new_run_dir
+from fedmed.runtime.run import preflight
+from fedmed.study.baselines import run_pooled
+from fedmed.study.plan import RunPlan, new_run_dir
+from fedmed.train import mean_of_models
 
 from .test_checkpoint import Killed, _fresh, _kill_after, _metrics, _numbers, _resume, _run
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 
 # (--set overrides, text the one error line must contain: the key or the file's role)
 BAD_SETTINGS: list[tuple[list[str], str]] = [

@@ -10,8 +10,8 @@ from flwr.serverapp.strategy import (
 from opacus.accountants import RDPAccountant
 
 from fedmed.config import PrivacyConfig, RunConfig
-from fedmed.privacy import RDP_ALPHAS
-from fedmed.strategies import build_strategy, central_epsilon
+from fedmed.coordinator.strategies import build_strategy
+from fedmed.privacy.accounting import RDP_ALPHAS, central_epsilon
 
 from .test_runtime import _run
 

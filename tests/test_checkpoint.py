@@ -13,15 +13,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedmed.checkpoint import FILENAME, load_checkpoint
-from fedmed.cli import main, preflight
-from fedmed.client_app import app as client_app
+from fedmed.cli.main import main
 from fedmed.config import RunConfig, StrategyConfig
+from fedmed.coordinator.app import build_server_app
+from fedmed.coordinator.checkpoint import FILENAME, load_checkpoint
 from fedmed.errors import ConfigError
-from fedmed.ledger import PrivacyLedger
+from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.runtime.inprocess import InProcessGrid, run_inprocess
-from fedmed.server_app import build_server_app
-from fedmed.study import RunPlan, new_run_dir
+from fedmed.runtime.run import preflight
+from fedmed.site.app import app as client_app
+from fedmed.study.plan import RunPlan, new_run_dir
 
 
 class Killed(Exception):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 
 
 def _write_toml(cfg, path: Path) -> Path:

@@ -12,12 +12,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from fedmed.report import RunHistory, write_json
+from fedmed.io import write_json
 from fedmed.serving.dashboard import (
     create_dashboard_app,
     start_dashboard_thread,
     stop_dashboard_thread,
 )
+from fedmed.study.history import RunHistory
 
 SITES = ("st-marys", "riverside", "lakeview")
 

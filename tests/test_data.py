@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from fedmed.config import RunConfig, SchemaConfig
-from fedmed.data import load_site_data, load_site_table
 from fedmed.data.partition import partition_rows
 from fedmed.data.sources import builtin_table, read_table
 from fedmed.data.table import Preprocessor, validate_table
 from fedmed.errors import ConfigError, DataError
+from fedmed.tasks import load_site_data, load_site_table
 
 from .conftest import HEART_DIR, needs_shared_data
 

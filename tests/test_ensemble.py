@@ -10,7 +10,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import ModelConfig, RunConfig, parse_run_config
 from fedmed.errors import ConfigError
 from fedmed.serving.export import load_model
@@ -53,7 +53,7 @@ def test_each_member_learns_from_its_own_loss_as_if_trained_alone() -> None:
 
 
 def test_dp_clips_one_gradient_per_patient_over_all_members() -> None:
-    from fedmed.privacy import make_compatible
+    from fedmed.tasks.dp_compat import make_compatible
 
     model = make_compatible(_ensemble(2)).train()
     wrapped = GradSampleModule(model, loss_reduction="mean")
@@ -95,7 +95,7 @@ def test_a_federated_tabular_ensemble_runs_saves_and_serves(
 def test_bad_ensembles_are_refused_naming_the_fix(
     csv_study: RunConfig, model: dict, task: str, message: str
 ) -> None:
-    from fedmed.cli import preflight
+    from fedmed.runtime.run import preflight
 
     raw = json.loads(csv_study.to_json())
     raw["model"], raw["task"] = model, task

@@ -58,7 +58,7 @@ def test_missing_card_is_a_clear_error(demo_config: RunConfig, tmp_path: Path) -
 def test_plan_hash_covers_what_runs_and_how_long_not_where_it_is_written(
     demo_config: RunConfig,
 ) -> None:
-    from fedmed.study import plan_hash
+    from fedmed.security.policy import plan_hash
 
     longer = demo_config.replace(rounds=50)  # more rounds spend more of a site's privacy
     wider = demo_config.replace(model=demo_config.model.__class__(kind="mlp", hidden=(64,)))

@@ -8,12 +8,12 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.cli import preflight
-from fedmed.client_app import RUN_KEY, evaluate_global, train
 from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig
+from fedmed.protocol import RUN_KEY
 from fedmed.runtime.inprocess import InProcessGrid
-from fedmed.server_app import initial_model
-from fedmed.study import RunPlan, new_run_dir
+from fedmed.runtime.run import preflight
+from fedmed.site.app import evaluate_global, train
+from fedmed.study.plan import RunPlan, initial_model, new_run_dir
 
 from .test_runtime import _run
 

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import AugmentConfig, load_run_config, parse_run_config, resolve_config_path
-from fedmed.data import load_site_table
 from fedmed.data.images import load_npz, load_png_folder
 from fedmed.errors import ConfigError, DataError
-from fedmed.tasks import build_model
+from fedmed.tasks import build_model, load_site_table
 from fedmed.tasks.imaging import Augment, integrated_gradients
 
 from .conftest import DATA_DIR, needs_shared_data

@@ -10,8 +10,8 @@ import pytest
 
 from fedmed.config import PrivacyConfig, RunConfig, SiteSpec
 from fedmed.errors import ConfigError, PrivacyBudgetExceeded
-from fedmed.ledger import PrivacyLedger, fingerprint
-from fedmed.privacy import epsilon_spent
+from fedmed.privacy.accounting import epsilon_spent
+from fedmed.privacy.ledger import PrivacyLedger, fingerprint
 
 PRIVACY = PrivacyConfig(enabled=True, target_epsilon=1.0, delta=1e-5)
 
@@ -180,7 +180,7 @@ def _negative_steps(ledger: PrivacyLedger) -> None:
 
 def _rehashed_negative_steps(ledger: PrivacyLedger) -> None:
     """Edited AND re-chained by someone who read this module: still caught (invalid steps)."""
-    from fedmed.ledger import _entry_hash
+    from fedmed.privacy.ledger import _entry_hash
 
     data = json.loads(ledger.path.read_text())
     last = data["entries"][-1]
@@ -215,7 +215,7 @@ def _lowered_noise(ledger: PrivacyLedger) -> None:
     ids=["deleted", "truncated", "negative-steps", "rehashed", "lowered-noise", "head-deleted"],
 )
 def test_a_tampered_ledger_is_refused_with_the_fix(tmp_path: Path, tamper) -> None:
-    from fedmed.ledger import LedgerDamaged
+    from fedmed.privacy.ledger import LedgerDamaged
 
     ledger = _spent_ledger(tmp_path)
     tamper(ledger)
@@ -247,7 +247,7 @@ def test_another_split_seed_spends_from_the_same_budget(csv_study: RunConfig) ->
 
     from flwr.app import Context, RecordDict
 
-    from fedmed.client_app import _keyed_inputs
+    from fedmed.site.app import _keyed_inputs
 
     context = Context(1, 1, {"partition-id": 0}, RecordDict(), {})
     schema = csv_study.data.schema

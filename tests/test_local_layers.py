@@ -14,15 +14,16 @@ from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 from torch import nn
 
-from fedmed.cli import preflight
-from fedmed.client_app import evaluate_global, personalize_final, train
 from fedmed.config import RunConfig, parse_run_config
+from fedmed.coordinator.app import build_server_app
 from fedmed.errors import ConfigError
-from fedmed.local_layers import LocalLayerStore, local_keys
 from fedmed.runtime.inprocess import run_inprocess
-from fedmed.server_app import build_server_app
-from fedmed.study import RunPlan, new_run_dir
+from fedmed.runtime.run import preflight
+from fedmed.site.app import evaluate_global, personalize_final, train
+from fedmed.site.fedbn import LocalLayerStore
+from fedmed.study.plan import RunPlan, new_run_dir
 from fedmed.tasks import build_model
+from fedmed.tasks.local_layers import local_keys
 
 from .test_checkpoint import Killed, _kill_after, _numbers
 from .test_imaging import _study
@@ -194,9 +195,9 @@ def test_a_deployed_site_keeps_its_layers_in_its_own_state_dir(
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmed.data.registry import DatasetRegistry
+    from fedmed.protocol import SITE_CONFIG_KEY
     from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
-    from fedmed.security.policy import SITE_CONFIG_KEY
-    from fedmed.study import plan_hash
+    from fedmed.security.policy import plan_hash
 
     from .test_imaging import _npz
 

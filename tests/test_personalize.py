@@ -8,8 +8,7 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmed.cli import main
-from fedmed.client_app import evaluate_global, personalize_final, train
+from fedmed.cli.main import main
 from fedmed.config import (
     PersonalizeConfig,
     PrivacyConfig,
@@ -19,6 +18,7 @@ from fedmed.config import (
     resolve_config_path,
 )
 from fedmed.errors import ConfigError
+from fedmed.site.app import evaluate_global, personalize_final, train
 
 from .test_runtime import _run
 

@@ -10,9 +10,9 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from fedmed.config import PrivacyConfig, RunConfig
-from fedmed.data import load_site_data
-from fedmed.privacy import RDP_ALPHAS, epsilon_spent, merge_history, plan_for_site, train_private
-from fedmed.tasks import get_task
+from fedmed.privacy.accounting import RDP_ALPHAS, epsilon_spent, merge_history, plan_for_site
+from fedmed.privacy.dpsgd import train_private
+from fedmed.tasks import get_task, load_site_data
 
 
 def _site(cfg: RunConfig, index: int = 0):
@@ -182,7 +182,7 @@ def test_expanded_weights_on_an_empty_poisson_batch_is_a_clear_error(
 def test_noise_calibration_is_shared_through_the_disk_cache(tmp_path, monkeypatch) -> None:
     """Forked site children start with empty memory: the second one reads the first's result."""
     from fedmed.config import PrivacyConfig
-    from fedmed.privacy import CACHE_ENV, _calibrate, _noise_for
+    from fedmed.privacy.accounting import CACHE_ENV, _calibrate, _noise_for
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     privacy = PrivacyConfig(enabled=True, target_epsilon=2.5)
@@ -191,7 +191,9 @@ def test_noise_calibration_is_shared_through_the_disk_cache(tmp_path, monkeypatc
     assert (tmp_path / "noise.json").is_file()
     assert first == _calibrate(privacy, 0.1, 120)
     _noise_for.cache_clear()
-    monkeypatch.setattr("fedmed.privacy._calibrate", lambda *a: pytest.fail("recomputed"))
+    monkeypatch.setattr(
+        "fedmed.privacy.accounting._calibrate", lambda *a: pytest.fail("recomputed")
+    )
     assert _noise_for(privacy, 0.1, 120) == first
     _noise_for.cache_clear()
 
@@ -209,7 +211,7 @@ def test_epsilon_is_never_negative_even_at_a_large_delta() -> None:
 
 def test_a_site_delta_defaults_to_one_over_its_rows_and_refuses_a_larger_plan_delta() -> None:
     from fedmed.errors import PolicyViolation
-    from fedmed.privacy import at_site_delta, site_delta
+    from fedmed.privacy.accounting import at_site_delta, site_delta
 
     assert site_delta(None, 1_000) == 1e-5
     assert site_delta(None, 50) == 1e-5

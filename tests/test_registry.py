@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import parse_run_config
-from fedmed.data.registry import DatasetRegistry, site_view
+from fedmed.data.registry import DatasetRegistry
 from fedmed.errors import ConfigError, DataError
+from fedmed.tasks import site_view
 
 from .test_imaging import _images, _npz, _to_toml
 from .test_imaging import _study as _image_study
@@ -306,7 +307,7 @@ def test_shipped_federation_plans_name_a_dataset_and_no_file(name: str) -> None:
 
 
 def test_the_plan_hash_covers_the_series_window_but_not_the_sites_files(tmp_path: Path) -> None:
-    from fedmed.study import plan_hash
+    from fedmed.security.policy import plan_hash
 
     raw = _series_study(tmp_path)
     base = plan_hash(parse_run_config(raw))
@@ -321,7 +322,7 @@ def test_the_plan_hash_covers_the_series_window_but_not_the_sites_files(tmp_path
 
 
 def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Path) -> None:
-    from fedmed.client_app import _site_data
+    from fedmed.site.app import _site_data
 
     npz = _npz(tmp_path / "scans.npz")
     registry = DatasetRegistry(tmp_path / "state")
@@ -339,7 +340,7 @@ def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Pa
 
 def test_simulated_series_sites_can_name_their_own_outcomes(tmp_path: Path) -> None:
     """[[sites]] outcomes: a simulation laid out like a federation (one file pair per site)."""
-    from fedmed.data import load_site_table
+    from fedmed.tasks import load_site_table
 
     sites = []
     for i, name in enumerate(("a", "b")):

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmed.cli import _print_summary
-from fedmed.report import RunHistory, write_metrics
+from fedmed.cli.display import _print_summary
+from fedmed.study.history import RunHistory
+from fedmed.study.outputs import write_metrics
 from fedmed.tasks import get_task
 
 SITES = ("st-marys", "riverside", "lakeview")
@@ -89,7 +90,7 @@ def _labels(ax) -> list[str]:
 
 
 def test_metrics_png_of_a_100_site_study_draws_a_band_and_the_worst_sites(tmp_path: Path) -> None:
-    from fedmed.report import plot_history
+    from fedmed.study.outputs import plot_history
 
     fig = plot_history(_many_sites(100), tmp_path / "metrics.png", title="many")
 
@@ -113,7 +114,7 @@ def test_write_metrics_of_a_100_site_study_writes_the_png(tmp_path: Path) -> Non
 
 
 def test_a_few_sites_keep_one_line_each(tmp_path: Path) -> None:
-    from fedmed.report import plot_history
+    from fedmed.study.outputs import plot_history
 
     fig = plot_history(_many_sites(5), tmp_path / "metrics.png")
 

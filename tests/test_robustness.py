@@ -11,10 +11,10 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmed.client_app import evaluate_global, train
 from fedmed.config import ModelConfig, RunConfig, StrategyConfig, TrainConfig
+from fedmed.coordinator.strategies import STRATEGIES, build_strategy
 from fedmed.errors import StudyFailed
-from fedmed.strategies import STRATEGIES, build_strategy
+from fedmed.site.app import evaluate_global, train
 from fedmed.tasks import get_task
 from fedmed.train import train_plain
 
@@ -108,10 +108,9 @@ def test_bad_updates_are_rejected_and_the_run_continues(csv_study: RunConfig, po
 
 
 def test_too_few_valid_updates_keep_the_previous_model(csv_study: RunConfig) -> None:
-    from fedmed.cli import preflight
-    from fedmed.data import load_site_data
-    from fedmed.server_app import initial_model
-    from fedmed.study import RunPlan
+    from fedmed.runtime.run import preflight
+    from fedmed.study.plan import RunPlan, initial_model
+    from fedmed.tasks import load_site_data
     from fedmed.train import evaluate
 
     cfg = csv_study.replace(rounds=1, strategy=StrategyConfig(min_sites=3))

@@ -10,15 +10,15 @@ import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedmed.client_app import app as client_app
 from fedmed.config import RunConfig, StrategyConfig
+from fedmed.coordinator.app import build_server_app
 from fedmed.runtime.inprocess import run_inprocess
-from fedmed.server_app import build_server_app
-from fedmed.study import RunPlan, new_run_dir
+from fedmed.site.app import app as client_app
+from fedmed.study.plan import RunPlan, new_run_dir
 
 
 def _run(cfg: RunConfig, app: ClientApp = client_app, serving: str = "") -> dict:
-    from fedmed.cli import preflight
+    from fedmed.runtime.run import preflight
 
     cfg, _ = preflight(cfg)
     plan = RunPlan(cfg, new_run_dir(cfg), serving=serving)
@@ -70,7 +70,7 @@ def test_a_crashing_site_is_reported_and_the_run_completes(csv_study: RunConfig)
 
         return wrapped
 
-    from fedmed.client_app import evaluate_global, train
+    from fedmed.site.app import evaluate_global, train
 
     broken.train()(crash_gamma(train))
     broken.evaluate()(crash_gamma(evaluate_global))
@@ -87,7 +87,7 @@ def test_a_crashing_site_is_reported_and_the_run_completes(csv_study: RunConfig)
 def test_site_errors_are_wire_safe(csv_study: RunConfig, tmp_path: Path) -> None:
     # gamma's file disappears after the coordinator checked it: the site answers with an error
     # that names the site but not the path.
-    cfg, _ = __import__("fedmed.cli", fromlist=["preflight"]).preflight(
+    cfg, _ = __import__("fedmed.runtime.run", fromlist=["preflight"]).preflight(
         csv_study.replace(strategy=StrategyConfig(min_sites=2))
     )
     Path(cfg.sites[2].path).unlink()
@@ -109,7 +109,7 @@ def test_live_json_is_written_every_round(demo_config: RunConfig) -> None:
         assert live["status"] == "running" and live["history"][-1]["round"] == rnd
         seen.append(rnd)
 
-    from fedmed.cli import preflight
+    from fedmed.runtime.run import preflight
 
     cfg, _ = preflight(demo_config.replace(privacy=demo_config.privacy.__class__()))
     plan = RunPlan(cfg, new_run_dir(cfg))

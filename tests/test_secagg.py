@@ -12,16 +12,16 @@ from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
-from fedmed import secagg
 from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig, parse_run_config
+from fedmed.coordinator import secure as secagg
+from fedmed.coordinator.app import build_server_app
 from fedmed.errors import ConfigError
-from fedmed.privacy import RDP_ALPHAS
-from fedmed.secagg import SITE_MODS, SiteClient
-from fedmed.secagg import client_app as secure_app
+from fedmed.privacy.accounting import RDP_ALPHAS, central_epsilon
 from fedmed.security.audit import AuditLog
-from fedmed.server_app import build_server_app
-from fedmed.strategies import central_epsilon
-from fedmed.study import RunPlan, new_run_dir, plan_hash
+from fedmed.security.policy import plan_hash
+from fedmed.site.secure_app import SITE_MODS, SiteClient
+from fedmed.site.secure_app import client_app as secure_app
+from fedmed.study.plan import RunPlan, new_run_dir
 
 from .conftest import write_site_csv
 from .test_runtime import _run
@@ -201,9 +201,9 @@ NORM = 0.02  # below every site's update norm in round 1 (0.08-0.21): all are cl
 def test_without_noise_the_aggregate_is_the_mean_of_the_sites_clipped_updates(
     csv_study: RunConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedmed.cli import preflight
-    from fedmed.client_app import local_round
-    from fedmed.server_app import initial_model
+    from fedmed.runtime.run import preflight
+    from fedmed.site.app import local_round
+    from fedmed.study.plan import initial_model
 
     cfg, _ = preflight(_secure_central(csv_study, sigma=1.0, norm=NORM, rounds=1))
     calls = _record_noise(monkeypatch)
@@ -270,9 +270,9 @@ def test_server_side_clipping_is_refused_with_secure_aggregation(csv_study: RunC
 
 
 def test_a_killed_secure_run_resumes_from_its_last_round(csv_study: RunConfig) -> None:
-    from fedmed.checkpoint import load_checkpoint
-    from fedmed.cli import preflight
+    from fedmed.coordinator.checkpoint import load_checkpoint
     from fedmed.runtime.inprocess import run_inprocess
+    from fedmed.runtime.run import preflight
 
     from .test_checkpoint import Killed, _kill_after
 

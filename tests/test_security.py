@@ -16,8 +16,7 @@ from fedmed.data.registry import DatasetRegistry
 from fedmed.errors import ConfigError, DataError, PolicyViolation
 from fedmed.security import pki
 from fedmed.security.audit import AuditLog
-from fedmed.security.policy import check_plan
-from fedmed.study import plan_hash
+from fedmed.security.policy import check_plan, plan_hash
 from tests.conftest import write_site_csv
 
 # -- PKI -------------------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def test_plan_hash_ignores_settings_left_at_their_defaults() -> None:
 def test_fedmed_run_refuses_what_a_federation_cannot_do(
     tmp_path: Path, capsys: pytest.CaptureFixture, overrides: list[str], message: str
 ) -> None:
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     sets = [arg for o in overrides for arg in ("--set", o)]
     code = main(["run", "federation", *sets, "--coordinator", str(tmp_path / "none")])
@@ -289,7 +288,7 @@ def test_fedmed_run_refuses_a_coordinator_without_an_operator_or_a_site_registry
     """Without the node registry no reply could be tied to a site: refuse, never trust claims."""
     import json
 
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     monkeypatch.chdir(tmp_path)  # the study's output_dir ("runs") is relative
     home = tmp_path / "coordinator"
@@ -311,7 +310,7 @@ def test_fedmed_run_refuses_a_coordinator_without_an_operator_or_a_site_registry
 
 
 def test_site_init_requires_privacy_unless_told_otherwise(tmp_path: Path) -> None:
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     default, opted_out = tmp_path / "a.toml", tmp_path / "b.toml"
     assert main(["site", "init", "st-marys", "--insecure", "--out", str(default)]) == 0

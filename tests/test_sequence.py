@@ -17,12 +17,11 @@ from opacus import GradSampleModule
 from opacus.layers import DPGRU
 from opacus.validators import ModuleValidator
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import ModelConfig, load_run_config, parse_run_config, resolve_config_path
-from fedmed.data import load_site_data, load_site_table
 from fedmed.data.series import bin_means, features_of, load_long
 from fedmed.errors import ConfigError, DataError
-from fedmed.tasks import build_model
+from fedmed.tasks import build_model, load_site_data, load_site_table
 from fedmed.tasks.sequence import SeriesGRUD, window_summaries
 
 from .conftest import DATA_DIR, needs_shared_data
@@ -153,8 +152,8 @@ def test_log_variables_and_window_summaries_by_hand() -> None:
 def test_consortium_scale_is_the_unions_and_trains_serves_and_pools_alike(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from fedmed.baselines import pooled_site_data, union_scale
-    from fedmed.study import series_reference
+    from fedmed.study.baselines import pooled_site_data, union_scale
+    from fedmed.study.statistics import series_reference
 
     raw = _study(tmp_path)
     raw["data"]["series"]["log_variables"] = ["HR"]

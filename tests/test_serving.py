@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
 from fedmed.serving.api import ServedModel, create_app
@@ -28,8 +28,8 @@ ROWS = [
 @pytest.fixture
 def run_dir(csv_study: RunConfig) -> Path:
     """A finished federated run (logistic regression with a categorical feature)."""
-    from fedmed.cli import preflight
-    from fedmed.study import serving_preprocessing
+    from fedmed.runtime.run import preflight
+    from fedmed.study.outputs import serving_preprocessing
 
     cfg, tables = preflight(csv_study)
     return Path(_run(csv_study, serving=serving_preprocessing(cfg, tables))["_dir"])

@@ -15,7 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.data.images import to_model_input
 from fedmed.errors import ConfigError
 from fedmed.serving.api import ServedModel, create_app, open_model

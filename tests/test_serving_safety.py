@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import RunConfig
 from fedmed.serving.api import ServedModel, create_app
 from fedmed.serving.server import start_in_thread
@@ -63,8 +63,8 @@ def test_age_1e300_is_refused_not_answered_with_null(server) -> None:  # noqa: F
 @pytest.fixture
 def mean_server(csv_study: RunConfig):
     """A model whose card says missing = "mean": a missing number is imputed, and said so."""
-    from fedmed.cli import preflight
-    from fedmed.study import serving_preprocessing
+    from fedmed.runtime.run import preflight
+    from fedmed.study.outputs import serving_preprocessing
 
     schema = replace(csv_study.data.schema, missing="mean")
     cfg = csv_study.replace(data=replace(csv_study.data, schema=schema), rounds=1)

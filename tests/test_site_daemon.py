@@ -19,17 +19,18 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.common.serde import message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmed.client_app import app as client_app
 from fedmed.config import SiteSpec, parse_run_config
-from fedmed.data import load_site_table
+from fedmed.coordinator.app import build_server_app
 from fedmed.data.registry import DatasetRegistry
 from fedmed.errors import ConfigError, DataError, StudyFailed
-from fedmed.ledger import PrivacyLedger
+from fedmed.privacy.ledger import PrivacyLedger
+from fedmed.protocol import SITE_CONFIG_KEY
 from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
 from fedmed.security.audit import AuditLog
-from fedmed.security.policy import SITE_CONFIG_KEY
-from fedmed.server_app import build_server_app
-from fedmed.study import RunPlan, new_run_dir, plan_hash
+from fedmed.security.policy import plan_hash
+from fedmed.site.app import app as client_app
+from fedmed.study.plan import RunPlan, new_run_dir
+from fedmed.tasks import load_site_table
 from tests.conftest import write_site_csv
 
 CANARY = 987.654321  # a blood pressure no hospital records: if it shows up, a row leaked
@@ -458,7 +459,7 @@ def test_a_plan_calibrated_at_a_larger_delta_is_refused_and_audited(tmp_path: Pa
 
 
 def test_a_deployed_site_trains_with_a_seed_the_coordinator_cannot_know(tmp_path: Path) -> None:
-    from fedmed.client_app import NOISE_KEY, _training_seed
+    from fedmed.site.app import NOISE_KEY, _training_seed
 
     def context(site: Path) -> Context:
         return Context(RUN_ID, 1, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})

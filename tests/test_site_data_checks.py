@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.config import RunConfig, SchemaConfig
 from fedmed.data.sources import read_table
 from fedmed.data.table import validate_table

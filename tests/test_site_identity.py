@@ -13,8 +13,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedmed.runtime.grid import GridWrapper
-from fedmed.runtime.polling import IMPERSONATION, PromptGrid
+from fedmed.coordinator.grid import IMPERSONATION, GridWrapper, PromptGrid
 
 NODES = {11: "st-marys", 22: "riverside"}
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from fedmed.config import SchemaConfig
 from fedmed.data.table import Preprocessor
-from fedmed.study import combine_site_statistics
+from fedmed.study.statistics import combine_site_statistics
 
 
 def test_combined_site_statistics_match_the_union_fit() -> None:

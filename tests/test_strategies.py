@@ -9,8 +9,8 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
 from fedmed.config import RunConfig
+from fedmed.coordinator.strategies import STRATEGIES, aggregate_metrics, build_strategy
 from fedmed.errors import ConfigError
-from fedmed.strategies import STRATEGIES, aggregate_metrics, build_strategy
 
 
 def _reply(**metrics: float) -> RecordDict:
@@ -57,7 +57,7 @@ def test_fedadam_keeps_float32_so_no_update_is_rejected(csv_study: RunConfig, ca
 
     import torch
 
-    from fedmed.cli import main
+    from fedmed.cli.main import main
     from fedmed.serving.export import load_model
 
     from .test_cli import _write_toml

@@ -13,9 +13,9 @@ import torch
 
 from fedmed.config import RunConfig
 from fedmed.errors import StudyFailed
-from fedmed.report import RunHistory
-from fedmed.server_app import initial_model
-from fedmed.study import RunPlan, finish_run, new_run_dir
+from fedmed.study.history import RunHistory
+from fedmed.study.outputs import finish_run
+from fedmed.study.plan import RunPlan, initial_model, new_run_dir
 from tests.test_cli import _write_toml
 
 
@@ -84,7 +84,7 @@ def test_a_diverged_local_model_is_named_and_its_metrics_are_null(csv_study: Run
 def test_the_cli_exits_non_zero_with_one_line_when_nothing_is_released(
     csv_study: RunConfig, tmp_path: Path, capsys
 ) -> None:
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     # Every site's cap is below what one round costs: every site refuses, nothing aggregates.
     capped = tuple(dataclasses.replace(s, epsilon_cap=0.01) for s in csv_study.sites)

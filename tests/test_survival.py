@@ -15,11 +15,10 @@ from lifelines.utils import concordance_index as lifelines_c_index
 
 from fedmed.config import RunConfig, SchemaConfig, TrainConfig, load_run_config, parse_run_config
 from fedmed.config import resolve_config_path as shipped
-from fedmed.data import load_site_data, load_site_table
 from fedmed.data.table import validate_table
 from fedmed.errors import ConfigError, DataError
-from fedmed.privacy import train_private
-from fedmed.tasks import get_task
+from fedmed.privacy.dpsgd import train_private
+from fedmed.tasks import get_task, load_site_data, load_site_table
 from fedmed.tasks.survival import concordance_index, cox_partial_nll
 from fedmed.train import evaluate, train_plain
 
@@ -276,7 +275,7 @@ def _write_cohort(path: Path, n: int, seed: int) -> None:
 
 
 def test_a_new_survival_schema_runs_by_configuration_alone(tmp_path: Path, capsys) -> None:
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     sites = ""
     for i, (name, n) in enumerate([("north", 140), ("south", 100), ("east", 80)]):
@@ -329,7 +328,7 @@ def test_served_cox_model_gives_hazard_ratios_with_exact_attributions(tmp_path: 
     """A saved lung model served: hazard ratio vs the reference patient, IG adds up to it."""
     from fastapi.testclient import TestClient
 
-    from fedmed.cli import main
+    from fedmed.cli.main import main
     from fedmed.serving.api import ServedModel, create_app
 
     out = str(tmp_path / "runs")
@@ -380,7 +379,7 @@ def test_site_level_dp_is_allowed_for_survival(tmp_path: Path) -> None:
     """Central DP clips and noises whole site updates: no per-patient decomposition needed."""
     import json
 
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     overrides = ["rounds=2", "privacy.central=server-side", f"output_dir={tmp_path / 'runs'}"]
     args = [item for o in overrides for item in ("--set", o)]

@@ -16,9 +16,8 @@ from sksurv.util import Surv
 
 from fedmed.config import load_run_config, parse_run_config
 from fedmed.config import resolve_config_path as shipped
-from fedmed.data import load_site_data
 from fedmed.errors import ConfigError
-from fedmed.tasks import build_model
+from fedmed.tasks import build_model, load_site_data
 from fedmed.tasks import survival_metrics as sm
 
 from .test_survival import _run as _survival_study
@@ -154,7 +153,7 @@ def test_horizons_are_checked_once_in_the_config() -> None:
 def test_sites_report_what_scikit_survival_computes_for_the_final_model(
     tmp_path: Path, mode: str
 ) -> None:
-    from fedmed.cli import main
+    from fedmed.cli.main import main
 
     args = ["simulate", "lung", "--quiet", "--mode", mode, "--output-dir", str(tmp_path / "runs")]
     assert main([*args, "--set", "rounds=3"]) == 0

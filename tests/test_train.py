@@ -94,9 +94,9 @@ def test_device_auto_falls_back_to_cpu_and_absent_cuda_is_an_error() -> None:
 def test_lr_decay_trains_round_r_at_lr_times_decay_to_the_r_minus_1(
     mode: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    import fedmed.baselines
-    import fedmed.client_app
-    from fedmed.cli import main
+    import fedmed.site.app
+    import fedmed.study.baselines
+    from fedmed.cli.main import main
 
     seen: list[float] = []
     module = fedmed.client_app if mode == "federated" else fedmed.baselines

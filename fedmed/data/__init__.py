@@ -1,21 +1,29 @@
-"""Site datasets: read (sources), check and split (table), spread a demo table (partition)."""
+"""Site datasets: read (sources), check and split (table), spread a demo table (partition).
+
+Nothing here knows about tasks or Flower: the task decides which outcome a site's rows carry
+(``target``) and calls ``read_site_table`` with it (fedmed.tasks.load_site_table).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fedmed.config import RunConfig, SiteSpec
-from fedmed.data.arrays import ArrayTable, readers
+from fedmed.data.arrays import ArrayTable
 from fedmed.data.sources import load_site_frame
-from fedmed.data.table import OUTCOMES, SiteData, SiteTable, prepare, validate_table
+from fedmed.data.table import OUTCOMES, SiteData, SiteTable, validate_table
+from fedmed.errors import ConfigError
 
 __all__ = [
     "ArrayTable",
     "SiteData",
     "SiteTable",
     "clear_file_caches",
-    "load_site_data",
-    "load_site_table",
+    "read_site_table",
     "site_spec",
 ]
+
+Reader = Callable[[RunConfig, SiteSpec], ArrayTable]
 
 
 def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
@@ -23,26 +31,23 @@ def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
     for site in cfg.sites:
         if site.name == name:
             return site
-    from fedmed.errors import ConfigError
-
     raise ConfigError(f"unknown site '{name}'; configured sites: {', '.join(cfg.site_names)}")
 
 
-def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable:
-    """Read and validate one site's table (raw units, split into train/test).
+def readers() -> dict[str, Reader]:
+    """Outcome kind (``Task.target``) -> the reader of its sites (imported on first use)."""
+    from fedmed.data.images import read_image_site
+    from fedmed.data.series import read_series_site
 
-    The study's task is checked against the config first (e.g. survival needs a time and an
-    event column) and decides which columns are the outcome; every path that touches site data
-    (preflight, sites, baselines) comes through here, so a bad combination fails before training.
-    """
-    from fedmed.tasks import get_task
+    return {"image": read_image_site, "series": read_series_site}
 
-    task = get_task(cfg.task)
-    task.check(cfg)
-    if task.target not in OUTCOMES:  # images, series: their own reader (fedmed.data.arrays)
-        return readers()[task.target](cfg, site)
+
+def read_site_table(cfg: RunConfig, site: SiteSpec, target: str) -> SiteTable | ArrayTable:
+    """One site's rows for an outcome of kind ``target`` (raw units, split into train/test)."""
+    if target not in OUTCOMES:  # images, series: their own reader
+        return readers()[target](cfg, site)
     frame, origin = load_site_frame(cfg, site)
-    return validate_table(site.name, frame, cfg.data.schema, origin, target=task.target)
+    return validate_table(site.name, frame, cfg.data.schema, origin, target=target)
 
 
 def clear_file_caches() -> None:
@@ -52,11 +57,3 @@ def clear_file_caches() -> None:
 
     for cached in (load_images, load_long, load_outcomes):
         cached.cache_clear()
-
-
-def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:
-    """Model-ready arrays for one site, preprocessing fitted on its own train split."""
-    table = load_site_table(cfg, site)
-    if isinstance(table, ArrayTable):
-        return table.data
-    return prepare(table, cfg.data.schema)

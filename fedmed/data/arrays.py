@@ -8,7 +8,6 @@ task's outcome kind (``Task.target``), like OUTCOMES decides it for tables.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -91,14 +90,3 @@ def split_checked(
         inner = replace(schema, test_fraction=schema.validation_fraction)
         x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, y_tr, None, inner, f"{origin} (validation)")
     return np.asarray(x_tr), y_tr, np.asarray(x_te), y_te
-
-
-Reader = Callable[[RunConfig, SiteSpec], ArrayTable]
-
-
-def readers() -> dict[str, Reader]:
-    """Outcome kind (``Task.target``) -> the reader of its sites (imported on first use)."""
-    from fedmed.data.images import read_image_site
-    from fedmed.data.series import read_series_site
-
-    return {"image": read_image_site, "series": read_series_site}

@@ -37,7 +37,7 @@ from typing import Any
 from fedmed.config import RunConfig, SchemaConfig, SeriesConfig, SiteSpec
 from fedmed.data.sources import read_table
 from fedmed.errors import ConfigError, DataError
-from fedmed.report import atomic_write, read_state_json
+from fedmed.io import atomic_write, read_state_json
 
 FORMAT = "fedmed-datasets/1"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -323,17 +323,16 @@ class DatasetRegistry:
 
 
 def site_view(
-    run: RunConfig, ds: Dataset, site: str, epsilon_cap: float | None = None
+    run: RunConfig, ds: Dataset, site: str, epsilon_cap: float | None = None, *, target: str
 ) -> tuple[RunConfig, SiteSpec]:
     """The study as THIS site runs it on its registered dataset ``ds``.
 
     Every path comes from the registry: paths a plan might carry (data.partition_file,
     data.series.outcomes) are dropped, and the site's own layout (the PNG column, the series
-    column names) replaces the study's. A dataset of the wrong kind for the task is refused.
+    column names) replaces the study's. A dataset of the wrong kind for the task's outcome
+    ``target`` is refused (fedmed.tasks.site_view passes the study task's target).
     """
-    from fedmed.tasks import get_task
-
-    wanted = KIND_OF_TARGET[get_task(run.task).target]
+    wanted = KIND_OF_TARGET[target]
     if ds.kind != wanted:
         raise DataError(
             f"dataset '{ds.name}' is registered as {ds.kind} but task '{run.task}' reads "

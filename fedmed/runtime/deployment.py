@@ -30,7 +30,7 @@ from fedmed import __version__
 from fedmed.config import SiteConfig
 from fedmed.errors import ConfigError, FedmedError
 from fedmed.security import pki
-from fedmed.study import ENGINE_KEY, RunPlan
+from fedmed.study.plan import ENGINE_KEY, RunPlan
 
 CONNECTION = "fedmed"  # the connection name fedmed writes into the coordinator's FLWR_HOME
 
@@ -328,7 +328,7 @@ def read_nodes(c: Coordinator) -> dict[str, int]:
 
 
 def _write_nodes(c: Coordinator, nodes: dict[str, int]) -> None:
-    from fedmed.report import atomic_write
+    from fedmed.io import atomic_write
 
     atomic_write(c.nodes_file, (json.dumps(nodes, indent=1, sort_keys=True) + "\n").encode())
 
@@ -338,12 +338,20 @@ def register_with_superlink(
 ) -> str:
     """Admit one site's key and record which node id speaks for it; 'registered' or
     'already registered'."""
-    from fedmed.report import file_lock
+    from fedmed.io import file_lock
 
     pki.read_node_public_key(public_key)  # a clear error for a bad key file, before Flower's
     conn = LOCAL if local else CONNECTION
     res = flwr_cli(
-        c, "supernode", "register", str(public_key), conn, "--name", name, "--format", "json",
+        c,
+        "supernode",
+        "register",
+        str(public_key),
+        conn,
+        "--name",
+        name,
+        "--format",
+        "json",
         local=local,
     )
     try:
@@ -370,7 +378,7 @@ def register_with_superlink(
 
 def unregister_from_superlink(c: Coordinator, name: str) -> int:
     """Revoke a site: Flower forgets its node (the daemon is cut off); returns the node id."""
-    from fedmed.report import file_lock
+    from fedmed.io import file_lock
 
     with file_lock(c.nodes_file):
         nodes = read_nodes(c)

@@ -46,9 +46,8 @@ def warm_imports() -> None:
     import torch._dynamo  # noqa: F401  (imported by the first optimizer: ~1 s per message)
     from flwr.supernode.runtime import run_clientapp  # noqa: F401
 
-    import fedmed.client_app
-    import fedmed.privacy
-    import fedmed.secagg  # noqa: F401  (secure studies' ClientApp)
+    import fedmed.site.app
+    import fedmed.site.secure_app  # noqa: F401  (secure studies' ClientApp)
 
 
 ROLES = ("site", "coordinator")
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", POLL_SECONDS)
     if args.cache_dir:
-        from fedmed.privacy import CACHE_ENV
+        from fedmed.privacy.accounting import CACHE_ENV
 
         os.environ[CACHE_ENV] = args.cache_dir
     warm_imports()

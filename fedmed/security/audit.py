@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
-from fedmed.report import atomic_write, file_lock
+from fedmed.io import atomic_write, file_lock
 
 GENESIS = "sha256:" + "0" * 64
 FORMAT = "fedmed-audit/1"

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmed.config import check_site_name
 from fedmed.errors import ConfigError
 
 CA_CERT = "ca.crt"
@@ -43,17 +43,6 @@ OPERATOR_OU = "fedmed-operators"  # what the gate (fedmed.runtime.gate) requires
 # does not match IP SANs) and the coordinator's executor dial it: every coordinator certificate
 # names both.
 LOOPBACK = ("localhost", "127.0.0.1")
-SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-
-def check_site_name(name: str) -> str:
-    """Site names become file names and node names: keep them plain."""
-    if not SITE_NAME.match(name):
-        raise ConfigError(
-            f"site name '{name}' is not allowed; use lower-case letters, digits, '-' and '_' "
-            "(e.g. st-marys)"
-        )
-    return name
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedmed.config import RunConfig, SiteConfig, load_site_config
+from fedmed.config import RunConfig, SiteConfig, SiteSpec, load_site_config
 from fedmed.errors import PolicyViolation
+from fedmed.protocol import RUN_KEY, SECAGG_RECORD, SITE_CONFIG_KEY, STUDY_KEY
 from fedmed.security.audit import AuditLog
-
-SITE_CONFIG_KEY = "fedmed-site"  # node config entry: path to the site's own TOML
-RUN_KEY = "fedmed.run"  # ConfigRecord entry carrying the study plan as JSON
-STUDY_KEY = "fedmed.study"  # ConfigRecord entry: this study's id
-PLAN_RECORD = "fedmed.plan"  # RecordDict entry the secure coordinator adds to every message
-SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ record (flwr...secaggplus_constants)
 
 log = logging.getLogger("fedmed.site")
 
@@ -58,7 +55,7 @@ def refuse(msg: Message, site: str, reason: str, code: int = 403) -> Message:
 
 def check_plan(site: SiteConfig, run: RunConfig) -> None:
     """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data."""
-    from fedmed.study import plan_hash
+    pass
 
     digest = plan_hash(run)
     if digest not in site.approved_plans:
@@ -73,7 +70,7 @@ def check_plan(site: SiteConfig, run: RunConfig) -> None:
     if run.privacy.enabled and site.delta is not None:
         # Known before any data is read when the site sets its δ (else fedmed.privacy's
         # at_site_delta refuses the same plan once the training rows are counted).
-        from fedmed.privacy import at_site_delta
+        from fedmed.privacy.accounting import at_site_delta
 
         at_site_delta(run.privacy, site.delta)
     if site.require_secure_aggregation and not run.strategy.secure_aggregation:
@@ -168,7 +165,7 @@ def _plan_fields(msg: Message) -> dict[str, object]:
 
     Legacy (secure) messages carry the round only as their group id.
     """
-    from fedmed.study import plan_hash
+    pass
 
     records = plan_records(msg)
     if not records:
@@ -236,3 +233,118 @@ def _reply_metrics(reply: Message) -> dict[str, int | float] | None:
                 if isinstance(v, int | float) and not isinstance(v, bool)
             }
     return None
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON values (tuples -> lists), like RunConfig.to_dict."""
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The default values of a config dataclass's fields as plain JSON (required ones left out)."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(
+        json.dumps(out, default=lambda o: _asdict(o) if dataclasses.is_dataclass(o) else list(o))
+    )
+
+
+def plan_hash(cfg: RunConfig) -> str:
+    """Content hash of everything a site is asked to run and spend on its data.
+
+    A hospital approves one hash, so the hash must bind every setting that determines what is
+    computed on its data, what leaves the site and its privacy loss: the task, model and data
+    schema, and also rounds, local steps/epochs, batch size, learning rate schedule, the seed,
+    local and central DP settings, personalization, FedProx's mu and secure aggregation. Left
+    out are only the output settings (name, output_dir) and the coordinator's own aggregation
+    knobs (PLAN_OUTPUT_ONLY, COORDINATOR_ONLY_STRATEGY), plus the files and columns a site maps
+    from its own registry. Other settings left at their defaults are omitted, so a fedmed
+    upgrade that adds an unrelated config key does not void every approval; the privacy-binding
+    ones (PRIVACY_BINDING, RELEASE_STRATEGY) are always hashed with their values.
+    """
+    import hashlib
+
+    from fedmed.config import ImageConfig, SeriesConfig
+
+    default = _defaults(RunConfig)
+
+    def changed(values: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict) and base[key]:
+                nested = changed(value, base[key])
+                if nested:
+                    out[key] = nested
+            elif base.get(key) != value:
+                out[key] = value
+        return out
+
+    spec = cfg.to_dict()
+    content: dict[str, Any] = {
+        key: value
+        for key, value in changed(spec, default).items()
+        if key not in PLAN_OUTPUT_ONLY and key not in ("strategy", "data", "sites")
+    }
+    for key in PRIVACY_BINDING:
+        content[key] = spec[key]
+    content["strategy"] = {k: spec["strategy"][k] for k in RELEASE_STRATEGY}
+    content["sites"] = [
+        # Defaults of a site entry (its name is always "changed": every site is listed).
+        changed(site, {**_asdict(SiteSpec("site")), "name": None})
+        for site in spec["sites"]
+    ]
+    data = changed(spec["data"], default["data"])
+    # What images and series become (size; window, bins, missing code) is part of what runs;
+    # file names and columns are the site's own (its registry), so they are left out.
+    site_owned = {
+        "outcomes",
+        "column",
+        "mean",  # the consortium reference: derived from the sites' statistics during the run
+        "std",
+        *(k for k in spec["data"]["series"] if k.endswith("_column")),
+    }
+    for key, base in (("images", ImageConfig()), ("series", SeriesConfig())):
+        values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
+        data.pop(key, None)
+        if changed(values, _asdict(base)):
+            data[key] = changed(values, _asdict(base))
+    content["data"] = data
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+# What a plan hash leaves out: where results go, and how the coordinator combines what sites send
+# (these never reach a site's data, its privacy loss or what it releases).
+PLAN_OUTPUT_ONLY = frozenset({"name", "output_dir"})
+
+COORDINATOR_ONLY_STRATEGY = frozenset(
+    {
+        "min_sites",
+        "server_lr",
+        "server_momentum",
+        "beta_1",
+        "beta_2",
+        "tau",
+        "trim_beta",
+        "num_malicious",
+        "krum_select",
+        "validate_updates",
+        "max_norm_ratio",
+        "round_timeout",
+        "average_last",
+    }
+)
+
+# Settings that set a site's privacy loss or its release: hashed with their values even at
+# their defaults, so an approved hash means the same ε whichever fedmed version parsed the plan.
+PRIVACY_BINDING = ("rounds", "seed", "train", "privacy", "personalize")
+
+RELEASE_STRATEGY = ("name", "proximal_mu", "secure_aggregation")

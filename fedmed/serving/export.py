@@ -24,7 +24,7 @@ from fedmed import __version__
 from fedmed.config import RunConfig, echo
 from fedmed.data.table import input_names
 from fedmed.errors import ConfigError
-from fedmed.report import atomic_write, json_safe
+from fedmed.io import atomic_write, json_safe
 from fedmed.serving.signing import sign_card, verify_card
 from fedmed.tasks import get_task
 
@@ -147,7 +147,7 @@ def load_model(
             len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
         )
         if card.get("privacy", {}).get("enabled"):
-            from fedmed.privacy import make_compatible
+            from fedmed.tasks.dp_compat import make_compatible
 
             model = make_compatible(model)
         model.load_state_dict(state)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, SiteSpec
+from fedmed.data import read_site_table, registry
+from fedmed.data.arrays import ArrayTable
+from fedmed.data.registry import Dataset
+from fedmed.data.table import SiteData, SiteTable, prepare
 from fedmed.errors import ConfigError
 from fedmed.tasks.imaging import ImagingClassification
 from fedmed.tasks.sequence import SequenceClassification
@@ -39,7 +43,34 @@ def build_model(cfg: RunConfig) -> nn.Module:
         len(input_names(cfg.data.schema.features, cfg.data.schema)), cfg.model
     )
     if cfg.privacy.enabled:
-        from fedmed.privacy import make_compatible
+        from fedmed.tasks.dp_compat import make_compatible
 
         model = make_compatible(model)
     return model
+
+
+def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable:
+    """Read and validate one site's table (raw units, split into train/test).
+
+    The study's task is checked against the config first (e.g. survival needs a time and an
+    event column) and decides which columns are the outcome; every path that touches site data
+    (preflight, sites, baselines) comes through here, so a bad combination fails before training.
+    """
+    task = get_task(cfg.task)
+    task.check(cfg)
+    return read_site_table(cfg, site, task.target)
+
+
+def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:
+    """Model-ready arrays for one site, preprocessing fitted on its own train split."""
+    table = load_site_table(cfg, site)
+    if isinstance(table, ArrayTable):
+        return table.data
+    return prepare(table, cfg.data.schema)
+
+
+def site_view(
+    run: RunConfig, ds: Dataset, site: str, epsilon_cap: float | None = None
+) -> tuple[RunConfig, SiteSpec]:
+    """The study as this site runs it on its registered dataset (of the kind the task reads)."""
+    return registry.site_view(run, ds, site, epsilon_cap, target=get_task(run.task).target)

@@ -22,8 +22,8 @@ import pytest
 from fedmed.config import load_run_config
 from fedmed.runtime.deployment import flower_bin, flower_env, wait_for_port
 from fedmed.security.audit import AuditLog
+from fedmed.security.policy import plan_hash
 from fedmed.serving.server import free_port
-from fedmed.study import plan_hash
 
 from .test_deployment import OPERATOR, Daemons, _setup, _site_toml, _wait_online, fedmed
 
@@ -402,7 +402,9 @@ def test_a_larger_delta_cannot_buy_epsilon_at_a_real_site(tmp_path: Path) -> Non
         assert not (run_dir / "model.safetensors").exists()
         failures = json.loads((run_dir / "metrics.json").read_text())["history"][0]["failures"]
         assert {f["site"] for f in failures if "δ" in f["reason"] or "delta" in f["reason"]} == {
-            "st-marys", "riverside", "northgate"
+            "st-marys",
+            "riverside",
+            "northgate",
         }, failures
         for name in ("st-marys", "riverside", "northgate"):
             refused = [e for e in AuditLog(tmp_path / "state" / name).entries()

@@ -54,11 +54,11 @@ def test_dashboard_follows_a_run_with_a_refusing_site(tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from fedmed.cli import preflight
-    from fedmed.client_app import app as client_app
+    from fedmed.coordinator.app import build_server_app
     from fedmed.runtime.inprocess import run_inprocess
-    from fedmed.server_app import build_server_app
-    from fedmed.study import RunPlan, new_run_dir
+    from fedmed.runtime.run import preflight
+    from fedmed.site.app import app as client_app
+    from fedmed.study.plan import RunPlan, new_run_dir
 
     sites = ",".join(
         f'{{name="{s}",epsilon_cap=0.5}}' if s == CAPPED else f'{{name="{s}"}}' for s in SITES

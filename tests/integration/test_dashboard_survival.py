@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 from fedmed.serving.dashboard import start_dashboard_thread, stop_dashboard_thread
 
 from .test_dashboard_browser import CHROMEDRIVER, TIMEOUT, _browser_or_skip

@@ -22,8 +22,8 @@ import pytest
 from fedmed.config import load_run_config, resolve_config_path
 from fedmed.runtime.deployment import online_sites, wait_until_ready
 from fedmed.security.audit import AuditLog
+from fedmed.security.policy import plan_hash
 from fedmed.serving.server import free_port
-from fedmed.study import plan_hash
 
 pytestmark = pytest.mark.integration
 
@@ -169,7 +169,7 @@ def federation(tmp_path: Path) -> Iterator[tuple[Path, Daemons, int]]:
 
 
 def _wait_online(root: Path, port: int, n: int, timeout: float = 90) -> None:
-    from fedmed.cli_deploy import load_coordinator
+    from fedmed.cli.federation import load_coordinator
 
     c = load_coordinator(root / "coordinator", root / OPERATOR[1])
     assert c.port == port

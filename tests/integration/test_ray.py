@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmed.cli import main
+from fedmed.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -32,11 +32,11 @@ def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
 
 
 def test_a_run_killed_in_process_resumes_on_ray(demo_config, tmp_path, capsys) -> None:
-    from fedmed.cli import preflight
-    from fedmed.client_app import app
+    from fedmed.coordinator.app import build_server_app
     from fedmed.runtime.inprocess import run_inprocess
-    from fedmed.server_app import build_server_app
-    from fedmed.study import RunPlan, new_run_dir
+    from fedmed.runtime.run import preflight
+    from fedmed.site.app import app
+    from fedmed.study.plan import RunPlan, new_run_dir
     from tests.test_cli import _write_toml
 
     def killed_after_round_1(rnd: int, history) -> None:

@@ -371,7 +371,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     dep.ready_file(c.home).unlink(missing_ok=True)
     env = dep.flower_env(c.flwr_home)
     if args.cold:
-        from fedmed.runtime.polling import GRID_POLL_ENV
+        from fedmed.coordinator.grid import GRID_POLL_ENV
 
         env[GRID_POLL_ENV] = "3"
     log = None if args.verbose else c.home / "superlink.log"
@@ -553,8 +553,7 @@ def _site_data_check(site, registry, args: argparse.Namespace) -> int:
             registry.verify(ds.name)
             detail = f"{ds.summary()}, unchanged"
             if run is not None:
-                from fedmed.data import load_site_table
-                from fedmed.data.registry import site_view
+                from fedmed.tasks import load_site_table, site_view
 
                 local, spec = site_view(run, ds, site.name)
                 table = load_site_table(local, spec)
@@ -597,9 +596,9 @@ def _site_audit(site, args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmed.cli import _load, _print_summary
+    from fedmed.cli.display import _load, _print_summary
     from fedmed.runtime import deployment as dep
-    from fedmed.study import RunPlan, new_run_dir
+    from fedmed.study.plan import RunPlan, new_run_dir
 
     cfg = _load(args)
     if not cfg.data.dataset:
@@ -719,15 +718,15 @@ def _round_line(entry: dict) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from fedmed.cli import _load
-    from fedmed.study import plan_hash
+    from fedmed.cli.display import _load
+    from fedmed.security.policy import plan_hash
 
     print(plan_hash(_load(args)))
     return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from fedmed.cli import _load
+    from fedmed.cli.display import _load
     from fedmed.data.sources import load_site_frame
 
     cfg = _load(args)

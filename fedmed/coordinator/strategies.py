@@ -31,7 +31,8 @@ from flwr.serverapp.strategy import (
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
-from fedmed.report import RunHistory
+from fedmed.study.history import RunHistory
+from fedmed.train import mean_of_models
 
 MAX_KEYS = ("epsilon", "epsilon_total")
 log = logging.getLogger("fedmed.coordinator")
@@ -190,19 +191,6 @@ def restore_strategy_state(
                 f"checkpoint holds strategy state '{name}' that {type(inner).__name__} does not "
                 "have; resume with the run's own config"
             )
-
-
-def central_epsilon(cfg: RunConfig, rounds: int) -> float:
-    """Site-level ε of central DP after ``rounds`` rounds (every site sampled every round).
-
-    Each round releases the clipped mean plus Gaussian noise whose std is the noise multiplier
-    times the sensitivity (norm / sites): one Gaussian mechanism per round, composed with RDP.
-    """
-    from fedmed.privacy import epsilon_spent
-
-    if cfg.privacy.central == "off" or rounds == 0:
-        return 0.0
-    return epsilon_spent([(cfg.privacy.central_noise_multiplier, 1.0, rounds)], cfg.privacy)
 
 
 def _site_name(msg: Message) -> str:
@@ -376,17 +364,6 @@ class AverageRounds(StrategyWrapper):
 
 
 AVERAGE_STATE = "average-"  # checkpoint state groups of AverageRounds' window
-
-
-def mean_of_models(models: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Element-wise mean (in float64, cast back) of float arrays; others from the last model."""
-    out = {}
-    for key, value in models[-1].items():
-        if np.issubdtype(value.dtype, np.floating):
-            value = np.stack([m[key].astype(np.float64) for m in models]).mean(axis=0)
-            value = value.astype(models[-1][key].dtype)
-        out[key] = np.ascontiguousarray(value)
-    return out
 
 
 class RoundOffset(StrategyWrapper):

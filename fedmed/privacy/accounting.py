@@ -20,13 +20,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from torch import nn
-
 from fedmed.config import PrivacyConfig, RunConfig
 from fedmed.errors import ConfigError, PolicyViolation
-from fedmed.tasks import Task
-from fedmed.train import TrainResult, make_loader, make_optimizer, run_steps, steps_per_round
+from fedmed.train import steps_per_round
 
 # Known, documented Opacus/PyTorch notices that would otherwise repeat every round at every site:
 # secure_mode needs torchcsprng (see README, "Privacy"); the backward-hook notice is harmless for
@@ -78,7 +74,7 @@ def _noise_for(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
     cache = os.environ.get(CACHE_ENV)
     if not cache:
         return _calibrate(privacy, sample_rate, steps)
-    from fedmed.report import file_lock, read_state_json, write_json
+    from fedmed.io import file_lock, read_state_json, write_json
 
     path = Path(cache) / "noise.json"
     key = json.dumps([dataclasses.asdict(privacy), sample_rate, steps], sort_keys=True)
@@ -184,65 +180,18 @@ def at_site_delta(privacy: PrivacyConfig, delta: float) -> PrivacyConfig:
     return dataclasses.replace(privacy, delta=delta)
 
 
+def central_epsilon(cfg: RunConfig, rounds: int) -> float:
+    """Site-level ε of central DP after ``rounds`` rounds (every site sampled every round).
+
+    Each round releases the clipped mean plus Gaussian noise whose std is the noise multiplier
+    times the sensitivity (norm / sites): one Gaussian mechanism per round, composed with RDP.
+    """
+    pass
+
+    if cfg.privacy.central == "off" or rounds == 0:
+        return 0.0
+    return epsilon_spent([(cfg.privacy.central_noise_multiplier, 1.0, rounds)], cfg.privacy)
+
+
 def _accountant_kwargs(privacy: PrivacyConfig) -> dict[str, object]:
     return {"alphas": RDP_ALPHAS} if privacy.accountant == "rdp" else {}
-
-
-def make_compatible(model: nn.Module) -> nn.Module:
-    """Swap layers DP-SGD cannot handle (BatchNorm -> GroupNorm, LSTM -> DPLSTM)."""
-    from opacus.validators import ModuleValidator
-
-    return model if ModuleValidator.is_valid(model) else ModuleValidator.fix(model)
-
-
-def train_private(
-    model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    task: Task,
-    cfg: RunConfig,
-    *,
-    seed: int,
-    device: object,
-    proximal_mu: float = 0.0,
-) -> tuple[TrainResult, list[Entry]]:
-    """One round of DP-SGD; returns the result and the accountant entries of THIS round.
-
-    The caller appends the entries to the site's ledger (or history) and computes ε from all of
-    them: a per-round engine's own accountant would forget earlier rounds.
-
-    ``model`` is trained in place through Opacus' wrapper; callers keep exchanging the ORIGINAL
-    module's state_dict (the wrapper's keys carry a ``_module.`` prefix).
-    """
-    import torch
-    from opacus import PrivacyEngine
-
-    task.check(cfg)  # e.g. survival refuses DP-SGD: its loss is not per-patient
-    plan = plan_for_site(len(y), cfg)
-    torch.manual_seed(seed)
-    model.to(device).train()
-    engine = PrivacyEngine(accountant=cfg.privacy.accountant)
-    dp_model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=make_optimizer(model, cfg.train),
-        data_loader=make_loader(x, y, cfg.train.batch_size, seed),
-        noise_multiplier=plan.noise_multiplier,
-        max_grad_norm=cfg.privacy.max_grad_norm,
-        poisson_sampling=True,
-        grad_sample_mode=cfg.privacy.grad_sample_mode,
-    )
-    try:
-        loss = run_steps(
-            dp_model, optimizer, loader, task, plan.steps_per_round, device, proximal_mu
-        )
-    except RuntimeError as exc:
-        if "Batch size must be positive" in str(exc):  # expanded weights on an empty batch
-            raise ConfigError(
-                "privacy.grad_sample_mode='ew' cannot take the empty batches Poisson sampling "
-                "draws at small sites or small batch sizes; use 'hooks'"
-            ) from None
-        raise
-    finally:
-        dp_model._close()  # drop Opacus' hooks from the original module
-    entries = merge_history(list(engine.accountant.history))
-    return TrainResult(loss=loss, steps=plan.steps_per_round, num_examples=len(y)), entries

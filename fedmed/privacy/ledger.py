@@ -53,8 +53,8 @@ import numpy as np
 
 from fedmed.config import PrivacyConfig
 from fedmed.errors import ConfigError, PrivacyBudgetExceeded
-from fedmed.privacy import Entry, epsilon_spent
-from fedmed.report import atomic_write, file_lock
+from fedmed.io import atomic_write, file_lock
+from fedmed.privacy.accounting import Entry, epsilon_spent
 
 FORMAT = "fedmed-ledger/2"
 LEGACY_FORMAT = "fedmed-ledger/1"

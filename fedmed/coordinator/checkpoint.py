@@ -31,8 +31,8 @@ import numpy as np
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
-from fedmed.io import private_secret
-from fedmed.report import RunHistory, atomic_write
+from fedmed.io import atomic_write, private_secret
+from fedmed.study.history import RunHistory
 
 FORMAT = "fedmed-checkpoint/2"  # /1 had no MAC: such a checkpoint is refused
 FILENAME = "checkpoint.safetensors"

@@ -8,31 +8,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from fedmed.cli.display import _fmt, _load, _print_summary, _Progress
 
 # Offline by default: no telemetry, no update checks, no per-run dependency installs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
-from fedmed.config import RunConfig, load_run_config, resolve_config_path
-from fedmed.errors import ConfigError, DataError, FedmedError
+from fedmed.errors import ConfigError, FedmedError
 
 ENGINES = ("inprocess", "ray")
-# Metrics shown in the progress bar and the summary table, in this order, when the task has them.
-SHOWN = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "precision": "prec", "recall": "rec",
-         "c_index": "C-index"}  # fmt: skip
-
-
-def _shown(task: str) -> list[str]:
-    from fedmed.tasks import get_task
-
-    return [m for m in SHOWN if m in get_task(task).metrics]
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -186,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"sequence models: the long CSV's {name} column (default: the study's)",
         )
 
-    from fedmed.cli_deploy import add_commands
+    from fedmed.cli.federation import add_commands
 
     add_commands(sub, _add_config_args)
 
@@ -199,86 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> RunConfig:
-    cfg = load_run_config(resolve_config_path(args.config), args.overrides)
-    changes = {}
-    if getattr(args, "mode", None):
-        changes["mode"] = args.mode
-    if getattr(args, "output_dir", None):
-        changes["output_dir"] = args.output_dir
-    return cfg.replace(**changes) if changes else cfg
-
-
-def preflight(cfg: RunConfig) -> tuple[RunConfig, list]:
-    """Validate every site's table up front; fix the feature list in the config for the sites.
-
-    In a simulation all tables are on this machine, so a malformed CSV is reported once, here,
-    as a one-line error instead of as failed replies from a site in round 1.
-    """
-    from dataclasses import replace
-
-    from fedmed.data import load_site_table
-
-    tables = []
-    failures: list[tuple[str, FedmedError]] = []
-    for site in cfg.sites:  # every site is checked, so one run lists every table to fix
-        try:
-            tables.append(load_site_table(cfg, site))
-        except (DataError, ConfigError) as exc:
-            failures.append((site.name, exc))
-    if failures:
-        raise _site_failures(failures, len(cfg.sites))
-    features = tables[0].features
-    for t in tables[1:]:
-        if t.features != features:
-            raise FedmedError(
-                f"sites '{tables[0].name}' and '{t.name}' have different feature columns; "
-                "list the shared ones in data.schema.features"
-            )
-    schema = replace(cfg.data.schema, features=features)
-    return cfg.replace(data=replace(cfg.data, schema=schema)), tables
-
-
-def _site_failures(failures: list[tuple[str, FedmedError]], sites: int) -> FedmedError:
-    """One error for all failing sites: each site's own message (file, column, rows, fix).
-
-    A failure shared by every site (a config problem, not a table problem) is said once.
-    """
-    messages = {str(exc) for _, exc in failures}
-    if len(failures) == 1 or len(messages) == 1:
-        return failures[0][1]
-    listed = "; ".join(f"[{name}] {exc}" for name, exc in failures)
-    return DataError(f"{len(failures)} of {sites} sites failed the data checks: {listed}")
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedmed.study import RunPlan, new_run_dir, serving_preprocessing
-    from fedmed.train import resolve_device
+    from fedmed.runtime.run import plan_study, run
 
-    cfg = _load(args)
-    resolve_device(cfg.device)  # device="cuda" without a GPU: refused before any run folder
-    cfg, tables = preflight(cfg)
-    if args.engine == "ray" and cfg.mode != "federated":
-        raise FedmedError("--engine ray runs federated studies; drop it for pooled/local")
+    plan = plan_study(_load(args), engine=args.engine, resume=args.resume)
     if not args.verbose:
         # Flower resets its logger's level while starting apps; a filter sticks.
         logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
-    plan = RunPlan(
-        cfg,
-        _resumable(args.resume, cfg) if args.resume else new_run_dir(cfg),
-        engine=args.engine if cfg.mode == "federated" else "-",
-        serving=serving_preprocessing(cfg, tables),
-        resume=args.resume is not None,
-    )
-    progress = None if args.quiet else _Progress(cfg)
+    progress = None if args.quiet else _Progress(plan.config)
     live = None
     try:
         if args.dashboard is not None:
             live = _start_live_dashboard(plan.run_dir, args.dashboard)
-        payload = _dispatch(plan, args, progress)
-    except BaseException as exc:
-        _mark_failed(plan.run_dir, exc)
-        raise
+        payload = run(plan, on_round=progress.update if progress else None, verbose=args.verbose)
     finally:
         if progress:
             progress.close()
@@ -293,209 +216,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resumable(run_dir: Path, cfg: RunConfig) -> Path:
-    """``run_dir`` if it can be resumed with ``cfg``; checked here, before anything starts."""
-    from fedmed.checkpoint import load_checkpoint
-
-    if cfg.mode != "federated":
-        raise FedmedError("--resume continues federated runs; pooled/local runs simply rerun")
-    if (run_dir / "metrics.json").is_file():
-        raise FedmedError(f"{run_dir} already finished (it has metrics.json); nothing to resume")
-    checkpoint = load_checkpoint(run_dir, cfg)  # refuses a different config, naming the change
-    print(f"resuming {run_dir} after round {checkpoint.round} of {cfg.rounds}", file=sys.stderr)
-    return run_dir
-
-
-def _mark_failed(run_dir: Path, exc: BaseException) -> None:
-    """A failed run leaves no empty folder, and never a live.json that still says 'running'."""
-    import json
-
-    from fedmed.report import write_json
-
-    if run_dir.is_dir() and not any(run_dir.iterdir()):
-        shutil.rmtree(run_dir)
-        return
-    live = run_dir / "live.json"
-    if live.is_file() and not (run_dir / "metrics.json").is_file():
-        payload = json.loads(live.read_text())
-        payload.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500])
-        write_json(live, payload)
-
-
-def _dispatch(plan, args: argparse.Namespace, progress) -> dict:
-    on_round = progress.update if progress else None
-    cfg = plan.config
-    if cfg.mode == "pooled":
-        from fedmed.baselines import run_pooled
-
-        return run_pooled(plan, on_round)
-    if cfg.mode == "local":
-        from fedmed.baselines import run_local
-
-        return run_local(plan, on_round)
-    from fedmed.server_app import build_server_app
-
-    if cfg.strategy.secure_aggregation:
-        from fedmed.secagg import client_app
-    else:
-        from fedmed.client_app import app as client_app
-
-    server_app = build_server_app(plan, on_round)
-    if args.engine == "ray":
-        from fedmed.runtime.ray import run_ray
-
-        run_ray(server_app, client_app, len(cfg.sites), verbose=args.verbose)
-    else:
-        from fedmed.runtime.inprocess import run_inprocess
-
-        run_inprocess(server_app, client_app, len(cfg.sites), plan.to_run_config())
-    metrics = plan.run_dir / "metrics.json"
-    if not metrics.is_file():
-        raise FedmedError(
-            "the federation ended without results; rerun with --verbose to see Flower's log"
-        )
-    import json
-
-    return json.loads(metrics.read_text())
-
-
-class _Progress:
-    """A rich progress bar on stderr with the running average metrics and the worst ε."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-        self.console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            console=self.console,
-            transient=False,
-        )
-        self.progress.start()
-        label = f"{cfg.name} ({cfg.mode}, {len(cfg.sites)} sites)"
-        self.task = self.progress.add_task(label, total=cfg.rounds, info="")
-        self.shown = _shown(cfg.task)[:2]
-
-    def update(self, rnd: int, history) -> None:
-        avg = history.average(rnd)
-        parts = [f"{SHOWN[m]} {avg.get(m, math.nan):.3f}" for m in self.shown]
-        eps = history.epsilon(rnd)
-        if any(eps.values()):
-            parts.append(f"ε≤{max(eps.values()):.2f}")
-        failed = {f["site"] for f in history.failures.get(rnd, [])}
-        if failed:
-            parts.append(f"[red]failed: {', '.join(sorted(failed))}[/red]")
-        self.progress.update(self.task, completed=rnd, info=" · ".join(parts))
-
-    def close(self) -> None:
-        self.progress.stop()
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float) and value.is_integer() and value > 1:
-        return str(int(value))
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _print_summary(payload: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    final = payload["final"]
-    table = Table(title=f"{payload['name']} · {payload['mode']} · round {final['round']}")
-    # Survival's time-dependent metrics (data.schema.horizons), when the study asked for them.
-    timed = [k for k in final["average"] if k.startswith("auc@") or k == "ibs"]
-    cols = [*_shown(payload["config"]["task"]), *timed, "num-examples", "epsilon"]
-    table.add_column("site")
-    for c in cols:
-        table.add_column(c, justify="right")
-    order = payload.get("sites") or list(final["sites"])
-    for site in order:
-        m = final["sites"].get(site)
-        if m is None:
-            continue
-        table.add_row(site, *[_fmt(m.get(c)) for c in cols])
-    avg = final["average"]
-    table.add_row(
-        "[bold]average[/bold]",
-        *[_fmt(avg.get(c)) if c not in ("num-examples", "epsilon") else "" for c in cols],
-    )
-    Console(file=sys.stdout, width=120).print(table)
-    for line in _coverage_lines(final.get("average_coverage"), [c for c in cols if c in avg]):
-        print(line)
-    if final.get("personalized"):
-        _print_personalized(final["personalized"], order, payload["config"]["personalize"])
-    if final.get("central_epsilon") is not None:
-        privacy = payload["config"]["privacy"]
-        print(
-            f"central DP ({privacy['central']} clipping): site-level ε = "
-            f"{final['central_epsilon']:.3f} at δ = {privacy['delta']:g}"
-        )
-    failures = [f for h in payload["history"] for f in h["failures"]]
-    if failures:
-        rounds_by_reason: dict[str, list[int]] = {}
-        for h in payload["history"]:
-            for f in h["failures"]:
-                rounds_by_reason.setdefault(f"{f['phase']}: {f['reason']}", []).append(h["round"])
-        for reason, rounds in rounds_by_reason.items():
-            print(f"failed or refused in round(s) {','.join(map(str, rounds))} — {reason}")
-    if final.get("missing_sites"):
-        print(f"sites without results in the last round: {', '.join(final['missing_sites'])}")
-    for site, why in payload.get("failed_models", {}).items():
-        print(f"no model released for {site}: {why} (its final metrics are n/a)")
-
-
-def _coverage_lines(coverage: dict | None, shown: list[str]) -> list[str]:
-    """One line per group of shown metrics whose average leaves sites out: 'average of N/M'.
-
-    Without it a mean over 2 of 3 sites reads like a mean over all 3. Metrics missing the same
-    sites share a line; long site lists are cut so the line stays one line.
-    """
-    if not coverage:
-        return []
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for metric in shown:
-        gaps = tuple(coverage["missing"].get(metric, ()))
-        if gaps:
-            groups.setdefault(gaps, []).append(metric)
-    total = coverage["sites"]
-    lines = []
-    for gaps, metrics in groups.items():
-        names = ", ".join(gaps[:5]) + (f" and {len(gaps) - 5} more" if len(gaps) > 5 else "")
-        lines.append(
-            f"{', '.join(metrics)}: average of {total - len(gaps)}/{total} sites "
-            f"(no value from {names})"
-        )
-    return lines
-
-
-def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:
-    """Per-site test metrics of the final global model before -> after local fine-tuning."""
-    from rich.console import Console
-    from rich.table import Table
-
-    cols = ("accuracy", "roc_auc", "f1", "loss")
-    how = [f"{settings['local_epochs']:g} local epoch(s) per site"] * bool(settings["local_epochs"])
-    how += ["own normalization layers"] * bool(settings.get("local_normalization"))
-    table = Table(title=f"personalized: {' + '.join(how)} (before → after)")
-    table.add_column("site")
-    for c in cols:
-        table.add_column(c, justify="right")
-    rows = [(s, personalized["sites"][s]) for s in order if s in personalized["sites"]]
-    for label, m in [*rows, ("[bold]average[/bold]", personalized["average"])]:
-        table.add_row(
-            label, *[f"{_fmt(m['before'].get(c))} → {_fmt(m['after'].get(c))}" for c in cols]
-        )
-    Console(file=sys.stdout, width=120).print(table)
-
-
 def cmd_check_data(args: argparse.Namespace) -> int:
+    from fedmed.runtime.run import preflight
+
     cfg, tables = preflight(_load(args))
     for t in tables:
         print(
@@ -511,7 +234,7 @@ def cmd_audit_privacy(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedmed.audit import audit_run
+    from fedmed.study.audit import audit_run
 
     report = audit_run(args.run_dir)
     table = Table(title=f"membership inference (loss threshold) · {args.run_dir}")
@@ -650,7 +373,7 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedmed.cli_deploy import COMMANDS as DEPLOY_COMMANDS
+    from fedmed.cli.federation import COMMANDS as DEPLOY_COMMANDS
 
     COMMANDS.update(DEPLOY_COMMANDS)
     args = build_parser().parse_args(argv)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -19,17 +18,23 @@ import pandas as pd
 import torch
 
 from fedmed.config import RunConfig
-from fedmed.data import ArrayTable, load_site_data, load_site_table
+from fedmed.data.arrays import ArrayTable
 from fedmed.data.table import Preprocessor, SiteData, prepare
-from fedmed.privacy import Entry, epsilon_spent, train_private
-from fedmed.report import RunHistory
-from fedmed.server_app import initial_model
-from fedmed.strategies import mean_of_models
-from fedmed.study import RunPlan, finish_run, live_reporter, with_series_reference
-from fedmed.tasks import get_task
-from fedmed.train import derive_seed, evaluate, make_optimizer, resolve_device, train_plain
-
-RoundCallback = Callable[[int, RunHistory], None]
+from fedmed.privacy.accounting import Entry, epsilon_spent
+from fedmed.privacy.dpsgd import train_private
+from fedmed.study.history import RoundCallback, RunHistory
+from fedmed.study.outputs import finish_run, live_reporter
+from fedmed.study.plan import RunPlan, initial_model
+from fedmed.study.statistics import with_series_reference
+from fedmed.tasks import get_task, load_site_data, load_site_table
+from fedmed.train import (
+    derive_seed,
+    evaluate,
+    make_optimizer,
+    mean_of_models,
+    resolve_device,
+    train_plain,
+)
 
 
 class _Trainer:

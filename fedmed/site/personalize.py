@@ -14,11 +14,9 @@ from dataclasses import replace
 import torch
 
 from fedmed.config import RunConfig, TrainConfig
-from fedmed.data import SiteData
+from fedmed.data.table import SiteData
 from fedmed.tasks import get_task
 from fedmed.train import derive_seed, evaluate, train_plain
-
-PHASES = ("before", "after")
 
 
 def finetune_config(run: RunConfig) -> TrainConfig:
@@ -59,17 +57,3 @@ def personalize(
         )
     after = evaluate(model, data.x_test, data.y_test, task, device, **site_split)
     return {"before": before, "after": after}
-
-
-def flatten(result: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"before": {...}, "after": {...}} -> {"before/accuracy": ...} (a flat MetricRecord)."""
-    return {f"{phase}/{k}": v for phase in PHASES for k, v in result[phase].items()}
-
-
-def unflatten(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {phase: {} for phase in PHASES}
-    for key, value in metrics.items():
-        phase, _, name = key.partition("/")
-        if phase in out and name:
-            out[phase][name] = value
-    return out

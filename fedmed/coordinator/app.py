@@ -1,0 +1,228 @@
+"""The coordinator side: a thin Flower ServerApp (strategy stack from the plan, run, hand off)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedmed.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedmed.coordinator.strategies import (
+    AVERAGE_STATE,
+    AverageRounds,
+    KeepDtypes,
+    RoundOffset,
+    SiteRecorder,
+    UpdateValidator,
+    build_strategy,
+    restore_strategy_state,
+    strategy_state,
+)
+from fedmed.privacy.accounting import central_epsilon
+from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, unflatten
+from fedmed.study.history import RoundCallback, RunHistory
+from fedmed.study.outputs import finish_run, live_reporter
+from fedmed.study.plan import RunPlan, initial_model
+from fedmed.study.statistics import combine_site_statistics
+from fedmed.tasks.local_layers import check_model, split
+
+log = logging.getLogger("fedmed.coordinator")
+PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
+
+
+def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
+    """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json.
+
+    After every round the coordinator checkpoints (model, strategy state, round, history) BEFORE
+    reporting it, so a run killed at any point resumes (``plan.resume``) from its last completed
+    round and runs only the rounds that remain.
+    """
+    started = time.time()
+    history = RunHistory(sites=plan.config.site_names)
+    if plan.engine == "deployment":
+        from fedmed.coordinator.grid import PromptGrid
+
+        grid = PromptGrid(grid, nodes=plan.site_nodes())
+    series = plan.config.data.series
+    if plan.config.task == "sequence-classification" and series.standardize == "consortium":
+        plan = consortium_scale(grid, plan, history) if not series.mean else plan
+    cfg = plan.config
+    model = initial_model(plan)
+    # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
+    kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
+    base = build_strategy(cfg)
+    done, window = 0, {}
+    if plan.resume:
+        checkpoint = load_checkpoint(plan.run_dir, cfg)
+        done, history = checkpoint.round, checkpoint.history
+        restored = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
+        model.load_state_dict({**split(model.state_dict(), kept)[1], **restored})
+        shared_keys = [k for k in model.state_dict() if k not in kept]
+        saved = checkpoint.strategy_state
+        window = {k: v for k, v in saved.items() if k.startswith(AVERAGE_STATE)}
+        own = {k: v for k, v in saved.items() if k not in window}
+        restore_strategy_state(base, own, shared_keys)
+        log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
+
+    report = live_reporter(plan, on_round)
+
+    def round_done(rnd: int) -> None:
+        if cfg.privacy.central != "off":
+            history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
+        arrays = recorder.global_arrays
+        assert arrays is not None  # set by configure_evaluate, which precedes this callback
+        state = {k: arrays[k].numpy() for k in arrays}
+        cross_round = {**strategy_state(base), **(averager.state() if averager else {})}
+        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, cross_round))
+        report(rnd, history)
+
+    # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.
+    strategy: Strategy = KeepDtypes(base)
+    if cfg.strategy.validate_updates:
+        strategy = UpdateValidator(
+            strategy,
+            history,
+            max_norm_ratio=cfg.strategy.max_norm_ratio,
+            min_sites=cfg.strategy.min_sites or len(cfg.sites),
+        )
+    averager = None
+    if cfg.strategy.average_last > 1:  # sites train from the latest model; evaluation sees the mean
+        strategy = averager = AverageRounds(strategy, cfg.strategy.average_last)
+        averager.restore(window)
+    recorder = SiteRecorder(strategy, history, on_round=round_done)
+    study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
+    result = RoundOffset(recorder, done).start(
+        grid=grid,
+        initial_arrays=ArrayRecord(split(model.state_dict(), kept)[0]),
+        num_rounds=cfg.rounds - done,
+        timeout=cfg.strategy.round_timeout,
+        train_config=ConfigRecord(dict(study)),
+        evaluate_config=ConfigRecord(dict(study)),
+    )
+    if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
+        model.load_state_dict({**model.state_dict(), **result.arrays.to_torch_state_dict()})
+    if averager is not None and averager.models:  # the released model is the evaluated one
+        model.load_state_dict({**model.state_dict(), **averager.averaged().to_torch_state_dict()})
+    if cfg.personalize.local_epochs or kept:
+        shared = split(model.state_dict(), kept)[0]
+        personalize_sites(grid, plan, ArrayRecord(shared), history)
+    if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
+        plan = replace(plan, serving=collect_statistics(grid, plan, history))
+    return finish_run(plan, history, {"model": model}, started)
+
+
+def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: RunHistory) -> None:
+    """Ask every site for its own model's metrics next to the global model's (before/after).
+
+    The site's own model is the final global model fine-tuned locally (personalize.local_epochs)
+    and/or with its own normalization layers (personalize.local_normalization).
+    """
+    cfg = plan.config
+    config = ConfigRecord({RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name})
+    messages = [
+        grid.create_message(
+            RecordDict({"arrays": arrays, "config": config}),
+            PERSONALIZE,
+            node,
+            "personalize",
+        )
+        for node in grid.get_node_ids()
+    ]
+    failed = 0
+    for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
+        if reply.has_error():
+            history.record_failure(cfg.rounds, "personalize", reply.error.reason or "failed")
+            failed += 1
+            continue
+        site = str(reply.content["site"]["name"])
+        metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+        history.personalized[site] = unflatten(metrics)
+    if len(history.personalized) + failed < len(cfg.sites):  # some never answered: name them
+        named = {
+            f["site"] for f in history.failures.get(cfg.rounds, []) if f["phase"] == "personalize"
+        }
+        for site in sorted(set(cfg.site_names) - set(history.personalized) - named):
+            reason = f"site '{site}': no personalization reply (timed out or disconnected)"
+            history.record_failure(cfg.rounds, "personalize", reason)
+
+
+def ask_statistics(
+    grid: Grid, plan: RunPlan, history: RunHistory, rnd: int
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Each site's fitted statistics by site name, and the refusals (site -> reason)."""
+    study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
+    messages = [
+        grid.create_message(
+            RecordDict({"config": study}), "query.statistics", node, group_id="statistics"
+        )
+        for node in grid.get_node_ids()
+    ]
+    sites, refused = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=300):
+        if reply.has_error():
+            reason = reply.error.reason or "failed"
+            history.record_failure(rnd, "statistics", reason)
+            refused[f"node {reply.metadata.src_node_id}"] = reason
+            continue
+        name = str(reply.content[SITE_KEY]["name"])
+        sites[name] = json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY]))
+    return sites, refused
+
+
+def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
+    """Serving preprocessing from the sites that opted in (share_statistics); "" if none did."""
+    sites, _ = ask_statistics(grid, plan, history, history.last_round())
+    return combine_site_statistics([sites[name] for name in sorted(sites)])
+
+
+def consortium_scale(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
+    """data.series.standardize = "consortium": the union's scale, from every site, before round 1.
+
+    Sites send per-variable counts, means and sds of their train bins (what share_statistics
+    already allows for the served model); every site then trains and evaluates on inputs scaled
+    alike, so the shared model sees each ICU's real levels. All sites or none: a study whose
+    sites scale differently would not be the study that was approved.
+    """
+    from fedmed.errors import ConfigError
+    from fedmed.study.statistics import with_series_reference
+
+    sites, refused = ask_statistics(grid, plan, history, 0)
+    missing = sorted(set(plan.config.site_names) - set(sites))
+    if missing or refused:
+        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
+        raise ConfigError(
+            f"data.series.standardize = 'consortium' needs every site's statistics, but "
+            f"{', '.join(missing) or 'a site'} did not send them ({why}); set share_statistics "
+            "= true in those sites' configs, or use standardize = 'site'"
+        )
+    cfg = with_series_reference(plan.config, [sites[name] for name in plan.config.site_names])
+    log.info("consortium scale from %d sites' statistics", len(sites))
+    return replace(plan, config=cfg)
+
+
+def build_server_app(
+    plan: RunPlan | None = None, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp for ``plan``; without one it reads the plan from Flower's run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
+        if the_plan.config.strategy.secure_aggregation:  # Flower's legacy API: its own path
+            from fedmed.coordinator.secure import run_secure
+
+            run_secure(grid, the_plan, context, on_round)
+        else:
+            run_federated(grid, the_plan, on_round)
+
+    return app
+
+
+app = build_server_app()

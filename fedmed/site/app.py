@@ -1,0 +1,465 @@
+"""The hospital side: a thin Flower ClientApp (data -> privacy -> train -> reply).
+
+The study plan (RunConfig as JSON) arrives in every message from the coordinator; the site's own
+identity comes from its node config: ``partition-id`` in a simulation, ``fedmed-site`` (the path
+of the site daemon's own TOML) in a deployment, where the site's policy and audit mods run first
+(fedmed.security.policy) and the table comes from the site's dataset registry. Failures are
+answered with a short, wire-safe reason: details (paths, rows, stack traces) stay in the site's
+own log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmed.config import RunConfig, SiteSpec, data_dir
+from fedmed.data import clear_file_caches
+from fedmed.data.table import SiteData
+from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
+from fedmed.io import private_secret
+from fedmed.privacy.accounting import at_site_delta, planned_round, site_delta
+from fedmed.privacy.dpsgd import train_private
+from fedmed.privacy.ledger import LedgerDamaged, PrivacyLedger, fingerprint
+from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, flatten
+from fedmed.security.policy import message_plan, site_audit_mod, site_config, site_policy_mod
+from fedmed.site.fedbn import (
+    LocalLayerStore,
+    initial_local_state,
+    simulation_state_dir,
+    site_model_state,
+)
+from fedmed.site.personalize import personalize
+from fedmed.tasks import build_model, get_task, load_site_data
+from fedmed.tasks.local_layers import local_keys, split
+from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
+
+log = logging.getLogger("fedmed.site")
+app = ClientApp(mods=[site_audit_mod, site_policy_mod])
+
+
+# -- what a message needs ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_run(text: str) -> RunConfig:
+    return RunConfig.from_json(text)
+
+
+@functools.lru_cache(maxsize=32)
+def _site_data(plan: str, site: SiteSpec, fingerprint: str) -> SiteData:
+    """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads.
+
+    The readers also cache files by path (simulated sites share one file); a deployment site
+    reads them afresh, so data re-registered at the same path is never served from memory.
+    """
+    if fingerprint:
+        clear_file_caches()
+    return load_site_data(_parse_run(plan), site)
+
+
+def _load_data(run: RunConfig, site: SiteSpec, context: Context, fingerprint: str) -> SiteData:
+    data = _site_data(run.to_json(), site, fingerprint)
+    own = site_config(context)
+    if own is not None and data.n_train + len(data.y_test) < own.min_rows:
+        raise PolicyViolation(
+            f"the dataset has fewer rows than the site's minimum ({own.min_rows})"
+        )
+    return data
+
+
+def _site_of(run: RunConfig, context: Context) -> tuple[RunConfig, SiteSpec, str]:
+    """Which site this node is, the study as it runs here, and its data's fingerprint.
+
+    A deployment site's paths, file layout and cap come from its own config and dataset
+    registry (fedmed.data.registry.site_view), never from the plan.
+    """
+    own = site_config(context)
+    if own is not None:
+        from fedmed.data.registry import DatasetRegistry
+        from fedmed.tasks import site_view
+
+        registry = DatasetRegistry(own.state_path)
+        if run.data.dataset not in {d.name for d in registry.list()}:
+            raise PolicyViolation(f"dataset '{run.data.dataset}' is not registered at this site")
+        dataset = registry.verify(run.data.dataset)
+        local, site = site_view(run, dataset, own.name, own.epsilon_cap)
+        return local, site, dataset.sha256
+    index = int(context.node_config.get("partition-id", -1))
+    if not 0 <= index < len(run.sites):
+        raise FedmedError(
+            f"node has partition-id {index} but the study lists {len(run.sites)} sites"
+        )
+    return run, run.sites[index], ""
+
+
+def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    """The study plan (as this site runs it), this node's site and its data."""
+    return _keyed_inputs(run_json, context)[:3]
+
+
+def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData, str]:
+    """``_site_inputs`` and the key of the site's privacy ledger for this data.
+
+    The key is the dataset's identity BEFORE any split or preprocessing (its registered files'
+    SHA-256 in a deployment, the file's in a simulation), so a plan with another split_seed,
+    test_fraction or schema spends from the same budget.
+    """
+    run, site, registered = _site_of(_parse_run(run_json), context)
+    data = _load_data(run, site, context, registered)
+    return run, site, data, registered or _simulated_key(run, site, data)
+
+
+def _simulated_key(run: RunConfig, site: SiteSpec, data: SiteData) -> str:
+    """A simulated site's data identity: its file (and rows chosen by site_values), else the
+    training arrays of a builtin or partitioned table (those have no file of their own)."""
+    path = Path(site.path.replace("{data_dir}", str(data_dir()))) if site.path else None
+    if path is None or run.data.builtin or run.data.partition_file or not path.is_file():
+        return fingerprint(data.x_train, data.y_train)
+    digest = hashlib.sha256(json.dumps(list(site.site_values), default=str).encode())
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
+    return _site_inputs(str(msg.content["config"][RUN_KEY]), context)
+
+
+def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> Message:
+    content = RecordDict(
+        {"metrics": MetricRecord(metrics), SITE_KEY: ConfigRecord({"name": site.name})}
+    )
+    return Message(content, reply_to=msg)
+
+
+def _release(state: dict[str, torch.Tensor], seed: int, run_json: str) -> str:
+    """What this round computes: the global model it starts from, its seed and the plan.
+
+    The ledger charges a release once (a resumed coordinator may ask for a round again).
+    """
+    digest = hashlib.sha256(f"{seed}/{run_json}".encode())
+    digest.update(fingerprint(*(state[k].detach().cpu().numpy() for k in sorted(state))).encode())
+    return digest.hexdigest()
+
+
+def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
+    """Turn any failure into an error reply that names the site and says little else."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            site = "?"
+            with contextlib.suppress(Exception):
+                own = site_config(context)
+                site = own.name if own else _site_of(_parse_run(message_plan(msg)), context)[1].name
+            log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
+            if isinstance(exc, PrivacyBudgetExceeded):
+                reason = "privacy budget exhausted"
+            elif isinstance(exc, PolicyViolation):
+                reason = str(exc)
+            elif isinstance(exc, LedgerDamaged):  # the operator's fix is in the site's log
+                reason = (
+                    "privacy ledger failed verification; the site trains no more until restored"
+                )
+            elif isinstance(exc, DataError):
+                reason = "site data failed validation (details in the site's log)"
+            else:
+                reason = "site failed (details in the site's log)"
+            return Message(Error(code=500, reason=f"site '{site}': {reason}"), reply_to=msg)
+
+    return wrapped
+
+
+def fail_closed_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """``_fail_closed`` as a mod, for apps whose handlers are not ours (the legacy SecAgg+ app)."""
+    return _fail_closed(call_next)(msg, context)
+
+
+def central_clipping_mod(msg: Message, context: Context, call_next: Callable) -> Message:
+    """Flower's fixedclipping_mod, but only when the coordinator asks for client-side clipping.
+
+    One ClientApp then serves studies with and without central DP.
+    """
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+class LocalLayers:
+    """This site's own normalization layers for one study (FedBN; fedmed.local_layers).
+
+    Built only when the study sets personalize.local_normalization. The store lives in the
+    site's state_dir in a deployment, else in the simulation's RUN_DIR/sites/<site>.
+    """
+
+    def __init__(self, run: RunConfig, site: SiteSpec, context: Context, study: str) -> None:
+        own = site_config(context)
+        root = own.state_path if own else simulation_state_dir(run, study) / site.name
+        self.run = run
+        self.store = LocalLayerStore(root / "local-layers", study)
+
+    def own(self, up_to: int) -> dict[str, torch.Tensor]:
+        """The site's layers saved for the latest round <= ``up_to`` (initial ones at first)."""
+        local = self.store.latest(up_to)
+        return initial_local_state(self.run) if local is None else local
+
+    def start(
+        self, model: torch.nn.Module, shared: Mapping[str, torch.Tensor], up_to: int
+    ) -> dict[str, torch.Tensor]:
+        """The global shared arrays with the site's own layers as of round ``up_to``."""
+        return site_model_state(shared, self.own(up_to), local_keys(model))
+
+    def keep(self, server_round: int, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Store the trained local layers at the site; return the shared part, the reply."""
+        shared, local = split(model.state_dict(), local_keys(model))
+        self.store.save(server_round, local)
+        return shared
+
+
+def _local_layers(
+    run: RunConfig, site: SiteSpec, context: Context, config: Mapping[str, Any]
+) -> LocalLayers | None:
+    if not run.personalize.local_normalization:
+        return None
+    return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
+
+
+NOISE_KEY = "noise.key"  # in a deployed site's state_dir: the secret part of its training seeds
+
+
+def _training_seed(seed: int, context: Context) -> int:
+    """The seed a site trains with: ``seed`` (from the plan) keyed by the site's own secret.
+
+    Without DP-SGD's noise being secret, DP means nothing: the plan's seed is the coordinator's
+    choice, and Opacus (without secure_mode) draws its noise and its Poisson batches from
+    torch's RNG, so a coordinator that knows the seed can regenerate every noise vector and
+    subtract it from the update. A deployed site therefore mixes in a 256-bit secret kept in
+    its state_dir (created 0600 on first use) and uses 63 bits of the HMAC: still the same seed
+    for the same round (a replayed release reproduces its update), unpredictable to anyone else.
+    Simulations (one owner of all data) keep the plan's seed, for reproducible experiments.
+    """
+    own = site_config(context)
+    if own is None:
+        return seed
+    path = own.state_path / NOISE_KEY
+    secret = private_secret(path)
+    if len(secret) < 32:
+        raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
+    digest = hmac.new(secret, str(seed).encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _proximal_mu(run: RunConfig, config: Mapping[str, Any]) -> float:
+    """FedProx's mu as the approved plan sets it (the hash binds it).
+
+    Flower's FedProx also sends its mu with every train message; a value that differs from the
+    plan's would train outside what the site approved, so the round is refused.
+    """
+    planned = run.strategy.proximal_mu if run.strategy.name == "fedprox" else 0.0
+    sent = config.get("proximal-mu")
+    if sent is not None and float(sent) != planned:
+        raise PolicyViolation("the message's proximal-mu differs from the approved plan's")
+    return planned
+
+
+# -- handlers ------------------------------------------------------------------------------------
+
+
+def local_round(
+    run_json: str, context: Context, state: dict[str, torch.Tensor], config: Mapping[str, Any]
+) -> tuple[SiteSpec, dict[str, torch.Tensor], dict[str, float]]:
+    """One round of local training at this site, whatever carried the message.
+
+    ``state`` is the global model, ``config`` the coordinator's train config (server-round,
+    FedProx's proximal-mu, the study id). Returns the site, the trained state to send (without
+    the normalization layers when the site keeps them) and the metrics to report. Under DP the
+    site's ledger guards and records the round first.
+    """
+    run, site, data, dataset = _keyed_inputs(run_json, context)
+    model = build_model(run)
+    server_round = int(config["server-round"])
+    this_round = run.replace(train=run.train.at_round(server_round))  # train.lr_decay
+    local = _local_layers(run, site, context, config)
+    if local is not None:  # FedBN: this site's own normalization layers, from its last round
+        state = local.start(model, state, server_round - 1)
+    model.load_state_dict(state)
+    proximal_mu = _proximal_mu(run, config)
+    seed = _training_seed(derive_seed(run.seed, server_round, site.name), context)
+    device = resolve_device(run.device)
+    task = get_task(run.task)
+    epsilon = epsilon_total = 0.0
+    if run.privacy.enabled:
+        # Budget guard first: the site's own cap, against everything ever spent on this data.
+        own = site_config(context)
+        # A deployed site accounts at its own δ; a simulated one at the plan's.
+        privacy = (
+            at_site_delta(run.privacy, site_delta(own.delta, data.n_train))
+            if own is not None
+            else run.privacy
+        )
+        ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
+        # Spending recorded before ledgers were keyed by the registered files still counts.
+        legacy = (fingerprint(data.x_train, data.y_train),)
+        study = str(config.get(STUDY_KEY, "unnamed"))
+        release = _release(state, seed, run_json)
+        held = ledger.reserve(
+            dataset,
+            study,
+            server_round,
+            planned_round(data.n_train, run),
+            privacy,
+            site.epsilon_cap,
+            release=release,
+            aliases=legacy,
+        )  # None: a replay of a round already charged, free (see fedmed.ledger)
+        try:
+            result, entries = train_private(
+                model,
+                data.x_train,
+                data.y_train,
+                task,
+                this_round,
+                seed=seed,
+                device=device,
+                proximal_mu=proximal_mu,
+            )
+        except BaseException:
+            if held is not None:  # nothing left the site: the reservation is released
+                ledger.cancel(held)
+            raise
+        if held is not None:
+            ledger.settle(held, entries)
+        epsilon = ledger.spent(dataset, privacy, study=study, aliases=legacy)
+        epsilon_total = ledger.spent(dataset, privacy, aliases=legacy)
+    else:
+        result = train_plain(
+            model,
+            data.x_train,
+            data.y_train,
+            task,
+            this_round.train,
+            seed=seed,
+            device=device,
+            proximal_mu=proximal_mu,
+        )
+    metrics = {
+        "num-examples": result.num_examples,
+        "train_loss": result.loss,
+        "steps": result.steps,
+        "epsilon": epsilon,
+        "epsilon_total": epsilon_total,
+    }
+    model = model.cpu()
+    reply = local.keep(server_round, model) if local is not None else model.state_dict()
+    return site, reply, metrics
+
+
+@app.train(mods=[central_clipping_mod])
+@_fail_closed
+def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    site, state, metrics = local_round(
+        str(config[RUN_KEY]), context, msg.content["arrays"].to_torch_state_dict(), config
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(state),
+            "metrics": MetricRecord(metrics),
+            SITE_KEY: ConfigRecord({"name": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def local_evaluate(
+    run_json: str,
+    context: Context,
+    state: dict[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+) -> tuple[SiteSpec, dict[str, float]]:
+    """Metrics of the global model ``state`` on this site's own test split.
+
+    With local normalization the site evaluates with its own layers of this round (``config``
+    carries server-round and the study id).
+    """
+    run, site, data = _site_inputs(run_json, context)
+    model = build_model(run)
+    local = _local_layers(run, site, context, config or {})
+    if local is not None:
+        state = local.start(model, state, int((config or {})["server-round"]))
+    model.load_state_dict(state)
+    metrics = evaluate(
+        model,
+        data.x_test,
+        data.y_test,
+        get_task(run.task),
+        resolve_device(run.device),
+        train=(data.x_train, data.y_train),
+        horizons=run.data.schema.horizons,
+    )
+    metrics["num-examples"] = len(data.y_test)
+    return site, metrics
+
+
+@app.evaluate()
+@_fail_closed
+def evaluate_global(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    state = msg.content["arrays"].to_torch_state_dict()
+    site, metrics = local_evaluate(str(config[RUN_KEY]), context, state, config)
+    return _metrics_reply(msg, site, metrics)
+
+
+@app.evaluate("personalize")
+@_fail_closed
+def personalize_final(msg: Message, context: Context) -> Message:
+    """This site's model vs the final global model; only test metrics leave the site.
+
+    "Before" is the global model as the coordinator holds it. "After" is this site's own: with
+    local normalization its own normalization layers, then fine-tuned for
+    personalize.local_epochs (if set) on its train split.
+    """
+    run, site, data = _inputs(msg, context)
+    model = build_model(run)
+    shared = msg.content["arrays"].to_torch_state_dict()
+    local = _local_layers(run, site, context, msg.content["config"])
+    own = None
+    if local is None:
+        model.load_state_dict(shared)
+    else:  # the coordinator's model holds the study's initial normalization layers
+        keys = local_keys(model)
+        model.load_state_dict(site_model_state(shared, initial_local_state(run), keys))
+        own = local.own(run.rounds)
+    result = personalize(model, data, run, site.name, resolve_device(run.device), own)
+    return _metrics_reply(msg, site, flatten(result))
+
+
+@app.query("statistics")
+@_fail_closed
+def feature_statistics(msg: Message, context: Context) -> Message:
+    """This site's own preprocessing statistics, for the served model (deployment; opt-in)."""
+    own = site_config(context)
+    if own is not None and not own.share_statistics:
+        raise PolicyViolation("the site does not share feature statistics (share_statistics)")
+    _, site, data = _inputs(msg, context)
+    stats = json.dumps({**data.preprocessing, "n": data.n_train})
+    content = RecordDict({SITE_KEY: ConfigRecord({"name": site.name, STATISTICS_KEY: stats})})
+    return Message(content, reply_to=msg)
