@@ -99,7 +99,7 @@ def test_lr_decay_trains_round_r_at_lr_times_decay_to_the_r_minus_1(
     from fedmed.cli.main import main
 
     seen: list[float] = []
-    module = fedmed.client_app if mode == "federated" else fedmed.baselines
+    module = fedmed.site.app if mode == "federated" else fedmed.study.baselines
     original = module.train_plain
 
     def recording(*args, **kwargs):  # the lr the round's optimizer actually steps with
