@@ -22,12 +22,50 @@ from typing import Any
 
 from fedmed.errors import ConfigError
 
+pass
+
+
 DEFAULT_DATA_DIR = "../shared/datasets"
+
+
+# -- the environment: every FEDMED_* variable fedmed reads, read here and nowhere else -------------
+# (README "Environment variables"). Read at call time, not import time: a test or a daemon may set
+# one just before the work that needs it.
+ENVIRONMENT = {
+    "FEDMED_DATA_DIR": "shared datasets (default ../shared/datasets)",
+    "FEDMED_LEDGER_DIR": "a site's privacy ledger (default ~/.fedmed/ledger)",
+    "FEDMED_KEY_DIR": "model-signing keys (default ~/.fedmed/keys)",
+    "FEDMED_SITE_STATE_DIR": "a simulated site's kept layers (default: inside the run folder)",
+    "FEDMED_CACHE_DIR": "noise calibrations shared by a site executor's children (set by it)",
+    "FEDMED_GRID_POLL_SECONDS": "how often a deployed coordinator pulls replies (default 0.2)",
+}
+
+
+def _env(name: str) -> str | None:
+    assert name in ENVIRONMENT, name  # a new variable is documented above first
+    return os.environ.get(name) or None
 
 
 def data_dir() -> Path:
     """Where shared datasets live: $FEDMED_DATA_DIR, else ../shared/datasets."""
-    return Path(os.environ.get("FEDMED_DATA_DIR", DEFAULT_DATA_DIR))
+    return Path(_env("FEDMED_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def site_state_dir() -> Path | None:
+    """$FEDMED_SITE_STATE_DIR when set (a simulated site's kept layers go there)."""
+    value = _env("FEDMED_SITE_STATE_DIR")
+    return Path(value) if value else None
+
+
+def cache_dir() -> Path | None:
+    """$FEDMED_CACHE_DIR when set (a site executor's children share calibrations there)."""
+    value = _env("FEDMED_CACHE_DIR")
+    return Path(value) if value else None
+
+
+def grid_poll_seconds(default: float) -> float:
+    """$FEDMED_GRID_POLL_SECONDS, else ``default``."""
+    return float(_env("FEDMED_GRID_POLL_SECONDS") or default)
 
 
 def _choices(*names: str) -> dict[str, tuple[str, ...]]:
@@ -881,3 +919,12 @@ def check_site_name(name: str) -> str:
             "(e.g. st-marys)"
         )
     return name
+
+
+def ledger_dir() -> Path:
+    """$FEDMED_LEDGER_DIR, else ~/.fedmed/ledger."""
+    return Path(_env("FEDMED_LEDGER_DIR") or Path.home() / ".fedmed" / "ledger")
+
+
+def key_dir() -> Path:
+    return Path(_env("FEDMED_KEY_DIR") or Path.home() / ".fedmed" / "keys")

@@ -20,7 +20,6 @@ the coordinator's registry):
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable
@@ -28,6 +27,8 @@ from collections.abc import Iterable
 from flwr.app import Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedmed.config import grid_poll_seconds
 
 POLL_SECONDS = 0.2
 log = logging.getLogger("fedmed.coordinator")
@@ -93,7 +94,7 @@ class PromptGrid(GridWrapper):
         liveness: float = LIVENESS_SECONDS,
     ) -> None:
         super().__init__(grid)
-        self.interval = interval or float(os.environ.get(GRID_POLL_ENV, POLL_SECONDS))
+        self.interval = interval or grid_poll_seconds(POLL_SECONDS)
         self.nodes = dict(nodes or {})
         self.liveness = liveness
 

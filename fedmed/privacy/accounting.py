@@ -15,12 +15,11 @@ import functools
 import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedmed.config import PrivacyConfig, RunConfig
+from fedmed.config import PrivacyConfig, RunConfig, cache_dir
 from fedmed.errors import ConfigError, PolicyViolation
 from fedmed.train import steps_per_round
 
@@ -71,7 +70,7 @@ def _noise_for(privacy: PrivacyConfig, sample_rate: float, steps: int) -> float:
     """Calibrated noise; ~2 s of RDP search, so also remembered on disk when $FEDMED_CACHE_DIR
     is set (each message of a deployed site runs in a fresh child process, where lru_cache is
     empty). The result is a pure function of its inputs, so a cached value is always valid."""
-    cache = os.environ.get(CACHE_ENV)
+    cache = cache_dir()
     if not cache:
         return _calibrate(privacy, sample_rate, steps)
     from fedmed.io import file_lock, read_state_json, write_json

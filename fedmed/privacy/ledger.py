@@ -42,7 +42,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmed.config import PrivacyConfig
+from fedmed.config import PrivacyConfig, ledger_dir
 from fedmed.errors import ConfigError, PrivacyBudgetExceeded
 from fedmed.io import atomic_write, file_lock
 from fedmed.privacy.accounting import Entry, epsilon_spent
@@ -66,9 +65,6 @@ class LedgerDamaged(ConfigError):
     """The ledger or its head does not verify: spending cannot be known, so nothing trains."""
 
 
-def ledger_dir() -> Path:
-    """$FEDMED_LEDGER_DIR, else ~/.fedmed/ledger."""
-    return Path(os.environ.get("FEDMED_LEDGER_DIR", Path.home() / ".fedmed" / "ledger"))
 
 
 def fingerprint(*arrays: np.ndarray) -> str:

@@ -12,20 +12,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedmed.config import key_dir
 from fedmed.errors import ConfigError
 
 ALGORITHM = "ed25519"
 
 
-def key_dir() -> Path:
-    return Path(os.environ.get("FEDMED_KEY_DIR", Path.home() / ".fedmed" / "keys"))
 
 
 def _raw(public: Ed25519PublicKey) -> bytes:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, site_state_dir
 from fedmed.errors import FedmedError
 from fedmed.tasks.local_layers import local_keys, split
 
@@ -54,7 +54,7 @@ def simulation_state_dir(run: RunConfig, study: str) -> Path:
     A simulation's sites live and die with its run: RUN_DIR/sites/ keeps their layers next to
     the checkpoint that ``--resume`` reads, and nothing is left behind in the user's home.
     """
-    override = os.environ.get("FEDMED_SITE_STATE_DIR")
+    override = site_state_dir()
     if override:
         return Path(override)
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study)[:128] or "unnamed"
