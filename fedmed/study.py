@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedmed import __version__
-from fedmed.config import RunConfig, SiteSpec
+from fedmed.config import RunConfig, SiteSpec, plain
 from fedmed.errors import ConfigError, StudyFailed
 from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
@@ -363,9 +363,7 @@ def series_reference(sites: list[dict[str, Any]]) -> tuple[list[float], list[flo
 
 def _asdict(obj: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON values (tuples -> lists), like RunConfig.to_dict."""
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+    return json.loads(json.dumps(plain(obj)))
 
 
 # What a plan hash leaves out: where results go, and how the coordinator combines what sites send

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedmed.config import (
+    FrozenMap,
     RunConfig,
+    SchemaConfig,
+    SiteConfig,
     apply_override,
     load_run_config,
     parse_run_config,
@@ -83,6 +89,92 @@ def test_json_round_trip_is_exact(demo_config: RunConfig) -> None:
     again = RunConfig.from_json(demo_config.to_json())
 
     assert again == demo_config
+
+
+def _mutable_parts(obj: Any, where: str = "cfg") -> list[str]:
+    """Every list, dict or set inside a config, at any depth (there should be none)."""
+    if dataclasses.is_dataclass(obj):
+        return [
+            p
+            for f in dataclasses.fields(obj)
+            for p in _mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
+        ]
+    if isinstance(obj, list | dict | set):
+        return [where]
+    if isinstance(obj, FrozenMap):
+        return [p for k, v in obj.items() for p in _mutable_parts(v, f"{where}[{k!r}]")]
+    if isinstance(obj, tuple):
+        return [p for i, v in enumerate(obj) for p in _mutable_parts(v, f"{where}[{i}]")]
+    return []
+
+
+@pytest.mark.parametrize("name", ["demo", "federation", "heart_disease", "lung", "physionet2012"])
+def test_config_is_hashable_all_the_way_down(name: str) -> None:
+    cfg = load_run_config(
+        resolve_config_path(name),
+        ['data.schema.categorical={sex = ["F", "M"], grade = [1, [2, 3]]}'],
+    )
+    again = RunConfig.from_json(cfg.to_json())
+
+    assert _mutable_parts(cfg) == []
+    assert again == cfg and hash(again) == hash(cfg)
+    assert {cfg: 1}[again] == 1  # usable as a cache key
+    assert again.to_json() == cfg.to_json()
+    assert hash(cfg.replace(rounds=cfg.rounds + 1)) != hash(cfg)
+
+
+def test_categorical_reads_like_a_dict_but_cannot_change() -> None:
+    schema = SchemaConfig(categorical={"smoker": ["no", "yes"]}, features=["age", "smoker"])
+
+    assert _mutable_parts(schema) == []  # frozen even when built in code with lists and dicts
+    assert schema.categorical["smoker"] == ("no", "yes")
+    assert schema.categorical.get("age") is None and "smoker" in schema.categorical
+    assert dict(schema.categorical.items()) == {"smoker": ("no", "yes")}
+    assert schema.categorical == {"smoker": ("no", "yes")}
+    assert hash(schema) == hash(
+        SchemaConfig(categorical={"smoker": ("no", "yes")}, features=("age", "smoker"))
+    )
+    with pytest.raises(TypeError):
+        schema.categorical["smoker"] = ("maybe",)  # type: ignore[index]
+    site = SiteConfig(name="lakeview", insecure=True, approved_plans=["sha256:" + "0" * 64])
+    assert hash(site) == hash(dataclasses.replace(site))
+
+
+# Computed with fedmed as of 4409f87, before the config's tables were frozen: the wire
+# JSON and the plan hash a site approves must not move for an unchanged config.
+PINNED = {
+    "name": "pinned",
+    "rounds": 3,
+    "privacy": {"enabled": True, "target_epsilon": 2.0},
+    "data": {
+        "site_column": "hospital",
+        "schema": {
+            "target": "outcome",
+            "features": ["age", "sex", "grade"],
+            "categorical": {"sex": ["F", "M"], "grade": [1, 2, 3]},
+            "event_value": "dead",
+        },
+    },
+    "sites": [
+        {"name": "alpha", "path": "all.csv", "site_values": [1, "a"]},
+        {"name": "beta", "path": "all.csv", "site_values": [2]},
+    ],
+}
+
+
+def test_wire_json_and_plan_hash_are_unchanged() -> None:
+    from fedmed.study import plan_hash
+
+    cfg = parse_run_config(PINNED)
+    text = cfg.to_json()
+
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "87c1a78ff13fadd672535d17831b5fc40575f092f585413cdf7c466681826a72"
+    )
+    assert plan_hash(cfg) == (
+        "sha256:f426621aee5cb35fcc5643ddfb168c3d9c2f02f26934f93b9b8442b966cfef23"
+    )
+    assert plan_hash(RunConfig.from_json(text)) == plan_hash(cfg)
 
 
 def test_config_is_frozen(demo_config: RunConfig) -> None:
