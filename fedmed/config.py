@@ -10,6 +10,7 @@ is hashable: equal plans hash equal and can key a cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -485,6 +486,28 @@ class RunConfig(_Frozen):
     @property
     def site_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.sites)
+
+
+@functools.lru_cache(maxsize=8)
+def plan_from_json(text: str) -> RunConfig:
+    """The study plan a message carries (RunConfig JSON), parsed once per text in a process.
+
+    Every message to a site carries the whole plan; the site's audit and policy mods, its
+    handlers (fedmed.client_app, the SecAgg+ client in fedmed.secagg) and the coordinator's
+    ServerApp all read it through here, so one process parses (and validates) a plan once, not
+    once per reader and message. Keyed by the text itself: a different plan is parsed afresh,
+    and one that fails to parse raises every time (errors are not cached). The RunConfig is
+    immutable, so every reader may share it.
+    """
+    return RunConfig.from_json(text)
+
+
+@functools.lru_cache(maxsize=8)
+def plan_digest(text: str) -> str:
+    """The plan hash a site approves (fedmed.study.plan_hash) of plan ``text``, once per text."""
+    from fedmed.study import plan_hash
+
+    return plan_hash(plan_from_json(text))
 
 
 @dataclass(frozen=True)

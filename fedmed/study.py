@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from fedmed import __version__
-from fedmed.config import RunConfig, SiteSpec, plain
+from fedmed.config import RunConfig, SiteSpec, plain, plan_from_json
 from fedmed.errors import ConfigError, StudyFailed
 from fedmed.report import RunHistory, write_json, write_metrics
 from fedmed.serving.export import save_model
@@ -69,7 +69,7 @@ class RunPlan:
                 "`fedmed simulate` (or pass --run-config with the study JSON)"
             )
         return cls(
-            RunConfig.from_json(str(run_config[CONFIG_KEY])),
+            plan_from_json(str(run_config[CONFIG_KEY])),
             Path(str(run_config.get(RUN_DIR_KEY, "runs/unnamed"))),
             str(run_config.get(ENGINE_KEY, "deployment")),
             str(run_config.get(SERVING_KEY, "")),

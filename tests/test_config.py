@@ -200,3 +200,78 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_run_config(path)
+
+
+def test_a_site_parses_and_hashes_a_plan_once_however_many_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployed site's audit mod, policy mod and handlers all read the plan each message
+    carries: one process parses it and computes its plan hash once (fedmed.config.plan_from_json
+    and plan_digest), then reuses both for every later message with the same plan."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedmed.study
+    from fedmed import config
+    from fedmed.client_app import app
+    from fedmed.data.registry import DatasetRegistry
+    from fedmed.security.policy import RUN_KEY, SITE_CONFIG_KEY, STUDY_KEY
+    from fedmed.tasks import build_model
+    from tests.conftest import write_site_csv
+
+    cfg = parse_run_config(
+        {
+            "model": {"kind": "logreg"},
+            "train": {"batch_size": 8},
+            "data": {
+                "dataset": "cohort",
+                "schema": {
+                    "target": "outcome",
+                    "features": ["age", "bp", "smoker"],
+                    "categorical": {"smoker": ["no", "yes"]},
+                },
+            },
+            "sites": [{"name": "alpha"}, {"name": "beta"}],
+        }
+    )
+    state = tmp_path / "state" / "alpha"
+    DatasetRegistry(state).add("cohort", write_site_csv(tmp_path / "alpha.csv", 60, seed=1))
+    site = tmp_path / "alpha.toml"
+    site.write_text(
+        f'name = "alpha"\ninsecure = true\nstate_dir = "{state}"\n'
+        f'approved_plans = ["{fedmed.study.plan_hash(cfg)}"]\nmin_rows = 10\n'
+    )
+    parses: list[str] = []
+    hashes: list[RunConfig] = []
+    from_json, plan_hash = RunConfig.from_json, fedmed.study.plan_hash
+    monkeypatch.setattr(
+        RunConfig, "from_json", classmethod(lambda _, text: parses.append(text) or from_json(text))
+    )
+    monkeypatch.setattr(fedmed.study, "plan_hash", lambda run: hashes.append(run) or plan_hash(run))
+    config.plan_from_json.cache_clear()
+    config.plan_digest.cache_clear()
+    for key, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, key, value)  # what a runtime sets, restored after
+    context = Context(1, 1001, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})
+    text = cfg.to_json()
+    arrays = ArrayRecord(build_model(cfg).state_dict())
+
+    for server_round in (1, 2):
+        for kind in ("train", "evaluate"):
+            plan = ConfigRecord({RUN_KEY: text, STUDY_KEY: "s1", "server-round": server_round})
+            TaskIdentity.node_id = SUPERLINK_NODE_ID  # the coordinator sends ...
+            msg = Message(RecordDict({"arrays": arrays, "config": plan}), 1001, kind, group_id="1")
+            TaskIdentity.node_id = 1001  # ... the site handles and replies
+            reply = app(msg, context)
+            assert not reply.has_error(), reply.error.reason
+
+    assert parses == [text]  # 4 messages, each read by 2 mods and a handler: 1 parse
+    assert len(hashes) == 1
+    assert config.plan_from_json.cache_info().misses == 1
+    assert config.plan_digest.cache_info().misses == 1
+    # A plan that does not parse is not cached: it raises every time it arrives.
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="roundz"):
+            config.plan_from_json('{"roundz": 1}')
+    assert config.plan_from_json.cache_info().currsize == 1

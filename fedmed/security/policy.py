@@ -28,7 +28,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedmed.config import RunConfig, SiteConfig, load_site_config
+from fedmed.config import RunConfig, SiteConfig, load_site_config, plan_digest, plan_from_json
 from fedmed.errors import PolicyViolation
 from fedmed.security.audit import AuditLog
 
@@ -56,11 +56,15 @@ def refuse(msg: Message, site: str, reason: str, code: int = 403) -> Message:
     return Message(Error(code=code, reason=f"site '{site}': {reason}"), reply_to=msg)
 
 
-def check_plan(site: SiteConfig, run: RunConfig) -> None:
-    """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data."""
-    from fedmed.study import plan_hash
+def check_plan(site: SiteConfig, run: RunConfig, digest: str = "") -> None:
+    """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data.
 
-    digest = plan_hash(run)
+    ``digest``: ``run``'s plan hash when the caller has it already (plan_digest), else computed.
+    """
+    if not digest:
+        from fedmed.study import plan_hash
+
+        digest = plan_hash(run)
     if digest not in site.approved_plans:
         raise PolicyViolation(
             f"plan {digest} is not approved by this site (its data steward can add it to "
@@ -117,8 +121,8 @@ def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Mess
     if site is None or msg.has_error():
         return call_next(msg, context)
     try:
-        run = RunConfig.from_json(message_plan(msg))
-        check_plan(site, run)
+        text = message_plan(msg)
+        check_plan(site, plan_from_json(text), plan_digest(text))  # parsed and hashed once
     except PolicyViolation as exc:
         log.warning("site %s refused %s: %s", site.name, msg.metadata.message_type, exc)
         return refuse(msg, site.name, str(exc))
@@ -168,8 +172,6 @@ def _plan_fields(msg: Message) -> dict[str, object]:
 
     Legacy (secure) messages carry the round only as their group id.
     """
-    from fedmed.study import plan_hash
-
     records = plan_records(msg)
     if not records:
         return {}
@@ -180,7 +182,7 @@ def _plan_fields(msg: Message) -> dict[str, object]:
         round_ = int(msg.metadata.group_id)
     out["round"] = int(round_ or 0)
     try:
-        out["plan_hash"] = plan_hash(RunConfig.from_json(message_plan(msg)))
+        out["plan_hash"] = plan_digest(message_plan(msg))
     except Exception:
         out["plan_hash"] = "unreadable"
     return out
