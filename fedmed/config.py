@@ -3,11 +3,14 @@
 A run is a TOML file (see simulations/). Everything downstream receives these objects, never raw
 dicts, so a typo is caught here with the list of valid keys instead of surfacing as a KeyError in
 round 7. The same objects travel to sites as JSON (``to_json``/``from_json``): no pickle.
+They are immutable all the way down (tuples and FrozenMap, never lists or dicts), so a RunConfig
+is hashable: equal plans hash equal and can key a cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,15 +18,13 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fedmed.errors import ConfigError
-
-pass
-
 
 DEFAULT_DATA_DIR = "../shared/datasets"
 
@@ -103,8 +104,81 @@ def check_name(key: str, name: Any) -> str:
     return name
 
 
+class FrozenMap(Mapping[str, Any]):
+    """A read-only, hashable mapping: the config's tables (data.schema.categorical).
+
+    It reads like a dict (``m[k]``, ``.get``, ``.items()``, ``in``) and equals a dict with the same
+    items; it cannot be changed, so a RunConfig that holds one can be hashed and used as a cache
+    key. It serializes as a JSON object (RunConfig.to_dict turns it back into a dict).
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
+        self._items = {k: _freeze(v) for k, v in (items or {}).items()}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FrozenMap):
+            return self._items == other._items
+        if isinstance(other, Mapping):
+            return self._items == dict(other.items())
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._items!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FrozenMap, (self._items,))
+
+    def __copy__(self) -> FrozenMap:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenMap:
+        return self  # immutable all the way down (_freeze), so dataclasses.asdict may share it
+
+
+def _freeze(value: Any) -> Any:
+    """``value`` with every list made a tuple and every table a FrozenMap, at any depth."""
+    if isinstance(value, FrozenMap):
+        return value
+    if isinstance(value, Mapping):
+        return FrozenMap(value)
+    if isinstance(value, list | tuple):
+        items = tuple(_freeze(v) for v in value)
+        same = type(value) is tuple and all(a is b for a, b in zip(items, value, strict=True))
+        return value if same else items
+    return value
+
+
+class _Frozen:
+    """Base of the config dataclasses: lists and tables given to them are frozen on the way in.
+
+    So ``SchemaConfig(categorical={...})`` or ``replace(schema, features=[...])`` still builds a
+    hashable config; a subclass's own ``__post_init__`` calls this one first.
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            frozen = _freeze(value)
+            if frozen is not value:
+                object.__setattr__(self, f.name, frozen)
+
+
 @dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(_Frozen):
     """Train-time image augmentation (imaging only; off at evaluation and when served).
 
     Defaults suit ultrasound/radiographs: a left-right flip and shifts of a few pixels keep the
@@ -118,7 +192,7 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Frozen):
     """Which network the task builds. ``hidden`` is ignored by the linear kinds.
 
     ``linear`` is the task's linear model (logistic regression for classification, the linear
@@ -144,6 +218,7 @@ class ModelConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.members < 1:
             raise ConfigError(
                 f"model.members must be >= 1 (got {self.members}); 1 = one network, 5 = an "
@@ -152,7 +227,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Frozen):
     """Local training at each site, per round. Set exactly one of local_epochs/local_steps."""
 
     local_epochs: float | None = None
@@ -174,6 +249,7 @@ class TrainConfig:
         return replace(self, lr=self.lr * self.lr_decay ** max(server_round - 1, 0))
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.lr_decay <= 1.0:
             raise ConfigError(f"train.lr_decay must be in (0, 1] (got {self.lr_decay}); 1 = off")
         if self.local_epochs is not None and self.local_steps is not None:
@@ -186,7 +262,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class StrategyConfig:
+class StrategyConfig(_Frozen):
     """Coordinator-side aggregation. ``server_lr`` feeds FedAdam/FedYogi/FedAdagrad/FedAvgM."""
 
     name: str = "fedavg"
@@ -217,6 +293,7 @@ class StrategyConfig:
     average_last: int = 1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.average_last < 1:
             raise ConfigError(
                 f"strategy.average_last must be >= 1 (got {self.average_last}); 1 = evaluate "
@@ -235,7 +312,7 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(_Frozen):
     """Local DP-SGD at every site, calibrated for the WHOLE planned study (all rounds)."""
 
     enabled: bool = False
@@ -255,7 +332,7 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
-class PersonalizeConfig:
+class PersonalizeConfig(_Frozen):
     """Optional fine-tuning of the final global model at each site, on its own train split.
 
     The fine-tuned model stays at the site; only its before/after test metrics are reported.
@@ -271,7 +348,7 @@ class PersonalizeConfig:
 
 
 @dataclass(frozen=True)
-class SchemaConfig:
+class SchemaConfig(_Frozen):
     """What a site's table looks like and how it becomes tensors.
 
     ``features`` empty means every column except the outcome columns (and the split column).
@@ -294,7 +371,7 @@ class SchemaConfig:
     # integrated Brier score over [0, last horizon] (fedmed.tasks.survival_metrics); () = off
     horizons: tuple[float, ...] = ()
     features: tuple[str, ...] = ()
-    categorical: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    categorical: FrozenMap = field(default_factory=FrozenMap)  # column -> tuple of its values
     drop_first: bool = False
     column_names: tuple[str, ...] = ()  # for header-less files (e.g. UCI)
     na_values: tuple[str, ...] = ()
@@ -313,7 +390,7 @@ class SchemaConfig:
 
 
 @dataclass(frozen=True)
-class ImageConfig:
+class ImageConfig(_Frozen):
     """Image sites (task imaging-classification): a MedMNIST-style .npz or a labels CSV.
 
     In a labels CSV, ``column`` names the PNG paths (relative to the CSV's folder) and
@@ -325,7 +402,7 @@ class ImageConfig:
 
 
 @dataclass(frozen=True)
-class SeriesConfig:
+class SeriesConfig(_Frozen):
     """Time-series sites (task sequence-classification): a long table + an outcomes table.
 
     The long table has one observation per row (patient, time in minutes, variable, value); the
@@ -360,7 +437,7 @@ class SeriesConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Frozen):
     """Where the sites' tables come from.
 
     ``builtin`` names a table shipped inside an installed package (e.g. ``sklearn:breast_cancer``)
@@ -386,7 +463,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SiteSpec:
+class SiteSpec(_Frozen):
     """One hospital in a simulation: a name and either a table path or a builtin shard."""
 
     name: str
@@ -400,11 +477,12 @@ class SiteSpec:
     epsilon_cap: float | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_name("sites.name", self.name)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Frozen):
     """A whole study: what to train, where, how, and where results go."""
 
     name: str = "run"
@@ -423,11 +501,12 @@ class RunConfig:
     sites: tuple[SiteSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_run(self)
 
     # -- serialization (the wire format to sites and the model card) --------------------------
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return plain(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -444,8 +523,22 @@ class RunConfig:
         return tuple(s.name for s in self.sites)
 
 
+@functools.lru_cache(maxsize=8)
+def plan_from_json(text: str) -> RunConfig:
+    """The study plan a message carries (RunConfig JSON), parsed once per text in a process.
+
+    Every message to a site carries the whole plan; the site's audit and policy mods, its
+    handlers (fedmed.client_app, the SecAgg+ client in fedmed.secagg) and the coordinator's
+    ServerApp all read it through here, so one process parses (and validates) a plan once, not
+    once per reader and message. Keyed by the text itself: a different plan is parsed afresh,
+    and one that fails to parse raises every time (errors are not cached). The RunConfig is
+    immutable, so every reader may share it.
+    """
+    return RunConfig.from_json(text)
+
+
 @dataclass(frozen=True)
-class SiteConfig:
+class SiteConfig(_Frozen):
     """A hospital's own site daemon config (sites/<name>.toml): owned by the site, never sent.
 
     It decides what may run on the site's data: the approved plans (``fedmed plan hash``), the
@@ -475,7 +568,7 @@ class SiteConfig:
     share_statistics: bool = False
 
     def __post_init__(self) -> None:
-        pass
+        super().__post_init__()
 
         check_site_name(self.name)
         if not self.insecure and not (self.ca_certificate and self.node_key):
@@ -785,10 +878,10 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> A
         return tuple(
             _coerce(item, v, f"{key}[{i}]", None) if item else v for i, v in enumerate(value)
         )
-    if origin is dict:
-        if not isinstance(value, dict):
+    if tp is FrozenMap:
+        if not isinstance(value, Mapping):
             raise ConfigError(f"{key} must be a table, got {echo(value)}")
-        return {str(k): tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+        return _freeze({str(k): v for k, v in value.items()})
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -827,8 +920,13 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> A
     return value
 
 
+def plain(obj: Any) -> Any:
+    """A config dataclass as plain JSON values (dicts, lists, scalars), as sent to sites."""
+    return _jsonable(dataclasses.asdict(obj))
+
+
 def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
+    if isinstance(obj, Mapping):  # dicts and FrozenMap
         return {k: _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_jsonable(v) for v in obj]

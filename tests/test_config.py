@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fedmed.config import (
+    FrozenMap,
     RunConfig,
+    SchemaConfig,
+    SiteConfig,
     apply_override,
     load_run_config,
     parse_run_config,
@@ -85,6 +91,92 @@ def test_json_round_trip_is_exact(demo_config: RunConfig) -> None:
     assert again == demo_config
 
 
+def _mutable_parts(obj: Any, where: str = "cfg") -> list[str]:
+    """Every list, dict or set inside a config, at any depth (there should be none)."""
+    if dataclasses.is_dataclass(obj):
+        return [
+            p
+            for f in dataclasses.fields(obj)
+            for p in _mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
+        ]
+    if isinstance(obj, list | dict | set):
+        return [where]
+    if isinstance(obj, FrozenMap):
+        return [p for k, v in obj.items() for p in _mutable_parts(v, f"{where}[{k!r}]")]
+    if isinstance(obj, tuple):
+        return [p for i, v in enumerate(obj) for p in _mutable_parts(v, f"{where}[{i}]")]
+    return []
+
+
+@pytest.mark.parametrize("name", ["demo", "federation", "heart_disease", "lung", "physionet2012"])
+def test_config_is_hashable_all_the_way_down(name: str) -> None:
+    cfg = load_run_config(
+        resolve_config_path(name),
+        ['data.schema.categorical={sex = ["F", "M"], grade = [1, [2, 3]]}'],
+    )
+    again = RunConfig.from_json(cfg.to_json())
+
+    assert _mutable_parts(cfg) == []
+    assert again == cfg and hash(again) == hash(cfg)
+    assert {cfg: 1}[again] == 1  # usable as a cache key
+    assert again.to_json() == cfg.to_json()
+    assert hash(cfg.replace(rounds=cfg.rounds + 1)) != hash(cfg)
+
+
+def test_categorical_reads_like_a_dict_but_cannot_change() -> None:
+    schema = SchemaConfig(categorical={"smoker": ["no", "yes"]}, features=["age", "smoker"])
+
+    assert _mutable_parts(schema) == []  # frozen even when built in code with lists and dicts
+    assert schema.categorical["smoker"] == ("no", "yes")
+    assert schema.categorical.get("age") is None and "smoker" in schema.categorical
+    assert dict(schema.categorical.items()) == {"smoker": ("no", "yes")}
+    assert schema.categorical == {"smoker": ("no", "yes")}
+    assert hash(schema) == hash(
+        SchemaConfig(categorical={"smoker": ("no", "yes")}, features=("age", "smoker"))
+    )
+    with pytest.raises(TypeError):
+        schema.categorical["smoker"] = ("maybe",)  # type: ignore[index]
+    site = SiteConfig(name="lakeview", insecure=True, approved_plans=["sha256:" + "0" * 64])
+    assert hash(site) == hash(dataclasses.replace(site))
+
+
+# Computed with fedmed as of 4409f87, before the config's tables were frozen: the wire
+# JSON and the plan hash a site approves must not move for an unchanged config.
+PINNED = {
+    "name": "pinned",
+    "rounds": 3,
+    "privacy": {"enabled": True, "target_epsilon": 2.0},
+    "data": {
+        "site_column": "hospital",
+        "schema": {
+            "target": "outcome",
+            "features": ["age", "sex", "grade"],
+            "categorical": {"sex": ["F", "M"], "grade": [1, 2, 3]},
+            "event_value": "dead",
+        },
+    },
+    "sites": [
+        {"name": "alpha", "path": "all.csv", "site_values": [1, "a"]},
+        {"name": "beta", "path": "all.csv", "site_values": [2]},
+    ],
+}
+
+
+def test_wire_json_and_plan_hash_are_unchanged() -> None:
+    from fedmed.security.policy import plan_hash
+
+    cfg = parse_run_config(PINNED)
+    text = cfg.to_json()
+
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "87c1a78ff13fadd672535d17831b5fc40575f092f585413cdf7c466681826a72"
+    )
+    assert plan_hash(cfg) == (
+        "sha256:f426621aee5cb35fcc5643ddfb168c3d9c2f02f26934f93b9b8442b966cfef23"
+    )
+    assert plan_hash(RunConfig.from_json(text)) == plan_hash(cfg)
+
+
 def test_config_is_frozen(demo_config: RunConfig) -> None:
     with pytest.raises(AttributeError):
         demo_config.rounds = 3  # type: ignore[misc]
@@ -108,3 +200,78 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_run_config(path)
+
+
+def test_a_site_parses_and_hashes_a_plan_once_however_many_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployed site's audit mod, policy mod and handlers all read the plan each message
+    carries: one process parses it and computes its plan hash once (fedmed.config.plan_from_json
+    and plan_digest), then reuses both for every later message with the same plan."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmed import config
+    from fedmed.data.registry import DatasetRegistry
+    from fedmed.protocol import RUN_KEY, SITE_CONFIG_KEY, STUDY_KEY
+    from fedmed.security import policy
+    from fedmed.site.app import app
+    from fedmed.tasks import build_model
+    from tests.conftest import write_site_csv
+
+    cfg = parse_run_config(
+        {
+            "model": {"kind": "logreg"},
+            "train": {"batch_size": 8},
+            "data": {
+                "dataset": "cohort",
+                "schema": {
+                    "target": "outcome",
+                    "features": ["age", "bp", "smoker"],
+                    "categorical": {"smoker": ["no", "yes"]},
+                },
+            },
+            "sites": [{"name": "alpha"}, {"name": "beta"}],
+        }
+    )
+    state = tmp_path / "state" / "alpha"
+    DatasetRegistry(state).add("cohort", write_site_csv(tmp_path / "alpha.csv", 60, seed=1))
+    site = tmp_path / "alpha.toml"
+    site.write_text(
+        f'name = "alpha"\ninsecure = true\nstate_dir = "{state}"\n'
+        f'approved_plans = ["{policy.plan_hash(cfg)}"]\nmin_rows = 10\n'
+    )
+    parses: list[str] = []
+    hashes: list[RunConfig] = []
+    from_json, plan_hash = RunConfig.from_json, policy.plan_hash
+    monkeypatch.setattr(
+        RunConfig, "from_json", classmethod(lambda _, text: parses.append(text) or from_json(text))
+    )
+    monkeypatch.setattr(policy, "plan_hash", lambda run: hashes.append(run) or plan_hash(run))
+    config.plan_from_json.cache_clear()
+    policy.plan_digest.cache_clear()
+    for key, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, key, value)  # what a runtime sets, restored after
+    context = Context(1, 1001, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})
+    text = cfg.to_json()
+    arrays = ArrayRecord(build_model(cfg).state_dict())
+
+    for server_round in (1, 2):
+        for kind in ("train", "evaluate"):
+            plan = ConfigRecord({RUN_KEY: text, STUDY_KEY: "s1", "server-round": server_round})
+            TaskIdentity.node_id = SUPERLINK_NODE_ID  # the coordinator sends ...
+            msg = Message(RecordDict({"arrays": arrays, "config": plan}), 1001, kind, group_id="1")
+            TaskIdentity.node_id = 1001  # ... the site handles and replies
+            reply = app(msg, context)
+            assert not reply.has_error(), reply.error.reason
+
+    assert parses == [text]  # 4 messages, each read by 2 mods and a handler: 1 parse
+    assert len(hashes) == 1
+    assert config.plan_from_json.cache_info().misses == 1
+    assert policy.plan_digest.cache_info().misses == 1
+    # A plan that does not parse is not cached: it raises every time it arrives.
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="roundz"):
+            config.plan_from_json('{"roundz": 1}')
+    assert config.plan_from_json.cache_info().currsize == 1

@@ -329,11 +329,11 @@ def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Pa
     raw = _image_study(tmp_path)
     raw["data"]["dataset"] = "scans"
     local, spec = site_view(parse_run_config(raw), registry.add("scans", npz), "a")
-    before = _site_data(local.to_json(), spec, registry.verify("scans").sha256)
+    before = _site_data(local, spec, registry.verify("scans").sha256)
 
     images, labels = _images(80, seed=11)  # a new export at the same path
     np.savez(npz, train_images=images, train_labels=labels)
-    after = _site_data(local.to_json(), spec, registry.add("scans", npz, replace=True).sha256)
+    after = _site_data(local, spec, registry.add("scans", npz, replace=True).sha256)
 
     assert not np.array_equal(before.x_train, after.x_train)
 

@@ -185,8 +185,6 @@ def central_epsilon(cfg: RunConfig, rounds: int) -> float:
     Each round releases the clipped mean plus Gaussian noise whose std is the noise multiplier
     times the sensitivity (norm / sites): one Gaussian mechanism per round, composed with RDP.
     """
-    pass
-
     if cfg.privacy.central == "off" or rounds == 0:
         return 0.0
     return epsilon_spent([(cfg.privacy.central_noise_multiplier, 1.0, rounds)], cfg.privacy)

@@ -30,7 +30,14 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedmed.config import RunConfig, SiteConfig, SiteSpec, load_site_config
+from fedmed.config import (
+    RunConfig,
+    SiteConfig,
+    SiteSpec,
+    load_site_config,
+    plain,
+    plan_from_json,
+)
 from fedmed.errors import PolicyViolation
 from fedmed.protocol import RUN_KEY, SECAGG_RECORD, SITE_CONFIG_KEY, STUDY_KEY
 from fedmed.security.audit import AuditLog
@@ -53,11 +60,12 @@ def refuse(msg: Message, site: str, reason: str, code: int = 403) -> Message:
     return Message(Error(code=code, reason=f"site '{site}': {reason}"), reply_to=msg)
 
 
-def check_plan(site: SiteConfig, run: RunConfig) -> None:
-    """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data."""
-    pass
+def check_plan(site: SiteConfig, run: RunConfig, digest: str = "") -> None:
+    """Raise PolicyViolation unless ``site`` agreed to run ``run`` on its data.
 
-    digest = plan_hash(run)
+    ``digest``: ``run``'s plan hash when the caller has it already (plan_digest), else computed.
+    """
+    digest = digest or plan_hash(run)
     if digest not in site.approved_plans:
         raise PolicyViolation(
             f"plan {digest} is not approved by this site (its data steward can add it to "
@@ -114,8 +122,8 @@ def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Mess
     if site is None or msg.has_error():
         return call_next(msg, context)
     try:
-        run = RunConfig.from_json(message_plan(msg))
-        check_plan(site, run)
+        text = message_plan(msg)
+        check_plan(site, plan_from_json(text), plan_digest(text))  # parsed and hashed once
     except PolicyViolation as exc:
         log.warning("site %s refused %s: %s", site.name, msg.metadata.message_type, exc)
         return refuse(msg, site.name, str(exc))
@@ -165,8 +173,6 @@ def _plan_fields(msg: Message) -> dict[str, object]:
 
     Legacy (secure) messages carry the round only as their group id.
     """
-    pass
-
     records = plan_records(msg)
     if not records:
         return {}
@@ -177,7 +183,7 @@ def _plan_fields(msg: Message) -> dict[str, object]:
         round_ = int(msg.metadata.group_id)
     out["round"] = int(round_ or 0)
     try:
-        out["plan_hash"] = plan_hash(RunConfig.from_json(message_plan(msg)))
+        out["plan_hash"] = plan_digest(message_plan(msg))
     except Exception:
         out["plan_hash"] = "unreadable"
     return out
@@ -237,9 +243,7 @@ def _reply_metrics(reply: Message) -> dict[str, int | float] | None:
 
 def _asdict(obj: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON values (tuples -> lists), like RunConfig.to_dict."""
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=list))
+    return json.loads(json.dumps(plain(obj)))
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -348,3 +352,9 @@ COORDINATOR_ONLY_STRATEGY = frozenset(
 PRIVACY_BINDING = ("rounds", "seed", "train", "privacy", "personalize")
 
 RELEASE_STRATEGY = ("name", "proximal_mu", "secure_aggregation")
+
+
+@functools.lru_cache(maxsize=8)
+def plan_digest(text: str) -> str:
+    """The plan hash a site approves of plan ``text`` (its JSON), computed once per text."""
+    return plan_hash(plan_from_json(text))

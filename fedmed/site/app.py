@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.config import RunConfig, SiteSpec, data_dir
+from fedmed.config import RunConfig, SiteSpec, data_dir, plan_from_json
 from fedmed.data import clear_file_caches
 from fedmed.data.table import SiteData
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
@@ -52,25 +52,22 @@ app = ClientApp(mods=[site_audit_mod, site_policy_mod])
 # -- what a message needs ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _parse_run(text: str) -> RunConfig:
-    return RunConfig.from_json(text)
-
-
 @functools.lru_cache(maxsize=32)
-def _site_data(plan: str, site: SiteSpec, fingerprint: str) -> SiteData:
+def _site_data(run: RunConfig, site: SiteSpec, fingerprint: str) -> SiteData:
     """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads.
+
+    Keyed by the study as the site runs it (a hashable RunConfig), never by its JSON again.
 
     The readers also cache files by path (simulated sites share one file); a deployment site
     reads them afresh, so data re-registered at the same path is never served from memory.
     """
     if fingerprint:
         clear_file_caches()
-    return load_site_data(_parse_run(plan), site)
+    return load_site_data(run, site)
 
 
 def _load_data(run: RunConfig, site: SiteSpec, context: Context, fingerprint: str) -> SiteData:
-    data = _site_data(run.to_json(), site, fingerprint)
+    data = _site_data(run, site, fingerprint)
     own = site_config(context)
     if own is not None and data.n_train + len(data.y_test) < own.min_rows:
         raise PolicyViolation(
@@ -116,7 +113,7 @@ def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec,
     SHA-256 in a deployment, the file's in a simulation), so a plan with another split_seed,
     test_fraction or schema spends from the same budget.
     """
-    run, site, registered = _site_of(_parse_run(run_json), context)
+    run, site, registered = _site_of(plan_from_json(run_json), context)
     data = _load_data(run, site, context, registered)
     return run, site, data, registered or _simulated_key(run, site, data)
 
@@ -166,7 +163,11 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             site = "?"
             with contextlib.suppress(Exception):
                 own = site_config(context)
-                site = own.name if own else _site_of(_parse_run(message_plan(msg)), context)[1].name
+                site = (
+                    own.name
+                    if own
+                    else _site_of(plan_from_json(message_plan(msg)), context)[1].name
+                )
             log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
                 reason = "privacy budget exhausted"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fedmed.config import RunConfig
+from fedmed.config import RunConfig, plan_from_json
 from fedmed.errors import ConfigError
 from fedmed.tasks import build_model
 
@@ -65,7 +65,7 @@ class RunPlan:
                 "`fedmed simulate` (or pass --run-config with the study JSON)"
             )
         return cls(
-            RunConfig.from_json(str(run_config[CONFIG_KEY])),
+            plan_from_json(str(run_config[CONFIG_KEY])),
             Path(str(run_config.get(RUN_DIR_KEY, "runs/unnamed"))),
             str(run_config.get(ENGINE_KEY, "deployment")),
             str(run_config.get(SERVING_KEY, "")),
