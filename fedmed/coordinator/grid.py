@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedmed.config import grid_poll_seconds
+from fedmed.flower_compat import replace_with_error
 
 POLL_SECONDS = 0.2
 log = logging.getLogger("fedmed.coordinator")
@@ -178,12 +179,5 @@ def claimed_sites(reply: Message) -> set[str]:
 
 
 def _as_error(reply: Message, reason: str, code: int = IMPERSONATION) -> Message:
-    """The same reply (ids, route) carrying an error instead of content.
-
-    Flower's Message has no public way to swap content for an error; its setters refuse the
-    swap, so the one private field is cleared here, and only here.
-    """
-    reply.__dict__["_content"] = None
-    reply.__dict__["_error"] = None
-    reply.error = Error(code=code, reason=reason)
-    return reply
+    """The same reply (ids, route) carrying an error instead of content."""
+    return replace_with_error(reply, Error(code=code, reason=reason))

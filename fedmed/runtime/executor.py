@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import signal
 import sys
 import traceback
 from typing import Any
+
+from fedmed import flower_compat
 
 POLL_SECONDS = "0.1"  # how often the loop asks the SuperNode for work (Flower's default: 1 s)
 
@@ -118,25 +119,19 @@ def _guard_clientapp() -> None:
     """Check the task's app right after Flower pulls it, before it is installed or loaded.
 
     Flower's ``run_clientapp`` pulls (message, context, run, FAB), installs the FAB and imports
-    the component it names. Wrapping the pull refuses a foreign app before either happens; the
+    the component it names. Checking at the pull refuses a foreign app before either happens; the
     exception ends the task (Flower logs it) and the refusal goes to the site's audit log.
     """
     from fedmed.security.apps import ForeignApp, check_fab
 
-    flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-
-    pull = flower.pull_task_input
-
-    def guarded_pull(client: Any) -> Any:
-        message, context, run, fab = pull(client)
+    def check(message: Any, context: Any, fab: bytes) -> None:
         try:
-            check_fab(fab.content)
+            check_fab(fab)
         except ForeignApp as exc:
             _audit_refusal(message, context, str(exc))
             raise
-        return message, context, run, fab
 
-    flower.pull_task_input = guarded_pull
+    flower_compat.guard_clientapp_pull(check)
 
 
 def _audit_refusal(message: Any, context: Any, reason: str) -> None:
@@ -163,15 +158,7 @@ def _guard_serverapp() -> None:
     serverapp; checking at install time refuses a foreign app before any import."""
     from fedmed.security.apps import check_fab
 
-    flower = importlib.import_module("flwr.superlink.runtime.run_serverapp")
-
-    install = flower.install_from_fab
-
-    def guarded_install(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
-        check_fab(bytes(fab_file))
-        return install(fab_file, *args, **kwargs)
-
-    flower.install_from_fab = guarded_install
+    flower_compat.guard_serverapp_install(check_fab)
 
 
 def _child_signals() -> None:
@@ -180,11 +167,9 @@ def _child_signals() -> None:
 
 
 def _run_clientapp(spec: Any) -> None:
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
     _child_signals()
     _guard_clientapp()
-    run_clientapp(**_task_args(spec))
+    flower_compat.run_clientapp_task(**_task_args(spec))
 
 
 def _task_args(spec: Any) -> dict[str, Any]:
@@ -204,16 +189,9 @@ def _task_args(spec: Any) -> dict[str, Any]:
 
 
 def _run_serverapp(spec: Any) -> None:
-    from queue import Queue
-
-    from flwr.superlink.runtime.run_serverapp import run_serverapp
-
-    flwr_serverapp = importlib.import_module("flwr.superlink.cli.flwr_serverapp")
     _child_signals()
     _guard_serverapp()
-    log_queue: Queue[str | None] = Queue()
-    flwr_serverapp.mirror_output_to_queue(log_queue)  # what `flwr log RUN` shows operators
-    run_serverapp(log_queue=log_queue, **_task_args(spec))
+    flower_compat.run_serverapp_task(**_task_args(spec))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,11 +212,10 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[CACHE_ENV] = args.cache_dir
     warm_imports()
     from flwr.supercore.auth import load_superexec_auth_secret
-    from flwr.supercore.superexec import run_superexec as superexec
 
-    # Flower picks its executor through this module-level factory; ours forks warm children.
-    superexec.get_executor = lambda *a, **k: ForkExecutor(args.role)
-    superexec.run_superexec(
+    # Flower's own task loop, launching with ours: it forks warm children.
+    flower_compat.run_superexec_with(
+        lambda: ForkExecutor(args.role),
         runtime_api_address=args.runtime_api_address,
         # A site's Runtime API listens on 127.0.0.1 without TLS; the coordinator's is the
         # SuperLink's own port, with TLS.

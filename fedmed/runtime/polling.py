@@ -8,24 +8,15 @@ promptly and checks who answered, is fedmed.coordinator.grid.PromptGrid.
 from __future__ import annotations
 
 import sys
-import time
-import types
+
+from fedmed import flower_compat
 
 POLL_SECONDS = 0.2
 
 
 def run_supernode(argv: list[str]) -> None:
     """Flower's ``flower-supernode`` with its idle sleeps capped at POLL_SECONDS."""
-    from flwr.supernode import start_client_internal
-    from flwr.supernode.cli import flower_supernode
-
-    capped = types.SimpleNamespace(
-        **{name: getattr(time, name) for name in dir(time) if not name.startswith("__")}
-    )
-    capped.sleep = lambda seconds: time.sleep(min(seconds, POLL_SECONDS))
-    start_client_internal.time = capped  # the module's only use of time is sleep
-    sys.argv = ["flower-supernode", *argv]
-    sys.exit(flower_supernode())
+    flower_compat.run_supernode_with_sleeps_capped(POLL_SECONDS, argv)
 
 
 if __name__ == "__main__":
