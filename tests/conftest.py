@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,35 @@ def _private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDMED_KEY_DIR", str(tmp_path / "keys"))  # model-signing key, per test
     monkeypatch.setenv("FEDMED_SITE_STATE_DIR", str(tmp_path / "sites"))  # simulated sites' state
     return path
+
+
+@pytest.fixture(autouse=True)
+def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees what an earlier one left in this process, nor leaves anything behind.
+
+    Flower's TaskIdentity is process-global: its runtimes (and fedmed's in-process one) set it and
+    never clear it, and every Message() built outside a runtime reads it. Each test starts with it
+    unset and the previous values come back afterwards, so a test that needs it says so
+    (``task_identity``) instead of borrowing it from whichever test ran before (issue: alone or
+    first, tests/test_central_dp.py failed).
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, None)
+    yield
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's TaskIdentity as the coordinator's runtime would set it (run 1, task 1), for tests
+    that build Messages by hand; undone after the test."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -69,6 +70,7 @@ def test_a_crashed_and_a_hung_site_do_not_stop_the_round(demo_config: RunConfig)
     assert wall < 60  # the run did not wait for the hung site
 
 
+@pytest.mark.usefixtures("task_identity")  # a bare grid: no runtime sets it
 def test_inprocess_grid_drops_a_reply_that_misses_the_deadline(demo_config: RunConfig) -> None:
     cfg, _ = preflight(demo_config.replace(privacy=PrivacyConfig(enabled=False)))
     released = threading.Event()
