@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,12 +51,21 @@ def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     unset and the previous values come back afterwards, so a test that needs it says so
     (``task_identity``) instead of borrowing it from whichever test ran before (issue: alone or
     first, tests/test_central_dp.py failed).
+
+    The in-process grid abandons a site that misses its round deadline in a daemon thread
+    ("site-<node>"); once the test releases it, it finishes its work (training included, on
+    torch's process-wide RNG). Wait for it here, so it never runs during the next test.
     """
     from flwr.supercore.task_identity import TaskIdentity
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, None)
+    before = set(threading.enumerate())
     yield
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("site-"):
+            thread.join(timeout=60)
+            assert not thread.is_alive(), f"abandoned site thread {thread.name} still runs"
 
 
 @pytest.fixture
