@@ -22,9 +22,9 @@ import pytest
 from fedmed.config import load_run_config
 from fedmed.runtime.deployment import flower_bin, flower_env, wait_for_port
 from fedmed.security.audit import AuditLog
-from fedmed.serving.server import free_port
 from fedmed.study import plan_hash
 
+from .ports import free_port
 from .test_deployment import OPERATOR, Daemons, _setup, _site_toml, _wait_online, fedmed
 
 pytestmark = pytest.mark.integration

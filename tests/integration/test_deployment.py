@@ -22,8 +22,9 @@ import pytest
 from fedmed.config import load_run_config, resolve_config_path
 from fedmed.runtime.deployment import online_sites, wait_until_ready
 from fedmed.security.audit import AuditLog
-from fedmed.serving.server import free_port
 from fedmed.study import plan_hash
+
+from .ports import free_port
 
 pytestmark = pytest.mark.integration
 
