@@ -369,7 +369,7 @@ def test_a_killed_site_costs_a_round_at_most_two_minutes(tmp_path: Path) -> None
         while not list(tmp_path.glob("runs/*/checkpoint.safetensors")):  # round 1 is done
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        subprocess.run(["pkill", "-KILL", "-f", "sites/riverside.toml"], check=False)
+        daemons.power_cut("riverside")
         killed = time.monotonic()
         live = next(tmp_path.glob("runs/*")) / "live.json"
         while _rounds_done(live) < 2:
