@@ -288,7 +288,10 @@ def test_real_federation_over_tls(federation) -> None:
 
 def test_insecure_mode_warns_loudly(tmp_path: Path) -> None:
     site = tmp_path / "lab.toml"
-    site.write_text('name = "lab"\ninsecure = true\ncoordinator = "127.0.0.1:1"\n')
+    # Its own state folder: the default, ~/.fedmed/sites/lab, is shared by every run on the host.
+    site.write_text(
+        'name = "lab"\ninsecure = true\ncoordinator = "127.0.0.1:1"\nstate_dir = "state"\n'
+    )
     env = {**os.environ}
     res = subprocess.run(
         [*FEDMED, "site", "start", str(site), "--max-wait", "2"],
@@ -301,7 +304,7 @@ def test_insecure_mode_warns_loudly(tmp_path: Path) -> None:
     )
     assert "NOT encrypted" in res.stderr
     assert res.returncode != 0
-    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"{tmp_path}/"], check=False)
 
 
 def test_a_site_killed_mid_study_does_not_stop_it(tmp_path: Path) -> None:
