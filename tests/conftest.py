@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,44 @@ def _private_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FEDMED_KEY_DIR", str(tmp_path / "keys"))  # model-signing key, per test
     monkeypatch.setenv("FEDMED_SITE_STATE_DIR", str(tmp_path / "sites"))  # simulated sites' state
     return path
+
+
+@pytest.fixture(autouse=True)
+def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test sees what an earlier one left in this process, nor leaves anything behind.
+
+    Flower's TaskIdentity is process-global: its runtimes (and fedmed's in-process one) set it and
+    never clear it, and every Message() built outside a runtime reads it. Each test starts with it
+    unset and the previous values come back afterwards, so a test that needs it says so
+    (``task_identity``) instead of borrowing it from whichever test ran before (issue: alone or
+    first, tests/test_central_dp.py failed).
+
+    The in-process grid abandons a site that misses its round deadline in a daemon thread
+    ("site-<node>"); once the test releases it, it finishes its work (training included, on
+    torch's process-wide RNG). Wait for it here, so it never runs during the next test.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, None)
+    before = set(threading.enumerate())
+    yield
+    for thread in set(threading.enumerate()) - before:
+        if thread.name.startswith("site-"):
+            thread.join(timeout=60)
+            assert not thread.is_alive(), f"abandoned site thread {thread.name} still runs"
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's TaskIdentity as the coordinator's runtime would set it (run 1, task 1), for tests
+    that build Messages by hand; undone after the test."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
 @pytest.fixture

@@ -65,18 +65,7 @@ def test_central_dp_run_reports_growing_epsilon(csv_study: RunConfig, side: str)
     assert set(out["final"]["sites"]) == {"alpha", "beta", "gamma"}
 
 
-@pytest.fixture
-def _task_identity() -> None:
-    """Hand-built Messages need Flower's TaskIdentity, which a runtime would set: set it here,
-    so this test passes alone and in any order (it used to borrow it from an earlier test)."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id = 1, 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-
-
-@pytest.mark.usefixtures("_task_identity")
+@pytest.mark.usefixtures("task_identity")  # hand-built Messages read it
 @pytest.mark.parametrize("side", ["client-side", "server-side"])
 def test_central_dp_averages_sites_without_weights(csv_study: RunConfig, side: str) -> None:
     """The noise z*C/n covers an UNWEIGHTED mean: a site with 100x the rows must not outweigh."""

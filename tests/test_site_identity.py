@@ -10,18 +10,13 @@ from collections.abc import Iterable
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.coordinator.grid import IMPERSONATION, GridWrapper, PromptGrid
 
 NODES = {11: "st-marys", 22: "riverside"}
 
 
-@pytest.fixture(autouse=True)
-def _identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id = 1, 1
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
+pytestmark = pytest.mark.usefixtures("task_identity")  # the fake grid's Messages read it
 
 
 class FakeGrid(GridWrapper):

@@ -30,14 +30,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message
 
-from fedmed.config import (
-    RunConfig,
-    SiteConfig,
-    SiteSpec,
-    load_site_config,
-    plain,
-    plan_from_json,
-)
+from fedmed.config import RunConfig, SiteConfig, SiteSpec, load_site_config, plain, plan_from_json
 from fedmed.errors import PolicyViolation
 from fedmed.protocol import RUN_KEY, SECAGG_RECORD, SITE_CONFIG_KEY, STUDY_KEY
 from fedmed.security.audit import AuditLog

@@ -23,8 +23,8 @@ from fedmed.config import load_run_config
 from fedmed.runtime.deployment import flower_bin, flower_env, wait_for_port
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import plan_hash
-from fedmed.serving.server import free_port
 
+from .ports import free_port
 from .test_deployment import OPERATOR, Daemons, _setup, _site_toml, _wait_online, fedmed
 
 pytestmark = pytest.mark.integration
@@ -369,7 +369,7 @@ def test_a_killed_site_costs_a_round_at_most_two_minutes(tmp_path: Path) -> None
         while not list(tmp_path.glob("runs/*/checkpoint.safetensors")):  # round 1 is done
             assert run.poll() is None and time.monotonic() < deadline
             time.sleep(0.5)
-        subprocess.run(["pkill", "-KILL", "-f", "sites/riverside.toml"], check=False)
+        daemons.power_cut("riverside")
         killed = time.monotonic()
         live = next(tmp_path.glob("runs/*")) / "live.json"
         while _rounds_done(live) < 2:

@@ -8,6 +8,7 @@ not approve the plan; finally the sites' audit logs verify, and an edited one do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,13 +18,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedmed.config import load_run_config, resolve_config_path
 from fedmed.runtime.deployment import online_sites, wait_until_ready
 from fedmed.security.audit import AuditLog
 from fedmed.security.policy import plan_hash
-from fedmed.serving.server import free_port
+
+from .ports import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +59,39 @@ class Daemons:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text()
 
+    def _tree(self, proc: subprocess.Popen) -> list[psutil.Process]:
+        """``proc`` and everything it started (its daemons run in sessions of their own, but
+        stay its children)."""
+        try:
+            root = psutil.Process(proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def power_cut(self, name: str) -> None:
+        """Everything of daemon ``name``'s dies at once: daemon, SuperNode, executor, apps.
+
+        Only this test's processes: never ``pkill -f sites/NAME.toml``, which also killed the
+        daemons of tests (and of other checkouts' test runs) running alongside this one.
+        """
+        victims: dict[int, psutil.Process] = {}
+        pending = [self.procs[name].pid]
+        while pending:  # stop each before listing its children: none starts another meanwhile
+            pid = pending.pop()
+            try:
+                proc = psutil.Process(pid)
+                proc.suspend()
+                pending += [child.pid for child in proc.children()]
+            except psutil.NoSuchProcess:
+                continue
+            victims[pid] = proc
+        for proc in victims.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(list(victims.values()), timeout=30)
+
     def stop_all(self) -> None:
+        started = [p for proc in self.procs.values() for p in self._tree(proc)]
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -65,8 +100,13 @@ class Daemons:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        # Belt and braces: nothing whose command line points into this test's folder survives.
-        subprocess.run(["pkill", "-KILL", "-f", str(self.root)], check=False)
+        # Belt and braces: nothing they started survives, nor anything whose command line
+        # points into this test's folder.
+        for p in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(started, timeout=30)
+        subprocess.run(["pkill", "-KILL", "-f", f"{self.root}/"], check=False)
 
 
 def _site_toml(root: Path, name: str, port: int, runtime_port: int, approved: str, **kw) -> Path:
@@ -248,7 +288,10 @@ def test_real_federation_over_tls(federation) -> None:
 
 def test_insecure_mode_warns_loudly(tmp_path: Path) -> None:
     site = tmp_path / "lab.toml"
-    site.write_text('name = "lab"\ninsecure = true\ncoordinator = "127.0.0.1:1"\n')
+    # Its own state folder: the default, ~/.fedmed/sites/lab, is shared by every run on the host.
+    site.write_text(
+        'name = "lab"\ninsecure = true\ncoordinator = "127.0.0.1:1"\nstate_dir = "state"\n'
+    )
     env = {**os.environ}
     res = subprocess.run(
         [*FEDMED, "site", "start", str(site), "--max-wait", "2"],
@@ -261,7 +304,7 @@ def test_insecure_mode_warns_loudly(tmp_path: Path) -> None:
     )
     assert "NOT encrypted" in res.stderr
     assert res.returncode != 0
-    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path)], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"{tmp_path}/"], check=False)
 
 
 def test_a_site_killed_mid_study_does_not_stop_it(tmp_path: Path) -> None:
@@ -292,8 +335,7 @@ def test_a_site_killed_mid_study_does_not_stop_it(tmp_path: Path) -> None:
         while not list(tmp_path.glob("runs/*/checkpoint.safetensors")):  # round 1 is done
             assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
             time.sleep(0.5)
-        # Everything of riverside's dies at once, as with a power cut: daemon, SuperNode, app.
-        subprocess.run(["pkill", "-KILL", "-f", "sites/riverside.toml"], check=False)
+        daemons.power_cut("riverside")  # as with a power cut: daemon, SuperNode, app
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
         metrics = json.loads((Path(out.strip().splitlines()[-1]) / "metrics.json").read_text())

@@ -17,8 +17,8 @@ from fedmed.config import parse_run_config
 from fedmed.runtime.deployment import wait_until_ready
 from fedmed.security.policy import plan_hash
 from fedmed.serving.api import create_app, open_model
-from fedmed.serving.server import free_port
 
+from .ports import free_port
 from .test_deployment import Daemons, _wait_online, fedmed
 
 pytestmark = pytest.mark.integration

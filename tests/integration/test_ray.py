@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,35 @@ import pytest
 from fedmed.cli.main import main
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _own_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts a Ray cluster of its own, never joins another, and leaves nothing behind.
+
+    Without RAY_TMPDIR every Ray on the host shares /tmp/ray, and ray.init() joins the cluster
+    named in /tmp/ray/ray_current_cluster (a `ray start` by anyone). The folder is short on
+    purpose: Ray's socket paths live under it, and a Unix socket path has at most 107 bytes.
+    A run also changes this process's environment: Flower's Ray backend prepends all of sys.path
+    to $PYTHONPATH (which every later subprocess would inherit, growing with each Ray test),
+    ray.init() and run_ray set PYTHONBREAKPOINT and RAY_* variables. All of it is put back,
+    as is a Ray left running by a failed test.
+    """
+    import flwr.simulation  # noqa: F401 - its and Ray's import-time settings stay, as they would
+    import ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    environ = dict(os.environ)
+    try:
+        yield
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.environ.clear()
+        os.environ.update(environ)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
