@@ -22,11 +22,14 @@ log = logging.getLogger("fedmed.coordinator")
 PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
 
 
-def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
+def run_federated(
+    grid: Grid, context: Context, plan: RunPlan, on_round: RoundCallback | None = None
+) -> dict:
     """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json.
 
-    The rounds (``StudyRounds``: strategy, recorder, resume, a checkpoint after every round)
-    run on Flower's Message API strategy loop.
+    The rounds (``StudyRounds``: strategy, recorder, resume, a checkpoint after every round) are
+    the same for every study; what differs is the loop that drives them: Flower's Message API
+    strategy loop, or for a secure study (SecAgg+) Flower's legacy workflow in ``context``.
     """
     started = time.time()
     history = RunHistory(sites=plan.config.site_names)
@@ -42,20 +45,27 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
     kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
     rounds = StudyRounds(plan, model, history, on_round, kept)
-    rounds.strategy.start(
-        grid=grid,
-        initial_arrays=rounds.initial_arrays,
-        num_rounds=cfg.rounds - rounds.done,
-        timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord(dict(rounds.study)),
-        evaluate_config=ConfigRecord(dict(rounds.study)),
-    )
+    if cfg.strategy.secure_aggregation:  # Flower's SecAgg+ exists on its legacy API only
+        from fedmed.coordinator.secure import run_secure_rounds
+
+        run_secure_rounds(grid, plan, context, rounds)
+    else:
+        rounds.strategy.start(
+            grid=grid,
+            initial_arrays=rounds.initial_arrays,
+            num_rounds=cfg.rounds - rounds.done,
+            timeout=cfg.strategy.round_timeout,
+            train_config=ConfigRecord(dict(rounds.study)),
+            evaluate_config=ConfigRecord(dict(rounds.study)),
+        )
     rounds.release(model)
     history = rounds.history
     if cfg.personalize.local_epochs or kept:
         shared = split(model.state_dict(), kept)[0]
         personalize_sites(grid, plan, ArrayRecord(shared), history)
-    if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
+    # The coordinator never saw a table: ask the sites (not a secure study's: the SecAgg+
+    # ClientApp, site.secure_app, has no statistics query).
+    if plan.engine == "deployment" and not cfg.strategy.secure_aggregation:
         plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
 
@@ -158,12 +168,7 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
-        if the_plan.config.strategy.secure_aggregation:  # Flower's legacy API: its own path
-            from fedmed.coordinator.secure import run_secure
-
-            run_secure(grid, the_plan, context, on_round)
-        else:
-            run_federated(grid, the_plan, on_round)
+        run_federated(grid, context, the_plan, on_round)
 
     return app
 

@@ -4,7 +4,8 @@ The rounds get the strategy built from the config (central DP included), the rec
 judges and records every site's reply, the true round numbers after a resume, and a checkpoint
 (model, strategy state, round, history) after every round, written BEFORE the round is reported,
 so a run killed at any point resumes from its last completed round. Plain rounds drive them with
-Flower's Message API strategy loop (``Strategy.start``).
+Flower's Message API strategy loop (``Strategy.start``); SecAgg+ rounds with Flower's legacy
+workflow, through an adapter onto this same stack (fedmed.coordinator.secure.LegacyAdapter).
 """
 
 from __future__ import annotations
@@ -87,7 +88,14 @@ class StudyRounds:
         if cfg.strategy.average_last > 1:  # sites train from the latest model; evaluation: mean
             strategy = self.averager = AverageRounds(strategy, cfg.strategy.average_last)
             self.averager.restore(window)
-        self.recorder = SiteRecorder(strategy, history, on_round=self.round_done)
+        # Flower's legacy SecAgg+ workflow hands over failures without their node: the adapter
+        # in coordinator.secure names the sites that did not answer there.
+        self.recorder = SiteRecorder(
+            strategy,
+            history,
+            on_round=self.round_done,
+            name_missing=not cfg.strategy.secure_aggregation,
+        )
         self.strategy = RoundOffset(self.recorder, done)
 
     def round_done(self, rnd: int) -> None:
