@@ -13,7 +13,7 @@ from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
 from fedmed.config import PrivacyConfig, RunConfig, StrategyConfig, parse_run_config
-from fedmed.coordinator import secure as secagg
+from fedmed.coordinator import strategies
 from fedmed.coordinator.app import build_server_app
 from fedmed.errors import ConfigError
 from fedmed.privacy.accounting import RDP_ALPHAS, central_epsilon
@@ -191,7 +191,7 @@ def _record_noise(monkeypatch: pytest.MonkeyPatch) -> list[tuple[float, float, i
         calls.append((sigma, clipping_norm, sites))
         return parameters
 
-    monkeypatch.setattr(secagg, "add_noise", no_noise)
+    monkeypatch.setattr(strategies, "add_noise", no_noise)
     return calls
 
 

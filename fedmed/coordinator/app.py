@@ -7,27 +7,13 @@ import logging
 import time
 from dataclasses import replace
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Strategy
 
-from fedmed.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedmed.coordinator.strategies import (
-    AVERAGE_STATE,
-    AverageRounds,
-    KeepDtypes,
-    RoundOffset,
-    SiteRecorder,
-    UpdateValidator,
-    build_strategy,
-    restore_strategy_state,
-    strategy_state,
-)
-from fedmed.privacy.accounting import central_epsilon
+from fedmed.coordinator.rounds import StudyRounds
 from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, unflatten
 from fedmed.study.history import RoundCallback, RunHistory
-from fedmed.study.outputs import finish_run, live_reporter
+from fedmed.study.outputs import finish_run
 from fedmed.study.plan import RunPlan, initial_model
 from fedmed.study.statistics import combine_site_statistics
 from fedmed.tasks.local_layers import check_model, split
@@ -36,12 +22,14 @@ log = logging.getLogger("fedmed.coordinator")
 PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
 
 
-def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
+def run_federated(
+    grid: Grid, context: Context, plan: RunPlan, on_round: RoundCallback | None = None
+) -> dict:
     """Run the study's rounds on ``grid`` and write its outputs; returns metrics.json.
 
-    After every round the coordinator checkpoints (model, strategy state, round, history) BEFORE
-    reporting it, so a run killed at any point resumes (``plan.resume``) from its last completed
-    round and runs only the rounds that remain.
+    The rounds (``StudyRounds``: strategy, recorder, resume, a checkpoint after every round) are
+    the same for every study; what differs is the loop that drives them: Flower's Message API
+    strategy loop, or for a secure study (SecAgg+) Flower's legacy workflow in ``context``.
     """
     started = time.time()
     history = RunHistory(sites=plan.config.site_names)
@@ -56,63 +44,28 @@ def run_federated(grid: Grid, plan: RunPlan, on_round: RoundCallback | None = No
     model = initial_model(plan)
     # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
     kept = check_model(model) if cfg.personalize.local_normalization else frozenset()
-    base = build_strategy(cfg)
-    done, window = 0, {}
-    if plan.resume:
-        checkpoint = load_checkpoint(plan.run_dir, cfg)
-        done, history = checkpoint.round, checkpoint.history
-        restored = {k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()}
-        model.load_state_dict({**split(model.state_dict(), kept)[1], **restored})
-        shared_keys = [k for k in model.state_dict() if k not in kept]
-        saved = checkpoint.strategy_state
-        window = {k: v for k, v in saved.items() if k.startswith(AVERAGE_STATE)}
-        own = {k: v for k, v in saved.items() if k not in window}
-        restore_strategy_state(base, own, shared_keys)
-        log.info("resuming %s after round %d of %d", plan.run_dir, done, cfg.rounds)
+    rounds = StudyRounds(plan, model, history, on_round, kept)
+    if cfg.strategy.secure_aggregation:  # Flower's SecAgg+ exists on its legacy API only
+        from fedmed.coordinator.secure import run_secure_rounds
 
-    report = live_reporter(plan, on_round)
-
-    def round_done(rnd: int) -> None:
-        if cfg.privacy.central != "off":
-            history.central_epsilon[rnd] = central_epsilon(cfg, rnd)
-        arrays = recorder.global_arrays
-        assert arrays is not None  # set by configure_evaluate, which precedes this callback
-        state = {k: arrays[k].numpy() for k in arrays}
-        cross_round = {**strategy_state(base), **(averager.state() if averager else {})}
-        save_checkpoint(plan.run_dir, cfg, Checkpoint(rnd, state, history, cross_round))
-        report(rnd, history)
-
-    # Outside in: true round numbers -> record what arrived -> judge it -> aggregate.
-    strategy: Strategy = KeepDtypes(base)
-    if cfg.strategy.validate_updates:
-        strategy = UpdateValidator(
-            strategy,
-            history,
-            max_norm_ratio=cfg.strategy.max_norm_ratio,
-            min_sites=cfg.strategy.min_sites or len(cfg.sites),
+        run_secure_rounds(grid, plan, context, rounds)
+    else:
+        rounds.strategy.start(
+            grid=grid,
+            initial_arrays=rounds.initial_arrays,
+            num_rounds=cfg.rounds - rounds.done,
+            timeout=cfg.strategy.round_timeout,
+            train_config=ConfigRecord(dict(rounds.study)),
+            evaluate_config=ConfigRecord(dict(rounds.study)),
         )
-    averager = None
-    if cfg.strategy.average_last > 1:  # sites train from the latest model; evaluation sees the mean
-        strategy = averager = AverageRounds(strategy, cfg.strategy.average_last)
-        averager.restore(window)
-    recorder = SiteRecorder(strategy, history, on_round=round_done)
-    study = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
-    result = RoundOffset(recorder, done).start(
-        grid=grid,
-        initial_arrays=ArrayRecord(split(model.state_dict(), kept)[0]),
-        num_rounds=cfg.rounds - done,
-        timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord(dict(study)),
-        evaluate_config=ConfigRecord(dict(study)),
-    )
-    if len(result.arrays):  # empty when no round could aggregate: keep the model we started from
-        model.load_state_dict({**model.state_dict(), **result.arrays.to_torch_state_dict()})
-    if averager is not None and averager.models:  # the released model is the evaluated one
-        model.load_state_dict({**model.state_dict(), **averager.averaged().to_torch_state_dict()})
+    rounds.release(model)
+    history = rounds.history
     if cfg.personalize.local_epochs or kept:
         shared = split(model.state_dict(), kept)[0]
         personalize_sites(grid, plan, ArrayRecord(shared), history)
-    if plan.engine == "deployment":  # the coordinator never saw a table: ask the sites
+    # The coordinator never saw a table: ask the sites (not a secure study's: the SecAgg+
+    # ClientApp, site.secure_app, has no statistics query).
+    if plan.engine == "deployment" and not cfg.strategy.secure_aggregation:
         plan = replace(plan, serving=collect_statistics(grid, plan, history))
     return finish_run(plan, history, {"model": model}, started)
 
@@ -215,12 +168,7 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
-        if the_plan.config.strategy.secure_aggregation:  # Flower's legacy API: its own path
-            from fedmed.coordinator.secure import run_secure
-
-            run_secure(grid, the_plan, context, on_round)
-        else:
-            run_federated(grid, the_plan, on_round)
+        run_federated(grid, context, the_plan, on_round)
 
     return app
 

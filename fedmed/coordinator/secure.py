@@ -2,9 +2,11 @@
 
 Flower 1.41 implements SecAgg+ only on its legacy API (``LegacyContext`` + ``DefaultWorkflow`` +
 ``SecAggPlusWorkflow`` on the server, a ``client_fn`` ClientApp with ``secaggplus_mod`` at the
-sites); with the Message API it fails. So a secure study runs this separate, thin pair of apps
-around the same site logic (``client_app.local_round`` / ``local_evaluate``) and the same
-history, report and outputs as every other run, in simulation and in deployment.
+sites); with the Message API it fails. So a secure study's rounds are driven by that workflow,
+but they are the same rounds as every other study's (``rounds.StudyRounds``: the strategy built
+from the config, central DP, the recorder, the round offset on resume, the checkpoint), reached
+through ``LegacyAdapter``; the sites run the same site logic (``site.app.local_round`` /
+``local_evaluate``). Same history, report and outputs, in simulation and in deployment.
 
 One secure round is four ``train`` exchanges (setup: public keys; share keys: encrypted key
 shares; collect masked vectors: the site trains and uploads its masked update; unmask: shares to
@@ -15,61 +17,88 @@ carry no fit config, so the coordinator stamps the plan on every message (``Plan
 
 What composes with it (checked in config.py, each refusal names the fix): FedAvg only, because
 the server sees only the mean (median, Krum and the server optimizers need the individual
-updates or are not written for the legacy strategy here); local DP-SGD at the sites (noise is
-added before masking); central DP with CLIENT-side clipping: each site clips its update and
-gives it unit weight BEFORE masking (``secure_clipping_mod`` inside ``secaggplus_mod``), the
-coordinator adds Gaussian noise to the unmasked mean (``SecureCentralDP``). No update
-validation, no server-side clipping (the server never sees an individual update), no
-personalization. The coordinator checkpoints every round, so --resume works here too.
-Site-level train metrics still arrive (they are not masked), so ε per site is reported as
-usual. A site that drops out after sharing its keys is tolerated while at least
-``reconstruction_threshold`` (= ``strategy.min_sites``, at least 2) of its neighbours' shares
-arrive; one that refuses or fails at setup is simply left out of the round.
+updates); local DP-SGD at the sites (noise is added before masking); central DP with CLIENT-side
+clipping: each site clips its update and gives it unit weight BEFORE masking
+(``secure_clipping_mod`` inside ``secaggplus_mod``), the coordinator adds Gaussian noise to the
+unmasked mean (``strategies.SecureCentralDP``). No update validation, no server-side clipping
+(the server never sees an individual update), no personalization. The coordinator checkpoints
+every round, so --resume works here too. Site-level train metrics still arrive (they are not
+masked), so ε per site is reported and every reply's metrics are judged as usual. A site that
+drops out after sharing its keys is tolerated while at least ``reconstruction_threshold``
+(= ``strategy.min_sites``, at least 2) of its neighbours' shares arrive; one that refuses or
+fails at setup is simply left out of the round.
 """
 
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
-import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
-from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
 from fedmed.coordinator.grid import GridWrapper
-from fedmed.protocol import PLAN_RECORD, RUN_KEY, SITE_KEY, STUDY_KEY, to_state
-from fedmed.study.history import RunHistory
-from fedmed.study.outputs import finish_run
+from fedmed.coordinator.rounds import StudyRounds
+from fedmed.protocol import PLAN_RECORD, SITE_KEY
 from fedmed.study.plan import RunPlan
 
 
-class RecordingFedAvg(FedAvg):
-    """Flower's legacy FedAvg, recording each site's metrics (and who failed, why) per round."""
+class LegacyAdapter(Strategy):
+    """Flower's legacy Strategy API in front of the study's own rounds (``StudyRounds``).
 
-    def __init__(self, history: RunHistory, on_round: Callable[[int], None], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.history = history
-        self.on_round = on_round
+    Flower's SecAgg+ workflow drives only a legacy ``flwr.server.strategy.Strategy``: it asks
+    for (ClientProxy, FitIns) pairs and hands back (ClientProxy, FitRes) results, where every
+    FitRes carries the already unmasked mean. The study's strategy, recorder, round offset and
+    checkpoint speak Messages. This translates and decides nothing: the legacy parameter list <->
+    the model's named arrays (the sites get the names as ``keys``), instructions <-> Messages,
+    results <-> replies (the FedAvg below then averages identical copies of the unmasked mean).
+
+    The one thing that cannot cross: Flower's legacy failures are bare errors without a node (and
+    SecAgg+ lists some twice), so the recorder, which names silent NODES, cannot be told whose
+    they are. The sites without a result are named here instead, per site (``_record``), and
+    the recorder is built not to name missing nodes (``SiteRecorder(name_missing=False)``).
+
+    Two consequences of the shared stack: between rounds the global model keeps the model's
+    dtypes (``KeepDtypes`` casts the float64 unmasked mean, as in plain rounds and the
+    checkpoint); and a reply the recorder rejects is recorded as a failure, but its masked update
+    is already inside the sum (SecAgg+ cannot take one site back out): under SecAgg+ that
+    judgement changes the record and the noise scale, not the model.
+    """
+
+    def __init__(self, rounds: StudyRounds, grid: Grid) -> None:
+        self.rounds = rounds
+        self.history = rounds.history
+        self.grid = grid
+        self.keys = list(rounds.initial_arrays.keys())
+        self._sent: dict[int, Message] = {}  # node -> this phase's instruction
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self._parameters(self.rounds.initial_arrays)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        arrays, config = self._arrays(parameters), ConfigRecord(dict(self.rounds.study))
+        nodes = _Registered(self.grid, client_manager)
+        messages = self.rounds.strategy.configure_train(server_round, arrays, config, nodes)
+        return self._instructions(messages, client_manager, FitIns)
 
     def aggregate_fit(
         self,
@@ -77,8 +106,18 @@ class RecordingFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        self._record(server_round, "train", [res.metrics for _, res in results], failures)
-        return super().aggregate_fit(server_round, results, failures)
+        true_round = server_round + self.rounds.done
+        self._record(true_round, "train", [res.metrics for _, res in results], failures)
+        arrays, metrics = self.rounds.strategy.aggregate_train(server_round, self._replies(results))
+        return (None if arrays is None else self._parameters(arrays)), dict(metrics or {})
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        arrays, config = self._arrays(parameters), ConfigRecord(dict(self.rounds.study))
+        nodes = _Registered(self.grid, client_manager)
+        messages = self.rounds.strategy.configure_evaluate(server_round, arrays, config, nodes)
+        return self._instructions(messages, client_manager, EvaluateIns)
 
     def aggregate_evaluate(
         self,
@@ -86,23 +125,63 @@ class RecordingFedAvg(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        self._record(server_round, "evaluate", [res.metrics for _, res in results], failures)
-        out = super().aggregate_evaluate(server_round, results, failures)
-        self.on_round(server_round)
-        return out
+        # Failures first: the recorder checkpoints and reports the round when it is done.
+        true_round = server_round + self.rounds.done
+        self._record(true_round, "evaluate", [res.metrics for _, res in results], failures)
+        metrics = self.rounds.strategy.aggregate_evaluate(server_round, self._replies(results))
+        return None, dict(metrics or {})
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None  # no central evaluation: the coordinator holds no data
+
+    def _arrays(self, parameters: Parameters) -> ArrayRecord:
+        arrays = parameters_to_ndarrays(parameters)
+        return ArrayRecord({k: Array(a) for k, a in zip(self.keys, arrays, strict=True)})
+
+    def _parameters(self, arrays: ArrayRecord) -> Parameters:
+        return ndarrays_to_parameters([arrays[k].numpy() for k in self.keys])
+
+    def _instructions(
+        self, messages: Iterable[Message], client_manager: ClientManager, kind: type
+    ) -> list:
+        proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
+        self._sent = {msg.metadata.dst_node_id: msg for msg in messages}
+        return [
+            (
+                proxies[node],
+                kind(
+                    self._parameters(msg.content["arrays"]),
+                    {**msg.content["config"], "keys": ",".join(self.keys)},
+                ),
+            )
+            for node, msg in self._sent.items()
+        ]
+
+    def _replies(self, results: list[tuple[ClientProxy, FitRes | EvaluateRes]]) -> list[Message]:
+        """Each result as the reply a site sends in a plain round (metrics, site, arrays)."""
+        replies = []
+        for proxy, res in results:
+            numbers = {k: v for k, v in res.metrics.items() if isinstance(v, int | float)}
+            content = RecordDict(
+                {
+                    "metrics": MetricRecord(numbers),
+                    SITE_KEY: ConfigRecord({"name": str(res.metrics[SITE_KEY])}),
+                }
+            )
+            if isinstance(res, FitRes):
+                content["arrays"] = self._arrays(res.parameters)
+            replies.append(Message(content, reply_to=self._sent[proxy.node_id]))
+        return replies
 
     def _record(
         self, server_round: int, phase: str, replies: list[dict[str, Scalar]], failures: list
     ) -> None:
-        """Each site's metrics; every site without a reply is named as failed.
+        """Every site without a reply is named as failed (its metrics: the recorder's).
 
         Flower's failures here are bare errors without a node (and SecAgg+ lists some twice):
         a site's own wire-safe reason ("site 'x': ...") is kept, every other missing site gets
         a generic one.
         """
-        for metrics in replies:
-            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-            self.history.record(server_round, phase, str(metrics[SITE_KEY]), numbers)
         answered = {str(m[SITE_KEY]) for m in replies}
         reasons = _site_reasons(failures)
         lost = any(isinstance(f, SecureRoundLost) for f in failures)
@@ -137,34 +216,6 @@ def _site_reasons(failures: list) -> dict[str, str]:
     return out
 
 
-class SecureCentralDP(DifferentialPrivacyClientSideFixedClipping):
-    """Flower's client-side fixed-clipping wrapper, made to survive a dropout honestly.
-
-    Flower's legacy wrapper sends the clipping norm (kept) and adds noise of std
-    σ·C/num_sampled_clients, but drops the whole round when any site failed, because with fewer
-    sites that noise would be too small for the mean it protects. Here the noise is scaled to the
-    sites actually aggregated (σ·C/k for a mean of k clipped updates), so the Gaussian mechanism
-    keeps multiplier σ each round and ``strategies.central_epsilon`` stays the true ε.
-    """
-
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
-        if parameters is None or not results:
-            return parameters, metrics
-        noised = add_noise(parameters, self.noise_multiplier, self.clipping_norm, len(results))
-        return noised, metrics
-
-
-def add_noise(parameters: Parameters, sigma: float, clipping_norm: float, sites: int) -> Parameters:
-    """Gaussian noise of std σ·C/sites on the mean of ``sites`` clipped updates (Flower's)."""
-    return add_gaussian_noise_to_params(parameters, sigma, clipping_norm, sites)
-
-
 class PlanStampingGrid(GridWrapper):
     """Every message the secure workflow sends carries the plan; every wait has a deadline.
 
@@ -194,33 +245,6 @@ class PlanStampingGrid(GridWrapper):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self.grid.send_and_receive(self._stamp(messages), timeout=timeout or self.timeout)
-
-
-class ResumedRounds(Strategy):
-    """Rounds numbered from ``done + 1`` after a resume (Flower's legacy workflow counts from 1),
-    so seeds, history, checkpoints and central ε see the true round."""
-
-    def __init__(self, inner: Strategy, done: int) -> None:
-        self.inner = inner
-        self.done = done
-
-    def initialize_parameters(self, client_manager: Any) -> Parameters | None:
-        return self.inner.initialize_parameters(client_manager)
-
-    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any):
-        return self.inner.configure_fit(server_round + self.done, parameters, client_manager)
-
-    def aggregate_fit(self, server_round: int, results: list, failures: list):
-        return self.inner.aggregate_fit(server_round + self.done, results, failures)
-
-    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any):
-        return self.inner.configure_evaluate(server_round + self.done, parameters, client_manager)
-
-    def aggregate_evaluate(self, server_round: int, results: list, failures: list):
-        return self.inner.aggregate_evaluate(server_round + self.done, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters):
-        return self.inner.evaluate(server_round + self.done, parameters)
 
 
 class SecureRounds(SecAggPlusWorkflow):
@@ -264,84 +288,35 @@ class SecureRounds(SecAggPlusWorkflow):
         return self._check_threshold(state)
 
 
-def build_secure_strategy(
-    cfg: Any, history: RunHistory, on_round: Callable[[int], None], **kwargs: Any
-) -> Strategy:
-    """Recording FedAvg, wrapped for central DP (client-side clipping) when the study asks."""
-    n = len(cfg.sites)
-    needed = cfg.strategy.min_sites or n  # start once enough sites are online; ask all of them
-    strategy: Strategy = RecordingFedAvg(
-        history,
-        on_round,
-        fraction_fit=1.0,
-        fraction_evaluate=1.0,
-        min_fit_clients=needed,
-        min_evaluate_clients=needed,
-        min_available_clients=needed,
-        accept_failures=True,
-        **kwargs,
-    )
-    if cfg.privacy.central == "off":
-        return strategy
-    return SecureCentralDP(
-        strategy,
-        noise_multiplier=cfg.privacy.central_noise_multiplier,
-        clipping_norm=cfg.privacy.central_clipping_norm,
-        num_sampled_clients=n,
-    )
+class _Registered(GridWrapper):
+    """The grid, listing the nodes Flower's legacy client manager holds: the strategy samples
+    from them, so every sampled node has the ClientProxy the legacy workflow needs."""
+
+    def __init__(self, grid: Grid, client_manager: ClientManager) -> None:
+        super().__init__(grid)
+        self.client_manager = client_manager
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [proxy.node_id for proxy in self.client_manager.all().values()]
 
 
-def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> dict:
-    """The study's rounds with SecAgg+ FedAvg; same outputs as ``server_app.run_federated``.
+def run_secure_rounds(grid: Grid, plan: RunPlan, context: Context, rounds: StudyRounds) -> None:
+    """The study's remaining rounds, each a SecAgg+ round of Flower's legacy workflow.
 
-    Like it, checkpoints after every round (FedAvg has no state beyond the model) and, with
-    ``plan.resume``, runs only the rounds that remain. SecAgg+ quantizes with stochastic
-    rounding, so a resumed secure run matches an uninterrupted one to ~1e-5, not bit for bit.
+    SecAgg+ quantizes with stochastic rounding, so a resumed secure run matches an uninterrupted
+    one to ~1e-5, not bit for bit.
     """
-    from fedmed.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-    from fedmed.privacy.accounting import central_epsilon
-    from fedmed.study.outputs import live_reporter
-    from fedmed.study.plan import initial_model
-
-    started = time.time()
     cfg = plan.config
-    model = initial_model(plan)
-    keys = list(model.state_dict())
-    done, history = 0, RunHistory(sites=cfg.site_names)
-    if plan.resume:
-        checkpoint = load_checkpoint(plan.run_dir, cfg)
-        done, history = checkpoint.round, checkpoint.history
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
-    report = live_reporter(plan, on_round)
+    if rounds.done >= cfg.rounds:
+        return
     needed = cfg.strategy.min_sites or len(cfg.sites)
-
-    def round_config(server_round: int) -> dict[str, Scalar]:
-        return {
-            RUN_KEY: cfg.to_json(),
-            STUDY_KEY: plan.run_dir.name,
-            "server-round": server_round,
-            "keys": ",".join(keys),
-        }
-
-    def round_done(server_round: int) -> None:
-        if cfg.privacy.central != "off":
-            history.central_epsilon[server_round] = central_epsilon(cfg, server_round)
-        state = dict(zip(keys, _global_arrays(legacy), strict=True))
-        save_checkpoint(plan.run_dir, cfg, Checkpoint(server_round, state, history))
-        report(server_round, history)
-
-    strategy = build_secure_strategy(
-        cfg,
-        history,
-        round_done,
-        initial_parameters=ndarrays_to_parameters([v.numpy() for v in model.state_dict().values()]),
-        on_fit_config_fn=round_config,
-        on_evaluate_config_fn=round_config,
-    )
+    stamping = PlanStampingGrid(grid, rounds.study, cfg.strategy.round_timeout, rounds.done)
     legacy = LegacyContext(
         context,
-        config=ServerConfig(num_rounds=cfg.rounds - done, round_timeout=cfg.strategy.round_timeout),
-        strategy=ResumedRounds(strategy, done) if done else strategy,
+        config=ServerConfig(
+            num_rounds=cfg.rounds - rounds.done, round_timeout=cfg.strategy.round_timeout
+        ),
+        strategy=LegacyAdapter(rounds, stamping),
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecureRounds(
@@ -354,19 +329,4 @@ def run_secure(grid: Grid, plan: RunPlan, context: Context, on_round: Any) -> di
             timeout=cfg.strategy.round_timeout,
         )
     )
-    if plan.engine == "deployment":
-        from fedmed.coordinator.grid import PromptGrid
-
-        grid = PromptGrid(grid, nodes=plan.site_nodes())
-    stamp = {RUN_KEY: cfg.to_json(), STUDY_KEY: plan.run_dir.name}
-    if done < cfg.rounds:
-        workflow(PlanStampingGrid(grid, stamp, cfg.strategy.round_timeout, done), legacy)
-        model.load_state_dict(to_state(keys, _global_arrays(legacy)))
-    return finish_run(plan, history, {"model": model}, started)
-
-
-def _global_arrays(legacy: LegacyContext) -> list[np.ndarray]:
-    """The workflow's current global model (float32, in the model's key order)."""
-    record = legacy.state.array_records[MAIN_PARAMS_RECORD]
-    parameters = compat.arrayrecord_to_parameters(record, keep_input=True)
-    return [np.asarray(a, dtype=np.float32) for a in parameters_to_ndarrays(parameters)]
+    workflow(stamping, legacy)

@@ -16,6 +16,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -28,6 +30,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
@@ -122,22 +125,47 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     privacy = cfg.privacy
     if privacy.central == "off":
         return strategy
-    from flwr.serverapp.strategy import (
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
-
-    wrapper = (
-        DifferentialPrivacyClientSideFixedClipping
-        if privacy.central == "client-side"
-        else DifferentialPrivacyServerSideFixedClipping
-    )
+    if cfg.strategy.secure_aggregation:  # the config allows client-side clipping only
+        wrapper: type = SecureCentralDP
+    elif privacy.central == "client-side":
+        wrapper = DifferentialPrivacyClientSideFixedClipping
+    else:
+        wrapper = DifferentialPrivacyServerSideFixedClipping
     return wrapper(
         EqualWeights(strategy),
         noise_multiplier=privacy.central_noise_multiplier,
         clipping_norm=privacy.central_clipping_norm,
         num_sampled_clients=len(cfg.sites),
     )
+
+
+class SecureCentralDP(DifferentialPrivacyClientSideFixedClipping):
+    """Central DP for SecAgg+ rounds: Flower's client-side fixed clipping, honest about dropouts.
+
+    The clipping norm goes to the sites as with Flower's wrapper (each site clips its update and
+    gives it unit weight BEFORE masking). Flower's wrapper adds noise of std
+    σ·C/num_sampled_clients and drops the whole round when any reply is an error; under SecAgg+
+    a site that drops out after sharing its keys is survived, so the mean is over fewer sites.
+    Here the noise is scaled to the sites actually aggregated (σ·C/k for a mean of k clipped
+    updates), so the Gaussian mechanism keeps multiplier σ each round and
+    ``privacy.accounting.central_epsilon`` stays the true ε.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = [m for m in replies if not m.has_error()]
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is None or not replies:
+            return arrays, metrics
+        return add_noise(arrays, self.noise_multiplier, self.clipping_norm, len(replies)), metrics
+
+
+def add_noise(arrays: ArrayRecord, sigma: float, clipping_norm: float, sites: int) -> ArrayRecord:
+    """Gaussian noise of std σ·C/sites on the mean of ``sites`` clipped updates (Flower's)."""
+    noised = arrays.to_numpy_ndarrays()
+    add_gaussian_noise_inplace(noised, compute_stdv(sigma, clipping_norm, sites))
+    return ArrayRecord(dict(zip(arrays.keys(), map(Array, noised), strict=True)))
 
 
 # Attributes in which Flower's strategies carry state from one round to the next: FedAdam/FedYogi
@@ -456,14 +484,23 @@ class SiteRecorder(StrategyWrapper):
     says): a reply whose metrics cannot be believed (``metrics_problem``) is recorded as a
     failure and never reaches aggregation, and an aggregated model that is not finite is not
     accepted (the round keeps the global model it started from and records why).
+
+    ``name_missing=False``: the loop driving the rounds names the sites that did not answer
+    itself (Flower's legacy SecAgg+ workflow, whose failures carry no node: coordinator.secure).
     """
 
     def __init__(
-        self, inner: Strategy, history: RunHistory, on_round: Callable[[int], None] | None = None
+        self,
+        inner: Strategy,
+        history: RunHistory,
+        on_round: Callable[[int], None] | None = None,
+        *,
+        name_missing: bool = True,
     ) -> None:
         super().__init__(inner)
         self.history = history
         self.on_round = on_round
+        self.name_missing = name_missing
         self.global_arrays: ArrayRecord | None = None
         self._asked: dict[str, list[int]] = {}
         self._names: dict[int, str] = {}  # node id -> site name, learned from replies
@@ -554,7 +591,7 @@ class SiteRecorder(StrategyWrapper):
                 self.history.record(server_round, phase, site, metrics)
                 kept.append(msg)
         answered = {msg.metadata.src_node_id for msg in replies}
-        for node in asked:
+        for node in asked if self.name_missing else ():
             if node not in answered:
                 site = self._name(node)
                 why = (
