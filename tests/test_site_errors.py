@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed.errors import DataError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.protocol import (
     MAX_DETAIL_CHARS,
     MAX_WIRE_CHARS,
@@ -128,3 +129,32 @@ def test_a_huge_reason_is_cut_and_not_parsed() -> None:
 
     long_site = json.dumps({"site": "s" * 65, "reason": "x"})
     assert read_error(Error(500, long_site)).site is None  # a cut name would blame another site
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "detail"),
+    [
+        (PrivacyBudgetExceeded("site 'a': ε 3.2 over cap 3 at /srv/ledger.json"),
+         SiteReason.BUDGET_EXHAUSTED, "privacy budget exhausted"),
+        (DataError("/data/patients.csv row 17: age 'abc'"),
+         SiteReason.DATA_INVALID, "site data failed validation (details in the site's log)"),
+        (PolicyViolation("the site only trains with local differential privacy"),
+         SiteReason.POLICY_REFUSED, "the site only trains with local differential privacy"),
+        (RuntimeError("Traceback: /home/site/secret.py line 3"),
+         SiteReason.FAILED, "site failed (details in the site's log)"),
+    ],
+)  # fmt: skip
+def test_a_failing_site_handler_replies_with_a_code_and_says_little(
+    exc: Exception, code: SiteReason, detail: str
+) -> None:
+    from fedmed.site.app import fail_closed_mod
+
+    def handler(msg: Message, context: Context) -> Message:
+        raise exc
+
+    asked = Message(RecordDict(), dst_node_id=7, message_type="train")
+    asked.metadata.__dict__["_message_id"] = "m1"
+    context = Context(1, 7, {"partition-id": 0}, RecordDict(), {})
+    reply = fail_closed_mod(asked, context, handler)
+    # The message carries no plan, so the site cannot tell its name: the coordinator names it.
+    assert read_error(_over_the_wire(reply.error)) == SiteFailure(None, code, detail)
