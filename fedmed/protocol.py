@@ -6,8 +6,16 @@ of it on either side. It holds no logic beyond encoding and decoding what crosse
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # Flower is imported where an Error is made: reports read history without it
+    from flwr.app import Error
 
 # --- what the coordinator sends -----------------------------------------------------------------
 SITE_CONFIG_KEY = "fedmed-site"  # node config entry: path to the site's own TOML
@@ -20,6 +28,138 @@ SECAGG_RECORD = "secaggplus_configs"  # Flower's SecAgg+ record (flwr...secaggpl
 SITE_KEY = "site"  # reply record (and SecAgg+ metrics key) naming the replying site
 STATISTICS_KEY = "statistics"  # reply ConfigRecord entry: the site's fitted statistics as JSON
 PHASES = ("before", "after")  # personalization metrics: the global model, then fine-tuned
+
+
+# --- why a site did not contribute -------------------------------------------------------------
+
+
+class SiteReason(IntEnum):
+    """Why a site did not contribute to a round: the ``code`` of Flower's ``Error`` (an int).
+
+    The numbers borrow HTTP's meaning where one fits and stay clear of Flower's own ErrorCode
+    (0-8), which the runtime gives the errors it makes up itself (a node unavailable, a crashed
+    ClientApp); such codes pass through ``read_error`` unchanged. Each number means one thing,
+    so a site's policy refusal (451) is not the coordinator's impersonation refusal (403).
+    """
+
+    # A site replies with these (fedmed.site.app._fail_closed, fedmed.security.policy.refuse).
+    PLAN_UNREADABLE = 400  # the message's study plan could not be read
+    POLICY_REFUSED = 451  # the site's policy refuses the plan (not approved, not listed, ...)
+    DATA_INVALID = 422  # the site's data failed validation (details in the site's log)
+    BUDGET_EXHAUSTED = 429  # the round would take the site's ε past its cap
+    FAILED = 500  # anything else; the details stay in the site's log
+    LEDGER_DAMAGED = 503  # the privacy ledger failed verification: no training until restored
+    # The coordinator records these itself (fedmed.coordinator).
+    IMPERSONATION = 403  # a node's reply named another site, or came from no registered site
+    UPDATE_REJECTED = 406  # a model update was malformed, not finite or an outlier
+    REPLY_REJECTED = 502  # a reply's metrics were malformed or inconsistent
+    NO_REPLY = 504  # timed out, disconnected or dropped out
+    NON_FINITE_AGGREGATE = 507  # the aggregated model had NaN or Inf weights
+
+
+# The decoded text of an Error reason is cut to this many characters (a site's reason is a short
+# sentence; anything longer is not ours), and a reason longer than MAX_WIRE_CHARS is not parsed.
+MAX_DETAIL_CHARS = 500
+MAX_SITE_CHARS = 64  # fedmed.config.SITE_NAME allows 63
+MAX_WIRE_CHARS = 4096
+
+
+@dataclass(frozen=True)
+class SiteFailure:
+    """A decoded error reply: who failed, why (``code``) and the site's own short words."""
+
+    site: str | None  # None: the error names no site (a Flower runtime error, a malformed reply)
+    code: int  # a SiteReason where it is one of fedmed's; Flower's ErrorCode passes through
+    detail: str
+
+    @property
+    def reason(self) -> SiteReason | None:
+        """``code`` as a SiteReason, or None for a code fedmed does not define."""
+        return SiteReason(self.code) if self.code in SiteReason._value2member_map_ else None
+
+    def __str__(self) -> str:
+        return failure_text(self.site, self.detail) if self.site else self.detail
+
+
+def failure_text(site: str, detail: str) -> str:
+    """How a site's failure reads for people (metrics.json, the CLI and the dashboard)."""
+    return f"site '{site}': {detail}"
+
+
+def _clean(text: str, limit: int) -> str:
+    """``text`` on one line of printable characters, cut to ``limit`` (marked with '…')."""
+    text = "".join(c if c.isprintable() else " " for c in text[: limit + 1])
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def site_error(site: str, code: int, detail: str) -> Error:
+    """The error a site replies with: ``code`` (a SiteReason) and a reason naming the site.
+
+    Flower's Error has only a code and a reason text, so the reason is a small JSON object,
+    {"site": ..., "reason": ...}: the site is a field of its own, never parsed out of words.
+    ``site`` is "" when a site cannot tell its own name (the coordinator names it then).
+    ``detail`` must be safe to send: no paths, rows or stack traces.
+    """
+    from flwr.app import Error
+
+    body = {"site": _clean(site, MAX_SITE_CHARS), "reason": _clean(detail, MAX_DETAIL_CHARS)}
+    return Error(code=int(code), reason=json.dumps(body))
+
+
+def read_error(error: Error) -> SiteFailure:
+    """The site, code and detail of an error reply; never raises, whatever the reply holds.
+
+    A reason that is not fedmed's JSON is read as an older site's text (``read_legacy``), or
+    kept whole (cut to MAX_DETAIL_CHARS) with no site: the caller attributes it by node.
+    """
+    code = int(error.code)
+    text = str(error.reason or "")
+    body = None
+    if text.startswith("{") and len(text) <= MAX_WIRE_CHARS:
+        try:
+            body = json.loads(text)
+        except ValueError:
+            body = None
+    if not isinstance(body, dict):
+        return read_legacy(code, text)
+    site, detail = body.get("site"), body.get("reason")
+    detail = _clean(detail, MAX_DETAIL_CHARS) if isinstance(detail, str) and detail else "failed"
+    return SiteFailure(site if _is_name(site) else None, code, detail)
+
+
+def _is_name(site: object) -> bool:
+    """A plausible site name: a cut or garbled one would blame the wrong site."""
+    return isinstance(site, str) and 0 < len(site) <= MAX_SITE_CHARS and site.isprintable()
+
+
+# Replies of fedmed sites from before site_error said "site 'NAME': detail" in plain text. A
+# coordinator reads them here, and only here, while sites upgrade; remove once none are left.
+_LEGACY_PREFIX = "site '"
+_LEGACY_CODES = {  # what an older site's fixed texts (and codes) meant
+    "privacy budget exhausted": SiteReason.BUDGET_EXHAUSTED,
+    "privacy ledger failed verification": SiteReason.LEDGER_DAMAGED,
+    "site data failed validation": SiteReason.DATA_INVALID,
+}
+
+
+def read_legacy(code: int, text: str) -> SiteFailure:
+    """An older site's "site 'NAME': detail" text; any other text names no site.
+
+    Older sites refused a plan with 403 (now POLICY_REFUSED: 403 is the coordinator's
+    IMPERSONATION) and sent every handler failure as 500, told apart only by fixed texts.
+    """
+    text = _clean(text, MAX_DETAIL_CHARS) or "failed"
+    if text.startswith(_LEGACY_PREFIX):
+        name, sep, detail = text[len(_LEGACY_PREFIX) :].partition("': ")
+        if sep and _is_name(name) and "'" not in name and name != "?":  # '?': did not know
+            if code == 403:
+                code = SiteReason.POLICY_REFUSED
+            elif code == SiteReason.FAILED:
+                code = next(
+                    (c for start, c in _LEGACY_CODES.items() if detail.startswith(start)), code
+                )
+            return SiteFailure(name, int(code), detail or "failed")
+    return SiteFailure(None, code, text)
 
 
 def flatten(result: dict[str, dict[str, float]]) -> dict[str, float]:

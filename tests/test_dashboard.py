@@ -33,7 +33,7 @@ def _payload(rounds: int, status: str, planned: int = 3) -> dict[str, Any]:
     for rnd in range(1, rounds + 1):
         for i, site in enumerate(SITES):
             if site == "lakeview":
-                history.record_failure(rnd, "train", f"site '{site}': privacy budget exhausted")
+                history.record_failure(rnd, "train", site, "privacy budget exhausted")
             else:
                 history.record(
                     rnd, "train", site, {"num-examples": 100.0, "epsilon": 0.5 * rnd + 0.1 * i}

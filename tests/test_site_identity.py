@@ -6,12 +6,14 @@ Grid whose replies and online nodes the test chooses, so each rule is checked in
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from fedmed.coordinator.grid import IMPERSONATION, GridWrapper, PromptGrid
+from fedmed.protocol import SiteFailure, SiteReason, read_error, site_error
 
 NODES = {11: "st-marys", 22: "riverside"}
 
@@ -63,17 +65,31 @@ def test_a_reply_claiming_another_site_becomes_its_own_nodes_refusal() -> None:
     assert by_node[11].has_content()  # st-marys speaking as itself
     forged = by_node[22]
     assert forged.has_error() and forged.error.code == IMPERSONATION
-    assert forged.error.reason.startswith("site 'riverside': ")
-    assert "claimed to come from site 'st-marys'" in forged.error.reason
+    told = read_error(forged.error)
+    assert told.site == "riverside"
+    assert "claimed to come from site 'st-marys'" in told.detail
 
 
 def test_an_error_reply_is_attributed_to_the_authenticated_site() -> None:
     def answer(m: Message) -> Message:
+        error = site_error("st-marys", SiteReason.POLICY_REFUSED, "plan refused")
+        return Message(error, reply_to=m)
+
+    grid = PromptGrid(FakeGrid(answer, NODES), interval=0.01, nodes=NODES)
+    (reply,) = grid.send_and_receive([_msg(22)], timeout=5)
+    assert read_error(reply.error) == SiteFailure(
+        "riverside", SiteReason.POLICY_REFUSED, "plan refused"
+    )
+
+
+def test_an_older_sites_text_error_is_attributed_and_re_encoded() -> None:
+    def answer(m: Message) -> Message:  # a fedmed site from before site_error
         return Message(Error(code=403, reason="site 'st-marys': plan refused"), reply_to=m)
 
     grid = PromptGrid(FakeGrid(answer, NODES), interval=0.01, nodes=NODES)
     (reply,) = grid.send_and_receive([_msg(22)], timeout=5)
-    assert reply.error.reason == "site 'riverside': plan refused"
+    assert json.loads(reply.error.reason) == {"site": "riverside", "reason": "plan refused"}
+    assert reply.error.code == SiteReason.POLICY_REFUSED
 
 
 def test_unregistered_nodes_get_no_message_and_their_replies_are_refused() -> None:

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.coordinator.rounds import StudyRounds
-from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, unflatten
+from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, read_error, unflatten
 from fedmed.study.history import RoundCallback, RunHistory
 from fedmed.study.outputs import finish_run
 from fedmed.study.plan import RunPlan, initial_model
@@ -90,7 +90,10 @@ def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: R
     failed = 0
     for reply in grid.send_and_receive(messages, timeout=cfg.strategy.round_timeout):
         if reply.has_error():
-            history.record_failure(cfg.rounds, "personalize", reply.error.reason or "failed")
+            failure = read_error(reply.error)
+            history.record_failure(
+                cfg.rounds, "personalize", failure.site or "unknown", failure.detail
+            )
             failed += 1
             continue
         site = str(reply.content["site"]["name"])
@@ -101,8 +104,8 @@ def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: R
             f["site"] for f in history.failures.get(cfg.rounds, []) if f["phase"] == "personalize"
         }
         for site in sorted(set(cfg.site_names) - set(history.personalized) - named):
-            reason = f"site '{site}': no personalization reply (timed out or disconnected)"
-            history.record_failure(cfg.rounds, "personalize", reason)
+            reason = "no personalization reply (timed out or disconnected)"
+            history.record_failure(cfg.rounds, "personalize", site, reason)
 
 
 def ask_statistics(
@@ -119,9 +122,9 @@ def ask_statistics(
     sites, refused = {}, {}
     for reply in grid.send_and_receive(messages, timeout=300):
         if reply.has_error():
-            reason = reply.error.reason or "failed"
-            history.record_failure(rnd, "statistics", reason)
-            refused[f"node {reply.metadata.src_node_id}"] = reason
+            failure = read_error(reply.error)
+            history.record_failure(rnd, "statistics", failure.site or "unknown", failure.detail)
+            refused[f"node {reply.metadata.src_node_id}"] = str(failure)
             continue
         name = str(reply.content[SITE_KEY]["name"])
         sites[name] = json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY]))

@@ -10,8 +10,9 @@ is also where the coordinator decides who answered (``nodes``: Flower node id ->
 the coordinator's registry):
 
 - identity: a node speaks only for the site its key was registered as. A reply whose content
-  names another site is turned into a refusal; an error reply's reason is re-attributed to the
-  authenticated site; a node that is not a registered site of the study gets no message;
+  names another site is turned into a refusal; an error reply keeps its code and words but
+  its site field becomes the authenticated site (fedmed.protocol.site_error); a node that is
+  not a registered site of the study gets no message;
 - liveness: while it waits, the grid asks the SuperLink which nodes are online every few
   seconds and stops waiting for a node that went offline (a killed daemon costs the round the
   SuperLink's heartbeat patience, about a minute, not ``round_timeout``).
@@ -20,7 +21,6 @@ the coordinator's registry):
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable
 
@@ -30,6 +30,7 @@ from flwr.supercore.run import Run
 
 from fedmed.config import grid_poll_seconds
 from fedmed.flower_compat import replace_with_error
+from fedmed.protocol import SiteReason, read_error, site_error
 
 POLL_SECONDS = 0.2
 log = logging.getLogger("fedmed.coordinator")
@@ -78,9 +79,7 @@ GRID_POLL_ENV = "FEDMED_GRID_POLL_SECONDS"
 
 LIVENESS_SECONDS = 3.0  # how often a waiting coordinator asks which nodes are online
 
-IMPERSONATION = 403  # Error code of a reply refused for naming another site
-
-_SITE_PREFIX = re.compile(r"^site '[^']*': ")
+IMPERSONATION = SiteReason.IMPERSONATION  # Error code of a reply refused for naming another site
 
 
 class PromptGrid(GridWrapper):
@@ -148,19 +147,24 @@ class PromptGrid(GridWrapper):
             return reply
         node = reply.metadata.src_node_id
         site = self.nodes.get(node)
-        if site is None:
-            return _as_error(reply, f"node {node}: not a registered site of this study")
-        if reply.has_error():
-            reason = _SITE_PREFIX.sub("", reply.error.reason or "failed")
-            return _as_error(reply, f"site '{site}': {reason}", reply.error.code)
+        if site is None:  # names no site: the error is the node's, not any site's
+            return _as_error(
+                reply, Error(IMPERSONATION, f"node {node}: not a registered site of this study")
+            )
+        if reply.has_error():  # its own code and words, under the site its key authenticates
+            failure = read_error(reply.error)
+            return _as_error(reply, site_error(site, failure.code, failure.detail))
         impostor = sorted(name for name in claimed_sites(reply) if name != site)
         if impostor:
             log.warning("node %s (site '%s') claimed to be %s", node, site, impostor)
             return _as_error(
                 reply,
-                f"site '{site}': its reply claimed to come from site '{impostor[0]}' and was "
-                "rejected (a node speaks only for the site its key was registered as)",
-                IMPERSONATION,
+                site_error(
+                    site,
+                    IMPERSONATION,
+                    f"its reply claimed to come from site '{impostor[0]}' and was rejected "
+                    "(a node speaks only for the site its key was registered as)",
+                ),
             )
         return reply
 
@@ -178,6 +182,6 @@ def claimed_sites(reply: Message) -> set[str]:
     return names
 
 
-def _as_error(reply: Message, reason: str, code: int = IMPERSONATION) -> Message:
-    """The same reply (ids, route) carrying an error instead of content."""
-    return replace_with_error(reply, Error(code=code, reason=reason))
+def _as_error(reply: Message, error: Error) -> Message:
+    """The same reply (ids, route) carrying ``error`` instead of content."""
+    return replace_with_error(reply, error)

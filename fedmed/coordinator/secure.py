@@ -31,10 +31,18 @@ fails at setup is simply left out of the round.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -56,7 +64,7 @@ from flwr.serverapp import Grid
 
 from fedmed.coordinator.grid import GridWrapper
 from fedmed.coordinator.rounds import StudyRounds
-from fedmed.protocol import PLAN_RECORD, SITE_KEY
+from fedmed.protocol import PLAN_RECORD, SITE_KEY, read_error
 from fedmed.study.plan import RunPlan
 
 
@@ -179,7 +187,7 @@ class LegacyAdapter(Strategy):
         """Every site without a reply is named as failed (its metrics: the recorder's).
 
         Flower's failures here are bare errors without a node (and SecAgg+ lists some twice):
-        a site's own wire-safe reason ("site 'x': ...") is kept, every other missing site gets
+        a site's own wire-safe reason (its site_error) is kept, every other missing site gets
         a generic one.
         """
         answered = {str(m[SITE_KEY]) for m in replies}
@@ -192,16 +200,11 @@ class LegacyAdapter(Strategy):
                     if lost
                     else f"no {phase} result (dropped out, failed or timed out)"
                 )
-                self.history.record_failure(
-                    server_round, phase, reasons.get(site, f"site '{site}': {generic}")
-                )
+                self.history.record_failure(server_round, phase, site, reasons.get(site, generic))
 
 
 class SecureRoundLost(RuntimeError):
     """Too few sites got through a SecAgg+ stage to unmask the sum: the round aggregates nothing."""
-
-
-_SITE_REASON = re.compile(r"site '([^']+)': ")
 
 
 def _site_reasons(failures: list) -> dict[str, str]:
@@ -209,10 +212,10 @@ def _site_reasons(failures: list) -> dict[str, str]:
     out: dict[str, str] = {}
     for failure in failures:
         error = failure.args[0] if isinstance(failure, BaseException) and failure.args else None
-        reason = str(getattr(error, "reason", "") or "")
-        match = _SITE_REASON.match(reason)
-        if match:
-            out.setdefault(match.group(1), reason)
+        if isinstance(error, Error):
+            told = read_error(error)
+            if told.site:
+                out.setdefault(told.site, told.detail)
     return out
 
 

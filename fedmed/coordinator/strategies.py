@@ -34,6 +34,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 
 from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
+from fedmed.protocol import read_error
 from fedmed.study.history import RunHistory
 from fedmed.train import mean_of_models
 
@@ -536,8 +537,9 @@ class SiteRecorder(StrategyWrapper):
             self.history.record_failure(
                 server_round,
                 "train",
-                "site 'coordinator': the aggregated model has NaN or Inf weights; the round "
-                "keeps the previous global model",
+                "coordinator",
+                "the aggregated model has NaN or Inf weights; the round keeps the previous "
+                "global model",
             )
             return None, None
         return arrays, metrics
@@ -566,14 +568,14 @@ class SiteRecorder(StrategyWrapper):
         for msg in replies:
             if msg.has_error():
                 kept.append(msg)
-                reason = msg.error.reason or "failed"
-                if reason.startswith("site '"):  # the site's own, wire-safe reason
-                    self.history.record_failure(server_round, phase, reason)
+                failure = read_error(msg.error)
+                if failure.site:  # the site's own, wire-safe reason
+                    self.history.record_failure(server_round, phase, failure.site, failure.detail)
                 elif msg.metadata.src_node_id in asked:
                     site = self._name(msg.metadata.src_node_id)
-                    self.history.record_failure(server_round, phase, f"site '{site}': {reason}")
+                    self.history.record_failure(server_round, phase, site, failure.detail)
                 else:
-                    unattributed.append(reason)
+                    unattributed.append(failure.detail)
             else:
                 site = _site_name(msg)
                 self._names[msg.metadata.src_node_id] = site
@@ -584,7 +586,7 @@ class SiteRecorder(StrategyWrapper):
                         "round %d: %s from %s rejected: %s", server_round, phase, site, problem
                     )
                     self.history.record_failure(
-                        server_round, phase, f"site '{site}': reply rejected: {problem}"
+                        server_round, phase, site, f"reply rejected: {problem}"
                     )
                     continue
                 self._examples.setdefault((phase, site), metrics["num-examples"])
@@ -598,9 +600,9 @@ class SiteRecorder(StrategyWrapper):
                     unattributed.pop(0) if unattributed else "no reply (timed out or disconnected)"
                 )
                 log.warning("round %d: no %s reply from %s: %s", server_round, phase, site, why)
-                self.history.record_failure(server_round, phase, f"site '{site}': {why}")
+                self.history.record_failure(server_round, phase, site, why)
         for reason in unattributed:
-            self.history.record_failure(server_round, phase, f"site 'unknown': {reason}")
+            self.history.record_failure(server_round, phase, "unknown", reason)
         return kept
 
     def _name(self, node: int) -> str:
@@ -702,6 +704,4 @@ class UpdateValidator(StrategyWrapper):
     def _reject(self, server_round: int, msg: Message, problem: str) -> None:
         site = _site_name(msg)
         log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
-        self.history.record_failure(
-            server_round, "train", f"site '{site}': update rejected: {problem}"
-        )
+        self.history.record_failure(server_round, "train", site, f"update rejected: {problem}")

@@ -28,11 +28,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from fedmed.config import RunConfig, SiteConfig, SiteSpec, load_site_config, plain, plan_from_json
 from fedmed.errors import PolicyViolation
-from fedmed.protocol import RUN_KEY, SECAGG_RECORD, SITE_CONFIG_KEY, STUDY_KEY
+from fedmed.protocol import (
+    RUN_KEY,
+    SECAGG_RECORD,
+    SITE_CONFIG_KEY,
+    STUDY_KEY,
+    SiteReason,
+    read_error,
+    site_error,
+)
 from fedmed.security.audit import AuditLog
 
 log = logging.getLogger("fedmed.site")
@@ -49,8 +57,8 @@ def site_config(context: Context) -> SiteConfig | None:
     return _load(str(path)) if path else None
 
 
-def refuse(msg: Message, site: str, reason: str, code: int = 403) -> Message:
-    return Message(Error(code=code, reason=f"site '{site}': {reason}"), reply_to=msg)
+def refuse(msg: Message, site: str, reason: str, code: int = SiteReason.POLICY_REFUSED) -> Message:
+    return Message(site_error(site, code, reason), reply_to=msg)
 
 
 def check_plan(site: SiteConfig, run: RunConfig, digest: str = "") -> None:
@@ -122,7 +130,7 @@ def site_policy_mod(msg: Message, context: Context, call_next: Callable) -> Mess
         return refuse(msg, site.name, str(exc))
     except Exception as exc:  # an unreadable plan is refused too, without details
         log.warning("site %s could not read the plan: %s", site.name, exc)
-        return refuse(msg, site.name, "the plan could not be read", code=400)
+        return refuse(msg, site.name, "the plan could not be read", SiteReason.PLAN_UNREADABLE)
     return call_next(msg, context)
 
 
@@ -210,7 +218,7 @@ def site_audit_mod(msg: Message, context: Context, call_next: Callable) -> Messa
         "update_sha256": _update_sha256(reply),
     }
     if reply.has_error():
-        sent["outcome"] = f"refused: {reply.error.reason}"
+        sent["outcome"] = f"refused: {read_error(reply.error)}"
     else:
         sent["outcome"] = "ok"
         metrics = _reply_metrics(reply)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec, data_dir, plan_from_json
@@ -32,7 +32,15 @@ from fedmed.io import private_secret
 from fedmed.privacy.accounting import at_site_delta, planned_round, site_delta
 from fedmed.privacy.dpsgd import train_private
 from fedmed.privacy.ledger import LedgerDamaged, PrivacyLedger, fingerprint
-from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, flatten
+from fedmed.protocol import (
+    RUN_KEY,
+    SITE_KEY,
+    STATISTICS_KEY,
+    STUDY_KEY,
+    SiteReason,
+    flatten,
+    site_error,
+)
 from fedmed.security.policy import message_plan, site_audit_mod, site_config, site_policy_mod
 from fedmed.site.fedbn import (
     LocalLayerStore,
@@ -160,7 +168,7 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
         try:
             return handler(msg, context)
         except Exception as exc:
-            site = "?"
+            site = ""  # not known: the coordinator names the site from the replying node
             with contextlib.suppress(Exception):
                 own = site_config(context)
                 site = (
@@ -168,20 +176,22 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
                     if own
                     else _site_of(plan_from_json(message_plan(msg)), context)[1].name
                 )
-            log.error("site %s: %s failed: %s", site, msg.metadata.message_type, exc)
+            log.error("site %s: %s failed: %s", site or "?", msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
-                reason = "privacy budget exhausted"
+                code, reason = SiteReason.BUDGET_EXHAUSTED, "privacy budget exhausted"
             elif isinstance(exc, PolicyViolation):
-                reason = str(exc)
+                code, reason = SiteReason.POLICY_REFUSED, str(exc)
             elif isinstance(exc, LedgerDamaged):  # the operator's fix is in the site's log
+                code = SiteReason.LEDGER_DAMAGED
                 reason = (
                     "privacy ledger failed verification; the site trains no more until restored"
                 )
             elif isinstance(exc, DataError):
+                code = SiteReason.DATA_INVALID
                 reason = "site data failed validation (details in the site's log)"
             else:
-                reason = "site failed (details in the site's log)"
-            return Message(Error(code=500, reason=f"site '{site}': {reason}"), reply_to=msg)
+                code, reason = SiteReason.FAILED, "site failed (details in the site's log)"
+            return Message(site_error(site, code, reason), reply_to=msg)
 
     return wrapped
 

@@ -7,10 +7,11 @@ end, atomically: a crashed run leaves no half-written report that looks complete
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from fedmed.protocol import failure_text
 
 # Plot panels, in this order, for the metrics a run's task reports (classification or survival).
 SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "c_index", "loss")
@@ -35,10 +36,13 @@ class RunHistory:
     def record(self, rnd: int, phase: str, site: str, metrics: dict[str, float]) -> None:
         self.rounds.setdefault(rnd, {}).setdefault(phase, {})[site] = dict(metrics)
 
-    def record_failure(self, rnd: int, phase: str, reason: str) -> None:
-        match = re.match(r"site '([^']+)'", reason)
-        site = match.group(1) if match else "unknown"
-        self.failures.setdefault(rnd, []).append({"site": site, "phase": phase, "reason": reason})
+    def record_failure(self, rnd: int, phase: str, site: str, reason: str) -> None:
+        """``site`` failed ``phase`` of round ``rnd``; ``reason`` is its detail, without the site.
+
+        The row keeps the human-readable "site 'x': reason" that reports and dashboards show.
+        """
+        row = {"site": site, "phase": phase, "reason": failure_text(site, reason)}
+        self.failures.setdefault(rnd, []).append(row)
         self.rounds.setdefault(rnd, {})
 
     # -- checkpointing (coordinator resume) ---------------------------------------------------
