@@ -50,7 +50,7 @@ def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     never clear it, and every Message() built outside a runtime reads it. Each test starts with it
     unset and the previous values come back afterwards, so a test that needs it says so
     (``task_identity``) instead of borrowing it from whichever test ran before (issue: alone or
-    first, tests/test_central_dp.py failed).
+    first, tests/coordinator/test_central_dp.py failed).
 
     The in-process grid abandons a site that misses its round deadline in a daemon thread
     ("site-<node>"); once the test releases it, it finishes its work (training included, on

@@ -25,8 +25,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_image_sites_federate_over_real_processes_and_the_model_serves(tmp_path: Path) -> None:
-    from tests.test_imaging import _images, _npz, _to_toml
-    from tests.test_registry import _png_folder
+    from tests.data.test_registry import _png_folder
+    from tests.tasks.test_imaging import _images, _npz, _to_toml
 
     root, port = tmp_path, free_port()
     raw = {

@@ -46,7 +46,7 @@ def _own_ray_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_ray_and_inprocess_agree(demo_config, tmp_path, capsys) -> None:
-    from tests.test_cli import _write_toml
+    from tests.cli.test_cli import _write_toml
 
     config = _write_toml(demo_config, tmp_path / "demo.toml")
     results = {}
@@ -70,7 +70,7 @@ def test_a_run_killed_in_process_resumes_on_ray(demo_config, tmp_path, capsys) -
     from fedmed.runtime.run import preflight
     from fedmed.site.app import app
     from fedmed.study.plan import RunPlan, new_run_dir
-    from tests.test_cli import _write_toml
+    from tests.cli.test_cli import _write_toml
 
     def killed_after_round_1(rnd: int, history) -> None:
         if rnd == 1:
@@ -103,7 +103,7 @@ def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys, monkeypa
     Without $FEDMED_SITE_STATE_DIR they live in the run's own folder, found from a RELATIVE
     output_dir by Ray's worker processes as by the in-process sites.
     """
-    from tests.test_imaging import _study, _to_toml
+    from tests.tasks.test_imaging import _study, _to_toml
 
     monkeypatch.delenv("FEDMED_SITE_STATE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -137,7 +137,7 @@ def test_local_normalization_on_ray_matches_inprocess(tmp_path, capsys, monkeypa
 
 
 def _survival(tmp_path: Path) -> dict:
-    from tests.test_survival import _run
+    from tests.tasks.test_survival import _run
 
     # (Local DP-SGD cannot apply to Cox; central DP's noise is drawn at the coordinator,
     # unseeded, so runs would not compare: tests/test_survival.py covers it in-process.)
@@ -145,13 +145,13 @@ def _survival(tmp_path: Path) -> dict:
 
 
 def _imaging(tmp_path: Path) -> dict:
-    from tests.test_imaging import _study
+    from tests.tasks.test_imaging import _study
 
     return _study(tmp_path, strategy={"name": "fedprox", "proximal_mu": 0.1})
 
 
 def _sequence(tmp_path: Path) -> dict:
-    from tests.test_sequence import _study
+    from tests.tasks.test_sequence import _study
 
     return _study(tmp_path, privacy={"enabled": True, "target_epsilon": 8.0})  # Opacus DPGRU
 
@@ -159,7 +159,7 @@ def _sequence(tmp_path: Path) -> dict:
 @pytest.mark.parametrize("study", [_survival, _imaging, _sequence], ids=lambda f: f.__name__)
 def test_every_task_runs_on_ray_as_in_process(study, tmp_path, capsys) -> None:
     """Survival, imaging and sequence studies (2 sites, 1 round) give the same metrics on Ray."""
-    from tests.test_imaging import _to_toml
+    from tests.tasks.test_imaging import _to_toml
 
     raw = {**study(tmp_path), "rounds": 1, "seed": 3}
     config = tmp_path / "study.toml"

@@ -69,7 +69,7 @@ def test_fingerprint_changes_with_the_data() -> None:
 def test_site_at_its_cap_refuses_and_the_run_completes(
     demo_config: RunConfig, _private_ledger: Path
 ) -> None:
-    from tests.test_runtime import _run
+    from tests.runtime.test_runtime import _run
 
     capped = tuple(
         SiteSpec(name=s.name, epsilon_cap=0.5 if s.name == "lakeview" else None)

@@ -27,7 +27,7 @@ def test_attack_is_chance_without_leak_and_high_with_one() -> None:
 def test_audit_of_a_finished_run_reports_every_site(
     demo_config: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from .test_runtime import _run
+    from tests.runtime.test_runtime import _run
 
     run_dir = Path(_run(demo_config)["_dir"])
 

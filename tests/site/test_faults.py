@@ -15,8 +15,7 @@ from fedmed.runtime.inprocess import InProcessGrid
 from fedmed.runtime.run import preflight
 from fedmed.site.app import evaluate_global, train
 from fedmed.study.plan import RunPlan, initial_model, new_run_dir
-
-from .test_runtime import _run
+from tests.runtime.test_runtime import _run
 
 CRASH, HANG = 1, 3  # partition ids of the misbehaving sites (riverside, lakeview)
 # A healthy site's first round (data loading included) must fit in the deadline on a loaded

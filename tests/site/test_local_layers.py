@@ -24,9 +24,8 @@ from fedmed.site.fedbn import LocalLayerStore
 from fedmed.study.plan import RunPlan, new_run_dir
 from fedmed.tasks import build_model
 from fedmed.tasks.local_layers import local_keys
-
-from .test_checkpoint import Killed, _kill_after, _numbers
-from .test_imaging import _study
+from tests.coordinator.test_checkpoint import Killed, _kill_after, _numbers
+from tests.tasks.test_imaging import _study
 
 NORM = ("2.weight", "2.bias", "6.weight", "6.bias")  # a 2-block cnn's GroupNorms
 
@@ -198,8 +197,7 @@ def test_a_deployed_site_keeps_its_layers_in_its_own_state_dir(
     from fedmed.protocol import SITE_CONFIG_KEY
     from fedmed.runtime.inprocess import RUN_ID, InProcessGrid
     from fedmed.security.policy import plan_hash
-
-    from .test_imaging import _npz
+    from tests.tasks.test_imaging import _npz
 
     raw = _study(tmp_path, rounds=2)
     raw["data"] = {"dataset": "scans", "schema": {"features": ["gray"], "min_rows": 10}}

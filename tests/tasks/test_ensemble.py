@@ -69,7 +69,7 @@ def test_dp_clips_one_gradient_per_patient_over_all_members() -> None:
 def test_a_federated_tabular_ensemble_runs_saves_and_serves(
     csv_study: RunConfig, capsys: pytest.CaptureFixture
 ) -> None:
-    from .test_cli import _write_toml
+    from tests.cli.test_cli import _write_toml
 
     raw = json.loads(csv_study.to_json())
     raw["model"] = {"kind": "mlp", "hidden": [8], "members": 3}

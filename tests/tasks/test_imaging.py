@@ -18,8 +18,7 @@ from fedmed.data.images import load_npz, load_png_folder
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import build_model, load_site_table
 from fedmed.tasks.imaging import Augment, integrated_gradients
-
-from .conftest import DATA_DIR, needs_shared_data
+from tests.conftest import DATA_DIR, needs_shared_data
 
 
 def _images(n: int, seed: int, size: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,7 @@ from fedmed.config import resolve_config_path as shipped
 from fedmed.errors import ConfigError
 from fedmed.tasks import build_model, load_site_data
 from fedmed.tasks import survival_metrics as sm
-
-from .test_survival import _run as _survival_study
+from tests.tasks.test_survival import _run as _survival_study
 
 
 def _cohort(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,11 +17,10 @@ from fedmed.config import parse_run_config
 from fedmed.data.registry import DatasetRegistry
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import site_view
-
-from .test_imaging import _images, _npz, _to_toml
-from .test_imaging import _study as _image_study
-from .test_sequence import _long_and_outcomes
-from .test_sequence import _study as _series_study
+from tests.tasks.test_imaging import _images, _npz, _to_toml
+from tests.tasks.test_imaging import _study as _image_study
+from tests.tasks.test_sequence import _long_and_outcomes
+from tests.tasks.test_sequence import _study as _series_study
 
 
 def _site_toml(tmp_path: Path, name: str = "st-marys") -> Path:

@@ -200,7 +200,7 @@ def test_a_site_with_its_own_delta_refuses_a_larger_plan_delta_before_reading_da
 
 
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
-    site = load_site_config(Path(__file__).parents[1] / "sites" / "example-hospital.toml")
+    site = load_site_config(Path(__file__).parents[2] / "sites" / "example-hospital.toml")
     assert plan_hash(_federation()) in site.approved_plans
 
 

@@ -17,8 +17,15 @@ from fedmed.runtime.run import preflight
 from fedmed.study.baselines import run_pooled
 from fedmed.study.plan import RunPlan, new_run_dir
 from fedmed.train import mean_of_models
-
-from .test_checkpoint import Killed, _fresh, _kill_after, _metrics, _numbers, _resume, _run
+from tests.coordinator.test_checkpoint import (
+    Killed,
+    _fresh,
+    _kill_after,
+    _metrics,
+    _numbers,
+    _resume,
+    _run,
+)
 
 
 def _with_window(cfg: RunConfig, k: int) -> RunConfig:

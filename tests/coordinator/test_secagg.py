@@ -22,11 +22,10 @@ from fedmed.security.policy import plan_hash
 from fedmed.site.secure_app import SITE_MODS, SiteClient
 from fedmed.site.secure_app import client_app as secure_app
 from fedmed.study.plan import RunPlan, new_run_dir
-
-from .conftest import write_site_csv
-from .test_runtime import _run
-from .test_site_daemon import _run_deployed, _site
-from .test_site_daemon import _study as _daemon_study
+from tests.conftest import write_site_csv
+from tests.runtime.test_runtime import _run
+from tests.site.test_site_daemon import _run_deployed, _site
+from tests.site.test_site_daemon import _study as _daemon_study
 
 SECURE = StrategyConfig(secure_aggregation=True, validate_updates=False)
 
@@ -273,8 +272,7 @@ def test_a_killed_secure_run_resumes_from_its_last_round(csv_study: RunConfig) -
     from fedmed.coordinator.checkpoint import load_checkpoint
     from fedmed.runtime.inprocess import run_inprocess
     from fedmed.runtime.run import preflight
-
-    from .test_checkpoint import Killed, _kill_after
+    from tests.coordinator.test_checkpoint import Killed, _kill_after
 
     cfg, _ = preflight(csv_study.replace(strategy=SECURE))  # 3 rounds
     reference = _run(cfg, secure_app)

@@ -18,9 +18,8 @@ from fedmed.cli.main import main
 from fedmed.config import RunConfig
 from fedmed.serving.api import ServedModel, create_app
 from fedmed.serving.server import start_in_thread
-
-from .test_runtime import _run
-from .test_serving import ROWS, run_dir, server  # noqa: F401  (fixtures)
+from tests.runtime.test_runtime import _run
+from tests.serving.test_serving import ROWS, run_dir, server  # noqa: F401  (fixtures)
 
 
 def _post(server, body: str) -> httpx.Response:  # noqa: F811

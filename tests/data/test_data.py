@@ -15,8 +15,7 @@ from fedmed.data.sources import builtin_table, read_table
 from fedmed.data.table import Preprocessor, validate_table
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import load_site_data, load_site_table
-
-from .conftest import HEART_DIR, needs_shared_data
+from tests.conftest import HEART_DIR, needs_shared_data
 
 SCHEMA = SchemaConfig(target="outcome", categorical={"smoker": ("no", "yes")}, min_rows=5)
 

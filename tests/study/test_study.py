@@ -16,7 +16,7 @@ from fedmed.errors import StudyFailed
 from fedmed.study.history import RunHistory
 from fedmed.study.outputs import finish_run
 from fedmed.study.plan import RunPlan, initial_model, new_run_dir
-from tests.test_cli import _write_toml
+from tests.cli.test_cli import _write_toml
 
 
 def _history(cfg: RunConfig) -> RunHistory:

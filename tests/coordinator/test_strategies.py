@@ -59,8 +59,7 @@ def test_fedadam_keeps_float32_so_no_update_is_rejected(csv_study: RunConfig, ca
 
     from fedmed.cli.main import main
     from fedmed.serving.export import load_model
-
-    from .test_cli import _write_toml
+    from tests.cli.test_cli import _write_toml
 
     config = _write_toml(csv_study, Path(csv_study.output_dir).parent / "study.toml")
 

@@ -199,8 +199,8 @@ def _assert_nothing_leaked(wire: bytes, tmp_path: Path, extra: list[bytes]) -> N
 
 
 def test_image_sites_train_from_their_registered_npz_and_png_folder(tmp_path: Path) -> None:
-    from tests.test_imaging import _images, _npz
-    from tests.test_registry import _png_folder
+    from tests.data.test_registry import _png_folder
+    from tests.tasks.test_imaging import _images, _npz
 
     raw = {
         "name": "scans",
@@ -246,7 +246,7 @@ def test_image_sites_train_from_their_registered_npz_and_png_folder(tmp_path: Pa
 
 def _icu_study(tmp_path: Path, *, rounds: int, kind: str, **series: str) -> dict:
     """Two ICUs' series study, naming a dataset each site registered (deployment)."""
-    from tests.test_sequence import VARIABLES
+    from tests.tasks.test_sequence import VARIABLES
 
     return {
         "name": "icu",
@@ -265,7 +265,7 @@ def _icu_study(tmp_path: Path, *, rounds: int, kind: str, **series: str) -> dict
 
 
 def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -> None:
-    from tests.test_sequence import VARIABLES, _long_and_outcomes
+    from tests.tasks.test_sequence import VARIABLES, _long_and_outcomes
 
     cfg = parse_run_config(_icu_study(tmp_path, rounds=2, kind="gru"))
     approved = plan_hash(cfg)
@@ -320,7 +320,7 @@ def test_series_sites_train_with_their_own_outcomes_and_layout(tmp_path: Path) -
 def test_consortium_scale_needs_every_site_and_then_trains_every_site_alike(
     tmp_path: Path,
 ) -> None:
-    from tests.test_sequence import VARIABLES, _long_and_outcomes
+    from tests.tasks.test_sequence import VARIABLES, _long_and_outcomes
 
     cfg = parse_run_config(_icu_study(tmp_path, rounds=1, kind="grud", standardize="consortium"))
     files = []
@@ -352,7 +352,7 @@ def test_consortium_scale_needs_every_site_and_then_trains_every_site_alike(
 
 
 def test_a_plan_naming_data_files_is_refused_before_any_data_is_read(tmp_path: Path) -> None:
-    from tests.test_sequence import VARIABLES, _long_and_outcomes
+    from tests.tasks.test_sequence import VARIABLES, _long_and_outcomes
 
     long, outcomes = _long_and_outcomes(tmp_path)
     raw = {

@@ -20,10 +20,9 @@ from fedmed.data.images import to_model_input
 from fedmed.errors import ConfigError
 from fedmed.serving.api import ServedModel, create_app, open_model
 from fedmed.serving.arrays import ServedImages, ServedSeries, series_explanation
-
-from .test_imaging import _images, _to_toml
-from .test_imaging import _study as _image_study
-from .test_sequence import _study as _series_study
+from tests.tasks.test_imaging import _images, _to_toml
+from tests.tasks.test_imaging import _study as _image_study
+from tests.tasks.test_sequence import _study as _series_study
 
 
 def _trained(raw: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:

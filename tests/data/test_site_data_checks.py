@@ -123,7 +123,7 @@ def test_rows_dropped_only_for_missing_outcome_do_not_suggest_mean(tmp_path: Pat
 
 
 def _write_study(csv_study: RunConfig, tmp_path: Path) -> Path:
-    from .test_cli import _write_toml
+    from tests.cli.test_cli import _write_toml
 
     return _write_toml(csv_study, tmp_path / "study.toml")
 
@@ -169,7 +169,7 @@ def test_check_data_names_all_eight_too_small_sites_of_67_in_one_run(
     csv_study: RunConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A consortium-sized study: one check-data run lists every site to fix, not the first."""
-    from .conftest import write_site_csv
+    from tests.conftest import write_site_csv
 
     small = {f"h{i:02d}" for i in (3, 11, 19, 27, 35, 43, 51, 66)}
     sites = []

@@ -19,8 +19,7 @@ from fedmed.config import (
 )
 from fedmed.errors import ConfigError
 from fedmed.site.app import evaluate_global, personalize_final, train
-
-from .test_runtime import _run
+from tests.runtime.test_runtime import _run
 
 
 def test_each_site_reports_before_and_after_fine_tuning(csv_study: RunConfig) -> None:

@@ -12,8 +12,7 @@ from opacus.accountants import RDPAccountant
 from fedmed.config import PrivacyConfig, RunConfig
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.privacy.accounting import RDP_ALPHAS, central_epsilon
-
-from .test_runtime import _run
+from tests.runtime.test_runtime import _run
 
 
 def _central(cfg: RunConfig, side: str, sigma: float = 0.8) -> RunConfig:

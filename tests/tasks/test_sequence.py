@@ -23,9 +23,8 @@ from fedmed.data.series import bin_means, features_of, load_long
 from fedmed.errors import ConfigError, DataError
 from fedmed.tasks import build_model, load_site_data, load_site_table
 from fedmed.tasks.sequence import SeriesGRUD, window_summaries
-
-from .conftest import DATA_DIR, needs_shared_data
-from .test_imaging import _to_toml
+from tests.conftest import DATA_DIR, needs_shared_data
+from tests.tasks.test_imaging import _to_toml
 
 VARIABLES = ("HR", "Temp", "Age")
 

@@ -16,8 +16,7 @@ from fedmed.config import RunConfig
 from fedmed.errors import ConfigError
 from fedmed.serving.api import ServedModel, create_app
 from fedmed.serving.server import start_in_thread
-
-from .test_runtime import _run
+from tests.runtime.test_runtime import _run
 
 ROWS = [
     {"age": 71.0, "bp": 150.0, "smoker": "yes"},

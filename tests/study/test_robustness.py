@@ -17,8 +17,7 @@ from fedmed.errors import StudyFailed
 from fedmed.site.app import evaluate_global, train
 from fedmed.tasks import get_task
 from fedmed.train import train_plain
-
-from .test_runtime import _run
+from tests.runtime.test_runtime import _run
 
 
 @pytest.mark.parametrize("name", ["fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum"])
