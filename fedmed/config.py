@@ -284,8 +284,8 @@ class StrategyConfig(_Frozen):
     max_norm_ratio: float = 10.0  # reject an update whose norm exceeds this x the round median
     # Seconds the coordinator waits for a phase's replies; a site that has not answered by then
     # is recorded as failed for that round (and asked again the next round).
-    round_timeout: float = 600.0  # seconds; a site gone offline is dropped sooner (runtime.polling)
-    # SecAgg+ (fedmed.secagg): the coordinator sees only the sum of the updates; FedAvg only.
+    round_timeout: float = 600.0  # seconds; a site gone offline is dropped sooner (see PromptGrid)
+    # SecAgg+ (fedmed.coordinator.secure): the coordinator sees only the sum of updates (FedAvg).
     secure_aggregation: bool = False
     # Tail averaging (Polyak-Ruppert / SWA across rounds): the model each round evaluates, and
     # the one the study saves and serves, is the mean of the last ``average_last`` rounds'
@@ -428,7 +428,7 @@ class SeriesConfig(_Frozen):
     # "site": each site standardizes with its own train patients' statistics (nothing leaves the
     # site, but a shared model sees every ICU centred on its own mean). "consortium": before
     # round 1 the coordinator asks every site for its per-variable count/mean/sd, combines them
-    # exactly as the union's, and every site standardizes with that (fedmed.server_app);
+    # exactly as the union's, and every site standardizes with that (fedmed.coordinator.app);
     # needs every site to share statistics. mean/std: that reference, one per feature, filled
     # in by the coordinator (or agreed by a consortium and written here).
     standardize: str = field(default="site", metadata=_choices("site", "consortium"))
@@ -528,7 +528,7 @@ def plan_from_json(text: str) -> RunConfig:
     """The study plan a message carries (RunConfig JSON), parsed once per text in a process.
 
     Every message to a site carries the whole plan; the site's audit and policy mods, its
-    handlers (fedmed.client_app, the SecAgg+ client in fedmed.secagg) and the coordinator's
+    handlers (fedmed.site.app, the SecAgg+ client in fedmed.site.secure_app) and the coordinator's
     ServerApp all read it through here, so one process parses (and validates) a plan once, not
     once per reader and message. Keyed by the text itself: a different plan is parsed afresh,
     and one that fails to parse raises every time (errors are not cached). The RunConfig is
@@ -725,7 +725,7 @@ def _check_horizons(cfg: RunConfig) -> None:
 
 
 def _check_secure(cfg: RunConfig) -> None:
-    """What SecAgg+ composes with (see fedmed.secagg for why); each refusal names the fix."""
+    """What SecAgg+ composes with (fedmed.coordinator.secure says why); refusals name the fix."""
     s = cfg.strategy
     conflicts = [
         (

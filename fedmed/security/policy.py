@@ -10,7 +10,7 @@ With it, every message passes two mods before any handler runs:
   read, with a reason that is safe to send.
 
 Both read the plan wherever a message carries it: the Message API's ``config`` record, the
-legacy API's ``fitins.config`` / ``evaluateins.config`` (secure aggregation, fedmed.secagg), and
+legacy API's ``fitins.config`` / ``evaluateins.config`` (SecAgg+, fedmed.site.secure_app), and
 the ``fedmed.plan`` record that the secure coordinator stamps on every SecAgg+ stage message
 (setup, share keys and unmask carry no fit config of their own). A message that carries no plan,
 or two different ones, is refused: a site never runs a protocol step it cannot tie to a plan.

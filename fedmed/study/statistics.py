@@ -105,7 +105,7 @@ def series_reference(sites: list[dict[str, Any]]) -> tuple[list[float], list[flo
     Each site reports, per variable, how many (patient, bin) cells it observed and their mean
     and sd ("own"); weighting by those counts gives exactly the union's moments (a site that
     never observed a variable adds nothing to it). Used for the served model's scale and for
-    consortium standardization (fedmed.server_app.consortium_scale).
+    consortium standardization (fedmed.coordinator.app.consortium_scale).
     """
     import numpy as np
 
