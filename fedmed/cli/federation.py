@@ -676,18 +676,23 @@ def _follow(c, run_id: int, run_dir: Path, quiet: bool, timeout: float) -> str:
     status = "unknown"
     next_status = 0.0
     while time.monotonic() < deadline:
-        for entry in _new_rounds(run_dir / "live.json", shown):
-            shown = entry["round"]
-            if not quiet:
-                print(_round_line(entry), file=sys.stderr, flush=True)
         # Asking Flower costs a `flwr` process (~1 s of CPU): do it every 5 s, or when the run
-        # has written its final metrics.
+        # has written its final metrics. Asked before the rounds are read, so that the last
+        # round written just before the run ended is still shown.
         finished = (run_dir / "metrics.json").is_file()
         if finished or time.monotonic() >= next_status:
             status = dep.run_status(c, run_id)
             next_status = time.monotonic() + 5.0
-            if status.startswith("finished"):
-                return status
+        # metrics.json holds the whole history too: a live.json replaced late is not a gap.
+        sources = ("live.json", "metrics.json") if finished else ("live.json",)
+        for entry in (e for name in sources for e in _new_rounds(run_dir / name, shown)):
+            if entry["round"] <= shown:
+                continue
+            shown = entry["round"]
+            if not quiet:
+                print(_round_line(entry), file=sys.stderr, flush=True)
+        if status.startswith("finished"):
+            return status
         time.sleep(0.5)
     raise FedmedError(f"run {run_id} still '{status}' after {timeout:.0f} s; it keeps running")
 

@@ -147,6 +147,12 @@ def test_an_outsider_or_a_site_controls_nothing_at_the_coordinator(federation) -
 
     rogue = make_node_key(root / "rogue" / "node.key")
     app = foreign_app(root / "outsider-app", root / "outsider-canary")
+    # The coordinator is shared by this module's tests (any order): compare runs, not "none".
+    operator = root / OPERATOR[1]
+    op_creds = {"cert": operator / "operator.crt", "key": operator / "operator.key"}
+    before = flwr(outsider, "ls", "c", "--format", "json", **op_creds)
+    assert before.returncode == 0, before.stdout + before.stderr
+    runs_before = {r["run-id"] for r in json.loads(before.stdout)["runs"]}
     attempts = {
         "run": ["run", str(app), "c"],
         "ls": ["ls", "c"],
@@ -175,14 +181,11 @@ def test_an_outsider_or_a_site_controls_nothing_at_the_coordinator(federation) -
         assert res.returncode != 0, res.stdout
 
     # The operator can (so the refusals above are the gate's doing), and nothing changed.
-    operator = root / OPERATOR[1]
-    listed = flwr(outsider, "ls", "c", "--format", "json",
-                  cert=operator / "operator.crt", key=operator / "operator.key")  # fmt: skip
+    listed = flwr(outsider, "ls", "c", "--format", "json", **op_creds)
     assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert json.loads(listed.stdout)["runs"] == []
+    assert {r["run-id"] for r in json.loads(listed.stdout)["runs"]} == runs_before
     assert not (root / "outsider-canary").exists()
-    shown = flwr(outsider, "supernode", "list", "c", "--format", "json",
-                 cert=operator / "operator.crt", key=operator / "operator.key")  # fmt: skip
+    shown = flwr(outsider, "supernode", "list", "c", "--format", "json", **op_creds)
     listed_nodes = {n["node-id"]: n["status"] for n in json.loads(shown.stdout)["nodes"]}
     assert listed_nodes[str(nodes["st-marys"])] == "online"
     assert len(listed_nodes) == len(nodes)  # the rogue key was not registered
