@@ -129,15 +129,55 @@ def build_strategy(cfg: RunConfig) -> Strategy:
     if cfg.strategy.secure_aggregation:  # the config allows client-side clipping only
         wrapper: type = SecureCentralDP
     elif privacy.central == "client-side":
-        wrapper = DifferentialPrivacyClientSideFixedClipping
+        wrapper = ClientSideCentralDP
     else:
-        wrapper = DifferentialPrivacyServerSideFixedClipping
+        wrapper = ServerSideCentralDP
     return wrapper(
         EqualWeights(strategy),
         noise_multiplier=privacy.central_noise_multiplier,
         clipping_norm=privacy.central_clipping_norm,
         num_sampled_clients=len(cfg.sites),
     )
+
+
+class _NoiseForTheSitesAggregated:
+    """Flower's central-DP wrappers, with the noise scaled to the sites whose updates were averaged.
+
+    Flower adds noise of std σ·C/num_sampled_clients to the mean of the replies it got, and only
+    warns when fewer came back (it refuses the round only when it keeps its own accountant). A
+    site that stays silent (a timeout, a dead machine) leaves a mean of k < n clipped updates,
+    whose sensitivity is C/k: the same noise then has multiplier σ·k/n, and the ε fedmed reports
+    (``privacy.accounting.central_epsilon``, at multiplier σ) would understate the real one. So
+    the round is aggregated with ``num_sampled_clients`` set to the replies actually averaged.
+    A reply that is an error still makes Flower drop the whole round: nothing is released then.
+    """
+
+    num_sampled_clients: int
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        aggregated = sum(1 for m in replies if not m.has_error())
+        sampled = self.num_sampled_clients
+        if 0 < aggregated < sampled:
+            log.warning(
+                "central DP round %d: %d of %d sites replied; noise scaled to the %d averaged",
+                server_round, aggregated, sampled, aggregated,
+            )  # fmt: skip
+        self.num_sampled_clients = aggregated or sampled
+        try:
+            return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        finally:
+            self.num_sampled_clients = sampled
+
+
+class ClientSideCentralDP(_NoiseForTheSitesAggregated, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping; noise for the sites averaged (see the base)."""
+
+
+class ServerSideCentralDP(_NoiseForTheSitesAggregated, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping; noise for the sites averaged (see the base)."""
 
 
 class SecureCentralDP(DifferentialPrivacyClientSideFixedClipping):

@@ -65,8 +65,6 @@ class LedgerDamaged(ConfigError):
     """The ledger or its head does not verify: spending cannot be known, so nothing trains."""
 
 
-
-
 def fingerprint(*arrays: np.ndarray) -> str:
     """SHA-256 over the exact training arrays (values, dtype and shape)."""
     digest = hashlib.sha256()

@@ -24,8 +24,6 @@ from fedmed.errors import ConfigError
 ALGORITHM = "ed25519"
 
 
-
-
 def _raw(public: Ed25519PublicKey) -> bytes:
     return public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 

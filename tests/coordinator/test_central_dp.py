@@ -93,3 +93,37 @@ def test_central_dp_averages_sites_without_weights(csv_study: RunConfig, side: s
     # Weighted by rows the mean would be +0.196 per coordinate; unweighted, the updates cancel.
     np.testing.assert_allclose(arrays["w"].numpy(), 0.0, atol=1e-6)
     assert replies[0].content["metrics"]["num-examples"] == 1000  # reports keep the real rows
+
+
+@pytest.mark.usefixtures("task_identity")  # hand-built Messages read it
+@pytest.mark.parametrize("side", ["client-side", "server-side"])
+def test_a_silent_site_does_not_thin_the_noise(csv_study: RunConfig, side: str) -> None:
+    """Two of three sites reply: the mean of 2 clipped updates needs noise σ·C/2, not σ·C/3.
+
+    With σ·C/3 on a 2-site mean the real noise multiplier is 2σ/3, so the reported ε (at σ)
+    would understate the privacy loss. Measured on 200,000 coordinates of noise alone.
+    """
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    strategy = build_strategy(_central(csv_study, side, sigma=1.0))  # C = 0.5, 3 sites
+    start = np.zeros(200_000, dtype=np.float32)
+    if side == "server-side":
+        strategy.current_arrays = ArrayRecord({"w": Array(start)})
+    replies = []
+    for node, name in enumerate(("alpha", "beta"), start=1):  # gamma stays silent
+        content = RecordDict(
+            {
+                # A small update (Flower's clipping divides by its norm, so never exactly zero).
+                "arrays": ArrayRecord({"w": Array(start + np.float32(1e-4))}),
+                "metrics": MetricRecord({"num-examples": 50}),
+                "site": ConfigRecord({"name": name}),
+            }
+        )
+        ask = Message(RecordDict(), dst_node_id=node, message_type="train")
+        replies.append(Message(content, reply_to=ask))
+
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    assert float(np.std(arrays["w"].numpy())) == pytest.approx(1.0 * 0.5 / 2, rel=0.02)
+    assert strategy.num_sampled_clients == 3  # the next round samples every site again
