@@ -23,7 +23,8 @@ clipping: each site clips its update and gives it unit weight BEFORE masking
 unmasked mean (``strategies.SecureCentralDP``). No update validation, no server-side clipping
 (the server never sees an individual update), no personalization. The coordinator checkpoints
 every round, so --resume works here too. Site-level train metrics still arrive (they are not
-masked), so ε per site is reported and every reply's metrics are judged as usual. A site that
+masked), so ε per site is reported and every reply's metrics are judged as usual, before the
+sum is unmasked (``SecureRounds``). A site that
 drops out after sharing its keys is tolerated while at least ``reconstruction_threshold``
 (= ``strategy.min_sites``, at least 2) of its neighbours' shares arrive; one that refuses or
 fails at setup is simply left out of the round.
@@ -31,7 +32,8 @@ fails at setup is simply left out of the round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 
 from flwr.app import (
     Array,
@@ -53,6 +55,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
@@ -64,8 +67,11 @@ from flwr.serverapp import Grid
 
 from fedmed.coordinator.grid import GridWrapper
 from fedmed.coordinator.rounds import StudyRounds
-from fedmed.protocol import PLAN_RECORD, SITE_KEY, read_error
+from fedmed.flower_compat import replace_with_error
+from fedmed.protocol import PLAN_RECORD, SITE_KEY, SiteReason, read_error, site_error
 from fedmed.study.plan import RunPlan
+
+log = logging.getLogger("fedmed.coordinator")
 
 
 class LegacyAdapter(Strategy):
@@ -85,9 +91,9 @@ class LegacyAdapter(Strategy):
 
     Two consequences of the shared stack: between rounds the global model keeps the model's
     dtypes (``KeepDtypes`` casts the float64 unmasked mean, as in plain rounds and the
-    checkpoint); and a reply the recorder rejects is recorded as a failure, but its masked update
-    is already inside the sum (SecAgg+ cannot take one site back out): under SecAgg+ that
-    judgement changes the record and the noise scale, not the model.
+    checkpoint); and the recorder's judgement of a reply's metrics is made earlier, by
+    ``SecureRounds`` while the masked updates are collected, because once the sum is unmasked
+    one site's update can no longer be taken back out of it.
     """
 
     def __init__(self, rounds: StudyRounds, grid: Grid) -> None:
@@ -251,14 +257,24 @@ class PlanStampingGrid(GridWrapper):
 
 
 class SecureRounds(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, with two changes for sites that say no.
+    """Flower's SecAgg+ workflow, with three changes for sites that say no or cannot be believed.
 
     - A site that refuses (or fails) at setup holds no key shares yet: it is taken out of the
       round's neighbour graph. Flower would keep it as a "dropped" site whose masks must be
       reconstructed from shares nobody holds, and lose the round for everyone.
+    - A masked update whose reply metrics the recorder rejects (``judge``: a NaN loss, a row
+      count that changed, ...) is turned into that site's error reply before Flower sums the
+      masked vectors. Flower then treats the site as dropped out after sharing its keys: its
+      vector stays out of the sum and its pairwise masks are removed with its neighbours'
+      shares (only its pairwise-mask key is rebuilt, never its self-mask seed, so the rejected
+      update stays hidden). Judged after unmasking, it could no longer be taken out.
     - A round that halts (fewer sites than the reconstruction threshold) is still reported to
       the strategy, so the history names the sites and their reasons instead of going silent.
     """
+
+    def __init__(self, *, judge: Callable[[str, str, dict[str, float]], str], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.judge = judge
 
     def __call__(self, grid: Grid, context: Context) -> None:
         assert isinstance(context, LegacyContext)
@@ -278,6 +294,11 @@ class SecureRounds(SecAggPlusWorkflow):
                 context.strategy.aggregate_fit(current, [], [*state.failures, lost])
                 return
 
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        return super().collect_masked_vectors_stage(_Judged(grid, self.judge), context, state)
+
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         super().setup_stage(grid, context, state)
         if not state.nid_to_neighbours:  # nothing was sent (fewer than 2 sites sampled)
@@ -289,6 +310,43 @@ class SecureRounds(SecAggPlusWorkflow):
         for neighbours in state.nid_to_neighbours.values():
             neighbours -= refused
         return self._check_threshold(state)
+
+
+class _Judged(GridWrapper):
+    """The masked-vector replies, each judged by its metrics; a rejected one becomes an error.
+
+    The metrics travel unmasked beside the masked vector (Flower's legacy FitRes layout), so the
+    coordinator can judge them without seeing the update. The error names the site and the
+    problem (``SiteReason.REPLY_REJECTED``), which the history records as the site's failure.
+    """
+
+    def __init__(self, grid: Grid, judge: Callable[[str, str, dict[str, float]], str]) -> None:
+        super().__init__(grid)
+        self.judge = judge
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return [self._judged(m) for m in self.grid.send_and_receive(messages, timeout=timeout)]
+
+    def _judged(self, reply: Message) -> Message:
+        if reply.has_error():
+            return reply
+        try:
+            metrics = recorddict_to_fitres(reply.content, keep_input=True).metrics
+        except (KeyError, TypeError, ValueError) as e:  # not a FitRes: not fit to be summed
+            return replace_with_error(
+                reply,
+                site_error("", SiteReason.REPLY_REJECTED, f"reply rejected: unreadable ({e})"),
+            )
+        site = str(metrics.get(SITE_KEY, f"node-{reply.metadata.src_node_id}"))
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+        problem = self.judge("train", site, numbers)
+        if not problem:
+            return reply
+        log.warning("secure round: masked update from %s rejected: %s", site, problem)
+        error = site_error(site, SiteReason.REPLY_REJECTED, f"reply rejected: {problem}")
+        return replace_with_error(reply, error)
 
 
 class _Registered(GridWrapper):
@@ -323,6 +381,7 @@ def run_secure_rounds(grid: Grid, plan: RunPlan, context: Context, rounds: Study
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecureRounds(
+            judge=rounds.recorder.judge,
             num_shares=1.0,  # every sampled site is every other's neighbour
             # Shares needed to unmask a dropped site: min_sites (Flower needs at least 2).
             reconstruction_threshold=max(2, needed),

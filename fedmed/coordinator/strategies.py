@@ -593,6 +593,14 @@ class SiteRecorder(StrategyWrapper):
             self.on_round(server_round)
         return aggregated
 
+    def judge(self, phase: str, site: str, metrics: dict[str, float]) -> str:
+        """Why ``site``'s reply metrics cannot be believed ("" if they can); records nothing.
+
+        Public so that SecAgg+ (coordinator.secure) can judge a reply while its masked update
+        can still be left out of the sum, before the recorder sees the unmasked result.
+        """
+        return metrics_problem(metrics, self._examples.get((phase, site)))
+
     def _remember(self, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         self._asked[phase] = [m.metadata.dst_node_id for m in messages]
@@ -620,7 +628,7 @@ class SiteRecorder(StrategyWrapper):
                 site = _site_name(msg)
                 self._names[msg.metadata.src_node_id] = site
                 metrics = _site_metrics(msg)
-                problem = metrics_problem(metrics, self._examples.get((phase, site)))
+                problem = self.judge(phase, site, metrics)
                 if problem:
                     log.warning(
                         "round %d: %s from %s rejected: %s", server_round, phase, site, problem

@@ -85,6 +85,42 @@ def test_a_site_dropping_out_mid_protocol_is_survived_and_named(csv_study: RunCo
     assert round2["failures"] == [] and set(out["final"]["sites"]) == set(cfg.site_names)
 
 
+class LiesInRound1(SiteClient):
+    def fit(self, parameters, config):
+        # gamma's round-1 reply: a poisoned update, and metrics the coordinator cannot believe.
+        arrays, rows, metrics = super().fit(parameters, config)
+        if int(config["server-round"]) == 1 and self.context.node_config["partition-id"] == 2:
+            return [a + 5.0 for a in arrays], rows, {**metrics, "loss": float("nan")}
+        return arrays, rows, metrics
+
+
+lying_app = ClientApp(client_fn=lambda context: LiesInRound1(context).to_client(), mods=SITE_MODS)
+
+
+def test_a_rejected_reply_is_left_out_of_the_masked_sum(csv_study: RunConfig) -> None:
+    """Judged before the sum is unmasked, a rejected site is a dropout: its update is not in it.
+
+    The run must end exactly where a run ends in which gamma dropped out of round 1 (only
+    SecAgg+'s stochastic quantization separates the two), not 5/3 higher per weight.
+    """
+    cfg = csv_study.replace(
+        rounds=2,
+        strategy=StrategyConfig(secure_aggregation=True, validate_updates=False, min_sites=2),
+    )
+
+    lied = _run(cfg, lying_app)
+    dropped = _run(cfg, dropping_app)
+
+    round1 = lied["history"][0]
+    assert [(f["site"], f["phase"]) for f in round1["failures"]] == [("gamma", "train")]
+    assert "reply rejected: 'loss' is NaN" in round1["failures"][0]["reason"]
+    assert lied["history"][1]["failures"] == []
+    a = load_file(f"{lied['_dir']}/model.safetensors")
+    b = load_file(f"{dropped['_dir']}/model.safetensors")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-4)
+
+
 def test_below_min_sites_the_round_is_lost_and_every_site_named(csv_study: RunConfig) -> None:
     # min_sites = 0: all 3 must complete (reconstruction threshold 3); gamma drops in round 1.
     cfg = csv_study.replace(rounds=2, strategy=SECURE)
