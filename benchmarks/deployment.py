@@ -127,8 +127,7 @@ def deployment(root: Path, port: int, study: Path, cold: bool) -> dict[str, floa
     try:
         wait_until_ready(home, timeout=120, proc=procs[0])
         procs += [
-            subprocess.Popen([*FEDMED, "site", "start", f"sites/{n}.toml"], **quiet)
-            for n in SITES
+            subprocess.Popen([*FEDMED, "site", "start", f"sites/{n}.toml"], **quiet) for n in SITES
         ]
         deadline = time.monotonic() + 120
         while online_sites(c) < len(SITES):
