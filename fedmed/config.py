@@ -38,7 +38,7 @@ ENVIRONMENT = {
     "FEDMED_LEDGER_DIR": "a site's privacy ledger (default ~/.fedmed/ledger)",
     "FEDMED_KEY_DIR": "model-signing keys (default ~/.fedmed/keys)",
     "FEDMED_SITE_STATE_DIR": "a simulated site's kept layers (default: inside the run folder)",
-    "FEDMED_CACHE_DIR": "noise calibrations shared by a site executor's children (set by it)",
+    "FEDMED_CACHE_DIR": "noise calibrations and prepared data a site executor's children share",
     "FEDMED_GRID_POLL_SECONDS": "how often a deployed coordinator pulls replies (default 0.2)",
 }
 
@@ -60,7 +60,7 @@ def site_state_dir() -> Path | None:
 
 
 def cache_dir() -> Path | None:
-    """$FEDMED_CACHE_DIR when set (a site executor's children share calibrations there)."""
+    """$FEDMED_CACHE_DIR when set (a site executor's children share calibrations and data there)."""
     value = _env("FEDMED_CACHE_DIR")
     return Path(value) if value else None
 

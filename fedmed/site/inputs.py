@@ -17,28 +17,42 @@ consortium's series mean/std filled in during the run; in a simulation the site-
 column names), so two plans with one hash may need different data. The text's digest is taken
 once per plan; within a plan, data is keyed by the site and its registered files' fingerprint,
 so data re-registered at a site is read afresh.
+
+A deployed site runs every message in a fresh child forked by its warm executor
+(fedmed.runtime.executor), where memory starts empty. There the prepared arrays are also kept on
+the site's own disk, in the executor's cache folder ($FEDMED_CACHE_DIR = <state_dir>/cache,
+files 0600): one folder per plan digest (the last ``PLANS_KEPT`` kept), one .npz per site view
+and registered fingerprint, read without pickle. What is cached is derived from data already on
+that machine and never leaves it; a file that fails to read is ignored and the data loaded again.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
+import logging
+import os
+import shutil
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context
 
-from fedmed.config import RunConfig, SiteSpec, data_dir, plan_from_json
+from fedmed.config import RunConfig, SiteSpec, cache_dir, data_dir, plain, plan_from_json
 from fedmed.data import clear_file_caches
 from fedmed.data.table import SiteData
 from fedmed.errors import FedmedError, PolicyViolation
+from fedmed.io import atomic_write
 from fedmed.privacy.ledger import fingerprint
 from fedmed.security.policy import site_config
 from fedmed.tasks import load_site_data
 
-PLANS_KEPT = 2  # plans whose sites' data stay in memory (see the module docstring)
+PLANS_KEPT = 2  # plans whose sites' data are kept (see the module docstring)
+log = logging.getLogger("fedmed.site")
 
 
 @dataclass(frozen=True)
@@ -97,14 +111,85 @@ class PlanInputs:
         key = (site, registered, None if run is self.run else run.data)
         loaded = self._sites.get(key)
         if loaded is None:
-            if registered:
-                # The readers also cache files by path (simulated sites share one file); a
-                # deployment site reads them afresh, so re-registered files are read again.
-                clear_file_caches()
-            data = load_site_data(run, site)
+            disk = self._disk_path(run, site, registered)
+            data = _read_cached(disk) if disk is not None else None
+            if data is None:
+                if registered:
+                    # The readers also cache files by path (simulated sites share one file); a
+                    # deployment site reads them afresh, so re-registered files are read again.
+                    clear_file_caches()
+                data = load_site_data(run, site)
+                if disk is not None:
+                    _write_cached(disk, data)
             loaded = _Loaded(data, registered or simulated_key(run, site, data))
             self._sites[key] = loaded  # one assignment: safe with the grid's site threads
         return loaded
+
+    def _disk_path(self, run: RunConfig, site: SiteSpec, registered: str) -> Path | None:
+        """Where a deployed site's forked children share this data: only with a cache folder
+        (set by the site executor) and registered files (their SHA-256 is in the key)."""
+        root = cache_dir()
+        if root is None or not registered:
+            return None
+        view = json.dumps([plain(run.data), plain(site), registered], sort_keys=True, default=str)
+        name = hashlib.sha256(view.encode()).hexdigest()[:32]
+        return root / "site-data" / self.digest[:32] / f"{name}.npz"
+
+
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _read_cached(path: Path) -> SiteData | None:
+    """A site's data as a sibling child left it; None when absent or unreadable (reload)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {k: saved[k] for k in ARRAYS}
+            meta = json.loads(str(saved["meta"]))
+        os.utime(path.parent)  # in use: the plan folders kept are the recently used ones
+        return SiteData(
+            name=str(meta["name"]),
+            input_names=tuple(meta["input_names"]),
+            preprocessing=meta["preprocessing"],
+            **arrays,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring the cached data in %s (%s); loading it again", path, exc)
+        return None
+
+
+def _write_cached(path: Path, data: SiteData) -> None:
+    """Keep ``data`` for the next children (when it is plain arrays and JSON: no pickle), and
+    drop the folders of plans older than the last ``PLANS_KEPT``."""
+    meta = {"name": data.name, "input_names": list(data.input_names)}
+    try:
+        text = json.dumps({**meta, "preprocessing": data.preprocessing})
+    except (TypeError, ValueError):
+        return
+    arrays = {k: getattr(data, k) for k in ARRAYS}
+    if json.loads(text)["preprocessing"] != data.preprocessing or any(
+        a.dtype.hasobject for a in arrays.values()
+    ):
+        return  # would not read back as it is (tuples, objects): load it each time instead
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(text), **arrays)
+    try:
+        atomic_write(path, buffer.getvalue())  # 0600, and never seen half-written
+        plans = sorted(path.parent.parent.iterdir(), key=_mtime, reverse=True)
+    except OSError as exc:  # e.g. another child dropping this folder: the next one writes it
+        log.warning("could not keep the data in %s (%s)", path, exc)
+        return
+    for old in plans[PLANS_KEPT:]:
+        if old != path.parent:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile by another child
+        return 0.0
 
 
 @functools.lru_cache(maxsize=PLANS_KEPT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -11,7 +12,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed import config
 from fedmed.config import RunConfig, parse_run_config
-from fedmed.protocol import RUN_KEY, STUDY_KEY
+from fedmed.data.registry import DatasetRegistry
+from fedmed.privacy.accounting import CACHE_ENV
+from fedmed.protocol import RUN_KEY, SITE_CONFIG_KEY, STUDY_KEY
 from fedmed.site import inputs
 from fedmed.site.app import app
 from fedmed.tasks import build_model
@@ -122,3 +125,88 @@ def test_a_new_plan_evicts_the_oldest_and_its_data_reloads(
     assert inputs.plan_inputs.cache_info().currsize == inputs.PLANS_KEPT
     assert before == inputs.PLANS_KEPT + 1
     assert len(counted["loads"]) == before + 1
+
+
+# -- a deployed site: every message in a fresh forked child, sharing the executor's cache folder --
+
+
+def _deployed_site(tmp_path: Path, seed: int = 1) -> tuple[Context, Path, DatasetRegistry]:
+    state = tmp_path / "state"
+    registry = DatasetRegistry(state)
+    registry.add("cohort", write_site_csv(tmp_path / "alpha.csv", 60, seed=seed), replace=True)
+    site = tmp_path / "alpha.toml"
+    site.write_text(f'name = "alpha"\ninsecure = true\nstate_dir = "{state}"\nmin_rows = 10\n')
+    return Context(1, 1001, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {}), state, registry
+
+
+def _deployed_plan(seed: int = 0) -> str:
+    raw = {
+        "seed": seed,
+        "model": {"kind": "logreg"},
+        "data": {
+            "dataset": "cohort",
+            "schema": {
+                "target": "outcome",
+                "features": ["age", "bp", "smoker"],
+                "categorical": {"smoker": ["no", "yes"]},
+            },
+        },
+        "sites": [{"name": "alpha"}, {"name": "beta"}],
+    }
+    return parse_run_config(raw).to_json()
+
+
+def _fresh_child() -> None:
+    """What a forked child of the site executor starts with: no plan in memory."""
+    inputs.plan_inputs.cache_clear()
+
+
+def test_a_deployed_sites_children_share_its_prepared_data_through_its_cache_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: dict[str, list]
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "state" / "cache"))
+    context, state, registry = _deployed_site(tmp_path)
+    text = _deployed_plan()
+
+    first = inputs.site_inputs(text, context)
+    _fresh_child()
+    second = inputs.site_inputs(text, context)
+    (cached,) = (state / "cache" / "site-data").glob("*/*.npz")
+
+    assert counted["loads"] == ["alpha"]  # the second child read the first one's arrays
+    assert second.data is not first.data
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(second.data, name), getattr(first.data, name))
+        assert getattr(second.data, name).dtype == getattr(first.data, name).dtype
+    assert second.data.input_names == first.data.input_names
+    assert second.data.preprocessing == first.data.preprocessing
+    assert second.ledger_key == first.ledger_key == registry.verify("cohort").sha256
+    assert cached.stat().st_mode & 0o077 == 0  # derived from patient rows: the site's only
+
+    _deployed_site(tmp_path, seed=7)  # the steward re-registers a new export at the same path
+    _fresh_child()
+    third = inputs.site_inputs(text, context)
+
+    assert counted["loads"] == ["alpha", "alpha"]
+    assert not np.array_equal(third.data.x_train, first.data.x_train)
+
+
+def test_a_damaged_cache_file_is_ignored_and_old_plans_folders_are_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted: dict[str, list]
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "state" / "cache"))
+    context, state, _ = _deployed_site(tmp_path)
+    texts = [_deployed_plan(seed) for seed in range(inputs.PLANS_KEPT + 1)]
+    first = inputs.site_inputs(texts[0], context)
+    (cached,) = (state / "cache" / "site-data").glob("*/*.npz")
+    cached.write_bytes(b"not an npz")
+
+    _fresh_child()
+    again = inputs.site_inputs(texts[0], context)
+    for text in texts[1:]:
+        _fresh_child()
+        inputs.site_inputs(text, context)
+
+    assert counted["loads"] == ["alpha"] * (len(texts) + 1)  # the damaged file: loaded again
+    assert np.array_equal(again.data.x_train, first.data.x_train)
+    assert len(list((state / "cache" / "site-data").iterdir())) == inputs.PLANS_KEPT
