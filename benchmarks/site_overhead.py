@@ -8,8 +8,8 @@ the in-process engine, FedAvg, with and without DP-SGD. Two clocks, in the same 
   round's time is the gap between two round callbacks.
 * compute: the same local work as a bare PyTorch loop over the already-loaded data: per site,
   a fresh model loaded with the global state, one local round (``train_plain``, or
-  ``train_private``: DP-SGD's own mechanics and noise), evaluation on its test rows, and the
-  weighted mean. No ledger, no ε, no messages.
+  ``train_private``: DP-SGD's own mechanics and noise), a fresh model to evaluate on its test
+  rows, and the weighted mean. No ledger, no ε, no messages.
 
 Overhead per site-round = (fedmed round - compute round) / N, median over rounds 2..R (round 1
 carries first-use costs: noise calibration, model compilation, file caches; it is reported
@@ -152,9 +152,9 @@ def compute_rounds(cfg: Any) -> list[float]:
             k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True))
             for k in states[0]
         }
-        model = build_model(cfg)
-        model.load_state_dict(global_state)
-        for data in sites:
+        for data in sites:  # each site builds its model to evaluate, as a real one must
+            model = build_model(cfg)
+            model.load_state_dict(global_state)
             evaluate(model, data.x_test, data.y_test, task, cpu, train=(data.x_train, data.y_train))
         times.append(time.perf_counter() - start)
     return times
