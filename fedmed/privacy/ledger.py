@@ -244,11 +244,7 @@ class PrivacyLedger:
     def entries(
         self, dataset: str, study: str | None = None, aliases: Iterable[str] = ()
     ) -> list[Entry]:
-        return [
-            (float(s[0]), float(s[1]), int(s[2]))
-            for r in self.records(dataset, study, aliases)
-            for s in r["steps"]
-        ]
+        return _steps(self.records(dataset, study, aliases))
 
     def spent(
         self,
@@ -259,6 +255,21 @@ class PrivacyLedger:
     ) -> float:
         """ε spent on ``dataset`` (all studies, or just ``study``), reservations included."""
         return epsilon_spent(self.entries(dataset, study, aliases), privacy)
+
+    def spending(
+        self, dataset: str, privacy: PrivacyConfig, study: str, aliases: Iterable[str] = ()
+    ) -> tuple[float, float]:
+        """(ε spent by ``study``, ε spent by all studies) on ``dataset``, from ONE verified read.
+
+        What a site reports after every round: two ``spent`` calls would read, verify and
+        parse the whole ledger twice, and a writer could slip in between the two.
+        """
+        with file_lock(self.path):
+            entries = self._read()
+        keys = {dataset, *aliases}
+        held = self._effective(entries, keys, None)
+        own = [r for r in held if r["study"] == study]
+        return epsilon_spent(_steps(own), privacy), epsilon_spent(_steps(held), privacy)
 
     # -- spending ----------------------------------------------------------------------------
 
@@ -288,8 +299,7 @@ class PrivacyLedger:
             ):
                 return None
             if cap is not None:
-                history = [(float(s[0]), float(s[1]), int(s[2])) for r in held for s in r["steps"]]
-                projected = epsilon_spent(history + list(planned), privacy)
+                projected = epsilon_spent(_steps(held) + list(planned), privacy)
                 if projected > cap:
                     raise PrivacyBudgetExceeded(
                         f"site '{self.site}': this round would bring ε to {projected:.3f}, over "
@@ -363,6 +373,11 @@ class PrivacyLedger:
             return False
         self.settle(held, new)
         return True
+
+
+def _steps(records: Iterable[dict[str, Any]]) -> list[Entry]:
+    """The accountant entries of ``records`` (effective reservations), in ledger order."""
+    return [(float(s[0]), float(s[1]), int(s[2])) for r in records for s in r["steps"]]
 
 
 _NO_CAP = PrivacyConfig(enabled=True)  # unused by reserve() when cap is None

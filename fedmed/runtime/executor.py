@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime-api-address", required=True)
     parser.add_argument("--role", choices=ROLES, default="site")
     parser.add_argument("--parent-pid", type=int, default=None)
-    parser.add_argument("--cache-dir", default=None, help="results children share (noise)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="what children share (noise, prepared data)"
+    )
     parser.add_argument("--secret-file", default=None, help="the daemon's SuperExec secret")
     parser.add_argument(
         "--root-certificates", default=None, help="CA of a TLS Runtime API (coordinator)"

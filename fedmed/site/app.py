@@ -17,15 +17,13 @@ import hmac
 import json
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmed.config import RunConfig, SiteSpec, data_dir, plan_from_json
-from fedmed.data import clear_file_caches
+from fedmed.config import RunConfig, SiteSpec, plan_from_json
 from fedmed.data.table import SiteData
 from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.io import private_secret
@@ -48,8 +46,9 @@ from fedmed.site.fedbn import (
     simulation_state_dir,
     site_model_state,
 )
+from fedmed.site.inputs import site_inputs, site_of
 from fedmed.site.personalize import personalize
-from fedmed.tasks import build_model, get_task, load_site_data
+from fedmed.tasks import build_model, get_task
 from fedmed.tasks.local_layers import local_keys, split
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
 
@@ -60,58 +59,11 @@ app = ClientApp(mods=[site_audit_mod, site_policy_mod])
 # -- what a message needs ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
-def _site_data(run: RunConfig, site: SiteSpec, fingerprint: str) -> SiteData:
-    """``fingerprint`` (the registered files' hash) keys the cache: re-registered data reloads.
-
-    Keyed by the study as the site runs it (a hashable RunConfig), never by its JSON again.
-
-    The readers also cache files by path (simulated sites share one file); a deployment site
-    reads them afresh, so data re-registered at the same path is never served from memory.
-    """
-    if fingerprint:
-        clear_file_caches()
-    return load_site_data(run, site)
-
-
-def _load_data(run: RunConfig, site: SiteSpec, context: Context, fingerprint: str) -> SiteData:
-    data = _site_data(run, site, fingerprint)
-    own = site_config(context)
-    if own is not None and data.n_train + len(data.y_test) < own.min_rows:
-        raise PolicyViolation(
-            f"the dataset has fewer rows than the site's minimum ({own.min_rows})"
-        )
-    return data
-
-
-def _site_of(run: RunConfig, context: Context) -> tuple[RunConfig, SiteSpec, str]:
-    """Which site this node is, the study as it runs here, and its data's fingerprint.
-
-    A deployment site's paths, file layout and cap come from its own config and dataset
-    registry (fedmed.data.registry.site_view), never from the plan.
-    """
-    own = site_config(context)
-    if own is not None:
-        from fedmed.data.registry import DatasetRegistry
-        from fedmed.tasks import site_view
-
-        registry = DatasetRegistry(own.state_path)
-        if run.data.dataset not in {d.name for d in registry.list()}:
-            raise PolicyViolation(f"dataset '{run.data.dataset}' is not registered at this site")
-        dataset = registry.verify(run.data.dataset)
-        local, site = site_view(run, dataset, own.name, own.epsilon_cap)
-        return local, site, dataset.sha256
-    index = int(context.node_config.get("partition-id", -1))
-    if not 0 <= index < len(run.sites):
-        raise FedmedError(
-            f"node has partition-id {index} but the study lists {len(run.sites)} sites"
-        )
-    return run, run.sites[index], ""
-
-
 def _site_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
-    """The study plan (as this site runs it), this node's site and its data."""
-    return _keyed_inputs(run_json, context)[:3]
+    """The study plan (as this site runs it), this node's site and its data (fedmed.site.inputs:
+    parsed and loaded once per plan, not per message)."""
+    inputs = site_inputs(run_json, context)
+    return inputs.run, inputs.site, inputs.data
 
 
 def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec, SiteData, str]:
@@ -121,22 +73,8 @@ def _keyed_inputs(run_json: str, context: Context) -> tuple[RunConfig, SiteSpec,
     SHA-256 in a deployment, the file's in a simulation), so a plan with another split_seed,
     test_fraction or schema spends from the same budget.
     """
-    run, site, registered = _site_of(plan_from_json(run_json), context)
-    data = _load_data(run, site, context, registered)
-    return run, site, data, registered or _simulated_key(run, site, data)
-
-
-def _simulated_key(run: RunConfig, site: SiteSpec, data: SiteData) -> str:
-    """A simulated site's data identity: its file (and rows chosen by site_values), else the
-    training arrays of a builtin or partitioned table (those have no file of their own)."""
-    path = Path(site.path.replace("{data_dir}", str(data_dir()))) if site.path else None
-    if path is None or run.data.builtin or run.data.partition_file or not path.is_file():
-        return fingerprint(data.x_train, data.y_train)
-    digest = hashlib.sha256(json.dumps(list(site.site_values), default=str).encode())
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    inputs = site_inputs(run_json, context)
+    return inputs.run, inputs.site, inputs.data, inputs.ledger_key
 
 
 def _inputs(msg: Message, context: Context) -> tuple[RunConfig, SiteSpec, SiteData]:
@@ -150,12 +88,13 @@ def _metrics_reply(msg: Message, site: SiteSpec, metrics: dict[str, float]) -> M
     return Message(content, reply_to=msg)
 
 
-def _release(state: dict[str, torch.Tensor], seed: int, run_json: str) -> str:
-    """What this round computes: the global model it starts from, its seed and the plan.
+def _release(state: dict[str, torch.Tensor], seed: int, plan_digest: str) -> str:
+    """What this round computes: the global model it starts from, its seed and the plan
+    (``plan_digest``: the SHA-256 of the plan's exact text, taken once per plan).
 
     The ledger charges a release once (a resumed coordinator may ask for a round again).
     """
-    digest = hashlib.sha256(f"{seed}/{run_json}".encode())
+    digest = hashlib.sha256(f"{seed}/{plan_digest}".encode())
     digest.update(fingerprint(*(state[k].detach().cpu().numpy() for k in sorted(state))).encode())
     return digest.hexdigest()
 
@@ -172,9 +111,7 @@ def _fail_closed(handler: Callable[[Message, Context], Message]) -> Callable[...
             with contextlib.suppress(Exception):
                 own = site_config(context)
                 site = (
-                    own.name
-                    if own
-                    else _site_of(plan_from_json(message_plan(msg)), context)[1].name
+                    own.name if own else site_of(plan_from_json(message_plan(msg)), context)[1].name
                 )
             log.error("site %s: %s failed: %s", site or "?", msg.metadata.message_type, exc)
             if isinstance(exc, PrivacyBudgetExceeded):
@@ -304,10 +241,11 @@ def local_round(
     the normalization layers when the site keeps them) and the metrics to report. Under DP the
     site's ledger guards and records the round first.
     """
-    run, site, data, dataset = _keyed_inputs(run_json, context)
+    inputs = site_inputs(run_json, context)
+    run, site, data, dataset = inputs.run, inputs.site, inputs.data, inputs.ledger_key
     model = build_model(run)
     server_round = int(config["server-round"])
-    this_round = run.replace(train=run.train.at_round(server_round))  # train.lr_decay
+    this_round = inputs.plan.at_round(run, server_round)  # train.lr_decay
     local = _local_layers(run, site, context, config)
     if local is not None:  # FedBN: this site's own normalization layers, from its last round
         state = local.start(model, state, server_round - 1)
@@ -330,7 +268,7 @@ def local_round(
         # Spending recorded before ledgers were keyed by the registered files still counts.
         legacy = (fingerprint(data.x_train, data.y_train),)
         study = str(config.get(STUDY_KEY, "unnamed"))
-        release = _release(state, seed, run_json)
+        release = _release(state, seed, inputs.plan.digest)
         held = ledger.reserve(
             dataset,
             study,
@@ -358,8 +296,7 @@ def local_round(
             raise
         if held is not None:
             ledger.settle(held, entries)
-        epsilon = ledger.spent(dataset, privacy, study=study, aliases=legacy)
-        epsilon_total = ledger.spent(dataset, privacy, aliases=legacy)
+        epsilon, epsilon_total = ledger.spending(dataset, privacy, study, aliases=legacy)
     else:
         result = train_plain(
             model,

@@ -321,20 +321,29 @@ def test_the_plan_hash_covers_the_series_window_but_not_the_sites_files(tmp_path
 
 
 def test_a_site_never_trains_on_a_stale_copy_of_re_registered_files(tmp_path: Path) -> None:
-    from fedmed.site.app import _site_data
+    """The plan's data cache (fedmed.site.inputs) keys a site's data by its registered files."""
+    from flwr.app import Context, RecordDict
+
+    from fedmed.protocol import SITE_CONFIG_KEY
+    from fedmed.site.inputs import site_inputs
 
     npz = _npz(tmp_path / "scans.npz")
     registry = DatasetRegistry(tmp_path / "state")
+    registry.add("scans", npz)
     raw = _image_study(tmp_path)
     raw["data"]["dataset"] = "scans"
-    local, spec = site_view(parse_run_config(raw), registry.add("scans", npz), "a")
-    before = _site_data(local, spec, registry.verify("scans").sha256)
+    text = parse_run_config(raw).to_json()  # one plan for the whole test: its cache is reused
+    context = Context(1, 1, {SITE_CONFIG_KEY: str(_site_toml(tmp_path, "a"))}, RecordDict(), {})
+    before = site_inputs(text, context).data
+    again = site_inputs(text, context).data
 
     images, labels = _images(80, seed=11)  # a new export at the same path
     np.savez(npz, train_images=images, train_labels=labels)
-    after = _site_data(local, spec, registry.add("scans", npz, replace=True).sha256)
+    registry.add("scans", npz, replace=True)
+    after = site_inputs(text, context).data
 
-    assert not np.array_equal(before.x_train, after.x_train)
+    assert again is before  # the same plan and files: served from memory ...
+    assert not np.array_equal(before.x_train, after.x_train)  # ... re-registered: read afresh
 
 
 def test_simulated_series_sites_can_name_their_own_outcomes(tmp_path: Path) -> None:

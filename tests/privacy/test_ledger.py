@@ -162,6 +162,42 @@ def test_a_replayed_release_is_held_once(tmp_path: Path) -> None:
     assert ledger.entries("abc") == ROUND
 
 
+def _record_round(folder: str, study: str, rnd: int) -> None:
+    """Another process writing to the same ledger (a second study's site child)."""
+    PrivacyLedger("site", Path(folder)).record("abc", study, rnd, [(1.3, 0.1, 7)])
+
+
+def test_spending_always_reads_the_ledger_another_writer_and_a_restart_included(
+    tmp_path: Path,
+) -> None:
+    """ε is composed from the ledger as it is on disk at every call: a second writer's rounds
+    count at once, and a restarted process (no cached curve) reports the very same numbers."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fedmed.privacy.accounting import rdp_curve
+
+    ledger = PrivacyLedger("site", tmp_path)
+    ledger.record("abc", "s1", 1, ROUND)
+    before = ledger.spending("abc", PRIVACY, "s1")
+    with ProcessPoolExecutor(max_workers=1) as other:
+        other.submit(_record_round, str(tmp_path), "s2", 1).result()
+        other.submit(_record_round, str(tmp_path), "s1", 2).result()
+    open_round = ledger.reserve("abc", "s1", 3, ROUND, PRIVACY, None)  # held, not yet settled
+
+    own, total = ledger.spending("abc", PRIVACY, "s1")
+    rdp_curve.cache_clear()  # a restart: nothing remembered but the ledger on disk
+    restarted = PrivacyLedger("site", tmp_path).spending("abc", PRIVACY, "s1")
+
+    s1 = [*ROUND, (1.3, 0.1, 7), *ROUND]
+    assert open_round is not None
+    assert before == (epsilon_spent(ROUND, PRIVACY),) * 2
+    assert own == pytest.approx(epsilon_spent(s1, PRIVACY), rel=1e-12)
+    assert total == pytest.approx(epsilon_spent([*ROUND, (1.3, 0.1, 7), *s1[1:]], PRIVACY))
+    assert total > own > before[0]
+    assert (own, total) == (ledger.spent("abc", PRIVACY, "s1"), ledger.spent("abc", PRIVACY))
+    assert restarted == (own, total)
+
+
 # -- a ledger that cannot be reset ----------------------------------------------------------------
 
 
@@ -223,6 +259,18 @@ def test_a_tampered_ledger_is_refused_with_the_fix(tmp_path: Path, tamper) -> No
     with pytest.raises(LedgerDamaged, match="restore it") as err:
         ledger.reserve("abc", "s", 4, ROUND, PRIVACY, cap=100.0)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("tamper", [_truncated, _lowered_noise, _rehashed_negative_steps])
+def test_spending_is_never_reported_from_a_tampered_ledger(tmp_path: Path, tamper) -> None:
+    from fedmed.privacy.ledger import LedgerDamaged
+
+    ledger = _spent_ledger(tmp_path)
+    ledger.spending("abc", PRIVACY, "s")  # composed (and its curves cached) before the edit
+    tamper(ledger)
+
+    with pytest.raises(LedgerDamaged, match="restore it"):
+        ledger.spending("abc", PRIVACY, "s")
 
 
 def test_an_untouched_ledger_verifies(tmp_path: Path) -> None:

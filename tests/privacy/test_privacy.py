@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
@@ -222,3 +223,84 @@ def test_a_site_delta_defaults_to_one_over_its_rows_and_refuses_a_larger_plan_de
     plan = PrivacyConfig(enabled=True, delta=1e-5)
     with pytest.raises(PolicyViolation, match="privacy.delta=1e-05"):
         at_site_delta(plan, 1e-6)
+
+
+def _opacus_epsilon(history: list, delta: float) -> float:
+    """Opacus' own RDP accountant over the whole (merged) history, recomputed from scratch."""
+    reference = RDPAccountant()
+    reference.history = merge_history(history)
+    return reference.get_epsilon(delta=delta, alphas=RDP_ALPHAS)
+
+
+def test_composed_rdp_gives_opacus_full_recomputation_at_every_step_of_a_varied_history() -> None:
+    """ε from cached per-(noise, rate) curves, as a ledger grows entry by entry, against Opacus
+    recomputing every entry from scratch: another noise, rate, size, the same mechanism again
+    after another one, full-batch (q = 1) central-DP rounds, an empty round."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    from fedmed.privacy.accounting import compose_rdp, rdp_curve
+
+    rdp_curve.cache_clear()  # this test's first query computes the curves it later reuses
+    history = [
+        (1.1, 0.05, 20),
+        (1.1, 0.05, 20),  # merged with the entry before
+        (0.8, 0.2, 3),
+        (1.1, 0.05, 7),  # the first mechanism again, not adjacent: its own entry
+        (2.5, 1.0, 4),
+        (0.9, 1 / 3, 0),
+        (4.0, 0.01, 1000),
+        (0.8, 0.2, 11),
+    ]
+    deltas = (1e-5, 1e-7)
+    for end in range(1, len(history) + 1):
+        prefix = history[:end]
+        full = sum(
+            compute_rdp(q=q, noise_multiplier=s, steps=n, orders=RDP_ALPHAS)
+            for s, q, n in merge_history(prefix)
+        )
+
+        assert np.array_equal(compose_rdp(prefix), full)  # the same operations, bit for bit
+        for delta in deltas:
+            expected, _ = get_privacy_spent(orders=RDP_ALPHAS, rdp=full, delta=delta)
+            privacy = PrivacyConfig(enabled=True, delta=delta)
+            assert epsilon_spent(prefix, privacy) == pytest.approx(float(expected), rel=1e-9)
+    for delta in deltas:  # and the whole history through Opacus' accountant object itself
+        privacy = PrivacyConfig(enabled=True, delta=delta)
+        assert epsilon_spent(history, privacy) == pytest.approx(
+            _opacus_epsilon(history, delta), rel=1e-9
+        )
+    assert rdp_curve.cache_info().misses == 5  # one curve per distinct (noise, rate), ever
+
+
+def test_a_cached_rdp_curve_cannot_be_changed_by_a_caller() -> None:
+    from fedmed.privacy.accounting import rdp_curve
+
+    curve = rdp_curve(1.3, 0.07)
+
+    with pytest.raises(ValueError, match="read-only"):
+        curve[0] = 0.0  # every later ε of every site would be wrong
+
+
+def test_sites_that_differ_only_in_what_calibration_ignores_share_one_calibration(
+    demo_config: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmed.privacy import accounting
+
+    calls: list[tuple] = []
+    calibrate = accounting._calibrate
+    monkeypatch.setattr(
+        accounting, "_calibrate", lambda *args: calls.append(args) or calibrate(*args)
+    )
+    accounting._noise_for.cache_clear()
+    clipped = dataclasses.replace(
+        demo_config.privacy, max_grad_norm=0.5, grad_sample_mode="functorch"
+    )
+    other = dataclasses.replace(demo_config.privacy, target_epsilon=2.0)
+
+    first = plan_for_site(100, demo_config)
+    same = plan_for_site(100, demo_config.replace(privacy=clipped))
+    different = plan_for_site(100, demo_config.replace(privacy=other))
+    accounting._noise_for.cache_clear()
+
+    assert same == first and len(calls) == 2  # clipping norm and grad mode: no new search
+    assert different.noise_multiplier > first.noise_multiplier  # a smaller ε: more noise
