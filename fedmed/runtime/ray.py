@@ -91,7 +91,7 @@ def version_mismatch_message(address: str, ray_message: str) -> str:
         return f"the Ray cluster at {address} runs another Ray or Python ({detail})"
     (ray_there, py_there), (ray_here, py_here) = found
     return (
-        f"the Ray cluster at {address} runs Ray {ray_there} on Python {py_there}, this fedmed "
+        f"the Ray cluster at {address} runs Ray {ray_there} on Python {py_there}, fedmed here "
         f"Ray {ray_here} on Python {py_here}, and Ray needs both to match: run fedmed from an "
         f"environment with ray=={ray_there} on Python {py_there}, or restart the cluster's "
         "nodes (`ray start`) from this environment"
