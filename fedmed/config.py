@@ -349,6 +349,50 @@ class PersonalizeConfig(_Frozen):
 
 
 @dataclass(frozen=True)
+class SimulationConfig(_Frozen):
+    """Where simulated sites run on Ray (``--engine ray``): resources, not what a site computes.
+
+    Each site's ClientApp runs in a Ray actor that reserves ``cpus_per_site`` CPUs and
+    ``gpus_per_site`` GPUs. Flower's engine starts, on each node of the cluster, as many actors
+    as fit (node CPUs // cpus_per_site, and node GPUs // gpus_per_site when sites ask for GPUs)
+    and queues every site's messages over them: 1,000 sites on a 2-CPU cluster share 2 actors.
+    ``gpus_per_site`` unset: a node's GPU is shared by all sites (1 / sites each) when the
+    cluster has one and the study's device is not "cpu", else 0.
+
+    The same study on a laptop or on a cluster computes the same thing, so none of this is in
+    the plan hash a hospital approves, nor in the checkpoint's config hash (a killed run may
+    resume on another cluster), and it is left off the plan's wire JSON at its defaults.
+    """
+
+    cpus_per_site: float = 1.0
+    gpus_per_site: float | None = None  # None = share a visible GPU, see above
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Ray refuses a fraction finer than 0.0001 of a resource; 1024 CPUs is no one's node.
+        _in_range(
+            "simulation.cpus_per_site",
+            self.cpus_per_site,
+            1e-4,
+            1024,
+            fix="CPUs each site's Ray actor reserves; 0.5 = two sites per core",
+        )
+        if self.gpus_per_site is not None:
+            _in_range(
+                "simulation.gpus_per_site",
+                self.gpus_per_site,
+                0,
+                64,
+                fix="GPUs each site's Ray actor reserves; 0.25 = four sites per GPU, 0 = none",
+            )
+            if 0 < self.gpus_per_site < 1e-4:
+                raise ConfigError(
+                    f"simulation.gpus_per_site = {self.gpus_per_site:g} is finer than Ray's "
+                    "0.0001 of a GPU; give at least 0.0001, or 0 for no GPU"
+                )
+
+
+@dataclass(frozen=True)
 class SchemaConfig(_Frozen):
     """What a site's table looks like and how it becomes tensors.
 
@@ -500,6 +544,7 @@ class RunConfig(_Frozen):
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sites: tuple[SiteSpec, ...] = ()
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -507,7 +552,15 @@ class RunConfig(_Frozen):
 
     # -- serialization (the wire format to sites and the model card) --------------------------
     def to_dict(self) -> dict[str, Any]:
-        return plain(self)
+        """The config as plain JSON values; ``simulation`` only when it is not the default.
+
+        A study that leaves [simulation] alone keeps the wire JSON (and so every hash over it)
+        it had before the section existed, and sites of an older fedmed still parse its plan.
+        """
+        out = plain(self)
+        if self.simulation == SimulationConfig():
+            del out["simulation"]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

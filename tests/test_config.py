@@ -13,6 +13,7 @@ from fedmed.config import (
     FrozenMap,
     RunConfig,
     SchemaConfig,
+    SimulationConfig,
     SiteConfig,
     apply_override,
     load_run_config,
@@ -175,6 +176,42 @@ def test_wire_json_and_plan_hash_are_unchanged() -> None:
         "sha256:f426621aee5cb35fcc5643ddfb168c3d9c2f02f26934f93b9b8442b966cfef23"
     )
     assert plan_hash(RunConfig.from_json(text)) == plan_hash(cfg)
+
+
+def test_simulation_resources_travel_only_when_set_and_are_not_in_the_plan_hash() -> None:
+    from fedmed.security.policy import plan_hash
+
+    plain = parse_run_config(PINNED)
+    on_a_cluster = parse_run_config(
+        {**PINNED, "simulation": {"cpus_per_site": 2, "gpus_per_site": 0.5}}
+    )
+
+    assert plain.simulation == SimulationConfig(cpus_per_site=1.0, gpus_per_site=None)
+    assert "simulation" not in plain.to_dict()  # the wire JSON pinned above stays as it was
+    assert on_a_cluster.to_dict()["simulation"] == {"cpus_per_site": 2.0, "gpus_per_site": 0.5}
+    assert RunConfig.from_json(on_a_cluster.to_json()) == on_a_cluster
+    assert plan_hash(on_a_cluster) == plan_hash(plain)  # where sites run, not what they compute
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "simulation.cpus_per_site=0",
+            r"simulation.cpus_per_site = 0.0 is out of range.*0.5 = two",
+        ),
+        ("simulation.cpus_per_site=2048", r"\[0.0001, 1024\].*--set simulation.cpus_per_site="),
+        (
+            "simulation.gpus_per_site=-1",
+            r"simulation.gpus_per_site = -1.0 is out of range.*0 = none",
+        ),
+        ("simulation.gpus_per_site=0.00001", r"finer than Ray's 0.0001 of a GPU; give at least"),
+        ("simulation.cpus=2", r"unknown config key 'simulation.cpus'.*cpus_per_site, gpus_per"),
+    ],
+)
+def test_simulation_resources_are_refused_naming_the_fix(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(resolve_config_path("demo"), [override])
 
 
 def test_config_is_frozen(demo_config: RunConfig) -> None:

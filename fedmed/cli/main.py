@@ -75,7 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=ENGINES,
         default="inprocess",
-        help="inprocess (fast, default) or ray (Flower's Ray simulation engine)",
+        help="inprocess (fast, default) or ray (Flower's Ray simulation engine: each site in a "
+        "Ray actor reserving [simulation] cpus_per_site / gpus_per_site; as many actors as the "
+        "cluster's nodes fit, the sites queue for them)",
+    )
+    sim.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDRESS",
+        help="with --engine ray: run the sites on this existing Ray cluster (the head's "
+        "HOST:PORT as `ray start --head` prints it, ray://HOST:PORT, or auto) instead of a Ray "
+        "started for the run; fedmed disconnects afterwards and never stops the cluster",
     )
     sim.add_argument("--output-dir", default=None, help="parent folder of the run directory")
     sim.add_argument("--quiet", action="store_true", help="no progress display or summary")
@@ -192,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedmed.runtime.run import plan_study, run
 
-    plan = plan_study(_load(args), engine=args.engine, resume=args.resume)
+    plan = plan_study(
+        _load(args), engine=args.engine, resume=args.resume, ray_address=args.ray_address
+    )
     if not args.verbose:
         # Flower resets its logger's level while starting apps; a filter sticks.
         logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)

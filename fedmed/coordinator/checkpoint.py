@@ -39,8 +39,9 @@ FILENAME = "checkpoint.safetensors"
 KEY_FILE = "checkpoint.key"
 MAC = "mac"  # metadata entry: HMAC-SHA256 (hex) of the rest
 MODEL = "model"  # tensor-name prefix of the global model; strategy state uses "state/<name>"
-# Where a run's outputs go is not part of what it computes: a moved run may still resume.
-NOT_HASHED = ("output_dir",)
+# Where a run's outputs go, and on which Ray resources its sites run, are not part of what it
+# computes: a moved run may still resume, on another machine or cluster.
+NOT_HASHED = ("output_dir", "simulation")
 
 
 @dataclass(frozen=True)

@@ -95,13 +95,29 @@ def _mark_failed(run_dir: Path, exc: BaseException) -> None:
 ENGINES = ("inprocess", "ray")
 
 
-def plan_study(cfg: RunConfig, *, engine: str = "inprocess", resume: Path | None = None) -> RunPlan:
-    """Check the sites' data and fix where the run goes (a resumed run keeps its folder)."""
+def plan_study(
+    cfg: RunConfig,
+    *,
+    engine: str = "inprocess",
+    resume: Path | None = None,
+    ray_address: str | None = None,
+) -> RunPlan:
+    """Check the sites' data and fix where the run goes (a resumed run keeps its folder).
+
+    ``ray_address`` (with engine "ray") runs the sites on that existing Ray cluster instead of a
+    Ray started for the run; its form is checked here, before any data is read.
+    """
     from fedmed.study.outputs import serving_preprocessing
     from fedmed.train import resolve_device
 
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}")
+    if ray_address:
+        if engine != "ray":
+            raise ConfigError("--ray-address runs the sites on a Ray cluster: add --engine ray")
+        from fedmed.runtime.ray import parse_address
+
+        parse_address(ray_address)
     resolve_device(cfg.device)  # device="cuda" without a GPU: refused before any run folder
     cfg, tables = preflight(cfg)
     if engine == "ray" and cfg.mode != "federated":
@@ -112,6 +128,7 @@ def plan_study(cfg: RunConfig, *, engine: str = "inprocess", resume: Path | None
         engine=engine if cfg.mode == "federated" else "-",
         serving=serving_preprocessing(cfg, tables),
         resume=resume is not None,
+        ray_address=ray_address or "",
     )
 
 
@@ -128,7 +145,8 @@ def run(
 
 def run_study(cfg: RunConfig, **options: Any) -> tuple[Path, dict[str, Any]]:
     """``plan_study`` then ``run``: (run folder, metrics) of a whole study in one call."""
-    plan = plan_study(cfg, **{k: options.pop(k) for k in ("engine", "resume") if k in options})
+    keys = ("engine", "resume", "ray_address")
+    plan = plan_study(cfg, **{k: options.pop(k) for k in keys if k in options})
     return plan.run_dir, run(plan, **options)
 
 
@@ -152,8 +170,18 @@ def _execute(plan: RunPlan, on_round: RoundCallback | None, verbose: bool) -> di
     server_app = build_server_app(plan, on_round)
     if plan.engine == "ray":
         from fedmed.runtime.ray import run_ray
+        from fedmed.site.fedbn import simulation_state_dir
 
-        run_ray(server_app, client_app, len(cfg.sites), verbose=verbose)
+        run_ray(
+            server_app,
+            client_app,
+            len(cfg.sites),
+            simulation=cfg.simulation,
+            address=plan.ray_address,
+            device=cfg.device,
+            site_state=simulation_state_dir(cfg, plan.run_dir.name),
+            verbose=verbose,
+        )
     else:
         from fedmed.runtime.inprocess import run_inprocess
 

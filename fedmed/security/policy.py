@@ -269,8 +269,9 @@ def plan_hash(cfg: RunConfig) -> str:
     computed on its data, what leaves the site and its privacy loss: the task, model and data
     schema, and also rounds, local steps/epochs, batch size, learning rate schedule, the seed,
     local and central DP settings, personalization, FedProx's mu and secure aggregation. Left
-    out are only the output settings (name, output_dir) and the coordinator's own aggregation
-    knobs (PLAN_OUTPUT_ONLY, COORDINATOR_ONLY_STRATEGY), plus the files and columns a site maps
+    out are only the output settings (name, output_dir), where simulated sites run ([simulation]:
+    Ray resources) and the coordinator's own aggregation knobs (PLAN_OUTPUT_ONLY,
+    PLAN_RUNTIME_ONLY, COORDINATOR_ONLY_STRATEGY), plus the files and columns a site maps
     from its own registry. Other settings left at their defaults are omitted, so a fedmed
     upgrade that adds an unrelated config key does not void every approval; the privacy-binding
     ones (PRIVACY_BINDING, RELEASE_STRATEGY) are always hashed with their values.
@@ -296,7 +297,8 @@ def plan_hash(cfg: RunConfig) -> str:
     content: dict[str, Any] = {
         key: value
         for key, value in changed(spec, default).items()
-        if key not in PLAN_OUTPUT_ONLY and key not in ("strategy", "data", "sites")
+        if key not in PLAN_OUTPUT_ONLY | PLAN_RUNTIME_ONLY
+        and key not in ("strategy", "data", "sites")
     }
     for key in PRIVACY_BINDING:
         content[key] = spec[key]
@@ -329,6 +331,9 @@ def plan_hash(cfg: RunConfig) -> str:
 # What a plan hash leaves out: where results go, and how the coordinator combines what sites send
 # (these never reach a site's data, its privacy loss or what it releases).
 PLAN_OUTPUT_ONLY = frozenset({"name", "output_dir"})
+# How many CPUs/GPUs a simulated site's Ray actor reserves changes where it runs, not what it
+# computes on the data or releases.
+PLAN_RUNTIME_ONLY = frozenset({"simulation"})
 
 COORDINATOR_ONLY_STRATEGY = frozenset(
     {

@@ -39,6 +39,9 @@ class RunPlan:
     # are attributed to the site their authenticated node was registered as, never to the name
     # a reply claims; "" (simulations, --insecure) trusts the in-process or unauthenticated sites.
     nodes: str = ""
+    # --engine ray: the address of an existing Ray cluster to run the sites on ("" = a Ray of the
+    # run's own on this machine). Read by the runtime only; never sent to the ServerApp or sites.
+    ray_address: str = ""
 
     def to_run_config(self) -> dict[str, str]:
         return {

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedmed.cli.main import main
-from fedmed.config import RunConfig, StrategyConfig
+from fedmed.config import RunConfig, SimulationConfig, StrategyConfig
 from fedmed.coordinator.app import build_server_app
 from fedmed.coordinator.checkpoint import FILENAME, load_checkpoint
 from fedmed.errors import ConfigError
@@ -117,8 +117,11 @@ def test_resume_with_a_different_config_is_refused_naming_the_change(csv_study: 
         load_checkpoint(plan.run_dir, cfg.replace(rounds=4))
     with pytest.raises(ConfigError, match="no checkpoint.safetensors"):
         load_checkpoint(plan.run_dir.parent, cfg)
-    # Where outputs go is not part of the computation: a moved run still resumes.
+    # Where outputs go is not part of the computation: a moved run still resumes, and so does
+    # one continued on a Ray cluster whose sites reserve other resources.
     assert load_checkpoint(plan.run_dir, cfg.replace(output_dir="elsewhere")).round == 1
+    on_a_cluster = SimulationConfig(cpus_per_site=4.0, gpus_per_site=0.5)
+    assert load_checkpoint(plan.run_dir, cfg.replace(simulation=on_a_cluster)).round == 1
 
 
 def test_a_replayed_private_round_is_not_charged_twice(

@@ -245,6 +245,8 @@ def test_plan_hash_binds_every_privacy_and_release_setting(override: str) -> Non
         ['output_dir="/elsewhere"'],
         ["strategy.min_sites=0", "strategy.round_timeout=5.0", "strategy.max_norm_ratio=3.0"],
         ["strategy.beta_1=0.8", "strategy.beta_2=0.999", "strategy.tau=1e-6"],  # server's Adam
+        ["simulation.cpus_per_site=4.0"],  # Ray resources of a simulated site: where, not what
+        ["simulation.gpus_per_site=0.25"],
     ],
 )
 def test_plan_hash_ignores_output_and_coordinator_only_settings(overrides: list[str]) -> None:
