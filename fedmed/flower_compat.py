@@ -2,9 +2,10 @@
 
 Flower's public API has no hook for what a hospital deployment needs at these points: checking a
 task's app before Flower installs or imports it, a warm executor, a client certificate for the
-Control API, prompt polling, and turning an impostor's reply into an error. Each function here is
-the one place such a patch is made, so a Flower upgrade is checked against this file (and the
-module names in docs/flower.md), not against the whole code base.
+Control API, prompt polling, turning an impostor's reply into an error, and a site's identity
+per thread in the in-process runtime. Each function here is the one place such a patch is made,
+so a Flower upgrade is checked against this file (and the module names in docs/flower.md), not
+against the whole code base.
 
 It sits on the ground floor, beside the wire (fedmed.protocol), because both the runtime
 (executor, operator CLI, SuperNode) and the coordinator's grid need it; it imports nothing of
@@ -13,11 +14,13 @@ fedmed's, and Flower only inside each function, when the patch is made.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import threading
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 
@@ -152,3 +155,39 @@ def replace_with_error(reply: Any, error: Any) -> Any:
     reply.__dict__["_error"] = None
     reply.error = error
     return reply
+
+
+_this_thread = threading.local()  # .node_id: the node a delivery in this thread acts as
+
+
+@contextlib.contextmanager
+def acting_as_node(node_id: int) -> Iterator[None]:
+    """Within the block, Flower's ``TaskIdentity.node_id`` is ``node_id`` in this thread only.
+
+    Flower keeps the identity of the task a process runs in class attributes, which it reads
+    whenever an instruction Message is built (its src_node_id). Its runtimes run one task per
+    process; the in-process runtime runs sites in threads of the coordinator's own process, so a
+    class-level value set for a site would leak into the Messages the coordinator builds
+    meanwhile (a hung site's id stayed there after its deadline until its thread woke up).
+
+    Patches the ``node_id`` property of flwr.supercore.task_identity's metaclass (once) to read
+    this thread's value first and Flower's class attribute otherwise.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    meta = type(TaskIdentity)
+    if not getattr(meta, "_fedmed_per_thread", False):
+        flower = meta.node_id  # a property on the metaclass
+
+        def per_thread(cls: Any) -> int:
+            value = getattr(_this_thread, "node_id", None)
+            return flower.fget(cls) if value is None else value
+
+        meta.node_id = property(per_thread, flower.fset)
+        meta._fedmed_per_thread = True
+    outer = getattr(_this_thread, "node_id", None)
+    _this_thread.node_id = node_id
+    try:
+        yield
+    finally:
+        _this_thread.node_id = outer

@@ -21,8 +21,25 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmed.flower_compat import acting_as_node
+
 RUN_ID = 1
 log = logging.getLogger("fedmed.runtime")
+
+
+def deliver(client_app: ClientApp, msg: Message, context: Context) -> Message:
+    """``client_app``'s reply to ``msg`` as the node of ``context``; an exception is an error
+    reply, as a SuperNode sends when its ClientApp raises."""
+    with acting_as_node(context.node_id):  # Messages a site builds name it (this thread only)
+        try:
+            # Each site gets its own copy, as over a network: a ClientApp (or a mod such as
+            # Flower's secaggplus_mod) may mutate the content, and coordinators may send one
+            # RecordDict object to every node.
+            return client_app(copy.deepcopy(msg), context)
+        except Exception as exc:
+            return Message(
+                Error(code=500, reason=f"ClientApp raised {type(exc).__name__}"), reply_to=msg
+            )
 
 
 class InProcessGrid(Grid):
@@ -120,18 +137,7 @@ class InProcessGrid(Grid):
             return Message(
                 Error(code=404, reason=f"unknown node {msg.metadata.dst_node_id}"), reply_to=msg
             )
-        TaskIdentity.node_id = context.node_id
-        try:
-            # Each site gets its own copy, as over a network: a ClientApp (or a mod such as
-            # Flower's secaggplus_mod) may mutate the content, and coordinators may send one
-            # RecordDict object to every node.
-            return self.client_app(copy.deepcopy(msg), context)
-        except Exception as exc:
-            return Message(
-                Error(code=500, reason=f"ClientApp raised {type(exc).__name__}"), reply_to=msg
-            )
-        finally:
-            TaskIdentity.node_id = SUPERLINK_NODE_ID
+        return deliver(self.client_app, msg, context)
 
 
 def run_inprocess(
