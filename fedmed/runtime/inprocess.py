@@ -226,7 +226,7 @@ def run_inprocess(
     """Run ``server_app`` to completion against ``num_nodes`` in-process sites.
 
     ``workers``: sites trained at a time (default $FEDMED_SIM_WORKERS, else one per usable
-    core); 1, a study on an accelerator or a platform that cannot fork runs them one after
+    core); 1, a study on an accelerator or a platform other than Linux runs them one after
     another in this process.
 
     Whatever the count, the run uses one torch intra-op thread: torch's CPU kernels (Opacus'

@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ STOP = b""  # the frame that ends a worker's loop (a serialized Message is never
 
 
 def can_fork() -> bool:
-    """Whether this platform can fork workers (not Windows); otherwise sites run serially."""
-    return "fork" in multiprocessing.get_all_start_methods()
+    """Whether workers may be forked here: on Linux. Windows cannot fork, and macOS' system
+    frameworks are not fork-safe (Python defaults to spawn there); elsewhere sites run serially.
+    """
+    return sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
 
 
 @dataclass
