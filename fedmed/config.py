@@ -40,6 +40,7 @@ ENVIRONMENT = {
     "FEDMED_SITE_STATE_DIR": "a simulated site's kept layers (default: inside the run folder)",
     "FEDMED_CACHE_DIR": "noise calibrations and prepared data a site executor's children share",
     "FEDMED_GRID_POLL_SECONDS": "how often a deployed coordinator pulls replies (default 0.2)",
+    "FEDMED_SIM_WORKERS": "sites an in-process simulation trains at once (default: usable cores)",
 }
 
 
@@ -68,6 +69,36 @@ def cache_dir() -> Path | None:
 def grid_poll_seconds(default: float) -> float:
     """$FEDMED_GRID_POLL_SECONDS, else ``default``."""
     return float(_env("FEDMED_GRID_POLL_SECONDS") or default)
+
+
+def sim_workers() -> int:
+    """$FEDMED_SIM_WORKERS, else the cores this process may use.
+
+    A property of the machine, not of the study: it changes how fast a simulation runs, never
+    what it computes, so it stays out of the RunConfig (whose hash sites approve and a resumed
+    run must match).
+    """
+    value = _env("FEDMED_SIM_WORKERS")
+    if value is None:
+        return usable_cores()
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ConfigError(
+            f"FEDMED_SIM_WORKERS = {echo(value)} is not a number of workers; use a whole "
+            "number >= 1 (1 trains the sites one after another)"
+        )
+    return workers
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. under taskset or a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows: no affinity API
+        return os.cpu_count() or 1
 
 
 def _choices(*names: str) -> dict[str, tuple[str, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 from collections.abc import Iterator
@@ -52,11 +53,14 @@ def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     (``task_identity``) instead of borrowing it from whichever test ran before (issue: alone or
     first, tests/coordinator/test_central_dp.py failed).
 
-    The in-process grid abandons a site that misses its round deadline in a daemon thread
+    The serial in-process grid abandons a site that misses its round deadline in a daemon thread
     ("site-<node>"); once the test releases it, it finishes its work (training included, on
-    torch's process-wide RNG). Wait for it here, so it never runs during the next test.
+    torch's process-wide RNG). Wait for it here, so it never runs during the next test. A pool's
+    worker processes must be gone by then too (a run, or the test, closes its grid).
     """
     from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmed.runtime.workers import WORKER_NAME
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, None)
@@ -66,6 +70,8 @@ def _process_globals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if thread.name.startswith("site-"):
             thread.join(timeout=60)
             assert not thread.is_alive(), f"abandoned site thread {thread.name} still runs"
+    workers = [p.name for p in multiprocessing.active_children() if p.name.startswith(WORKER_NAME)]
+    assert not workers, f"site worker processes still run: {workers}"
 
 
 @pytest.fixture

@@ -60,9 +60,9 @@ class Wire:
         return wrapped
 
 
-def _run(plan: RunPlan, app: ClientApp, on_round=None) -> dict:
+def _run(plan: RunPlan, app: ClientApp, on_round=None, workers: int | None = None) -> dict:
     server = build_server_app(plan, on_round)
-    run_inprocess(server, app, len(plan.config.sites), plan.to_run_config())
+    run_inprocess(server, app, len(plan.config.sites), plan.to_run_config(), workers=workers)
     return json.loads((plan.run_dir / "metrics.json").read_text())
 
 
@@ -102,7 +102,7 @@ def test_sites_keep_their_own_normalization_and_share_the_rest(
     wire = Wire()
     plan = RunPlan(cfg, new_run_dir(cfg))
 
-    out = _run(plan, wire.app)
+    out = _run(plan, wire.app, workers=1)  # serial: the spy records in this process
 
     # Nothing of the normalization layers crosses the network, in either direction.
     assert wire.sent and wire.received
@@ -161,8 +161,9 @@ def test_local_normalization_trains_under_dp_without_sending_the_layers(tmp_path
     cfg = _config(tmp_path, privacy={"enabled": True, "target_epsilon": 5.0})
     wire = Wire()
 
-    out = _run(RunPlan(cfg, new_run_dir(cfg)), wire.app)
+    out = _run(RunPlan(cfg, new_run_dir(cfg)), wire.app, workers=1)  # the spy records here
 
+    assert wire.sent and wire.received
     assert not (wire.sent | wire.received) & set(NORM)
     eps = [m["train"]["epsilon"] for h in out["history"] for m in h["sites"].values()]
     assert 0 < max(eps) <= 5.0 + 1e-6
