@@ -5,6 +5,7 @@ Each results JSON records the code and machine it measured, so a number can be t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from fedmed.io import json_safe
 
 __all__ = [
@@ -32,7 +35,9 @@ __all__ = [
     "git_state",
     "json_safe",
     "parse_seeds",
+    "per_round",
     "print_table",
+    "run_tree",
     "run_variants",
     "simulate",
     "summarize",
@@ -185,3 +190,56 @@ def note_source_change(env: dict[str, Any]) -> None:
     if git_state() != env["git"]:
         env["git_at_end"] = git_state()
         print("warning: fedmed's source changed while the benchmark ran (see environment.git*)")
+
+
+def run_tree(cmd: list[str], env: dict[str, str], folder: Path, pattern: str) -> dict[str, Any]:
+    """Run ``cmd``; wall seconds, peak memory of the process tree (Ray's raylet, GCS and workers
+    included) and when rounds ended: the run whose live.json (rewritten by the coordinator after
+    every round) first matches ``folder``/``pattern``.
+
+    Memory is the proportional set size (PSS) summed over the tree: a page shared by N
+    processes (forked workers, Ray's object store) counts 1/N in each, so the sum is what the
+    tree holds; RSS would count shared pages once per process. ``round_marks`` are (rounds
+    done, seconds since start) taken from live.json's modification time, so a poll that comes
+    late does not move a round's end.
+    """
+    start_wall, start = time.time(), time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    root = psutil.Process(proc.pid)
+    peak, marks, live = 0, [], None
+    while proc.poll() is None:
+        total = 0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                    total += p.memory_full_info().pss
+        peak = max(peak, total)
+        if live is None:
+            live = next(folder.glob(pattern), None)  # the run's folder appears once it starts
+        if live is not None:
+            mark = _rounds_done(live)
+            if mark and (not marks or mark[0] > marks[-1][0]):
+                marks.append((mark[0], mark[1] - start_wall))
+        time.sleep(0.1)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{err.decode()[-3000:]}")
+    return {"wall_s": time.perf_counter() - start, "peak_mib": peak / 2**20, "round_marks": marks}
+
+
+def _rounds_done(live: Path) -> tuple[int, float] | None:
+    """(rounds in live.json, when it was written), or None while it is not readable."""
+    try:
+        written = live.stat().st_mtime
+        return len(json.loads(live.read_text()).get("history", [])), written
+    except (OSError, ValueError):  # not written yet, or mid-replace
+        return None
+
+
+def per_round(marks: list[tuple[int, float]]) -> float:
+    """Steady-state seconds per round: from the first round end seen to the last, over the
+    rounds between (start-up and the end-of-study report are not rounds)."""
+    if len(marks) < 2:
+        raise RuntimeError("fewer than 2 round ends observed: run with more rounds")
+    (first, t0), (last, t1) = marks[0], marks[-1]
+    return (t1 - t0) / (last - first)

@@ -21,22 +21,18 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, fedmed_command, print_table
+from _common import environment, fedmed_command, per_round, print_table, run_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
@@ -98,46 +94,6 @@ test_fraction = 0.25
     return study
 
 
-def run_tree(cmd: list[str], env: dict[str, str], folder: Path, pattern: str) -> dict[str, Any]:
-    """Run ``cmd``; wall seconds, peak RSS of the process tree, and when each round ended."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    root = psutil.Process(proc.pid)
-    peak, ends, live = 0, [], None
-    while proc.poll() is None:
-        total = 0
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for p in [root, *root.children(recursive=True)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    total += p.memory_info().rss
-        peak = max(peak, total)
-        if live is None:
-            live = next(folder.glob(pattern), None)  # the run's folder appears once it starts
-        if live is not None:
-            done = _rounds(live)
-            while len(ends) < done:  # a round ended since the last look
-                ends.append(time.perf_counter() - start)
-        time.sleep(0.1)
-    _, err = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed:\n{err.decode()[-3000:]}")
-    return {"wall_s": time.perf_counter() - start, "peak_mib": peak / 2**20, "round_ends": ends}
-
-
-def _rounds(live: Path) -> int:
-    try:
-        return len(json.loads(live.read_text()).get("history", []))
-    except (OSError, ValueError):  # not written yet, or mid-replace
-        return 0
-
-
-def per_round(ends: list[float]) -> float:
-    """Steady-state seconds per round: first round end to last, over the rounds between."""
-    if len(ends) < 2:
-        raise RuntimeError("fewer than 2 rounds observed: run with --rounds 2 or more")
-    return (ends[-1] - ends[0]) / (len(ends) - 1)
-
-
 def bench_fedmed(
     study: Path, engine: str, dp: bool, work: Path, n: int, rounds: int
 ) -> dict[str, Any]:
@@ -172,7 +128,7 @@ def bench_plain_flower(sites: list[dict[str, str]], work: Path, rounds: int) -> 
 
 
 def _summary(result: dict[str, Any], n: int, rounds: int, command: str) -> dict[str, Any]:
-    seconds = per_round(result["round_ends"])
+    seconds = per_round(result["round_marks"])
     return {
         "sites": n,
         "rounds": rounds,

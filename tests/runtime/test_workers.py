@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -138,6 +139,7 @@ def test_a_hung_site_does_not_hold_the_others_past_its_deadline() -> None:
         replies = list(grid.send_and_receive(_train_messages(grid), timeout=DEADLINE))
         wall = time.monotonic() - started
         alive = [p for p in multiprocessing.active_children() if p.name.startswith(WORKER_NAME)]
+        frozen = gc.get_freeze_count()  # the parent's objects, shared with the workers
 
     nodes = [r.metadata.src_node_id for r in replies]
     assert nodes == [1001, 1003, 1004, 1005, 1006]  # in the order sent; node 1002 (HANG): none
@@ -150,6 +152,8 @@ def test_a_hung_site_does_not_hold_the_others_past_its_deadline() -> None:
     # The hung and the dead workers were replaced: two workers, neither of them busy any more.
     assert len(alive) == 2
     assert not [p for p in multiprocessing.active_children() if p.name.startswith(WORKER_NAME)]
+    assert frozen > 0
+    assert gc.get_freeze_count() == 0  # collectable again once the pool closed
 
 
 def test_the_pool_size_is_the_usable_cores_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
