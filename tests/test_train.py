@@ -108,6 +108,8 @@ def test_lr_decay_trains_round_r_at_lr_times_decay_to_the_r_minus_1(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "train_plain", recording)
+    # The spy records in this process: the sites must train here, not in forked workers.
+    monkeypatch.setenv("FEDMED_SIM_WORKERS", "1")
     args = ["--set", "rounds=3", "--set", "train.lr=0.08", "--set", "train.lr_decay=0.5"]
     plain = ["--set", "privacy.enabled=false", "--mode", mode, "--set", f"output_dir={tmp_path}"]
 
