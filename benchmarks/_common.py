@@ -78,6 +78,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "load_average_1_5_15_min": list(os.getloadavg()),  # other work sharing the cores
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "packages": versions,
     }

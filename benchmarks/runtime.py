@@ -138,7 +138,18 @@ def bench_overhead(rounds: int, repeats: int, out_dir: str, *, dp: bool) -> dict
     def plain() -> float:
         from opacus.accountants import RDPAccountant
 
-        accountants = {data.name: RDPAccountant() for data in sites}
+        # One intra-op thread, as every fedmed site trains (fedmed.runtime.inprocess): torch's
+        # default (one per core) gains nothing on this tiny model and, when another process
+        # holds a core, its OpenMP threads wait on each other (measured: x10 slower per round).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return plain_rounds(RDPAccountant)
+        finally:
+            torch.set_num_threads(threads)
+
+    def plain_rounds(accountant_class: Any) -> float:
+        accountants = {data.name: accountant_class() for data in sites}
         ends = []
         global_model = initial_model(RunPlan(cfg, Path(out_dir)))
         for rnd in range(1, cfg.rounds + 1):
