@@ -168,7 +168,9 @@ def live_reporter(
 
     def report(rnd: int, history: RunHistory) -> None:
         write_json(
-            plan.run_dir / "live.json", {**_header(plan), "status": "running", **history.to_dict()}
+            plan.run_dir / "live.json",
+            {**_header(plan), "status": "running", **history.to_dict()},
+            indent=None,  # rewritten every round, for the dashboard and `fedmed run`
         )
         if on_round:
             on_round(rnd, history)
