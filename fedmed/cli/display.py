@@ -126,8 +126,8 @@ def _print_personalized(personalized: dict, order: list[str], settings: dict) ->
 
 
 # Metrics shown in the progress bar and the summary table, in this order, when the task has them.
-SHOWN = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "precision": "prec", "recall": "rec",
-         "c_index": "C-index"}  # fmt: skip
+SHOWN = {"accuracy": "acc", "macro_f1": "macro-F1", "roc_auc": "auc", "f1": "f1",
+         "precision": "prec", "recall": "rec", "c_index": "C-index"}  # fmt: skip
 
 
 class _Progress:
