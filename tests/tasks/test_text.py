@@ -221,3 +221,27 @@ def test_model_sizes_follow_the_study(tmp_path: Path) -> None:
     assert transformer.position.num_embeddings == 24 and transformer.head.out_features == 3
     with pytest.raises(ConfigError, match="build_model"):
         get_task("text-classification").build_model(10, ModelConfig(kind="bag"))
+
+
+def test_a_killed_text_study_resumes_with_the_vocabulary_it_started_with(tmp_path: Path) -> None:
+    from fedmed.config import load_run_config
+    from fedmed.coordinator.checkpoint import load_checkpoint
+    from fedmed.runtime.run import preflight
+    from fedmed.study.plan import RunPlan, new_run_dir
+    from tests.coordinator.test_checkpoint import Killed, _kill_after, _metrics, _numbers, _run
+
+    cfg, _ = preflight(load_run_config(_write_study(tmp_path)).replace(rounds=3))
+    run_dir = new_run_dir(cfg)
+    with pytest.raises(Killed):
+        _run(RunPlan(cfg, run_dir), _kill_after(1))
+    vocabulary = load_checkpoint(run_dir, cfg).vocabulary  # the run's own config resumes it
+    assert vocabulary[:2] == ("[PAD]", "[UNK]")
+
+    _run(RunPlan(cfg, run_dir, resume=True))
+
+    resumed = _metrics(run_dir)
+    assert tuple(resumed["config"]["data"]["text"]["vocabulary"]) == vocabulary
+    text = replace(cfg.data.text, vocabulary=vocabulary)  # the same study, uninterrupted
+    pinned = cfg.replace(data=replace(cfg.data, text=text))
+    reference = _run(RunPlan(pinned, new_run_dir(pinned)))
+    assert _numbers(resumed) == _numbers(_metrics(reference))
