@@ -249,3 +249,20 @@ def test_a_killed_text_study_resumes_with_the_vocabulary_it_started_with(tmp_pat
     pinned = cfg.replace(data=replace(cfg.data, text=text))
     reference = _run(RunPlan(pinned, new_run_dir(pinned)))
     assert _numbers(resumed) == _numbers(_metrics(reference))
+
+
+def test_fedbn_keeps_the_transformers_layer_norms_at_the_sites(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    toml = _write_study(
+        tmp_path,
+        model={"kind": "transformer", "hidden": [8], "heads": 2},
+        personalize={"local_normalization": True},
+    )
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    personalized = json.loads((run_dir / "metrics.json").read_text())["final"]["personalized"]
+    assert set(personalized["sites"]) == {"site0", "site1"}
+    assert "macro_f1" in personalized["sites"]["site0"]["after"]
+    kept = list((tmp_path / "sites").rglob("*.safetensors"))  # FEDMED_SITE_STATE_DIR (conftest)
+    assert kept, "no site kept its own normalization layers"
