@@ -30,7 +30,7 @@ STATISTICS_KEY = "statistics"  # reply ConfigRecord entry: the site's fitted sta
 PHASES = ("before", "after")  # personalization metrics: the global model, then fine-tuned
 
 # --- the text vocabulary, built before round 1 (fedmed.data.text) -------------------------------
-VOCABULARY_QUERY = "query.vocabulary"  # the coordinator asks each site for its shared word counts
+# The coordinator asks each site with a "query.vocabulary" message (fedmed.site.app.shared_words).
 WORDS_KEY = "words"  # reply ConfigRecord entry: {word: count} as JSON, only counts >= min_count
 MAX_SHARED_WORDS = 1_000_000  # a reply with more words than this is not a site's vocabulary
 
