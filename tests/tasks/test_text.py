@@ -266,3 +266,21 @@ def test_fedbn_keeps_the_transformers_layer_norms_at_the_sites(
     assert "macro_f1" in personalized["sites"]["site0"]["after"]
     kept = list((tmp_path / "sites").rglob("*.safetensors"))  # FEDMED_SITE_STATE_DIR (conftest)
     assert kept, "no site kept its own normalization layers"
+
+
+def test_binary_text_with_named_labels_is_the_two_class_case(tmp_path: Path) -> None:
+    from fedmed.data.text import read_text_table
+
+    frame = site_texts(0)
+    frame["dx"] = np.where(frame["dx"] == 1, "malignant", "benign")
+    raw = text_study(tmp_path, [frame], classes=["benign", "malignant"])
+    cfg = parse_run_config({**raw, "mode": "local"})
+    table = read_text_table(cfg, cfg.sites[0])
+    labels = np.concatenate([table.y_train, table.y_test])
+    assert set(labels) == {0.0, 1.0} and labels.sum() == (frame["dx"] == "malignant").sum()
+    task = get_task("text-classification")
+    y = np.array([0, 1, 1, 0, 1], dtype=np.float32)
+    p1 = np.array([0.2, 0.9, 0.4, 0.5, 0.7])
+    got = task.evaluate(y, np.stack([1 - p1, p1], axis=1), loss=0.5)
+    assert got["roc_auc"] == pytest.approx(roc_auc_score(y, p1))  # the binary AUC
+    assert got["accuracy"] == pytest.approx(0.8)
