@@ -238,16 +238,21 @@ class ModelConfig(_Frozen):
     ``members`` (classification tasks): a deep ensemble of that many copies of the network, each
     initialized on its own and trained with its own loss on the same batches; the model's output
     is the mean of their logits (fedmed.tasks.ensemble).
+    ``bag`` (text): token embeddings of width ``hidden[0]``, averaged over the text, then a linear
+    layer; ``transformer`` (text): one encoder layer of width ``hidden[i]`` per entry (all equal)
+    with ``heads`` attention heads (fedmed.tasks.text).
     """
 
     kind: str = field(
-        default="mlp", metadata=_choices("logreg", "linear", "mlp", "cnn", "gru", "grud")
+        default="mlp",
+        metadata=_choices("logreg", "linear", "mlp", "cnn", "gru", "grud", "bag", "transformer"),
     )
     hidden: tuple[int, ...] = (32,)
     dropout: float = 0.0
     summaries: bool = False
     members: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    heads: int = 2  # transformer (text): attention heads per layer; must divide hidden[0]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -513,6 +518,50 @@ class SeriesConfig(_Frozen):
 
 
 @dataclass(frozen=True)
+class TextConfig(_Frozen):
+    """Text sites (task text-classification): a table with a text column and a label column.
+
+    The label column is data.schema.target; ``classes`` declares its values in order (class 0,
+    1, ...), so every site builds the same output layer without revealing which classes it has,
+    and a value outside them is an error naming the row. Texts are cut to ``max_tokens`` tokens
+    (the count of cut texts is reported).
+
+    The vocabulary is fitted before round 1 without any download (fedmed.data.text): each site
+    counts the words of its own TRAIN texts and shares only words it counts at least
+    ``min_count`` times; the coordinator sums those counts and trains a WordPiece vocabulary of
+    ``vocab_size`` tokens on them (more if the shared words hold more distinct characters: every
+    character is kept), so no word rarer than that at every site (a name, a
+    record number) enters it. ``vocabulary`` is that result, filled in by the coordinator (or
+    written here by a consortium that agreed on one).
+
+    ``duplicates`` (texts repeated within a table or file): "drop" keeps one copy of a text that
+    always carries the same label and drops every copy of a text that carries two labels (it
+    has no single true class); "error" refuses such a table, naming the rows; "keep" uses them
+    as they are (copies may then sit in train and test).
+    """
+
+    column: str = "text"
+    max_tokens: int = 256
+    min_count: int = 5
+    vocab_size: int = 4000
+    classes: tuple[Any, ...] = ()
+    duplicates: str = field(default="drop", metadata=_choices("drop", "error", "keep"))
+    vocabulary: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_range("data.text.max_tokens", self.max_tokens, 1, 8192)
+        _in_range(
+            "data.text.min_count",
+            self.min_count,
+            1,
+            1_000_000,
+            fix="a word is shared only if a site counts it this often; 5 = default",
+        )
+        _in_range("data.text.vocab_size", self.vocab_size, 16, 1_000_000)
+
+
+@dataclass(frozen=True)
 class DataConfig(_Frozen):
     """Where the sites' tables come from.
 
@@ -536,6 +585,7 @@ class DataConfig(_Frozen):
     schema: SchemaConfig = field(default_factory=SchemaConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
+    text: TextConfig = field(default_factory=TextConfig)
 
 
 @dataclass(frozen=True)
@@ -591,6 +641,11 @@ class RunConfig(_Frozen):
         out = plain(self)
         if self.simulation == SimulationConfig():
             del out["simulation"]
+        # Added with the text task: left off at their defaults for the same reason.
+        if self.data.text == TextConfig():
+            del out["data"]["text"]
+        if self.model.heads == ModelConfig.heads:
+            del out["model"]["heads"]
         return out
 
     def to_json(self) -> str:

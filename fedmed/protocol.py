@@ -29,6 +29,33 @@ SITE_KEY = "site"  # reply record (and SecAgg+ metrics key) naming the replying 
 STATISTICS_KEY = "statistics"  # reply ConfigRecord entry: the site's fitted statistics as JSON
 PHASES = ("before", "after")  # personalization metrics: the global model, then fine-tuned
 
+# --- the text vocabulary, built before round 1 (fedmed.data.text) -------------------------------
+# The coordinator asks each site with a "query.vocabulary" message (fedmed.site.app.shared_words).
+WORDS_KEY = "words"  # reply ConfigRecord entry: {word: count} as JSON, only counts >= min_count
+MAX_SHARED_WORDS = 1_000_000  # a reply with more words than this is not a site's vocabulary
+
+
+def encode_word_counts(counts: dict[str, int]) -> str:
+    """A site's shared word counts as the JSON text its reply carries (sorted: reproducible)."""
+    return json.dumps(dict(sorted(counts.items())), ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_word_counts(text: str, min_count: int) -> dict[str, int]:
+    """A site's word counts, checked: a JSON object of words to whole counts >= ``min_count``.
+
+    A reply is a peer's data: anything else (a list, a float, a count below the threshold the
+    plan set, an absurd number of words) is a ValueError, and the site's counts are not used.
+    """
+    counts = json.loads(text)
+    if not isinstance(counts, dict) or len(counts) > MAX_SHARED_WORDS:
+        raise ValueError("word counts must be a JSON object of at most 1,000,000 words")
+    for word, count in counts.items():
+        if not word or isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError("every word count must be a non-empty word with a whole count")
+        if count < min_count:
+            raise ValueError(f"a word counted {count} times is below min_count = {min_count}")
+    return counts
+
 
 # --- why a site did not contribute -------------------------------------------------------------
 

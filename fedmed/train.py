@@ -147,6 +147,22 @@ def train_plain(
     return TrainResult(loss=loss, steps=steps, num_examples=len(y))
 
 
+EVAL_BATCH = 256  # rows per forward pass when evaluating
+
+
+@torch.no_grad()
+def forward_in_batches(model: nn.Module, x: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``model``'s output on every row of ``x``, computed a batch at a time.
+
+    One pass over a whole test split is fine for a table, but a Transformer's attention over
+    1,000 texts of 256 tokens would need gigabytes at once; row by row outputs are the same.
+    """
+    if len(x) <= EVAL_BATCH:
+        return model(torch.from_numpy(x).to(device))
+    chunks = [x[i : i + EVAL_BATCH] for i in range(0, len(x), EVAL_BATCH)]
+    return torch.cat([model(torch.from_numpy(c).to(device)) for c in chunks])
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -164,7 +180,7 @@ def evaluate(
     weights come from the same site's ``train`` split (x, y).
     """
     model.to(device).eval()
-    output = model(torch.from_numpy(x).to(device))
+    output = forward_in_batches(model, x, device)
     loss = float(task.loss(output, torch.from_numpy(y).to(device)))
     scores = task.scores(output)
     metrics = task.evaluate(y, scores, loss)
@@ -172,7 +188,7 @@ def evaluate(
         if train is None:
             raise ValueError("time-dependent metrics need the site's train split")
         x_train, y_train = train
-        train_scores = task.scores(model(torch.from_numpy(x_train).to(device)))
+        train_scores = task.scores(forward_in_batches(model, x_train, device))
         metrics.update(task.horizon_metrics(y_train, train_scores, y, scores, horizons))
     return metrics
 

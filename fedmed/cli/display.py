@@ -60,7 +60,12 @@ def _print_summary(payload: dict) -> None:
     for line in _coverage_lines(final.get("average_coverage"), [c for c in cols if c in avg]):
         print(line)
     if final.get("personalized"):
-        _print_personalized(final["personalized"], order, payload["config"]["personalize"])
+        _print_personalized(
+            final["personalized"],
+            order,
+            payload["config"]["personalize"],
+            [*_shown(payload["config"]["task"])[:3], "loss"],
+        )
     if final.get("central_epsilon") is not None:
         privacy = payload["config"]["privacy"]
         print(
@@ -105,12 +110,13 @@ def _coverage_lines(coverage: dict | None, shown: list[str]) -> list[str]:
     return lines
 
 
-def _print_personalized(personalized: dict, order: list[str], settings: dict) -> None:
+def _print_personalized(
+    personalized: dict, order: list[str], settings: dict, cols: list[str]
+) -> None:
     """Per-site test metrics of the final global model before -> after local fine-tuning."""
     from rich.console import Console
     from rich.table import Table
 
-    cols = ("accuracy", "roc_auc", "f1", "loss")
     how = [f"{settings['local_epochs']:g} local epoch(s) per site"] * bool(settings["local_epochs"])
     how += ["own normalization layers"] * bool(settings.get("local_normalization"))
     table = Table(title=f"personalized: {' + '.join(how)} (before → after)")
@@ -126,8 +132,8 @@ def _print_personalized(personalized: dict, order: list[str], settings: dict) ->
 
 
 # Metrics shown in the progress bar and the summary table, in this order, when the task has them.
-SHOWN = {"accuracy": "acc", "roc_auc": "auc", "f1": "f1", "precision": "prec", "recall": "rec",
-         "c_index": "C-index"}  # fmt: skip
+SHOWN = {"accuracy": "acc", "macro_f1": "macro-F1", "roc_auc": "auc", "f1": "f1",
+         "precision": "prec", "recall": "rec", "c_index": "C-index"}  # fmt: skip
 
 
 class _Progress:

@@ -5,13 +5,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmed.coordinator.rounds import StudyRounds
-from fedmed.protocol import RUN_KEY, SITE_KEY, STATISTICS_KEY, STUDY_KEY, read_error, unflatten
+from fedmed.protocol import (
+    RUN_KEY,
+    SITE_KEY,
+    STATISTICS_KEY,
+    STUDY_KEY,
+    WORDS_KEY,
+    decode_word_counts,
+    read_error,
+    unflatten,
+)
 from fedmed.study.history import RoundCallback, RunHistory
 from fedmed.study.outputs import finish_run
 from fedmed.study.plan import RunPlan, initial_model
@@ -40,6 +51,8 @@ def run_federated(
     series = plan.config.data.series
     if plan.config.task == "sequence-classification" and series.standardize == "consortium":
         plan = consortium_scale(grid, plan, history) if not series.mean else plan
+    if plan.config.task == "text-classification" and not plan.config.data.text.vocabulary:
+        plan = consortium_vocabulary(grid, plan, history)
     cfg = plan.config
     model = initial_model(plan)
     # FedBN: the sites keep their normalization layers; the coordinator exchanges the rest.
@@ -112,22 +125,38 @@ def ask_statistics(
     grid: Grid, plan: RunPlan, history: RunHistory, rnd: int
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """Each site's fitted statistics by site name, and the refusals (site -> reason)."""
+    return _ask_sites(grid, plan, history, rnd, "statistics", STATISTICS_KEY, json.loads)
+
+
+def _ask_sites(
+    grid: Grid,
+    plan: RunPlan,
+    history: RunHistory,
+    rnd: int,
+    phase: str,
+    key: str,
+    decode: Callable[[str], Any],
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Send every site the query ``query.<phase>``; (decoded ``key`` of each reply by site name,
+    the refusals: who -> reason). A reply that does not decode counts as a refusal."""
     study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
     messages = [
-        grid.create_message(
-            RecordDict({"config": study}), "query.statistics", node, group_id="statistics"
-        )
+        grid.create_message(RecordDict({"config": study}), f"query.{phase}", node, group_id=phase)
         for node in grid.get_node_ids()
     ]
     sites, refused = {}, {}
     for reply in grid.send_and_receive(messages, timeout=300):
         if reply.has_error():
             failure = read_error(reply.error)
-            history.record_failure(rnd, "statistics", failure.site or "unknown", failure.detail)
+            history.record_failure(rnd, phase, failure.site or "unknown", failure.detail)
             refused[f"node {reply.metadata.src_node_id}"] = str(failure)
             continue
         name = str(reply.content[SITE_KEY]["name"])
-        sites[name] = json.loads(str(reply.content[SITE_KEY][STATISTICS_KEY]))
+        try:
+            sites[name] = decode(str(reply.content[SITE_KEY][key]))
+        except (ValueError, KeyError) as exc:
+            history.record_failure(rnd, phase, name, f"malformed {phase} reply ({exc})")
+            refused[f"site '{name}'"] = f"malformed {phase} reply"
     return sites, refused
 
 
@@ -159,6 +188,46 @@ def consortium_scale(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
         )
     cfg = with_series_reference(plan.config, [sites[name] for name in plan.config.site_names])
     log.info("consortium scale from %d sites' statistics", len(sites))
+    return replace(plan, config=cfg)
+
+
+def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
+    """The text vocabulary, from every site's shared word counts, before round 1.
+
+    Each site sends only the words of its train texts it counts at least data.text.min_count
+    times (fedmed.site.app; checked again here); the vocabulary is trained on their sum
+    (fedmed.data.text.build_vocabulary) and travels in the plan from round 1 on. A resumed run
+    keeps the vocabulary its checkpoint was trained with. All sites or none, as for the
+    consortium scale: the vocabulary shapes the model every site trains.
+    """
+    from fedmed.coordinator.checkpoint import load_checkpoint
+    from fedmed.data.text import with_vocabulary
+    from fedmed.errors import ConfigError
+
+    cfg = plan.config
+    if plan.resume:
+        vocabulary = load_checkpoint(plan.run_dir, cfg).vocabulary
+        text = replace(cfg.data.text, vocabulary=vocabulary)
+        return replace(plan, config=cfg.replace(data=replace(cfg.data, text=text)))
+    min_count = cfg.data.text.min_count
+    sites, refused = _ask_sites(
+        grid, plan, history, 0, "vocabulary", WORDS_KEY, lambda t: decode_word_counts(t, min_count)
+    )
+    missing = sorted(set(cfg.site_names) - set(sites))
+    if missing or refused:
+        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
+        raise ConfigError(
+            f"the text vocabulary needs every site's shared word counts, but "
+            f"{', '.join(missing) or 'a site'} did not send them ({why}); set share_statistics "
+            "= true in those sites' configs, or write an agreed data.text.vocabulary"
+        )
+    cfg = with_vocabulary(cfg, [sites[name] for name in cfg.site_names])
+    log.info(
+        "text vocabulary of %d tokens from %d sites' words counted >= %d times",
+        len(cfg.data.text.vocabulary),
+        len(sites),
+        min_count,
+    )
     return replace(plan, config=cfg)
 
 

@@ -53,10 +53,22 @@ class Checkpoint:
     history: RunHistory
     # e.g. {"m_t": {param: array}, "v_t": {...}} for FedAdam; {} for stateless strategies
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    # What the run derived before round 1 and must keep: the text vocabulary (else empty).
+    vocabulary: tuple[str, ...] = ()
 
 
 def _hashed(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    """The config as it shapes the run, less what the run itself derives before round 1.
+
+    The text vocabulary is built from the sites' counts when the run starts (and reused from
+    the checkpoint on resume), so a run's own config file resumes it.
+    """
+    out = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    out.get("data", {}).get("text", {}).pop(DERIVED_TEXT, None)
+    return out
+
+
+DERIVED_TEXT = "vocabulary"
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -166,7 +178,8 @@ def load_checkpoint(run_dir: Path, cfg: RunConfig) -> Checkpoint:
         raise ConfigError(
             f"{path} says round {done} of {cfg.rounds}; start a new run without --resume"
         )
-    return Checkpoint(done, arrays, history, state)
+    vocabulary = RunConfig.from_json(metadata["config"]).data.text.vocabulary
+    return Checkpoint(done, arrays, history, state, vocabulary)
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

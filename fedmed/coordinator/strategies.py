@@ -470,7 +470,17 @@ class RoundOffset(StrategyWrapper):
 # What a site may report. A reply is numbers from a peer the coordinator does not control: a
 # weight (num-examples) decides how far one site moves the shared model, so it is checked first.
 MAX_EXAMPLES = 10**8  # rows at one site past which a count is absurd (no hospital has them)
-UNIT_INTERVAL = ("accuracy", "precision", "recall", "f1", "roc_auc", "c_index", "auc_mean", "ibs")
+UNIT_INTERVAL = (
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "macro_f1",
+    "roc_auc",
+    "c_index",
+    "auc_mean",
+    "ibs",
+)
 # Rank metrics that are undefined (NaN) on a test split with one class or beyond follow-up.
 MAY_BE_UNDEFINED = ("roc_auc", "c_index", "auc_mean", "ibs")
 NON_NEGATIVE = ("epsilon", "epsilon_total", "steps", "loss", "train_loss")

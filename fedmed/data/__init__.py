@@ -7,12 +7,16 @@ Nothing here knows about tasks or Flower: the task decides which outcome a site'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from fedmed.config import RunConfig, SiteSpec
 from fedmed.data.arrays import ArrayTable
 from fedmed.data.sources import load_site_frame
 from fedmed.data.table import OUTCOMES, SiteData, SiteTable, validate_table
 from fedmed.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedmed.data.text import TextTable
 
 __all__ = [
     "ArrayTable",
@@ -23,7 +27,7 @@ __all__ = [
     "site_spec",
 ]
 
-Reader = Callable[[RunConfig, SiteSpec], ArrayTable]
+Reader = Callable[[RunConfig, SiteSpec], "ArrayTable | TextTable"]
 
 
 def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
@@ -35,14 +39,21 @@ def site_spec(cfg: RunConfig, name: str) -> SiteSpec:
 
 
 def readers() -> dict[str, Reader]:
-    """Outcome kind (``Task.target``) -> the reader of its sites (imported on first use)."""
+    """Outcome kind (``Task.target``) -> the reader of its sites (imported on first use).
+
+    Text sites are read in two steps (fedmed.data.text): this reader checks and splits the
+    texts; their token ids need the study's vocabulary (``encode_table``).
+    """
     from fedmed.data.images import read_image_site
     from fedmed.data.series import read_series_site
+    from fedmed.data.text import read_text_table
 
-    return {"image": read_image_site, "series": read_series_site}
+    return {"image": read_image_site, "series": read_series_site, "text": read_text_table}
 
 
-def read_site_table(cfg: RunConfig, site: SiteSpec, target: str) -> SiteTable | ArrayTable:
+def read_site_table(
+    cfg: RunConfig, site: SiteSpec, target: str
+) -> SiteTable | ArrayTable | TextTable:
     """One site's rows for an outcome of kind ``target`` (raw units, split into train/test)."""
     if target not in OUTCOMES:  # images, series: their own reader
         return readers()[target](cfg, site)

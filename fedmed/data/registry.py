@@ -209,7 +209,13 @@ KINDS: dict[str, Inspector] = {
     "series": _inspect_series,
 }
 # Which kind of dataset each task outcome reads (fedmed.tasks: Task.target).
-KIND_OF_TARGET = {"binary": "table", "survival": "table", "image": "images", "series": "series"}
+KIND_OF_TARGET = {
+    "binary": "table",
+    "survival": "table",
+    "text": "table",
+    "image": "images",
+    "series": "series",
+}
 
 
 def guess_kind(path: Path, outcomes: Path | None) -> str:

@@ -278,7 +278,7 @@ def plan_hash(cfg: RunConfig) -> str:
     """
     import hashlib
 
-    from fedmed.config import ImageConfig, SeriesConfig
+    from fedmed.config import ImageConfig, SeriesConfig, TextConfig
 
     default = _defaults(RunConfig)
 
@@ -318,8 +318,15 @@ def plan_hash(cfg: RunConfig) -> str:
         "std",
         *(k for k in spec["data"]["series"] if k.endswith("_column")),
     }
-    for key, base in (("images", ImageConfig()), ("series", SeriesConfig())):
-        values = {k: v for k, v in spec["data"][key].items() if k not in site_owned}
+    # The text vocabulary is derived during the run from the sites' own shared word counts (its
+    # size, threshold and every other text setting are hashed).
+    derived = {"images": site_owned, "series": site_owned, "text": {"vocabulary"}}
+    for key, base in (
+        ("images", ImageConfig()),
+        ("series", SeriesConfig()),
+        ("text", TextConfig()),
+    ):
+        values = {k: v for k, v in spec["data"].get(key, {}).items() if k not in derived[key]}
         data.pop(key, None)
         if changed(values, _asdict(base)):
             data[key] = changed(values, _asdict(base))

@@ -95,9 +95,32 @@ def save_model(
         **({"local_normalization": LOCAL_LAYERS_NOTE} if _local_layers(cfg) else {}),
         **extra,
     }
+    if cfg.data.text.vocabulary:  # text: the tokenizer a served model feeds raw text through
+        card["tokenizer"] = _save_tokenizer(out_dir, stem, cfg)
     signed = sign_card(json_safe(card))
     atomic_write(out_dir / f"{stem}.card.json", (json.dumps(signed, indent=2) + "\n").encode())
     return weights
+
+
+def _save_tokenizer(out_dir: Path, stem: str, cfg: RunConfig) -> dict[str, Any]:
+    """``<stem>.tokenizer.json`` (HuggingFace tokenizers' own JSON) and what the card says of it.
+
+    The card binds the file by its SHA-256, as it binds the weights; the card is signed.
+    """
+    from fedmed.data.text import tokenizer_json
+
+    path = out_dir / f"{stem}.tokenizer.json"
+    atomic_write(path, tokenizer_json(cfg.data.text.vocabulary).encode())
+    text = cfg.data.text
+    return {
+        "file": path.name,
+        "sha256": _sha256(path),
+        "vocabulary_size": len(text.vocabulary),
+        "max_tokens": text.max_tokens,
+        "column": text.column,
+        "classes": list(text.classes),
+        "padding_id": 0,
+    }
 
 
 def resolve_model_path(path: Path) -> Path:
@@ -142,6 +165,12 @@ def load_model(
         raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
     from fedmed.config import ModelConfig, _build
 
+    if "tokenizer" in card:
+        raise ConfigError(
+            f"{card_path}: serving a text model is not implemented yet (its tokenizer is "
+            f"{card['tokenizer'].get('file')}); load it in Python with fedmed.tasks.build_model "
+            "and the run's metrics.json config"
+        )
     with malformed_card(card_path):
         model = get_task(card["task"]).build_model(
             len(card["inputs"]), _build(ModelConfig, card["model"], "model.")

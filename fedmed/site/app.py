@@ -35,7 +35,9 @@ from fedmed.protocol import (
     SITE_KEY,
     STATISTICS_KEY,
     STUDY_KEY,
+    WORDS_KEY,
     SiteReason,
+    encode_word_counts,
     flatten,
     site_error,
 )
@@ -411,3 +413,32 @@ def feature_statistics(msg: Message, context: Context) -> Message:
     stats = json.dumps({**data.preprocessing, "n": data.n_train})
     content = RecordDict({SITE_KEY: ConfigRecord({"name": site.name, STATISTICS_KEY: stats})})
     return Message(content, reply_to=msg)
+
+
+@app.query("vocabulary")
+@_fail_closed
+def shared_words(msg: Message, context: Context) -> Message:
+    """This site's part of the study's text vocabulary (deployment: opt-in, share_statistics).
+
+    Only the words of its TRAIN texts that it counts at least data.text.min_count times (the
+    approved plan's threshold) leave the site, with their counts: a rarer word (a name, a record
+    number) never does. Test texts are not counted, so the vocabulary learns nothing of them.
+    """
+    from fedmed.data.text import TextTable, shared_word_counts
+    from fedmed.tasks import load_site_table
+
+    own = site_config(context)
+    if own is not None and not own.share_statistics:
+        raise PolicyViolation("the site does not share word counts (share_statistics)")
+    run, site, _ = site_of(plan_from_json(message_plan(msg)), context)
+    table = load_site_table(run, site)
+    if not isinstance(table, TextTable):
+        raise PolicyViolation("the plan's task has no text vocabulary")
+    if own is not None and len(table.y_train) + len(table.y_test) < own.min_rows:
+        raise PolicyViolation(
+            f"the dataset has fewer rows than the site's minimum ({own.min_rows})"
+        )
+    counts = shared_word_counts(table, run.data.text.min_count)
+    log.info("site %s shares %d words for the text vocabulary", site.name, len(counts))
+    record = ConfigRecord({"name": site.name, WORDS_KEY: encode_word_counts(counts)})
+    return Message(RecordDict({SITE_KEY: record}), reply_to=msg)

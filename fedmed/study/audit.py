@@ -38,10 +38,15 @@ def audit_run(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{run_dir} has no metrics.json; give the directory of a finished run")
     payload = json.loads(metrics_path.read_text())
     cfg = parse_run_config(payload["config"])
-    if get_task(cfg.task).target != "binary":
+    if cfg.task == "survival":
         raise ConfigError(
             f"the loss-threshold audit needs a per-patient loss; task '{cfg.task}' has none "
             "(a Cox partial likelihood is defined per risk set), so it cannot be audited this way"
+        )
+    if get_task(cfg.task).target != "binary":
+        raise ConfigError(
+            f"the loss-threshold audit is implemented for one-logit tabular models; task "
+            f"'{cfg.task}' is not audited this way yet (its ε is in metrics.json)"
         )
     final_sites = payload["final"]["sites"]
     results: dict[str, Any] = {}

@@ -20,6 +20,7 @@ import torch
 from fedmed.config import RunConfig
 from fedmed.data.arrays import ArrayTable
 from fedmed.data.table import Preprocessor, SiteData, prepare
+from fedmed.data.text import TextTable, encode_table, shared_word_counts, with_vocabulary
 from fedmed.privacy.accounting import Entry, epsilon_spent
 from fedmed.privacy.dpsgd import train_private
 from fedmed.study.history import RoundCallback, RunHistory
@@ -130,6 +131,9 @@ def pooled_site_data(cfg: RunConfig) -> tuple[SiteData, list[SiteData]]:
     (with data.series.standardize = "consortium", with the union's, as federated then does).
     """
     tables = [load_site_table(cfg, s) for s in cfg.sites]
+    if isinstance(tables[0], TextTable):  # token ids from the study's one vocabulary
+        per_site = [encode_table(t, cfg.data.text) for t in tables if isinstance(t, TextTable)]
+        return _pooled(per_site, per_site[0].preprocessing), per_site
     if isinstance(tables[0], ArrayTable):
         per_site = [t.data for t in tables if isinstance(t, ArrayTable)]
         return _pooled(per_site, per_site[0].preprocessing), per_site
@@ -153,6 +157,23 @@ def union_scale(cfg: RunConfig) -> RunConfig:
     return with_series_reference(cfg, own)
 
 
+def consortium_vocabulary(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the text vocabulary a federated study would build (else as is).
+
+    Built exactly as before a federated round 1: from each site's words counted at least
+    data.text.min_count times in its own train texts. Pooled and local runs use it too, so the
+    three modes differ only in how the model is trained (a site alone would have only its own
+    words; the shared vocabulary is what joining the consortium gives it).
+    """
+    if cfg.task != "text-classification" or cfg.data.text.vocabulary:
+        return cfg
+    tables = [load_site_table(cfg, s) for s in cfg.sites]
+    counts = [
+        shared_word_counts(t, cfg.data.text.min_count) for t in tables if isinstance(t, TextTable)
+    ]
+    return with_vocabulary(cfg, counts)
+
+
 def _pooled(per_site: list[SiteData], preprocessing: dict) -> SiteData:
     """The union of the sites' train splits (no test rows: each site keeps its own)."""
     first = per_site[0]
@@ -169,7 +190,7 @@ def _pooled(per_site: list[SiteData], preprocessing: dict) -> SiteData:
 
 def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     started = time.time()
-    plan = replace(plan, config=union_scale(plan.config))
+    plan = replace(plan, config=consortium_vocabulary(union_scale(plan.config)))
     cfg = plan.config
     pooled, per_site = pooled_site_data(cfg)
     history = RunHistory(sites=cfg.site_names)
@@ -186,6 +207,7 @@ def run_pooled(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
 
 def run_local(plan: RunPlan, on_round: RoundCallback | None = None) -> dict:
     started = time.time()
+    plan = replace(plan, config=consortium_vocabulary(plan.config))
     cfg = plan.config
     sites = [load_site_data(cfg, s) for s in cfg.sites]
     trainers = {d.name: _Trainer(plan, d.name) for d in sites}

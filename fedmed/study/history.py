@@ -14,7 +14,7 @@ from typing import Any
 from fedmed.protocol import failure_text
 
 # Plot panels, in this order, for the metrics a run's task reports (classification or survival).
-SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "c_index", "loss")
+SUMMARY_METRICS = ("accuracy", "roc_auc", "f1", "macro_f1", "c_index", "loss")
 
 
 def _mean(values: list[float]) -> float:

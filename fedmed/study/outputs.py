@@ -286,7 +286,18 @@ def serving_preprocessing(cfg: RunConfig, tables: list) -> str:
 
     from fedmed.data.arrays import ArrayTable
     from fedmed.data.table import Preprocessor
+    from fedmed.data.text import TextTable
 
+    if isinstance(tables[0], TextTable):  # the tokenizer itself is saved next to the model
+        text = cfg.data.text
+        return json.dumps(
+            {
+                "fitted_on": "the study's vocabulary (data.text.vocabulary)",
+                "column": text.column,
+                "max_tokens": text.max_tokens,
+                "classes": list(text.classes),
+            }
+        )
     if isinstance(tables[0], ArrayTable):  # images, series: combined as in a deployment
         combined = combine_site_statistics(
             [{**t.data.preprocessing, "n": t.data.n_train} for t in tables]

@@ -25,6 +25,17 @@ def combine_site_statistics(sites: list[dict[str, Any]]) -> str:
         return json.dumps(_combine_images(sites))
     if "variables" in sites[0]:
         return json.dumps(_combine_series(sites))
+    if "vocabulary_size" in sites[0]:  # text: the tokenizer itself is saved with the model
+        return json.dumps(
+            {
+                "fitted_on": "the study's vocabulary (data.text.vocabulary)",
+                "sites": len(sites),
+                "max_tokens": sites[0]["max_tokens"],
+                "truncated": sum(
+                    int(s["truncated_train"]) + int(s["truncated_test"]) for s in sites
+                ),
+            }
+        )
     inputs = sites[0]["inputs"]
     if any(s["inputs"] != inputs for s in sites):
         raise ConfigError("sites reported different input layouts; check their schemas")

@@ -12,17 +12,20 @@ from fedmed.data import read_site_table, registry
 from fedmed.data.arrays import ArrayTable
 from fedmed.data.registry import Dataset
 from fedmed.data.table import SiteData, SiteTable, prepare
+from fedmed.data.text import TextTable, encode_table
 from fedmed.errors import ConfigError
 from fedmed.tasks.imaging import ImagingClassification
 from fedmed.tasks.sequence import SequenceClassification
 from fedmed.tasks.survival import Survival
 from fedmed.tasks.tabular import TabularClassification, Task
+from fedmed.tasks.text import TextClassification
 
 TASKS: dict[str, Task] = {
     "tabular-classification": TabularClassification(),
     "survival": Survival(),
     "imaging-classification": ImagingClassification(),
     "sequence-classification": SequenceClassification(),
+    "text-classification": TextClassification(),
 }
 
 
@@ -37,11 +40,7 @@ def get_task(name: str) -> Task:
 
 def build_model(cfg: RunConfig) -> nn.Module:
     """The study's model, identical at the coordinator and every site (DP-compatible if private)."""
-    from fedmed.data.table import input_names
-
-    model = get_task(cfg.task).build_model(
-        len(input_names(cfg.data.schema.features, cfg.data.schema)), cfg.model
-    )
+    model = get_task(cfg.task).build_for(cfg)
     if cfg.privacy.enabled:
         from fedmed.tasks.dp_compat import make_compatible
 
@@ -49,7 +48,7 @@ def build_model(cfg: RunConfig) -> nn.Module:
     return model
 
 
-def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable:
+def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable | TextTable:
     """Read and validate one site's table (raw units, split into train/test).
 
     The study's task is checked against the config first (e.g. survival needs a time and an
@@ -66,6 +65,8 @@ def load_site_data(cfg: RunConfig, site: SiteSpec) -> SiteData:
     table = load_site_table(cfg, site)
     if isinstance(table, ArrayTable):
         return table.data
+    if isinstance(table, TextTable):  # token ids need the study's vocabulary
+        return encode_table(table, cfg.data.text)
     return prepare(table, cfg.data.schema)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from fedmed.config import ModelConfig, RunConfig
 from fedmed.errors import ConfigError
 from fedmed.tasks.survival_metrics import time_dependent_metrics
-from fedmed.tasks.tabular import mlp
+from fedmed.tasks.tabular import mlp, study_inputs
 
 METRICS = ("c_index", "loss")
 C_INDEX_CHUNK = 1024  # rows per block of the pairwise comparison (bounds memory at n x 1024)
@@ -131,6 +131,9 @@ class Survival:
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
         # No output bias: a constant cancels from every risk set, so it would never be learned.
         return mlp(n_inputs, cfg, bias_out=False)
+
+    def build_for(self, cfg: RunConfig) -> nn.Module:
+        return self.build_model(study_inputs(cfg), cfg.model)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cox_partial_nll(output.squeeze(-1), target[:, 0], target[:, 1])

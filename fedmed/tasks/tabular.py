@@ -41,11 +41,21 @@ class Task(Protocol):
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module: ...
 
+    def build_for(self, cfg: RunConfig) -> nn.Module:
+        """The study's model (``build_model`` sized by the study's input layout)."""
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
 
     def scores(self, output: torch.Tensor) -> np.ndarray: ...
 
     def evaluate(self, y_true: np.ndarray, scores: np.ndarray, loss: float) -> dict[str, float]: ...
+
+
+def study_inputs(cfg: RunConfig) -> int:
+    """How many inputs the study's table, image or series layout gives the model."""
+    from fedmed.data.table import input_names
+
+    return len(input_names(cfg.data.schema.features, cfg.data.schema))
 
 
 def mlp(n_inputs: int, cfg: ModelConfig, *, bias_out: bool = True) -> nn.Module:
@@ -79,6 +89,9 @@ class TabularClassification:
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
         return ensemble_of(lambda: mlp(n_inputs, cfg), cfg)
+
+    def build_for(self, cfg: RunConfig) -> nn.Module:
+        return self.build_model(study_inputs(cfg), cfg.model)
 
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = output.squeeze(-1)

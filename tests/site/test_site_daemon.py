@@ -475,3 +475,46 @@ def test_a_deployed_site_trains_with_a_seed_the_coordinator_cannot_know(tmp_path
     assert 2**32 <= seed < 2**63  # 63 secret bits, not a 32-bit seed one could search
     assert (tmp_path / "state" / "alpha" / NOISE_KEY).stat().st_mode & 0o777 == 0o600
     assert _training_seed(1234, simulated) == 1234  # simulations stay reproducible
+
+
+def test_text_sites_build_the_vocabulary_from_registered_tables_and_no_rare_word_leaves(
+    tmp_path: Path,
+) -> None:
+    """Deployed text sites: the vocabulary query is answered from each site's registered table,
+    only by sites that share statistics, and a name written 3 times at one site (below
+    min_count) appears in nothing any site sends (plan, counts, updates, metrics)."""
+    from tests.data.test_text import PLANTED, site_texts, text_study
+
+    raw = text_study(tmp_path, [site_texts(0, planted=3), site_texts(1)])
+    raw["data"]["dataset"] = "study-data"
+    raw["sites"] = [{"name": "st-marys"}, {"name": "riverside"}]
+    raw["privacy"] = {"enabled": True, "target_epsilon": 8.0}
+    cfg = parse_run_config(raw)
+    approved = plan_hash(cfg)
+    (tmp_path / "exports").mkdir()
+    tables = []
+    for i in range(2):
+        tables.append(tmp_path / "exports" / f"notes{i}.csv")
+        (tmp_path / f"site{i}.csv").rename(tables[-1])
+
+    def sites(share_riverside: bool) -> list[Path]:  # fresh site files: configs are cached
+        base = tmp_path / f"share-{share_riverside}"
+        base.mkdir()
+        return [
+            _registered_site(base, name, approved, table, share=share)
+            for name, table, share in zip(
+                ("st-marys", "riverside"), tables, (True, share_riverside), strict=True
+            )
+        ]
+
+    with pytest.raises(ConfigError, match="riverside did not send them.*set share_statistics"):
+        _run_deployed(cfg, sites(share_riverside=False))
+    grid, metrics, run_dir = _run_deployed(cfg, sites(share_riverside=True))
+
+    assert set(metrics["final"]["sites"]) == {"st-marys", "riverside"}, metrics["history"]
+    vocabulary = metrics["config"]["data"]["text"]["vocabulary"]
+    assert "tumor" in vocabulary and PLANTED.lower() not in vocabulary
+    assert (run_dir / "model.tokenizer.json").is_file()
+    _assert_nothing_leaked(
+        b"".join(grid.sent), tmp_path, [PLANTED.encode(), PLANTED.lower().encode(), b"88412739"]
+    )

@@ -1,0 +1,286 @@
+"""The text task: both models take one Opacus step (the Transformer with DPMultiheadAttention),
+padding never changes a prediction, the metrics against scikit-learn, what is refused and why,
+the vocabulary's round trip through a checkpoint, and short federated studies (plain and DP)
+whose vocabulary is built over Flower messages and saved with the model as tokenizer JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus import PrivacyEngine
+from opacus.layers import DPMultiheadAttention
+from sklearn.metrics import f1_score, roc_auc_score
+
+from fedmed.cli.main import main
+from fedmed.config import ModelConfig, RunConfig, parse_run_config
+from fedmed.errors import ConfigError
+from fedmed.tasks import build_model, get_task
+from fedmed.tasks.local_layers import check_model
+from fedmed.tasks.text import BagOfEmbeddings, TextTransformer
+from tests.data.test_text import PLANTED, site_texts, text_study
+from tests.tasks.test_imaging import _to_toml
+
+VOCABULARY = ("[PAD]", "[UNK]", *(f"w{i}" for i in range(30)))
+
+
+def _cfg(tmp_path: Path, **model: object) -> RunConfig:
+    raw = text_study(tmp_path, [site_texts(0), site_texts(1)])
+    raw["model"] = {"kind": "bag", "hidden": [8], **model}
+    raw["data"]["text"]["vocabulary"] = list(VOCABULARY)
+    return parse_run_config(raw)
+
+
+def _ids(n: int = 12, tokens: int = 24, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, len(VOCABULARY), (n, tokens), generator=gen)
+    lengths = torch.randint(1, tokens + 1, (n,), generator=gen)
+    ids[torch.arange(tokens)[None, :] >= lengths[:, None]] = 0  # padding after each text
+    return ids
+
+
+@pytest.mark.parametrize("kind", ["bag", "transformer"])
+def test_each_model_takes_a_dp_sgd_step_with_opacus(tmp_path: Path, kind: str) -> None:
+    cfg = _cfg(tmp_path, kind=kind, hidden=[8, 8] if kind == "transformer" else [8])
+    private = cfg.replace(privacy=replace(cfg.privacy, enabled=True))
+    torch.manual_seed(0)
+    model = build_model(private)
+    if kind == "transformer":  # nn.MultiheadAttention was swapped for Opacus' own
+        assert sum(isinstance(m, DPMultiheadAttention) for m in model.modules()) == 2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, y = _ids(), torch.arange(12) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=6)
+    engine = PrivacyEngine()
+    dp_model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    xb, yb = next(iter(loader))
+    loss = get_task(cfg.task).loss(dp_model(xb), yb)
+    loss.backward()
+    for name, param in dp_model.named_parameters():  # per-text gradients for every weight
+        assert param.grad_sample is not None and param.grad_sample.shape[0] == len(yb), name
+    optimizer.step()
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert engine.get_epsilon(1e-5) > 0
+
+
+@pytest.mark.parametrize("kind", ["bag", "transformer"])
+def test_padding_never_changes_a_prediction(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(_cfg(tmp_path, kind=kind)).eval()
+    ids = _ids(4, 12)
+    padded = torch.cat([ids, torch.zeros(4, 12, dtype=torch.long)], dim=1)[:, :24]
+    with torch.no_grad():
+        logits = model(ids)
+        assert logits.shape == (4, 3)
+        # Same texts, more padding (max_tokens 24 fits 24 positions): same logits.
+        torch.testing.assert_close(model(padded), logits, rtol=1e-5, atol=1e-5)
+        # An all-padding text gives finite logits, never NaN.
+        assert torch.isfinite(model(torch.zeros(1, 24, dtype=torch.long))).all()
+
+
+def test_metrics_match_scikit_learn() -> None:
+    task = get_task("text-classification")
+    rng = np.random.default_rng(0)
+    y = np.array([0, 0, 1, 1, 2, 2, 2, 0, 1, 2], dtype=np.float32)
+    scores = rng.dirichlet(np.ones(3), size=len(y))
+    got = task.evaluate(y, scores, loss=0.7)
+    expect_auc = roc_auc_score(y, scores, multi_class="ovr", average="macro")
+    assert got["roc_auc"] == pytest.approx(expect_auc)
+    assert got["macro_f1"] == pytest.approx(f1_score(y, scores.argmax(1), average="macro"))
+    assert got["accuracy"] == pytest.approx(np.mean(scores.argmax(1) == y))
+    # A class the site's test split does not hold is not averaged in as a 0 ...
+    two = task.evaluate(y[y < 2], scores[y < 2], 0.7)
+    pred = scores[y < 2].argmax(1)
+    assert two["macro_f1"] == pytest.approx(
+        f1_score(y[y < 2], pred, labels=[0, 1], average="macro", zero_division=0)
+    )
+    # ... and one class alone has no ROC-AUC (NaN, as for the binary tasks).
+    assert math.isnan(task.evaluate(y[y == 2], scores[y == 2], 0.7)["roc_auc"])
+
+
+def test_what_cannot_work_is_refused_with_the_fix(tmp_path: Path) -> None:
+    task = get_task("text-classification")
+    with pytest.raises(ConfigError, match="model.kind 'bag' or 'transformer'"):
+        task.check(_cfg(tmp_path, kind="mlp"))
+    with pytest.raises(ConfigError, match="model.members = 1"):
+        task.check(_cfg(tmp_path, members=3))
+    with pytest.raises(ConfigError, match="must divide model.hidden"):
+        task.check(_cfg(tmp_path, kind="transformer", hidden=[10], heads=4))
+    with pytest.raises(ConfigError, match="share one width"):
+        task.check(_cfg(tmp_path, kind="transformer", hidden=[8, 16]))
+    # FedBN keeps normalization layers at the sites: the Transformer has LayerNorms, the bag none.
+    assert check_model(build_model(_cfg(tmp_path, kind="transformer")))
+    with pytest.raises(ConfigError, match="no normalization layer"):
+        check_model(build_model(_cfg(tmp_path)))
+    cfg = _cfg(tmp_path)
+    text = replace(cfg.data.text, vocabulary=())
+    secure = cfg.replace(
+        strategy=replace(cfg.strategy, secure_aggregation=True, validate_updates=False),
+        data=replace(cfg.data, text=text),
+    )
+    with pytest.raises(ConfigError, match="SecAgg"):
+        task.check(secure)
+    with pytest.raises(ConfigError, match="data.schema.time/event"):
+        task.check(cfg.replace(data=replace(cfg.data, schema=replace(cfg.data.schema, time="t"))))
+
+
+def test_the_vocabulary_is_left_out_of_the_hashes_and_kept_by_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from fedmed.coordinator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+    from fedmed.security.policy import plan_hash
+    from fedmed.study.history import RunHistory
+
+    cfg = _cfg(tmp_path)
+    bare = cfg.replace(data=replace(cfg.data, text=replace(cfg.data.text, vocabulary=())))
+    # Sites approve the plan before the vocabulary exists; its threshold is bound, though.
+    assert plan_hash(cfg) == plan_hash(bare)
+    stricter = replace(bare.data.text, min_count=50)
+    assert plan_hash(bare.replace(data=replace(bare.data, text=stricter))) != plan_hash(bare)
+    state = {"w": np.zeros(2, dtype=np.float32)}
+    save_checkpoint(tmp_path, cfg, Checkpoint(1, state, RunHistory(cfg.site_names)))
+    # The run's own config file (no vocabulary) resumes it, with the vocabulary it trained with.
+    assert load_checkpoint(tmp_path, bare).vocabulary == VOCABULARY
+
+
+def _write_study(tmp_path: Path, **extra: object) -> Path:
+    frames = [site_texts(0, n=60, planted=3), site_texts(1, n=45)]
+    raw = text_study(tmp_path, frames, min_count=5, vocab_size=60)
+    raw.update(extra)
+    toml = tmp_path / "notes.toml"
+    toml.write_text(_to_toml(raw))
+    return toml
+
+
+def test_a_federated_text_study_builds_its_vocabulary_over_messages_and_saves_the_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmed.data.text
+
+    monkeypatch.setenv("FEDMED_SIM_WORKERS", "1")  # sites in this process: their calls are seen
+    shared: list[dict[str, int]] = []
+    original = fedmed.data.text.shared_word_counts
+
+    def spy(table, min_count):  # what each site's vocabulary reply is made of
+        shared.append(original(table, min_count))
+        return shared[-1]
+
+    monkeypatch.setattr(fedmed.data.text, "shared_word_counts", spy)
+    toml = _write_study(tmp_path)
+
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    vocabulary = metrics["config"]["data"]["text"]["vocabulary"]
+    assert len(shared) == 2  # one query per site, before round 1
+    assert PLANTED.lower() not in vocabulary and all(PLANTED.lower() not in s for s in shared)
+    assert set(metrics["final"]["average"]) >= {"accuracy", "macro_f1", "roc_auc", "loss"}
+    card = json.loads((run_dir / "model.card.json").read_text())
+    saved = run_dir / card["tokenizer"]["file"]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(saved))
+    assert tokenizer.get_vocab() == {t: i for i, t in enumerate(vocabulary)}
+    assert card["tokenizer"]["classes"] == [1, 2, 3] and card["tokenizer"]["max_tokens"] == 24
+    from fedmed.serving.export import load_model
+
+    with pytest.raises(ConfigError, match="serving a text model is not implemented yet"):
+        load_model(run_dir / "model.safetensors")  # refused in one line, not a shape error
+
+
+def test_a_private_text_study_spends_epsilon_and_pooled_uses_the_same_vocabulary(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    toml = _write_study(tmp_path, privacy={"enabled": True, "target_epsilon": 5.0})
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    epsilons = [s["epsilon"] for s in metrics["final"]["sites"].values()]
+    assert all(0 < eps <= 5.0 + 1e-6 for eps in epsilons)
+
+    assert main(["simulate", str(toml), "--quiet", "--mode", "pooled"]) == 0
+    pooled = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    data = json.loads((pooled / "metrics.json").read_text())["config"]["data"]
+    assert data["text"]["vocabulary"][:2] == ["[PAD]", "[UNK]"]  # built the same way ...
+    assert PLANTED.lower() not in data["text"]["vocabulary"]  # ... with the same threshold
+
+
+def test_model_sizes_follow_the_study(tmp_path: Path) -> None:
+    bag = build_model(_cfg(tmp_path))
+    assert isinstance(bag, BagOfEmbeddings) and bag.embed.num_embeddings == len(VOCABULARY)
+    transformer = build_model(_cfg(tmp_path, kind="transformer", hidden=[8, 8]))
+    assert isinstance(transformer, TextTransformer) and len(transformer.layers) == 2
+    assert transformer.position.num_embeddings == 24 and transformer.head.out_features == 3
+    with pytest.raises(ConfigError, match="build_model"):
+        get_task("text-classification").build_model(10, ModelConfig(kind="bag"))
+
+
+def test_a_killed_text_study_resumes_with_the_vocabulary_it_started_with(tmp_path: Path) -> None:
+    from fedmed.config import load_run_config
+    from fedmed.coordinator.checkpoint import load_checkpoint
+    from fedmed.runtime.run import preflight
+    from fedmed.study.plan import RunPlan, new_run_dir
+    from tests.coordinator.test_checkpoint import Killed, _kill_after, _metrics, _numbers, _run
+
+    cfg, _ = preflight(load_run_config(_write_study(tmp_path)).replace(rounds=3))
+    run_dir = new_run_dir(cfg)
+    with pytest.raises(Killed):
+        _run(RunPlan(cfg, run_dir), _kill_after(1))
+    vocabulary = load_checkpoint(run_dir, cfg).vocabulary  # the run's own config resumes it
+    assert vocabulary[:2] == ("[PAD]", "[UNK]")
+
+    _run(RunPlan(cfg, run_dir, resume=True))
+
+    resumed = _metrics(run_dir)
+    assert tuple(resumed["config"]["data"]["text"]["vocabulary"]) == vocabulary
+    text = replace(cfg.data.text, vocabulary=vocabulary)  # the same study, uninterrupted
+    pinned = cfg.replace(data=replace(cfg.data, text=text))
+    reference = _run(RunPlan(pinned, new_run_dir(pinned)))
+    assert _numbers(resumed) == _numbers(_metrics(reference))
+
+
+def test_fedbn_keeps_the_transformers_layer_norms_at_the_sites(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    toml = _write_study(
+        tmp_path,
+        model={"kind": "transformer", "hidden": [8], "heads": 2},
+        personalize={"local_normalization": True},
+    )
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    personalized = json.loads((run_dir / "metrics.json").read_text())["final"]["personalized"]
+    assert set(personalized["sites"]) == {"site0", "site1"}
+    assert "macro_f1" in personalized["sites"]["site0"]["after"]
+    kept = list((tmp_path / "sites").rglob("*.safetensors"))  # FEDMED_SITE_STATE_DIR (conftest)
+    assert kept, "no site kept its own normalization layers"
+
+
+def test_binary_text_with_named_labels_is_the_two_class_case(tmp_path: Path) -> None:
+    from fedmed.data.text import read_text_table
+
+    frame = site_texts(0)
+    frame["dx"] = np.where(frame["dx"] == 1, "malignant", "benign")
+    raw = text_study(tmp_path, [frame], classes=["benign", "malignant"])
+    cfg = parse_run_config({**raw, "mode": "local"})
+    table = read_text_table(cfg, cfg.sites[0])
+    labels = np.concatenate([table.y_train, table.y_test])
+    assert set(labels) == {0.0, 1.0} and labels.sum() == (frame["dx"] == "malignant").sum()
+    task = get_task("text-classification")
+    y = np.array([0, 1, 1, 0, 1], dtype=np.float32)
+    p1 = np.array([0.2, 0.9, 0.4, 0.5, 0.7])
+    got = task.evaluate(y, np.stack([1 - p1, p1], axis=1), loss=0.5)
+    assert got["roc_auc"] == pytest.approx(roc_auc_score(y, p1))  # the binary AUC
+    assert got["accuracy"] == pytest.approx(0.8)
