@@ -68,7 +68,8 @@ def plot_history(history: RunHistory, path: Path, title: str = "") -> Figure | N
     import matplotlib.pyplot as plt
 
     rounds = [r for r in sorted(history.rounds) if history.evaluated(r)]
-    has_eps = any(history.epsilon(r) for r in rounds) or bool(history.central_epsilon)
+    # A study without DP reports ε = 0 at every site: no panel for it.
+    has_eps = any(any(history.epsilon(r).values()) for r in rounds) or bool(history.central_epsilon)
     reported = {k for r in rounds for m in history.evaluated(r).values() for k in m}
     panels = [m for m in SUMMARY_METRICS if m in reported] + (["epsilon"] if has_eps else [])
     if not panels:  # no site ever reported (e.g. every site refused the plan): nothing to plot

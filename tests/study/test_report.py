@@ -120,3 +120,16 @@ def test_a_few_sites_keep_one_line_each(tmp_path: Path) -> None:
 
     accuracy = next(ax for ax in fig.axes if ax.get_title() == "accuracy")
     assert _labels(accuracy) == [*(f"site-{i:03d}" for i in range(5)), "average"]
+
+
+def test_a_study_without_dp_has_no_epsilon_panel(tmp_path: Path) -> None:
+    from fedmed.study.outputs import plot_history
+
+    history = RunHistory(sites=("a", "b"))
+    for site in history.sites:  # what a site without DP reports: ε = 0
+        history.record(1, "train", site, {"epsilon": 0.0, "epsilon_total": 0.0})
+        history.record(1, "evaluate", site, {"accuracy": 0.7, "num-examples": 10.0})
+
+    fig = plot_history(history, tmp_path / "metrics.png")
+
+    assert [ax.get_title() for ax in fig.axes] == ["accuracy"]
