@@ -712,11 +712,13 @@ class UpdateValidator(StrategyWrapper):
             else:
                 norms[id(msg)] = norm
                 kept.append(msg)
-        outliers = []
-        for msg in [m for m in kept if id(m) in norms]:
-            others = [v for k, v in norms.items() if k != id(msg)] + self._previous
-            if others and norms[id(msg)] > self.max_norm_ratio * float(np.median(others)):
-                outliers.append(msg)
+        checked = [m for m in kept if id(m) in norms]
+        medians = others_medians([norms[id(m)] for m in checked], self._previous)
+        outliers = [
+            msg
+            for msg, median in zip(checked, medians, strict=True)
+            if not math.isnan(median) and norms[id(msg)] > self.max_norm_ratio * median
+        ]
         for msg in outliers:
             self._reject(
                 server_round,
@@ -763,3 +765,26 @@ class UpdateValidator(StrategyWrapper):
         site = _site_name(msg)
         log.warning("round %d: update from %s rejected: %s", server_round, site, problem)
         self.history.record_failure(server_round, "train", site, f"update rejected: {problem}")
+
+
+def others_medians(values: list[float], extra: list[float]) -> list[float]:
+    """For each of ``values``: the median of the other values and ``extra`` (NaN if none).
+
+    One sort, then each leave-one-out median is read off by index: O(N log N) a round, where
+    a median over the others per site was O(N^2 log N) (minutes a round at 10,000 sites).
+    Equal to ``np.median`` of the list without that one value (tested).
+    """
+    pool = np.sort(np.asarray([*values, *extra], dtype=float))
+    size = len(pool) - 1  # the others: one value left out
+    if size <= 0:
+        return [math.nan] * len(values)
+    out = []
+    for value in values:
+        left_out = int(np.searchsorted(pool, value))  # one occurrence of it (same multiset)
+
+        def at(k: int, left_out: int = left_out) -> float:
+            return float(pool[k] if k < left_out else pool[k + 1])
+
+        mid = size // 2
+        out.append(at(mid) if size % 2 else (at(mid - 1) + at(mid)) / 2)
+    return out

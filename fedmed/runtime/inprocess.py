@@ -83,7 +83,7 @@ class InProcessGrid(Grid):
         self._ids = itertools.count(1)
         self._pool: SitePool | None = None
         if workers > 1:
-            self._pool = SitePool(functools.partial(deliver, client_app), workers)
+            self._pool = SitePool(functools.partial(deliver, client_app), workers, run_config)
             weakref.finalize(self, self._pool.close)  # a grid nobody closed leaves no process
 
     def close(self) -> None:

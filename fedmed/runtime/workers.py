@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, UserConfig
 from flwr.common.serde import (
     context_from_proto,
     context_to_proto,
@@ -80,12 +80,13 @@ class _Job:
 class _Worker:
     """One forked process and the job it is running (``None`` when idle)."""
 
-    def __init__(self, slot: int, deliver: Deliver) -> None:
+    def __init__(self, slot: int, deliver: Deliver, run_config: UserConfig) -> None:
         fork = multiprocessing.get_context("fork")
+        self.run_config = run_config
         self.conn, child_end = fork.Pipe()
         self.process = fork.Process(
             target=_serve,
-            args=(child_end, self.conn, deliver, os.getpid()),
+            args=(child_end, self.conn, deliver, run_config, os.getpid()),
             name=f"{WORKER_NAME}-{slot}",
             daemon=True,  # multiprocessing's exit handler ends it if the parent exits first
         )
@@ -96,7 +97,7 @@ class _Worker:
 
     def start(self, job: _Job) -> None:
         self.conn.send_bytes(message_to_proto(job.message).SerializeToString())
-        self.conn.send_bytes(context_to_proto(job.context).SerializeToString())
+        self.conn.send_bytes(_without_run_config(job.context, self.run_config))
         self.job, self.started = job, time.monotonic()
 
     def result(self) -> tuple[Message, Context]:
@@ -124,7 +125,29 @@ class _Worker:
         self.process.close()
 
 
-def _serve(conn: Connection, parent_end: Connection, deliver: Deliver, parent: int) -> None:
+def _without_run_config(context: Context, known: UserConfig) -> bytes:
+    """``context`` for the pipe, its run config left out when the worker has it already.
+
+    The run config carries the study plan, which names every site: at 10,000 sites ~1 MB that
+    serializing twice per message made every round O(N^2) (measured: 33 ms per site-round at
+    10,000 sites vs 10 at 1,000). It is the same for every node of a run, so each worker gets it
+    once, when it is forked.
+    """
+    same = context.run_config == known  # the same string objects: an identity check per key
+    slim = Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={} if same else context.run_config,
+        series_id=context.series_id,
+    )
+    return bytes(context_to_proto(slim).SerializeToString())
+
+
+def _serve(
+    conn: Connection, parent_end: Connection, deliver: Deliver, run_config: UserConfig, parent: int
+) -> None:
     """A worker's loop: a message and its node's context in, the reply and the context out."""
     import torch
 
@@ -144,9 +167,11 @@ def _serve(conn: Connection, parent_end: Connection, deliver: Deliver, parent: i
             context = context_from_proto(ProtoContext.FromString(conn.recv_bytes()))
         except EOFError:
             return
+        if not context.run_config:  # left out by the parent: the run's, given at fork
+            context.run_config = dict(run_config)
         reply = deliver(message, context)
         conn.send_bytes(message_to_proto(reply).SerializeToString())
-        conn.send_bytes(context_to_proto(context).SerializeToString())
+        conn.send_bytes(_without_run_config(context, context.run_config))  # only state returns
 
 
 class SitePool:
@@ -156,11 +181,14 @@ class SitePool:
     mid-message (killed, out of memory) gives that message an error reply and is replaced.
     """
 
-    def __init__(self, deliver: Deliver, workers: int) -> None:
+    def __init__(
+        self, deliver: Deliver, workers: int, run_config: UserConfig | None = None
+    ) -> None:
         if workers < 1:
             raise ValueError("a pool needs at least one worker")
         self._deliver = deliver
         self._size = workers
+        self._run_config: UserConfig = dict(run_config or {})  # every node's (sent at fork)
         self._workers: list[_Worker] = []  # forked on first use
         self._slot_of: dict[int, int] = {}  # node id -> the worker that serves it
 
@@ -178,7 +206,9 @@ class SitePool:
         if jobs and not self._workers:
             gc.collect()  # what is garbage now would otherwise stay frozen below
             gc.freeze()
-            self._workers = [_Worker(slot, self._deliver) for slot in range(self._size)]
+            self._workers = [
+                _Worker(slot, self._deliver, self._run_config) for slot in range(self._size)
+            ]
         # One queue per worker, so that starting the next message costs O(workers), not O(N):
         # at 10,000 sites a scan of every queued message per reply would be 10^8 steps a round.
         queues: list[deque[_Job]] = [deque() for _ in range(self._size)]
@@ -249,7 +279,7 @@ class SitePool:
         slot = self._workers.index(worker)
         worker.stop(kill=True)
         gc.freeze()  # what this process allocated since the pool started: shared, too
-        self._workers[slot] = _Worker(slot, self._deliver)
+        self._workers[slot] = _Worker(slot, self._deliver, self._run_config)
 
     def close(self) -> None:
         """Stop every worker (a busy one is killed); the pool can be used again after."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
@@ -107,3 +108,20 @@ def test_fedopt_settings_out_of_range_are_refused_at_parse_time(key: str, value:
         _parsed({"name": "fedadam", key: value})
 
     assert "\n" not in str(err.value) and f"--set strategy.{key}=" in str(err.value)
+
+
+def test_each_sites_median_of_the_others_is_numpys_without_it() -> None:
+    from fedmed.coordinator.strategies import others_medians
+
+    rng = np.random.default_rng(0)
+    for n, extra in [(1, 0), (1, 3), (2, 0), (5, 0), (6, 4), (50, 7), (51, 0)]:
+        values = list(rng.choice([0.5, 1.0, 2.0, 3.5], n) if n % 2 else rng.random(n))
+        previous = list(rng.random(extra))
+        expected = [
+            float(np.median(values[:i] + values[i + 1 :] + previous))
+            if n - 1 + extra
+            else math.nan
+            for i in range(n)
+        ]
+        got = others_medians(values, previous)
+        assert got == pytest.approx(expected, nan_ok=True), (n, extra)
