@@ -24,7 +24,7 @@ Explanations (``token_attributions``): both models also read token EMBEDDINGS wi
 weight per token (``from_embeddings``), 1 for a token and 0 for padding. Every weight at 0 pools
 to exactly 0, the empty text's pooled state, so integrated gradients can walk continuously from
 the empty text to the text, and a text's token attributions add up to
-logit(text) - logit(empty text) (up to the Riemann error of the steps).
+logit(text) - logit(empty text) (up to the quadrature error: ``explain_tokens`` bounds it).
 """
 
 from __future__ import annotations

@@ -226,6 +226,18 @@ def test_a_tampered_tokenizer_file_is_refused(trained) -> None:
         open_model(weights)
 
 
+def test_a_card_naming_a_tokenizer_outside_its_folder_is_refused(trained) -> None:
+    weights = trained[2]
+    card_path = weights.with_name("model.card.json")
+    card = json.loads(card_path.read_text())
+    del card["signature"]  # an unsigned card, served with --allow-unsigned
+    card["tokenizer"]["file"] = "../../model.tokenizer.json"
+    card_path.write_text(json.dumps(card))
+
+    with pytest.raises(ConfigError, match="not a plain file name"):
+        ServedText(weights, allow_unsigned=True)
+
+
 @pytest.mark.parametrize(
     ("body", "loc", "kind", "fix"),
     [
