@@ -154,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     prd = sub.add_parser(
         "predict",
-        help="batch predictions for a CSV of patient rows (or a .npz of images, or a long "
-        "CSV of observations)",
+        help="batch predictions for a CSV of patient rows (or a .npz of images, a long CSV of "
+        "observations, or a CSV of texts)",
         description="Predict every row of a CSV (columns = the model's features) and write the "
         "rows with probability and label columns. An imaging model takes a .npz of images; "
         "with --explain it writes saliency PNGs next to --output. A sequence model takes a long "
-        "CSV (patient id, time in minutes, variable, value) and writes one row per patient.",
+        "CSV (patient id, time in minutes, variable, value) and writes one row per patient. A "
+        "text model takes a CSV with the card's text column; with --explain it writes "
+        "<output stem>-explanations.html next to --output (tokens highlighted).",
     )
     prd.add_argument("model", type=Path, help="run directory or model .safetensors file")
     prd.add_argument(
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--explain",
         action="store_true",
         help="add explain:<feature> columns (integrated-gradients attributions; per variable "
-        "for sequence models)",
+        "for sequence models; an HTML page of highlighted tokens for text models)",
     )
     prd.add_argument(
         "--allow-unsigned",
@@ -320,6 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fedmed.serving.api import ServedModel, open_model, predict_csv
     from fedmed.serving.arrays import ServedSeries, predict_series_csv
+    from fedmed.serving.text import ServedText, predict_text_csv
 
     if args.rows.suffix.lower() == ".npz":
         from fedmed.serving.saliency import predict_images
@@ -341,6 +344,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 explain=args.explain,
                 columns=_columns(args, served.pre.get("columns")),
             )
+        elif isinstance(served, ServedText):
+            result = predict_text_csv(served, args.rows, args.output, explain=args.explain)
         elif isinstance(served, ServedModel):
             result = predict_csv(served, args.rows, args.output, explain=args.explain)
         else:

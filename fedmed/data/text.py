@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -320,15 +320,23 @@ def encode(
     texts: tuple[str, ...], vocabulary: tuple[str, ...], max_tokens: int
 ) -> tuple[np.ndarray, int]:
     """(token ids of shape (texts, max_tokens), padded with 0; how many texts were cut)."""
-    ids = np.zeros((len(texts), max_tokens), dtype=np.int64)
-    cut = 0
-    for row, encoding in enumerate(tokenizer_for(vocabulary).encode_batch(list(texts))):
+    encodings = tokenizer_for(vocabulary).encode_batch(list(texts))
+    ids, lengths = token_ids(encodings, max_tokens)
+    return ids, int((lengths > max_tokens).sum())
+
+
+def token_ids(encodings: Sequence[Any], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizers`` encodings -> (ids (texts, max_tokens): the first max_tokens of each text,
+    padded with 0; each text's token count before the cut). Training and serving both cut here.
+    """
+    ids = np.zeros((len(encodings), max_tokens), dtype=np.int64)
+    lengths = np.zeros(len(encodings), dtype=np.int64)
+    for row, encoding in enumerate(encodings):
         tokens = encoding.ids
-        if len(tokens) > max_tokens:
-            cut += 1
-            tokens = tokens[:max_tokens]
+        lengths[row] = len(tokens)
+        tokens = tokens[:max_tokens]
         ids[row, : len(tokens)] = tokens
-    return ids, cut
+    return ids, lengths
 
 
 def encode_table(table: TextTable, text: TextConfig) -> SiteData:

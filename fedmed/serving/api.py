@@ -27,6 +27,7 @@ from fedmed.data.table import OUTCOMES, Preprocessor
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.arrays import ServedImages, ServedSeries
 from fedmed.serving.export import load_model, malformed_card, resolve_model_path
+from fedmed.serving.text import ServedText
 from fedmed.tasks import get_task
 
 IG_STEPS = 32
@@ -55,7 +56,7 @@ class ServedModel:
         self.path = resolve_model_path(path)
         self.model, self.card = load_model(self.path, require_signature=not allow_unsigned)
         self.task = get_task(self.card["task"])
-        if self.task.target not in OUTCOMES:  # images, series: not rows of clinical variables
+        if self.task.target not in OUTCOMES:  # images, series, text: not rows of variables
             raise ConfigError(
                 f"{self.path}: a '{self.card['task']}' model is not served from table rows; "
                 "open it with fedmed.serving.api.open_model (as `fedmed serve` does)"
@@ -159,11 +160,11 @@ def _row_model(served: ServedModel) -> type[BaseModel]:
     return create_model("PatientRow", __config__=ConfigDict(extra="forbid", strict=False), **fields)
 
 
-Served = ServedModel | ServedImages | ServedSeries
+Served = ServedModel | ServedImages | ServedSeries | ServedText
 
 
 def open_model(path: Path, *, allow_unsigned: bool = False) -> Served:
-    """The served form of a model file, by what its task reads (rows, images or series)."""
+    """The served form of a model file, by what its task reads (rows, images, series or text)."""
     import json
 
     from fedmed.tasks import TASKS
@@ -174,7 +175,9 @@ def open_model(path: Path, *, allow_unsigned: bool = False) -> Served:
         task = TASKS.get(json.loads(card.read_text()).get("task", ""))
     except (OSError, ValueError, AttributeError):
         task = None
-    kind = {"image": ServedImages, "series": ServedSeries}.get(task.target if task else "")
+    kind = {"image": ServedImages, "series": ServedSeries, "text": ServedText}.get(
+        task.target if task else ""
+    )
     return (kind or ServedModel)(weights, allow_unsigned=allow_unsigned)
 
 
@@ -182,8 +185,8 @@ def create_app(served: Served, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
     """The HTTP API around ``served``: /predict, /model, /health, and OpenAPI docs at /docs.
 
     /predict takes what the model reads: table rows, images (plus /predict/png for one PNG
-    file) or patients' series. A body over ``max_body_bytes`` gets 413 before it is parsed;
-    a 422 names each bad field without echoing more than a short excerpt of what was sent.
+    file), patients' series or raw texts. A body over ``max_body_bytes`` gets 413 before it is
+    parsed; a 422 names each bad field without echoing more than a short excerpt of what was sent.
     """
     card = served.card
     study = card["study"]
@@ -204,6 +207,8 @@ def create_app(served: Served, *, max_body_bytes: int = MAX_BODY_BYTES) -> FastA
         _image_routes(app, served, identity)
     elif isinstance(served, ServedSeries):
         _series_routes(app, served, identity)
+    elif isinstance(served, ServedText):
+        _text_routes(app, served, identity)
     else:
         _table_routes(app, served, identity)
 
@@ -418,6 +423,61 @@ def _series_routes(app: FastAPI, served: ServedSeries, identity: dict[str, str])
     def predict(request: SeriesRequest) -> dict[str, Any]:
         patients = [[o.model_dump() for o in p.observations] for p in request.patients]
         return {"predictions": served.predict(patients, request.explain), "model": identity}
+
+
+class TokenAttribution(BaseModel):
+    token: str
+    start: int = Field(description="the token's first character in the text as sent")
+    end: int = Field(description="one past its last character")
+    attribution: float
+
+
+class TextExplanation(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    explained_class: Any = Field(alias="class", description="the predicted class, explained")
+    logit: float
+    empty_text_logit: float
+    steps: int = Field(description="integrated-gradients points used for this text")
+    completeness_gap: float = Field(
+        description="sum of the attributions minus (logit - empty_text_logit): the "
+        "integration error, within 1e-3 x max(1, |difference|) unless the steps ran out"
+    )
+    tokens: list[TokenAttribution]
+
+
+def _text_routes(app: FastAPI, served: ServedText, identity: dict[str, str]) -> None:
+    prediction = create_model(
+        "TextPrediction",
+        __config__=ConfigDict(populate_by_name=True),
+        label=(int, Field(description="index of the class in the card's classes")),
+        predicted_class=(Any, Field(alias="class", description="the most probable class")),
+        probability=(float, Field(description="its probability")),
+        probabilities=(dict[str, float], Field(description="every class's probability")),
+        tokens=(int, Field(description="tokens the model read")),
+        truncated=(bool, Field(description="the text had more tokens than it reads")),
+        explanation=(TextExplanation | None, None),
+    )
+
+    class TextRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        texts: Any = Field(
+            description=served.expects,
+            json_schema_extra={"type": "array", "items": {"type": "string"}},
+        )
+        explain: bool = Field(
+            default=False,
+            description="add per-token integrated gradients of the predicted class's logit from "
+            "the empty text (they add up to logit - empty_text_logit)",
+        )
+
+    class TextResponse(BaseModel):
+        predictions: list[prediction]  # type: ignore[valid-type]
+        model: dict[str, Any]
+
+    @app.post("/predict", response_model=TextResponse, response_model_by_alias=True)
+    def predict(request: TextRequest) -> dict[str, Any]:
+        texts = served.checked(request.texts)
+        return {"predictions": served.predict(texts, request.explain), "model": identity}
 
 
 def predict_csv(

@@ -143,6 +143,18 @@ def load_model(
     weights: Path, *, require_signature: bool = True
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load weights + card, checking the hash and (unless told not to) the card's signature."""
+    model, card, _ = load_model_and_tokenizer(weights, require_signature=require_signature)
+    return model, card
+
+
+def load_model_and_tokenizer(
+    weights: Path, *, require_signature: bool = True
+) -> tuple[torch.nn.Module, dict[str, Any], Any]:
+    """``load_model``, plus the text model's tokenizer (a ``tokenizers.Tokenizer``; else None).
+
+    The tokenizer file is checked against the card's SHA-256 like the weights: it decides which
+    ids a text becomes, so a swapped vocabulary would silently feed the model other words.
+    """
     weights = resolve_model_path(weights)
     card_path = weights.with_name(weights.name.removesuffix(".safetensors") + ".card.json")
     if not weights.is_file():
@@ -165,22 +177,76 @@ def load_model(
         raise ConfigError(f"{weights}: not a readable safetensors file ({exc})") from None
     from fedmed.config import ModelConfig, _build
 
-    if "tokenizer" in card:
-        raise ConfigError(
-            f"{card_path}: serving a text model is not implemented yet (its tokenizer is "
-            f"{card['tokenizer'].get('file')}); load it in Python with fedmed.tasks.build_model "
-            "and the run's metrics.json config"
-        )
     with malformed_card(card_path):
-        model = get_task(card["task"]).build_model(
-            len(card["inputs"]), _build(ModelConfig, card["model"], "model.")
+        text = get_task(card["task"]).target == "text"
+    if text != ("tokenizer" in card):
+        raise ConfigError(
+            f"{card_path}: a '{card['task']}' model card "
+            + ("without a tokenizer" if text else "with a tokenizer")
+            + " does not describe these weights; export the model again from its run directory"
         )
+    tokenizer = _load_tokenizer(weights, card, card_path) if text else None
+    with malformed_card(card_path):
+        model_cfg = _build(ModelConfig, card["model"], "model.")
+        if text:
+            from fedmed.tasks.text import build_text_model
+
+            info = card["tokenizer"]
+            model = build_text_model(
+                int(info["vocabulary_size"]),
+                len(info["classes"]),
+                int(info["max_tokens"]),
+                model_cfg,
+            )
+        else:
+            model = get_task(card["task"]).build_model(len(card["inputs"]), model_cfg)
         if card.get("privacy", {}).get("enabled"):
             from fedmed.tasks.dp_compat import make_compatible
 
             model = make_compatible(model)
         model.load_state_dict(state)
-    return model.eval(), card
+    return model.eval(), card, tokenizer
+
+
+def _load_tokenizer(weights: Path, card: dict[str, Any], card_path: Path) -> Any:
+    """The card's tokenizer file, read once, checked against the card's SHA-256, then parsed
+    from those same bytes (``tokenizers``' JSON: no pickle)."""
+    from tokenizers import Tokenizer
+
+    from fedmed.data.text import PAD
+
+    with malformed_card(card_path):
+        info = card["tokenizer"]
+        name, expected, size = str(info["file"]), str(info["sha256"]), int(info["vocabulary_size"])
+    if not name or Path(name).name != name:  # the file sits next to the weights, nowhere else
+        raise ConfigError(
+            f"{card_path}: the card's tokenizer file {echo(name)} is not a plain file name; "
+            "export the model again from its run directory"
+        )
+    path = weights.with_name(name)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: tokenizer file not found; copy it from the run directory next to "
+            f"{weights.name} (a text model cannot read raw text without it)"
+        )
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ConfigError(
+            f"{path}: SHA-256 does not match its model card; the tokenizer file was changed or "
+            "corrupted: copy it again from the run directory (or re-export the model)"
+        )
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed JSON
+        raise ConfigError(
+            f"{path}: not a readable tokenizer ({echo(str(exc))}); export the model again"
+        ) from None
+    if tokenizer.get_vocab_size() != size or tokenizer.token_to_id(PAD) != 0:
+        raise ConfigError(
+            f"{path}: the tokenizer's vocabulary does not match its model card ({size} tokens, "
+            f"{PAD} = 0); export the model again from its run directory"
+        )
+    return tokenizer
 
 
 def read_card(card_path: Path) -> dict[str, Any]:

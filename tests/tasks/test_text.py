@@ -194,10 +194,13 @@ def test_a_federated_text_study_builds_its_vocabulary_over_messages_and_saves_th
     tokenizer = Tokenizer.from_file(str(saved))
     assert tokenizer.get_vocab() == {t: i for i, t in enumerate(vocabulary)}
     assert card["tokenizer"]["classes"] == [1, 2, 3] and card["tokenizer"]["max_tokens"] == 24
-    from fedmed.serving.export import load_model
+    from fedmed.serving.text import ServedText
 
-    with pytest.raises(ConfigError, match="serving a text model is not implemented yet"):
-        load_model(run_dir / "model.safetensors")  # refused in one line, not a shape error
+    served = ServedText(run_dir)  # the saved tokenizer and weights serve raw text
+    (prediction,) = served.predict(["cardiac infarction in the patients"])
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
+    ids, _ = fedmed.data.text.encode(("cardiac infarction in the patients",), tuple(vocabulary), 24)
+    assert prediction["class"] in (1, 2, 3) and prediction["tokens"] == (ids != 0).sum()
 
 
 def test_a_private_text_study_spends_epsilon_and_pooled_uses_the_same_vocabulary(
