@@ -528,11 +528,11 @@ class TextConfig(_Frozen):
 
     The vocabulary is fitted before round 1 without any download (fedmed.data.text): each site
     counts the words of its own TRAIN texts and shares only words it counts at least
-    ``min_count`` times; the coordinator sums those counts and trains a WordPiece vocabulary of
-    ``vocab_size`` tokens on them (more if the shared words hold more distinct characters: every
-    character is kept), so no word rarer than that at every site (a name, a
-    record number) enters it. ``vocabulary`` is that result, filled in by the coordinator (or
-    written here by a consortium that agreed on one).
+    ``min_count`` times; the coordinator sums those counts and builds a WordPiece vocabulary of
+    ``vocab_size`` tokens from them (the shared words' characters, then the most frequent shared
+    words; more if the characters alone exceed it: every character is kept), so no word rarer
+    than that at every site (a name, a record number) enters it. ``vocabulary`` is that result,
+    filled in by the coordinator (or written here by a consortium that agreed on one).
 
     ``duplicates`` (texts repeated within a table or file): "drop" keeps one copy of a text that
     always carries the same label and drops every copy of a text that carries two labels (it

@@ -195,7 +195,7 @@ def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> Run
     """The text vocabulary, from every site's shared word counts, before round 1.
 
     Each site sends only the words of its train texts it counts at least data.text.min_count
-    times (fedmed.site.app; checked again here); the vocabulary is trained on their sum
+    times (fedmed.site.app; checked again here); the vocabulary is built from their sum
     (fedmed.data.text.build_vocabulary) and travels in the plan from round 1 on. A resumed run
     keeps the vocabulary its checkpoint was trained with. All sites or none, as for the
     consortium scale: the vocabulary shapes the model every site trains.

@@ -118,9 +118,7 @@ def test_each_sites_median_of_the_others_is_numpys_without_it() -> None:
         values = list(rng.choice([0.5, 1.0, 2.0, 3.5], n) if n % 2 else rng.random(n))
         previous = list(rng.random(extra))
         expected = [
-            float(np.median(values[:i] + values[i + 1 :] + previous))
-            if n - 1 + extra
-            else math.nan
+            float(np.median(values[:i] + values[i + 1 :] + previous)) if n - 1 + extra else math.nan
             for i in range(n)
         ]
         got = others_medians(values, previous)

@@ -134,9 +134,7 @@ def test_a_site_shares_only_train_words_and_the_coordinator_rechecks_the_thresho
 
 
 def test_the_vocabulary_is_capped_and_numbered_the_same_way_every_time(tmp_path: Path) -> None:
-    """The trainer numbers tokens in hash order; fedmed numbers them [PAD], [UNK], then sorted,
-    so ids do not depend on the process (ties between equally frequent pairs may still pick
-    other tokens in another process: a study builds its vocabulary once and ships it)."""
+    """Ids are [PAD], [UNK], then the tokens sorted; the cap binds the whole words."""
     frames = [site_texts(0), site_texts(1)]
     tables = _tables(tmp_path, frames)
     counts = [shared_word_counts(t, 2) for t in tables]
@@ -144,9 +142,50 @@ def test_the_vocabulary_is_capped_and_numbered_the_same_way_every_time(tmp_path:
     vocabulary = build_vocabulary(counts, text)
     assert vocabulary[:2] == SPECIAL and list(vocabulary[2:]) == sorted(vocabulary[2:])
     assert len(vocabulary) == len(set(vocabulary))
-    # The cap binds the learned pieces; every character of the shared words is always kept.
+    # The cap binds the whole words; every character of the shared words is always kept.
     larger = parse_run_config(text_study(tmp_path, frames, vocab_size=80)).data.text
     assert len(vocabulary) < len(build_vocabulary(counts, larger)) <= 80
+
+
+TIED_COUNTS = """
+import hashlib
+from fedmed.config import TextConfig
+from fedmed.data.text import build_vocabulary
+words = ["cardiac", "cardio", "carcinoma", "colon", "colitis", "neural", "neuron", "nerve",
+         "tumor", "tumour", "renal", "rectal", "liver", "lung", "lesion"]
+counts = [{w: 5 for w in words}, {w: 7 for w in words[::2]}]
+for size in (40, 60):  # 40: the cap binds; 60: what a trained vocabulary broke ties in
+    vocabulary = build_vocabulary(counts, TextConfig(vocab_size=size, min_count=5))
+    print(hashlib.sha256("\\n".join(vocabulary).encode()).hexdigest())
+"""
+
+
+def test_the_same_counts_give_the_same_vocabulary_in_every_process() -> None:
+    """Equal counts everywhere (ties), with and without a binding cap: a trained BPE/WordPiece
+    vocabulary broke such ties in hash-map order, which changed from process to process (3 of 4 runs
+    differed); the same study must give the same vocabulary, model and metrics."""
+    import subprocess
+    import sys
+
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", TIED_COUNTS], capture_output=True, text=True, check=True
+        ).stdout
+        for _ in range(6)
+    }
+    assert len(runs) == 1, runs
+
+
+def test_most_frequent_words_fill_the_vocabulary_ties_alphabetically() -> None:
+    from fedmed.config import TextConfig
+
+    counts = [{"tumor": 9, "colon": 6, "liver": 6, "lung": 5}, {"tumor": 5}]
+    vocabulary = build_vocabulary(counts, TextConfig(vocab_size=2 + 2 * 12 + 2, min_count=5))
+    # 12 distinct letters, alone and ##-prefixed, then room for two words: tumor (14), colon
+    # (6; 'liver' ties with it and loses alphabetically)
+    assert {"tumor", "colon"} < set(vocabulary)
+    assert "liver" not in vocabulary and "lung" not in vocabulary
+    assert {"l", "##v", "##g"} < set(vocabulary)  # every word can still be spelled
 
 
 def test_long_texts_are_cut_to_max_tokens_and_counted(tmp_path: Path) -> None:
