@@ -52,7 +52,7 @@ def bench_engines(repeats: int, out_dir: str) -> dict[str, dict[str, float]]:
     return {
         engine: {
             "wall_s_median": statistics.median(r["wall_s"] for r in runs),
-            "peak_rss_mib_median": statistics.median(r["peak_mib"] for r in runs),
+            "peak_pss_mib_median": statistics.median(r["peak_mib"] for r in runs),
             "s_per_round_median": statistics.median(per_round(r["round_marks"]) for r in runs),
         }
         for engine, runs in results.items()
@@ -247,12 +247,12 @@ def main() -> None:
     print(f"{'engine':<10} {'wall s':>8} {'peak MiB':>9} {'s/round':>8}")
     for name, r in engines.items():
         print(
-            f"{name:<10} {r['wall_s_median']:>8.1f} {r['peak_rss_mib_median']:>9.0f} "
+            f"{name:<10} {r['wall_s_median']:>8.1f} {r['peak_pss_mib_median']:>9.0f} "
             f"{r['s_per_round_median']:>8.3f}"
         )
     print(
         f"ray / inprocess: wall x{ray['wall_s_median'] / inproc['wall_s_median']:.2f}, "
-        f"memory x{ray['peak_rss_mib_median'] / inproc['peak_rss_mib_median']:.2f}, "
+        f"memory x{ray['peak_pss_mib_median'] / inproc['peak_pss_mib_median']:.2f}, "
         f"per round x{ray['s_per_round_median'] / inproc['s_per_round_median']:.2f}"
     )
     for key, result in overhead.items():
