@@ -133,21 +133,27 @@ def _checked(frame: pd.DataFrame, cfg: RunConfig, origin: str) -> tuple[pd.Serie
         )
     raw = frame[text.column]
     texts = raw.astype("string").str.strip()
-    empty = texts.isna() | (texts == "")
+    refuse_blank_or_binary(texts, frame.index, origin, text.column)
+    labels = class_indices(frame[schema.target], text.classes, schema.target, origin)
+    texts, labels, dropped = _duplicates(texts.astype(str), labels, text.duplicates, origin)
+    return texts, labels, dropped
+
+
+def refuse_blank_or_binary(texts: pd.Series, index: pd.Index, origin: str, column: str) -> None:
+    """A DataError naming the rows if a text is missing, blank or holds a NUL byte: a site's
+    table and a CSV given to a served model are checked alike."""
+    empty = texts.isna() | (texts.str.strip() == "")
     if empty.any():
         raise DataError(
-            f"{origin}: column '{text.column}' is empty at {_rows(frame.index[empty])}; fill in "
-            "those texts or remove the rows"
+            f"{origin}: column '{column}' is empty at {_rows(index[empty])}; fill in those texts "
+            "or remove the rows"
         )
     nul = texts.str.contains("\x00", regex=False).astype(bool)
     if nul.any():
         raise DataError(
-            f"{origin}: column '{text.column}' has a NUL byte at {_rows(frame.index[nul])} (a "
-            "binary or corrupted export); export the table again as plain UTF-8 text"
+            f"{origin}: column '{column}' has a NUL byte at {_rows(index[nul])} (a binary or "
+            "corrupted export); export the table again as plain UTF-8 text"
         )
-    labels = class_indices(frame[schema.target], text.classes, schema.target, origin)
-    texts, labels, dropped = _duplicates(texts.astype(str), labels, text.duplicates, origin)
-    return texts, labels, dropped
 
 
 def class_indices(raw: pd.Series, classes: tuple[Any, ...], column: str, origin: str) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 
 from fedmed.config import SchemaConfig, echo
 from fedmed.data.table import _rows
-from fedmed.data.text import token_ids
+from fedmed.data.text import refuse_blank_or_binary, token_ids
 from fedmed.errors import ConfigError, DataError
 from fedmed.serving.arrays import invalid
 from fedmed.serving.export import load_model_and_tokenizer, malformed_card, resolve_model_path
@@ -231,18 +231,7 @@ def predict_text_csv(
             f"'{served.column}': rename that column"
         )
     texts = df[served.column].astype("string")
-    blank = texts.isna() | (texts.str.strip() == "")
-    if blank.any():
-        raise DataError(
-            f"{path}: column '{served.column}' is empty at {_rows(df.index[blank])}; fill in "
-            "those texts or remove the rows"
-        )
-    nul = texts.str.contains("\x00", regex=False).astype(bool)
-    if nul.any():
-        raise DataError(
-            f"{path}: column '{served.column}' has a NUL byte at {_rows(df.index[nul])}; export "
-            "the table again as plain UTF-8 text"
-        )
+    refuse_blank_or_binary(texts, df.index, str(path), served.column)
     values = [str(t) for t in texts]
     ids, encodings, lengths = served.encode(values)
     if (lengths == 0).any():
