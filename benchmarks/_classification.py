@@ -33,6 +33,7 @@ from _common import (
 )
 
 METRICS = ("roc_auc", "accuracy")
+NAMES = {"roc_auc": "ROC-AUC", "accuracy": "accuracy", "macro_f1": "macro-F1"}
 
 
 def union_roc_auc(run_dir: Path, payload: dict[str, Any]) -> float:
@@ -68,7 +69,13 @@ def union_roc_auc(run_dir: Path, payload: dict[str, Any]) -> float:
 
 
 def run_once(
-    config: str, variant: Variant, seed: int, runs_root: Path, *, union: bool = False
+    config: str,
+    variant: Variant,
+    seed: int,
+    runs_root: Path,
+    *,
+    union: bool = False,
+    metrics: tuple[str, ...] = METRICS,
 ) -> dict[str, Any]:
     """One subprocess; its final per-site metrics, the worst site ε and the wall time."""
     run_dir, payload, wall = simulate(config, variant, seed, runs_root)
@@ -80,8 +87,8 @@ def run_once(
         "run_dir": str(run_dir),
         "wall_seconds": wall,
         "epsilon": epsilon,
-        **{f"average_{m}": final["average"][m] for m in METRICS},
-        "sites": {s: {m: v[m] for m in METRICS} for s, v in final["sites"].items()},
+        **{f"average_{m}": final["average"][m] for m in metrics},
+        "sites": {s: {m: v[m] for m in metrics} for s, v in final["sites"].items()},
         # Per-site global model vs the site's own (personalization / local normalization).
         **({"personalized": final["personalized"]} if "personalized" in final else {}),
     }
@@ -90,16 +97,18 @@ def run_once(
     return run
 
 
-def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_runs(
+    runs: list[dict[str, Any]], metrics: tuple[str, ...] = METRICS
+) -> dict[str, Any]:
     sites = list(runs[0]["sites"])
-    out: dict[str, Any] = {m: summarize([r[f"average_{m}"] for r in runs]) for m in METRICS}
+    out: dict[str, Any] = {m: summarize([r[f"average_{m}"] for r in runs]) for m in metrics}
     out["epsilon"] = max(r["epsilon"] for r in runs)
     if "union_roc_auc" in runs[0]:
         out["union_roc_auc"] = summarize([r["union_roc_auc"] for r in runs])
     out["sites"] = {
         s: {
             m: summarize([r["sites"][s][m] for r in runs if not math.isnan(r["sites"][s][m])])
-            for m in METRICS
+            for m in metrics
         }
         for s in sites
     }
@@ -116,8 +125,12 @@ def run_benchmark(
     output: Path,
     command: str,
     union: bool = False,
+    metrics: tuple[str, ...] = METRICS,
 ) -> dict[str, Any]:
-    """Run every variant for every seed, print the table and write the results JSON."""
+    """Run every variant for every seed, print the table and write the results JSON.
+
+    ``metrics``: the per-site metrics kept and tabled (averages, then the first one per site);
+    ROC-AUC and accuracy unless the task reports others (macro-F1 for text)."""
     print(f"reproduce with: {command}", flush=True)
     env = environment()
     started = time.time()
@@ -125,34 +138,41 @@ def run_benchmark(
         config,
         variants,
         seeds,
-        lambda variant, seed: run_once(config, variant, seed, runs_dir, union=union),
-        lambda run: (
-            f"AUC {run['average_roc_auc']:.3f} acc {run['average_accuracy']:.3f} "
-            + (f"union AUC {run['union_roc_auc']:.3f} " if union else "")
-            + f"ε {run['epsilon']:.2f} ({run['wall_seconds']:.0f} s)"
+        lambda variant, seed: run_once(
+            config, variant, seed, runs_dir, union=union, metrics=metrics
         ),
-        summarize_runs,
+        lambda run: (
+            " ".join(f"{NAMES.get(m, m)} {run[f'average_{m}']:.3f}" for m in metrics)
+            + (f" union AUC {run['union_roc_auc']:.3f}" if union else "")
+            + f" ε {run['epsilon']:.2f} ({run['wall_seconds']:.0f} s)"
+        ),
+        lambda runs: summarize_runs(runs, metrics),
     )
     sites = list(next(iter(results.values()))["summary"]["sites"])
-    header = ["method", "avg ROC-AUC", *(["union ROC-AUC"] if union else [])]
-    header += ["avg accuracy", "ε (max site)", *sites]
+    first = metrics[0]
+    header = ["method", f"avg {NAMES.get(first, first)}", *(["union ROC-AUC"] if union else [])]
+    header += [f"avg {NAMES.get(m, m)}" for m in metrics[1:]]
+    header += ["ε (max site)", *sites]
     rows = [
         [
             r["label"],
-            fmt(r["summary"]["roc_auc"]),
+            fmt(r["summary"][first]),
             *([fmt(r["summary"]["union_roc_auc"])] if union else []),
-            fmt(r["summary"]["accuracy"]),
+            *(fmt(r["summary"][m]) for m in metrics[1:]),
             f"{r['summary']['epsilon']:.2f}" if r["summary"]["epsilon"] else "—",
-            *(f"{r['summary']['sites'][s]['roc_auc']['mean']:.3f}" for s in sites),
+            *(f"{r['summary']['sites'][s][first]['mean']:.3f}" for s in sites),
         ]
         for r in results.values()
     ]
-    print(f"\n{title}, mean ± sd over seeds {seeds} (ddof=1); site columns: ROC-AUC")
+    print(
+        f"\n{title}, mean ± sd over seeds {seeds} (ddof=1); site columns: {NAMES.get(first, first)}"
+    )
     print_table(header, rows)
     note_source_change(env)
     payload = {
         "benchmark": title,
-        "metric": "ROC-AUC and accuracy (threshold 0.5) per site test split; avg = unweighted "
+        "metric": f"{', '.join(NAMES.get(m, m) for m in metrics)} per site test split "
+        "(accuracy: threshold 0.5, or the most probable class); avg = unweighted "
         "mean over sites; sd = sample sd over seeds (each seed sets training and split seed)"
         + (
             "; union = one ROC-AUC of the final model(s) over the union of the sites' test splits"
@@ -184,6 +204,7 @@ def cli_main(
     output: Path,
     default_variants: tuple[str, ...] = (),
     union: bool = False,
+    metrics: tuple[str, ...] = METRICS,
 ) -> int:
     """The command line every classification benchmark shares (--seeds, --quick, --variants)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -206,5 +227,6 @@ def cli_main(
         output=args.output,
         command=shlex.join(["python", script, *argv]),
         union=union,
+        metrics=metrics,
     )
     return 0
