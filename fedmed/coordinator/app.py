@@ -12,6 +12,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedmed.config import RunConfig
 from fedmed.coordinator.rounds import StudyRounds
 from fedmed.protocol import (
     RUN_KEY,
@@ -174,21 +175,35 @@ def consortium_scale(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
     alike, so the shared model sees each ICU's real levels. All sites or none: a study whose
     sites scale differently would not be the study that was approved.
     """
-    from fedmed.errors import ConfigError
     from fedmed.study.statistics import with_series_reference
 
     sites, refused = ask_statistics(grid, plan, history, 0)
-    missing = sorted(set(plan.config.site_names) - set(sites))
-    if missing or refused:
-        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
-        raise ConfigError(
-            f"data.series.standardize = 'consortium' needs every site's statistics, but "
-            f"{', '.join(missing) or 'a site'} did not send them ({why}); set share_statistics "
-            "= true in those sites' configs, or use standardize = 'site'"
-        )
+    _every_site(
+        plan.config,
+        sites,
+        refused,
+        "data.series.standardize = 'consortium' needs every site's statistics",
+        "use standardize = 'site'",
+    )
     cfg = with_series_reference(plan.config, [sites[name] for name in plan.config.site_names])
     log.info("consortium scale from %d sites' statistics", len(sites))
     return replace(plan, config=cfg)
+
+
+def _every_site(
+    cfg: RunConfig, sites: dict[str, Any], refused: dict[str, str], need: str, otherwise: str
+) -> None:
+    """A ConfigError naming who did not answer, when a step that shapes every site's model
+    (the consortium scale, the vocabulary) lacks a site: all sites or none."""
+    from fedmed.errors import ConfigError
+
+    missing = sorted(set(cfg.site_names) - set(sites))
+    if missing or refused:
+        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
+        raise ConfigError(
+            f"{need}, but {', '.join(missing) or 'a site'} did not send them ({why}); set "
+            f"share_statistics = true in those sites' configs, or {otherwise}"
+        )
 
 
 def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> RunPlan:
@@ -202,7 +217,6 @@ def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> Run
     """
     from fedmed.coordinator.checkpoint import load_checkpoint
     from fedmed.data.text import with_vocabulary
-    from fedmed.errors import ConfigError
 
     cfg = plan.config
     if plan.resume:
@@ -213,14 +227,13 @@ def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> Run
     sites, refused = _ask_sites(
         grid, plan, history, 0, "vocabulary", WORDS_KEY, lambda t: decode_word_counts(t, min_count)
     )
-    missing = sorted(set(cfg.site_names) - set(sites))
-    if missing or refused:
-        why = "; ".join(f"{who}: {reason}" for who, reason in refused.items()) or "no reply"
-        raise ConfigError(
-            f"the text vocabulary needs every site's shared word counts, but "
-            f"{', '.join(missing) or 'a site'} did not send them ({why}); set share_statistics "
-            "= true in those sites' configs, or write an agreed data.text.vocabulary"
-        )
+    _every_site(
+        cfg,
+        sites,
+        refused,
+        "the text vocabulary needs every site's shared word counts",
+        "write an agreed data.text.vocabulary",
+    )
     cfg = with_vocabulary(cfg, [sites[name] for name in cfg.site_names])
     log.info(
         "text vocabulary of %d tokens from %d sites' words counted >= %d times",

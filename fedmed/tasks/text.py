@@ -64,7 +64,20 @@ def _keep(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (~_padding(ids)).to(dtype)
 
 
-class BagOfEmbeddings(nn.Module):
+class _TextModel(nn.Module):
+    """Token ids -> embeddings -> ``from_embeddings``, which explanations call directly."""
+
+    embed: nn.Embedding
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(ids)
+        return self.from_embeddings(tokens, _keep(ids, tokens.dtype))
+
+    def from_embeddings(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class BagOfEmbeddings(_TextModel):
     """Mean of the text's token embeddings -> dropout -> one logit per class."""
 
     def __init__(self, vocabulary: int, classes: int, cfg: ModelConfig) -> None:
@@ -73,10 +86,6 @@ class BagOfEmbeddings(nn.Module):
         self.embed = nn.Embedding(vocabulary, width)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, classes)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(ids)
-        return self.from_embeddings(tokens, _keep(ids, tokens.dtype))
 
     def from_embeddings(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The model on token embeddings (texts, tokens, width), each weighted by ``keep``."""
@@ -101,7 +110,7 @@ class EncoderLayer(nn.Module):
         return x + self.dropout(self.ff(self.ff_norm(x)))
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(_TextModel):
     """Token + position embeddings -> encoder layers -> LayerNorm -> mean -> logits."""
 
     def __init__(self, vocabulary: int, classes: int, max_tokens: int, cfg: ModelConfig) -> None:
@@ -115,10 +124,6 @@ class TextTransformer(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, classes)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(ids)
-        return self.from_embeddings(tokens, _keep(ids, tokens.dtype))
 
     def from_embeddings(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The model on token embeddings (texts, tokens, width), each pooled with weight ``keep``.
