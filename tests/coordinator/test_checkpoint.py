@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -157,28 +156,37 @@ def test_a_replayed_private_round_is_not_charged_twice(
     assert _numbers(_metrics(run_dir)) == _numbers(reference)
 
 
+# Runs the CLI and SIGKILLs its own process the moment round 2's checkpoint is on disk. Polling
+# for the file from outside raced the run: a demo round takes ~0.1 s, so round 3 could finish
+# (and metrics.json appear) between the poll seeing the checkpoint and the kill landing.
+_KILLED_AFTER_ROUND_2 = """
+import os, signal, sys
+import fedmed.coordinator.rounds as rounds
+real = rounds.save_checkpoint
+def save_then_die(run_dir, cfg, checkpoint):
+    path = real(run_dir, cfg, checkpoint)
+    if checkpoint.round >= 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+rounds.save_checkpoint = save_then_die
+from fedmed.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_cli_resumes_a_coordinator_killed_with_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "runs"
     args = ["simulate", "demo", "--set", "rounds=3", "--set", "privacy.enabled=false"]
     args += ["--output-dir", str(out), "--quiet"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedmed.cli", *args],
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_ROUND_2, *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        timeout=240,
     )
-    try:
-        checkpoint = None
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            found = list(out.glob(f"*/{FILENAME}"))
-            if found and _round_of(found[0]) >= 2:
-                checkpoint = found[0]
-                break
-            time.sleep(0.05)
-        assert checkpoint is not None, "the coordinator never checkpointed round 2"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (checkpoint,) = out.glob(f"*/{FILENAME}")
+    assert _round_of(checkpoint) == 2
     run_dir = checkpoint.parent
     assert not (run_dir / "metrics.json").exists()
 
