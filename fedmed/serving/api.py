@@ -476,7 +476,7 @@ def _text_routes(app: FastAPI, served: ServedText, identity: dict[str, str]) -> 
 
     @app.post("/predict", response_model=TextResponse, response_model_by_alias=True)
     def predict(request: TextRequest) -> dict[str, Any]:
-        texts = served.checked(request.texts)
+        texts = served.checked(request.texts, explain=request.explain)
         return {"predictions": served.predict(texts, request.explain), "model": identity}
 
 

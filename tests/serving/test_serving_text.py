@@ -24,7 +24,7 @@ from fedmed.errors import ConfigError
 from fedmed.serving.api import create_app, open_model
 from fedmed.serving.export import load_model, save_model
 from fedmed.serving.server import start_in_thread
-from fedmed.serving.text import MAX_TEXT_BYTES, MAX_TEXTS, ServedText
+from fedmed.serving.text import MAX_EXPLAINED_TEXTS, MAX_TEXT_BYTES, MAX_TEXTS, ServedText
 from fedmed.tasks import build_model, get_task
 from fedmed.tasks.text import COMPLETENESS_TOL, IG_STEPS, MAX_IG_STEPS
 from tests.data.test_text import site_texts, text_study
@@ -238,12 +238,32 @@ def test_a_card_naming_a_tokenizer_outside_its_folder_is_refused(trained) -> Non
         ServedText(weights, allow_unsigned=True)
 
 
+def test_the_explained_texts_cap_binds_only_with_explain(server) -> None:
+    texts = ["fever and cough", "seizure after a fall"] * (MAX_EXPLAINED_TEXTS // 2)
+
+    explained = httpx.post(
+        f"{server.url}/predict", json={"texts": texts, "explain": True}, timeout=120
+    )
+    plain = httpx.post(f"{server.url}/predict", json={"texts": [*texts, "fever"]}, timeout=60)
+
+    assert explained.status_code == 200, explained.text
+    assert all(p["explanation"] for p in explained.json()["predictions"])
+    assert plain.status_code == 200, plain.text
+    assert len(plain.json()["predictions"]) == MAX_EXPLAINED_TEXTS + 1
+
+
 @pytest.mark.parametrize(
     ("body", "loc", "kind", "fix"),
     [
         ({"texts": "fever and cough"}, ["body", "texts"], "text_list", "send a list of strings"),
         ({"texts": []}, ["body", "texts"], "text_list", "at least one"),
         ({"texts": ["fever"] * (MAX_TEXTS + 1)}, ["body", "texts"], "text_list", "split the batch"),
+        (  # explanations cost up to 1,024 passes per text: a few texts may hold a thread
+            {"texts": ["fever"] * (MAX_EXPLAINED_TEXTS + 1), "explain": True},
+            ["body", "texts"],
+            "text_list",
+            "leave explain off",
+        ),
         ({"texts": ["fever", 3]}, ["body", "texts", 1], "text_type", "as a JSON string"),
         ({"texts": ["fever", None]}, ["body", "texts", 1], "text_type", "as a JSON string"),
         ({"texts": ["fever", " \n\t "]}, ["body", "texts", 1], "text_empty", "send the text"),
