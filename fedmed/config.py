@@ -706,11 +706,21 @@ class SiteConfig(_Frozen):
     # Send the coordinator this site's feature means/stds (train split) once per study, so the
     # served model can preprocess a clinic's raw rows. Aggregates, but outside the DP accounting.
     share_statistics: bool = False
+    # The fewest times this site must count a word before a text study may put it in the shared
+    # vocabulary. The plan's data.text.min_count decides, but a plan below this floor is refused
+    # even if approved by hash: one approval slip must not send single-patient words (a name, a
+    # record number) to the coordinator.
+    min_word_count: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
 
         check_site_name(self.name)
+        if self.min_word_count < 1:
+            raise ConfigError(
+                f"site '{self.name}': min_word_count must be >= 1, got {self.min_word_count}; "
+                "5 = default"
+            )
         if not self.insecure and not (self.ca_certificate and self.node_key):
             raise ConfigError(
                 f"site '{self.name}': set ca_certificate and node_key (from `fedmed pki "

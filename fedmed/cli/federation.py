@@ -466,6 +466,9 @@ def _site_init(args: argparse.Namespace) -> int:
         "require_secure_aggregation = false  # true: only SecAgg+ studies (no update in the clear)",
         "# Feature means/stds (train split) for the served model's preprocessing, once per study:",
         f"share_statistics = {str(args.share_statistics).lower()}",
+        "# Text studies: share only words this site counts at least this often (a plan asking",
+        "# for rarer words is refused even when approved)",
+        "min_word_count = 5",
     ]
     if args.epsilon_cap is not None:
         lines.append(f"epsilon_cap = {args.epsilon_cap}")

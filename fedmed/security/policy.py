@@ -82,6 +82,12 @@ def check_plan(site: SiteConfig, run: RunConfig, digest: str = "") -> None:
         from fedmed.privacy.accounting import at_site_delta
 
         at_site_delta(run.privacy, site.delta)
+    if run.task == "text-classification" and run.data.text.min_count < site.min_word_count:
+        raise PolicyViolation(
+            f"the plan shares words a site counts only {run.data.text.min_count} times "
+            f"(data.text.min_count); this site shares none counted fewer than "
+            f"{site.min_word_count} times (min_word_count)"
+        )
     if site.require_secure_aggregation and not run.strategy.secure_aggregation:
         raise PolicyViolation(
             "the site only sends masked updates (strategy.secure_aggregation = true)"

@@ -199,6 +199,29 @@ def test_a_site_with_its_own_delta_refuses_a_larger_plan_delta_before_reading_da
     check_plan(_site(approved_plans=approved, delta=0.06), run)  # the site's own choice
 
 
+def test_an_approved_text_plan_below_the_sites_word_floor_is_refused() -> None:
+    """A coordinator (or an approval slip) asking for words seen once at a site: refused even
+    though the plan's hash is approved, before any text is read."""
+
+    def text_plan(min_count: int):
+        overrides = ['data.partition_file=""', 'data.dataset="abstracts"']
+        return load_run_config(
+            resolve_config_path("clinical_text"), [*overrides, f"data.text.min_count={min_count}"]
+        )
+
+    greedy, usual = text_plan(1), text_plan(5)
+    approved = (plan_hash(greedy), plan_hash(usual))
+
+    with pytest.raises(PolicyViolation, match=r"counts only 1 times.*min_word_count"):
+        check_plan(_site(approved_plans=approved), greedy)
+    check_plan(_site(approved_plans=approved), usual)
+    check_plan(_site(approved_plans=approved, min_word_count=1), greedy)  # the site's own choice
+    with pytest.raises(PolicyViolation, match="min_word_count"):
+        check_plan(_site(approved_plans=approved, min_word_count=10), usual)
+    with pytest.raises(ConfigError, match="min_word_count must be >= 1"):
+        _site(min_word_count=0)
+
+
 def test_example_site_config_is_valid_and_approves_the_shipped_federation() -> None:
     site = load_site_config(Path(__file__).parents[2] / "sites" / "example-hospital.toml")
     assert plan_hash(_federation()) in site.approved_plans
