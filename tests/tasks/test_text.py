@@ -287,3 +287,51 @@ def test_binary_text_with_named_labels_is_the_two_class_case(tmp_path: Path) -> 
     got = task.evaluate(y, np.stack([1 - p1, p1], axis=1), loss=0.5)
     assert got["roc_auc"] == pytest.approx(roc_auc_score(y, p1))  # the binary AUC
     assert got["accuracy"] == pytest.approx(0.8)
+
+
+# Task-generic features a text study must run with (issue #19): each changes how updates are
+# aggregated or privatized, never what the text task computes.
+GENERIC = {
+    "secure-aggregation": {"strategy": {"secure_aggregation": True, "validate_updates": False}},
+    "central-dp-client-side": {
+        "privacy": {"central": "client-side", "central_noise_multiplier": 0.5}
+    },
+    "central-dp-server-side": {
+        "privacy": {"central": "server-side", "central_noise_multiplier": 0.5}
+    },
+    "fedprox": {"strategy": {"name": "fedprox"}},
+    "fedadam": {"strategy": {"name": "fedadam", "server_lr": 0.1}},
+    "fedtrimmedavg": {"strategy": {"name": "fedtrimmedavg"}},
+    "fedmedian": {"strategy": {"name": "fedmedian"}},
+    "multikrum": {"strategy": {"name": "multikrum", "num_malicious": 0}},
+}
+
+
+@pytest.mark.parametrize("feature", list(GENERIC))
+def test_text_studies_run_with_every_aggregation_and_central_privacy(
+    tmp_path: Path, capsys: pytest.CaptureFixture, feature: str
+) -> None:
+    frames = [site_texts(0, n=60), site_texts(1, n=45), site_texts(2, n=50)]
+    raw = text_study(tmp_path, frames, min_count=5, vocab_size=60)
+    raw.update(GENERIC[feature])
+    toml = tmp_path / "notes.toml"
+    if feature == "secure-aggregation":  # no vocabulary query on Flower's SecAgg+ path ...
+        toml.write_text(_to_toml(raw))
+        assert main(["simulate", str(toml), "--quiet"]) == 2
+        assert "write an agreed vocabulary in data.text.vocabulary" in capsys.readouterr().err
+        raw["data"]["text"]["vocabulary"] = list(VOCABULARY)  # ... so the study brings its own
+    toml.write_text(_to_toml(raw))
+
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [h["round"] for h in metrics["history"]] == [1, 2]
+    assert not [f for h in metrics["history"] for f in h.get("failures", [])]
+    assert set(metrics["final"]["sites"]) == {"site0", "site1", "site2"}
+    average = metrics["final"]["average"]
+    assert all(math.isfinite(average[k]) for k in ("accuracy", "macro_f1", "roc_auc", "loss"))
+    from fedmed.serving.text import ServedText
+
+    (prediction,) = ServedText(run_dir).predict(["cardiac infarction in the patients"])
+    assert sum(prediction["probabilities"].values()) == pytest.approx(1.0, abs=1e-6)
