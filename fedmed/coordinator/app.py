@@ -32,6 +32,7 @@ from fedmed.tasks.local_layers import check_model, split
 
 log = logging.getLogger("fedmed.coordinator")
 PERSONALIZE = "evaluate.personalize"  # the ClientApp's named evaluate action
+QUERY_TIMEOUT = 300.0  # seconds a query before or after the rounds waits for sites and replies
 
 
 def run_federated(
@@ -143,10 +144,10 @@ def _ask_sites(
     study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
     messages = [
         grid.create_message(RecordDict({"config": study}), f"query.{phase}", node, group_id=phase)
-        for node in grid.get_node_ids()
+        for node in site_nodes(grid, len(plan.config.sites), QUERY_TIMEOUT)
     ]
     sites, refused = {}, {}
-    for reply in grid.send_and_receive(messages, timeout=300):
+    for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
         if reply.has_error():
             failure = read_error(reply.error)
             history.record_failure(rnd, phase, failure.site or "unknown", failure.detail)
@@ -159,6 +160,21 @@ def _ask_sites(
             history.record_failure(rnd, phase, name, f"malformed {phase} reply ({exc})")
             refused[f"site '{name}'"] = f"malformed {phase} reply"
     return sites, refused
+
+
+def site_nodes(grid: Grid, sites: int, timeout: float) -> list[int]:
+    """The grid's nodes once all ``sites`` are there, or those there after ``timeout`` seconds.
+
+    A query sent before round 1 (the vocabulary, the consortium scale) can come before the
+    runtime has registered every node: Ray's simulation engine lists none for its first
+    seconds. Flower's strategies wait for their nodes the same way before sampling.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= sites or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(0.1)
 
 
 def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:

@@ -165,9 +165,17 @@ def _sequence(tmp_path: Path) -> dict:
     return _study(tmp_path, privacy={"enabled": True, "target_epsilon": 8.0})  # Opacus DPGRU
 
 
-@pytest.mark.parametrize("study", [_survival, _imaging, _sequence], ids=lambda f: f.__name__)
+def _text(tmp_path: Path) -> dict:
+    from tests.data.test_text import site_texts, text_study
+
+    # The vocabulary is asked for before round 1, when Ray's engine may list no node yet.
+    return text_study(tmp_path, [site_texts(0, n=60), site_texts(1, n=45)], min_count=5)
+
+
+@pytest.mark.parametrize("study", [_survival, _imaging, _sequence, _text], ids=lambda f: f.__name__)
 def test_every_task_runs_on_ray_as_in_process(study, tmp_path, capsys) -> None:
-    """Survival, imaging and sequence studies (2 sites, 1 round) give the same metrics on Ray."""
+    """Survival, imaging, sequence and text studies (2 sites, 1 round) give the same metrics on
+    Ray."""
     from tests.tasks.test_imaging import _to_toml
 
     raw = {**study(tmp_path), "rounds": 1, "seed": 3}
