@@ -249,7 +249,7 @@ def _write_small_set(root: Path) -> Path:
         ]:  # fmt: skip
             lines.append(f"{record},0,{parameter},{value}")
         lines += [f"{record},7,HR,73", f"{record},7,MechVent,1", f"{record},95,Weight,-1"]
-        lines += [f"{record},2880,ALT,26.1666667"]
+        lines += [f"{record},2880,ALT,1.044e+04"]  # set A writes 26 lab values this way
     with gzip.open(folder / "set_a_long.csv.gz", "wt") as handle:
         handle.write("\n".join(lines) + "\n")
     (folder / "outcomes_a.csv").write_text(
@@ -290,8 +290,8 @@ def test_small_set_maps_every_field(small_set: Path) -> None:
         "SELECT value_as_number, value_source_value, measurement_datetime, unit_concept_id "
         "FROM measurement WHERE measurement_source_value = 'ALT'",
     ).iloc[0]
-    assert alt["value_as_number"] == 26.1666667  # DOUBLE, not NUMERIC's DECIMAL(18,3)
-    assert alt["value_source_value"] == "26.1666667"
+    assert alt["value_as_number"] == 10440.0
+    assert alt["value_source_value"] == "1.044e+04"  # the source text, exactly
     assert alt["measurement_datetime"] == datetime(2012, 1, 3)
     assert alt["unit_concept_id"] == 8923
     vent = _query(
@@ -308,6 +308,9 @@ def test_tables_have_the_cdm_54_columns_in_order(small_set: Path) -> None:
 
     assert _query(db, "SELECT * FROM person LIMIT 0").columns.tolist() == PERSON_COLUMNS
     assert _query(db, "SELECT * FROM measurement LIMIT 0").columns.tolist() == MEASUREMENT_COLUMNS
+    types = _query(db, "DESCRIBE measurement").set_index("column_name")["column_type"]
+    assert types["value_as_number"] == "DECIMAL(18,3)"  # OHDSI's NUMERIC, as DuckDB reads it
+    assert types["measurement_datetime"] == "TIMESTAMP" and types["measurement_date"] == "DATE"
     tables = set(_query(db, "SELECT table_name FROM duckdb_tables()")["table_name"])
     assert tables == {
         "person", "observation_period", "visit_occurrence", "measurement", "death",
@@ -389,6 +392,16 @@ def test_text_in_the_value_column_names_the_row(small_set: Path) -> None:
 
     with pytest.raises(DataError, match=r"column 'value' has value 'fast' at data row 41"):
         build_physionet_omop(small_set)
+
+
+def test_a_value_numeric_would_round_is_refused(small_set: Path) -> None:
+    folder = small_set.parent / "datasets" / "physionet2012"
+    with gzip.open(folder / "set_a_long.csv.gz", "at") as handle:
+        handle.write("900004,60,Creatinine,0.0125\n")
+
+    with pytest.raises(DataError, match=r"record 900004: Creatinine '0.0125' has more than 3"):
+        build_physionet_omop(small_set)
+    assert not small_set.exists()
 
 
 def test_a_stay_without_outcome_is_refused(small_set: Path) -> None:

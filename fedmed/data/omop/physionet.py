@@ -42,6 +42,7 @@ from fedmed.errors import ConfigError, DataError
 ANCHOR = datetime(2012, 1, 1)
 WINDOW = timedelta(hours=48)
 MISSING = -1.0
+DECIMALS = 3  # DuckDB's NUMERIC (OHDSI's type for value_as_number) is DECIMAL(18,3)
 DESCRIPTORS = ("RecordID", "Age", "Gender", "ICUType")  # person / visit / care_site, not rows
 GENDERS = {"0": 8532, "1": 8507}  # FEMALE, MALE; anything else -> 0
 EHR = 32817  # type of measurements, visits and deaths (as OHDSI's MIMIC ETL)
@@ -312,6 +313,14 @@ def measurement_rows(long: pd.DataFrame, mapping: pd.DataFrame) -> pd.DataFrame:
             "fedmed/data/omop/physionet_concepts.csv (docs/omop.md)"
         )
     rows = rows[rows["number"] != MISSING]
+    finer = (np.round(rows["number"], DECIMALS) != rows["number"]).to_numpy()
+    if finer.any():
+        row = rows.iloc[int(np.argmax(finer))]
+        raise DataError(
+            f"record {row['record_id']}: {row['parameter']} {echo(row['value'])} has more than "
+            f"{DECIMALS} decimals, which the CDM's NUMERIC value_as_number (DECIMAL(18,3) in "
+            "DuckDB) would round; round it in the source"
+        )
     variable = rows["parameter"].astype("category").cat.remove_unused_categories()
     concept = mapping.reindex(variable.cat.categories)
     codes = variable.cat.codes.to_numpy()

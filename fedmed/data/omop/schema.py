@@ -2,11 +2,10 @@
 
 Column names, order, types and NOT NULL follow OHDSI's own DuckDB DDL for CDM v5.4
 (OHDSI/CommonDataModel, inst/ddl/5.4/duckdb/OMOPCDM_duckdb_5.4_ddl.sql), so any tool written
-against the CDM reads these files. One deliberate change: OHDSI writes ``NUMERIC``, which DuckDB
-reads as DECIMAL(18,3) and would round PhysioNet values such as ALT ``26.1666667`` or Urine
-``33.33333``; those columns are DOUBLE here, and ``value_source_value`` keeps the source text.
-Only the tables the demo fills are created (plus ``concept`` and ``cdm_source``); a site that
-needs the rest adds them from the OHDSI DDL.
+against the CDM reads these files. Note that DuckDB reads OHDSI's ``NUMERIC`` as DECIMAL(18,3):
+a value with more than 3 decimals would be rounded, so the builder refuses one (set A has
+none) rather than store a different number. Only the tables the demo fills are created (plus
+``concept`` and ``cdm_source``); a site that needs the rest adds them from the OHDSI DDL.
 
 The statements are constants: no value from the data is ever formatted into SQL.
 """
@@ -66,11 +65,11 @@ TABLES: dict[str, str] = {
         measurement_time varchar(10) NULL,
         measurement_type_concept_id integer NOT NULL,
         operator_concept_id integer NULL,
-        value_as_number DOUBLE NULL,
+        value_as_number NUMERIC NULL,
         value_as_concept_id integer NULL,
         unit_concept_id integer NULL,
-        range_low DOUBLE NULL,
-        range_high DOUBLE NULL,
+        range_low NUMERIC NULL,
+        range_high NUMERIC NULL,
         provider_id integer NULL,
         visit_occurrence_id integer NULL,
         visit_detail_id integer NULL,
