@@ -176,6 +176,7 @@ def test_persons_keep_record_gender_age_and_death_date(built: Path, source) -> N
         assert (visit["visit_start_datetime"] == ANCHOR).all()
         assert (visit["visit_end_datetime"] == ANCHOR + timedelta(hours=48)).all()
         assert set(visit["visit_concept_id"]) == {32037}
+        assert (visit["care_site_id"] == icu).all()
         site = _query(db, "SELECT * FROM care_site")
         assert site["care_site_id"].tolist() == [icu]
 
@@ -409,6 +410,9 @@ def test_a_stay_without_outcome_is_refused(small_set: Path) -> None:
     outcomes.write_text(outcomes.read_text().replace("900004,9,2,4,-1,0\n", ""))
 
     with pytest.raises(DataError, match=r"record 900004 has no row"):
+        build_physionet_omop(small_set)
+    outcomes.write_text(outcomes.read_text() + "900003,7,1,9,575,0\n900004,9,2,4,-1,0\n")
+    with pytest.raises(DataError, match=r"record 900003 has two rows; keep one"):
         build_physionet_omop(small_set)
 
 

@@ -245,6 +245,9 @@ def read_outcomes(path: Path) -> pd.DataFrame:
             "not set A's outcomes table"
         )
     df = pd.read_csv(path, usecols=columns).set_index("RecordID")
+    if df.index.duplicated().any():
+        record = df.index[df.index.duplicated()][0]
+        raise DataError(f"{path}: record {record} has two rows; keep one per stay")
     flags = df["In-hospital_death"]
     if not flags.isin([0, 1]).all():
         record = flags.index[~flags.isin([0, 1])][0]
