@@ -168,10 +168,30 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
         description="For trying a real federation on one machine: each site's share of the "
         "config's data (default: the demo), as the hospital would export it: a CSV per site "
         "(packaged tables), a .npz per site (image studies), a long table and an outcomes table "
-        "per site (series studies).",
+        "per site (series studies). With --omop OUT_DIR instead: PhysioNet 2012 set A as one "
+        "OMOP CDM v5.4 DuckDB database per ICU type (docs/omop.md; needs "
+        "pip install 'fedmed[omop]').",
     )
-    demo.add_argument("out", type=Path, help="output folder")
+    demo.add_argument("out", type=Path, nargs="?", default=None, help="output folder")
     add_config_args(demo)
+    demo.add_argument(
+        "--omop",
+        type=Path,
+        default=None,
+        metavar="OUT_DIR",
+        help="write OUT_DIR/coronary-care.duckdb, cardiac-surgery.duckdb, medical-icu.duckdb "
+        "and surgical-icu.duckdb from $FEDMED_DATA_DIR/physionet2012 (OMOP CDM v5.4)",
+    )
+    demo.add_argument(
+        "--force", action="store_true", help="with --omop: replace databases already there"
+    )
+    demo.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --omop: only the first N stays (by RecordID) of each ICU type",
+    )
 
 
 def _coordinator_args(p: argparse.ArgumentParser) -> None:
@@ -737,6 +757,15 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from fedmed.cli.display import _load
     from fedmed.data.sources import load_site_frame
 
+    if args.omop is not None:
+        return _demo_omop(args)
+    if args.out is None:
+        raise ConfigError(
+            "demo-data needs an output folder: fedmed demo-data OUT [CONFIG], or "
+            "fedmed demo-data --omop OUT_DIR for OMOP databases"
+        )
+    if args.force or args.limit is not None:
+        raise ConfigError("--force and --limit go with --omop OUT_DIR; drop them or add --omop")
     cfg = _load(args)
     if cfg.task == "imaging-classification" and cfg.data.partition_file:
         return _demo_images(cfg, args.out)
@@ -753,6 +782,24 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
         path = args.out / f"{site.name}.csv"
         frame.to_csv(path, index=False)
         print(f"{site.name}: {len(frame)} rows -> {path}")
+    return 0
+
+
+def _demo_omop(args: argparse.Namespace) -> int:
+    """PhysioNet 2012 set A as four sites' OMOP databases; the folder is printed last."""
+    from fedmed.data.omop import build_physionet_omop
+
+    if args.out is not None or args.config is not None or args.overrides:
+        raise ConfigError(
+            "demo-data --omop OUT_DIR reads PhysioNet 2012 set A and takes no OUT, CONFIG or "
+            "--set; drop them"
+        )
+    for built in build_physionet_omop(args.omop, force=args.force, limit=args.limit):
+        print(
+            f"{built.site.name}: {built.persons} stays, {built.deaths} in-hospital deaths, "
+            f"{built.measurements} measurements -> {built.path}"
+        )
+    print(args.omop)
     return 0
 
 

@@ -149,3 +149,30 @@ def test_every_subcommand_has_help() -> None:
             check=False,
         )
         assert result.returncode == 0 and "usage: fedmed" in result.stdout
+
+
+def test_demo_data_omop_writes_four_databases_then_refuses_without_force(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    pytest.importorskip("duckdb", reason="OMOP databases are the optional 'omop' extra")
+    from tests.data.test_omop import _write_small_set
+
+    _write_small_set(tmp_path / "datasets")
+    monkeypatch.setenv("FEDMED_DATA_DIR", str(tmp_path / "datasets"))
+    out = tmp_path / "omop"
+
+    assert main(["demo-data", "--omop", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == str(out)
+    assert lines[1].startswith("cardiac-surgery: 1 stays, 1 in-hospital deaths, 4 measurements")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cardiac-surgery.duckdb", "coronary-care.duckdb", "medical-icu.duckdb",
+        "surgical-icu.duckdb",
+    ]  # fmt: skip
+
+    assert main(["demo-data", "--omop", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already exists" in err and "--force" in err
+    assert main(["demo-data", "--omop", str(out), "--force", "--limit", "1"]) == 0
+    assert main(["demo-data", "--omop", str(out), "demo"]) == 2
+    assert "takes no OUT, CONFIG or --set" in capsys.readouterr().err
