@@ -232,20 +232,27 @@ const POLL_MS = 2000;
 const SVGNS = "http://www.w3.org/2000/svg";
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
                  "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"];
-const CLASSIFY = ["tabular-classification"];
-// A chart with "tasks" is drawn only for runs of those tasks (the metrics the task reports).
+// A metric's chart (and its column in the results table) appears when the run reports it, so
+// every task shows its own metrics: accuracy and ROC-AUC for tables, images and series,
+// macro-F1 for text, the C-index for survival.
 const CHARTS = [
   {metric: "accuracy", title: "Accuracy", sub: "global model on each site's test split",
-   bounded: true, tasks: CLASSIFY},
+   bounded: true},
+  {metric: "macro_f1", title: "Macro-F1", sub: "global model on each site's test split",
+   bounded: true},
   {metric: "roc_auc", title: "ROC-AUC", sub: "global model on each site's test split",
-   bounded: true, tasks: CLASSIFY},
+   bounded: true},
   {metric: "c_index", title: "C-index (Harrell)", sub: "global model on each site's test split",
-   bounded: true, tasks: ["survival"]},
+   bounded: true},
   {metric: "loss", title: "Loss", sub: "test loss of the global model (lower is better)",
-   bounded: false},
+   bounded: false, always: true},
   {metric: "epsilon", title: "Privacy spent (\\u03b5)",
-   sub: "cumulative \\u03b5 per site; dashed red = each site's target budget", bounded: false},
+   sub: "cumulative \\u03b5 per site; dashed red = each site's target budget", bounded: false,
+   always: true},
 ];
+const COLUMNS = [["c_index", "C-index"], ["accuracy", "accuracy"], ["macro_f1", "macro-F1"],
+                 ["roc_auc", "ROC-AUC"], ["f1", "F1"], ["precision", "precision"],
+                 ["recall", "recall"], ["loss", "loss"]];
 let lastText = null;
 
 function el(tag, attrs, ...children) {
@@ -454,9 +461,9 @@ function drawReplies(run) {
 function drawFinal(run) {
   const fin = run.final || {};
   const sites = run.sites || [];
-  const cols = taskOf(run) === "survival" ? [["c_index", "C-index"], ["loss", "loss"]] :
-    [["accuracy", "accuracy"], ["roc_auc", "ROC-AUC"], ["f1", "F1"],
-     ["precision", "precision"], ["recall", "recall"], ["loss", "loss"]];
+  const given = [fin.average || {}, ...Object.values(fin.sites || {})];
+  let cols = COLUMNS.filter(([k]) => given.some(m => isNum(m[k])));
+  if (!cols.length) cols = [["loss", "loss"]];
   const running = run.status !== "finished";
   document.getElementById("final-title").textContent =
     running ? "Per-site results (latest round)" : "Final per-site results";
@@ -528,15 +535,16 @@ function drawHeader(run) {
   document.getElementById("footer").textContent = parts.join(" \\u00b7 ");
 }
 
-function taskOf(run) {
-  return (run.config || {}).task || "tabular-classification";
+function reports(run, metric) {
+  return (run.history || []).some(h => isNum((h.average || {})[metric]) ||
+    Object.values(h.sites || {}).some(r => isNum((r.evaluate || {})[metric])));
 }
 
 function render(run) {
   drawHeader(run);
   drawLegend(run);
   const charts = document.getElementById("charts");
-  const shown = CHARTS.filter(spec => !spec.tasks || spec.tasks.includes(taskOf(run)));
+  const shown = CHARTS.filter(spec => spec.always || reports(run, spec.metric));
   charts.replaceChildren(...shown.map(spec => drawChart(run, spec)));
   drawReplies(run);
   drawFinal(run);
