@@ -465,8 +465,9 @@ class SchemaConfig(_Frozen):
     stratify: bool = True
     split_column: str = ""  # values "train"/"test"; overrides test_fraction when set
     min_rows: int = 10
-    # > 0 (image and series sites): carve this share of the TRAIN rows (stratified, split_seed)
-    # and evaluate on it instead of the test rows, to choose settings without seeing the test set.
+    # > 0 (image, series and text sites): carve this share of the TRAIN rows (stratified,
+    # split_seed) and evaluate on it instead of the test rows, to choose settings without seeing
+    # the test set.
     validation_fraction: float = 0.0
 
 
