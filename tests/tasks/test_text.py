@@ -313,6 +313,19 @@ def test_a_frozen_table_is_the_same_at_every_site_and_in_the_served_model(
     assert all(0 < s["epsilon"] <= 5.0 + 1e-6 for s in metrics["final"]["sites"].values())
 
 
+def test_the_private_text_study_is_the_text_study_with_dp_and_a_frozen_table() -> None:
+    from fedmed.config import load_run_config
+
+    shipped = Path(__file__).parents[2] / "simulations"
+    plain = load_run_config(shipped / "clinical_text.toml")
+    private = load_run_config(shipped / "clinical_text-dp.toml")
+
+    assert private.data == plain.data and private.sites == plain.sites  # same texts, same split
+    assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
+    assert private.model.frozen_embedding and private.model.hidden == (4096,)
+    assert (private.train.batch_size, private.train.local_epochs) == (64, 2)
+
+
 def test_model_sizes_follow_the_study(tmp_path: Path) -> None:
     bag = build_model(_cfg(tmp_path))
     assert isinstance(bag, BagOfEmbeddings) and bag.embed.num_embeddings == len(VOCABULARY)
