@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from fedmed.cli.main import main
 from fedmed.config import ModelConfig, RunConfig, parse_run_config
 from fedmed.errors import ConfigError
-from fedmed.tasks import build_model, get_task
+from fedmed.tasks import build_model, get_task, load_site_table
 from fedmed.tasks.local_layers import check_model
 from fedmed.tasks.text import BagOfEmbeddings, TextTransformer, frozen_table
 from tests.data.test_text import PLANTED, site_texts, text_study
@@ -134,6 +134,14 @@ def test_what_cannot_work_is_refused_with_the_fix(tmp_path: Path) -> None:
         task.check(secure)
     with pytest.raises(ConfigError, match="data.schema.time/event"):
         task.check(cfg.replace(data=replace(cfg.data, schema=replace(cfg.data.schema, time="t"))))
+
+
+def test_a_frozen_embedding_outside_a_text_study_is_refused(demo_config: RunConfig) -> None:
+    frozen = demo_config.replace(model=replace(demo_config.model, frozen_embedding=True))
+
+    with pytest.raises(ConfigError, match="task 'tabular-classification' has none: remove it"):
+        load_site_table(frozen, frozen.sites[0])
+    assert load_site_table(demo_config, demo_config.sites[0]).y_train.size  # the rest is fine
 
 
 def test_the_vocabulary_is_left_out_of_the_hashes_and_kept_by_the_checkpoint(
