@@ -87,8 +87,10 @@ def frozen_table(vocabulary: int, width: int, seed: int) -> torch.Tensor:
     by numpy's compatibility policy (NEP 19), so a model served years later, on another
     machine, rebuilds the very table it was trained with. The seed is hashed with a label so
     the table's draws are not the ones any other use of the study's seed makes. Unit-variance
-    entries make a text's mean embedding about as long as the per-text gradient clip of
-    DP-SGD (max_grad_norm = 1), so clipping does not shrink a typical head gradient to noise.
+    entries, not the 1/sqrt(width) of a trained table's init: a text's mean row is then long
+    (about 2 at width 256, 9 at 4,096 on the medical abstracts), so the head's per-text
+    gradients exceed DP-SGD's clip (max_grad_norm = 1) and every text contributes a full-size,
+    clipped direction instead of a small one that the noise would drown.
     """
     return torch.from_numpy(_frozen_draws(vocabulary, width, seed).copy())
 
@@ -96,8 +98,8 @@ def frozen_table(vocabulary: int, width: int, seed: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _frozen_draws(vocabulary: int, width: int, seed: int) -> np.ndarray:
     """The draws, made once per process: a site builds its model every round, and 4,000 x
-    4,096 normal draws take ~0.5 s; the copy each model gets takes ~20 ms. Read-only, so
-    no caller can change what later models get."""
+    4,096 normal draws take ~2 s (2-core machine); the copy each model gets, ~20 ms.
+    Read-only, so no caller can change what later models get."""
     digest = hashlib.sha256(f"fedmed/frozen-embedding/{seed}".encode()).digest()
     rng = np.random.RandomState(int.from_bytes(digest[:4], "little"))
     draws = rng.standard_normal((vocabulary, width)).astype(np.float32)
