@@ -6,7 +6,13 @@ no rare word leaves a site for. This puts FedAvg and FedAdam (plain, and FedAvg 
 every site, ε = 8 for the whole study) next to pooled (one model on the union of the sites'
 train splits, also with DP) and local (each site alone) on the same per-site test splits of
 simulations/clinical_text.toml (2,657 abstracts after dropping multi-label texts; 5 disease
-groups; Dirichlet size/label skew; bag-of-embeddings model).
+groups; Dirichlet size/label skew; bag-of-embeddings model), and the same with a frozen
+embedding table (only the head trains, so DP-SGD's noise falls on ~20 k weights, not 256 k).
+
+The frozen-embedding rows (model.frozen_embedding, with and without DP) were added later and
+written to their own file:
+    python benchmarks/text_clinical.py --variants pooled_frozen fedavg_frozen \
+        pooled_frozen_dp fedavg_frozen_dp --output benchmarks/results/text_clinical_frozen.json
 
 Run from the repository root (FEDMED_DATA_DIR pointing at the shared datasets):
     python benchmarks/text_clinical.py              # 3 seeds
@@ -30,6 +36,14 @@ DP = ("privacy.enabled=true", "privacy.target_epsilon=8.0")
 # {0.01, 0.1, 0.3} on seed 42 (0.3 scored higher on that test split; not chosen for it)
 FEDADAM = ("strategy.name=fedadam", "strategy.server_lr=0.1")
 
+# model.frozen_embedding: a fixed random 4,096-wide table, only the linear head trains (issue
+# #19's DP models). Schedules chosen on seed 42's VALIDATION texts, never these test splits
+# (benchmarks/text_clinical_dp_tune.py); the non-private frozen rows reuse them, to separate
+# what freezing costs from what DP costs.
+FROZEN = ("model.frozen_embedding=true", "model.hidden=[4096]", "train.lr=0.02")
+FROZEN_POOLED = (*FROZEN, "train.batch_size=512", "train.local_epochs=5")
+FROZEN_FEDAVG = (*FROZEN, "train.batch_size=64", "train.local_epochs=2")
+
 VARIANTS = (
     Variant("pooled", "Pooled (bag of embeddings)", "pooled"),
     Variant("fedavg", "FedAvg", "federated"),
@@ -37,6 +51,17 @@ VARIANTS = (
     Variant("local", "Local (each site alone)", "local"),
     Variant("pooled_dp", "Pooled + DP-SGD (ε = 8)", "pooled", DP),
     Variant("fedavg_dp", "FedAvg + DP-SGD (ε = 8 per site)", "federated", DP),
+    Variant("pooled_frozen", "Pooled, frozen embedding", "pooled", FROZEN_POOLED),
+    Variant("fedavg_frozen", "FedAvg, frozen embedding", "federated", FROZEN_FEDAVG),
+    Variant(
+        "pooled_frozen_dp", "Pooled + DP-SGD, frozen embedding", "pooled", (*DP, *FROZEN_POOLED)
+    ),
+    Variant(
+        "fedavg_frozen_dp",
+        "FedAvg + DP-SGD, frozen embedding (ε = 8 per site)",
+        "federated",
+        (*DP, *FROZEN_FEDAVG),
+    ),
 )
 
 

@@ -241,6 +241,9 @@ class ModelConfig(_Frozen):
     ``bag`` (text): token embeddings of width ``hidden[0]``, averaged over the text, then a linear
     layer; ``transformer`` (text): one encoder layer of width ``hidden[i]`` per entry (all equal)
     with ``heads`` attention heads (fedmed.tasks.text).
+    ``frozen_embedding`` (text): the token embedding is a fixed random table drawn from the
+    study's seed, never trained and never sent; only the layers after it learn (and, under
+    DP-SGD, only they get noise). See fedmed.tasks.text.
     """
 
     kind: str = field(
@@ -253,6 +256,7 @@ class ModelConfig(_Frozen):
     members: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     heads: int = 2  # transformer (text): attention heads per layer; must divide hidden[0]
+    frozen_embedding: bool = False  # text: fixed random token embeddings (train the rest only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -465,8 +469,9 @@ class SchemaConfig(_Frozen):
     stratify: bool = True
     split_column: str = ""  # values "train"/"test"; overrides test_fraction when set
     min_rows: int = 10
-    # > 0 (image and series sites): carve this share of the TRAIN rows (stratified, split_seed)
-    # and evaluate on it instead of the test rows, to choose settings without seeing the test set.
+    # > 0 (image, series and text sites): carve this share of the TRAIN rows (stratified,
+    # split_seed) and evaluate on it instead of the test rows, to choose settings without seeing
+    # the test set.
     validation_fraction: float = 0.0
 
 
@@ -646,6 +651,8 @@ class RunConfig(_Frozen):
             del out["data"]["text"]
         if self.model.heads == ModelConfig.heads:
             del out["model"]["heads"]
+        if not self.model.frozen_embedding:  # added for DP text models, same reason
+            del out["model"]["frozen_embedding"]
         return out
 
     def to_json(self) -> str:

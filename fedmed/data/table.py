@@ -134,8 +134,8 @@ def validate_table(
     outcome.check(y, schema, origin)
     if schema.validation_fraction:
         raise ConfigError(
-            "data.schema.validation_fraction is implemented for image and series sites only; "
-            "set it to 0 for table sites"
+            "data.schema.validation_fraction is implemented for image, series and text sites "
+            "only; set it to 0 for table sites"
         )
     x_tr, y_tr, x_te, y_te = _split(x, y, outcome.strata(y), split_values, schema, origin)
     return SiteTable(name, origin, features, x_tr, y_tr, x_te, y_te, target)

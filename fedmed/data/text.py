@@ -100,13 +100,11 @@ def read_text_table(cfg: RunConfig, site: SiteSpec) -> TextTable:
             "two classes to train a classifier (check the label column data.schema.target)"
         )
     split = frame.loc[texts.index, schema.split_column] if schema.split_column else None
-    if schema.validation_fraction:
-        raise ConfigError(
-            "data.schema.validation_fraction is implemented for image and series sites only; "
-            "set it to 0 for text sites"
-        )
     x = pd.DataFrame({"text": texts})
     x_tr, y_tr, x_te, y_te = _split(x, labels, labels, split, schema, origin)
+    if schema.validation_fraction:  # settings are chosen on train texts only (as for arrays)
+        inner = replace(schema, test_fraction=schema.validation_fraction, split_column="")
+        x_tr, y_tr, x_te, y_te = _split(x_tr, y_tr, y_tr, None, inner, f"{origin} (validation)")
     return TextTable(
         name=site.name,
         origin=origin,

@@ -97,9 +97,19 @@ def save_model(
     }
     if cfg.data.text.vocabulary:  # text: the tokenizer a served model feeds raw text through
         card["tokenizer"] = _save_tokenizer(out_dir, stem, cfg)
+        card.update(_frozen_embedding(model))
     signed = sign_card(json_safe(card))
     atomic_write(out_dir / f"{stem}.card.json", (json.dumps(signed, indent=2) + "\n").encode())
     return weights
+
+
+def _frozen_embedding(model: torch.nn.Module) -> dict[str, Any]:
+    """A text model's fixed token table is not in the weights file: the card says how to
+    rebuild it (its seed) and binds it by its SHA-256, as it binds the weights."""
+    from fedmed.tasks.text import frozen_embedding_of
+
+    frozen = frozen_embedding_of(model)
+    return {"frozen_embedding": frozen.record()} if frozen is not None else {}
 
 
 def _save_tokenizer(out_dir: Path, stem: str, cfg: RunConfig) -> dict[str, Any]:
@@ -192,12 +202,15 @@ def load_model_and_tokenizer(
             from fedmed.tasks.text import build_text_model
 
             info = card["tokenizer"]
+            frozen = card["frozen_embedding"] if model_cfg.frozen_embedding else {"seed": 0}
             model = build_text_model(
                 int(info["vocabulary_size"]),
                 len(info["classes"]),
                 int(info["max_tokens"]),
                 model_cfg,
+                seed=int(frozen["seed"]),
             )
+            _check_frozen_embedding(model, frozen, card, card_path)
         else:
             model = get_task(card["task"]).build_model(len(card["inputs"]), model_cfg)
         if card.get("privacy", {}).get("enabled"):
@@ -206,6 +219,27 @@ def load_model_and_tokenizer(
             model = make_compatible(model)
         model.load_state_dict(state)
     return model.eval(), card, tokenizer
+
+
+def _check_frozen_embedding(
+    model: torch.nn.Module, recorded: dict[str, Any], card: dict[str, Any], card_path: Path
+) -> None:
+    """The fixed token table this fedmed rebuilds must be the one the model was trained with.
+
+    It is drawn from a seed, not read from a file (fedmed.tasks.text.frozen_table); were the
+    drawing ever to change, the head's weights would silently meet another table.
+    """
+    from fedmed.tasks.text import frozen_embedding_of
+
+    frozen = frozen_embedding_of(model)
+    if frozen is None:
+        return
+    if frozen.record()["sha256"] != str(recorded["sha256"]):
+        raise ConfigError(
+            f"{card_path}: the frozen token embedding rebuilt from seed {frozen.seed} does not "
+            "match the SHA-256 on the card; serve the model with the fedmed version that "
+            f"trained it ({echo(str(card.get('fedmed_version')))}), or retrain it"
+        )
 
 
 def _load_tokenizer(weights: Path, card: dict[str, Any], card_path: Path) -> Any:

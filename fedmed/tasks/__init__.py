@@ -56,6 +56,11 @@ def load_site_table(cfg: RunConfig, site: SiteSpec) -> SiteTable | ArrayTable | 
     (preflight, sites, baselines) comes through here, so a bad combination fails before training.
     """
     task = get_task(cfg.task)
+    if cfg.model.frozen_embedding and task.target != "text":  # no token table to freeze
+        raise ConfigError(
+            f"model.frozen_embedding fixes a text model's token table; task '{cfg.task}' has "
+            "none: remove it (or set task = 'text-classification')"
+        )
     task.check(cfg)
     return read_site_table(cfg, site, task.target)
 

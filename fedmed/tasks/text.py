@@ -17,6 +17,20 @@ Models (model.kind), both trainable by Opacus' DP-SGD:
   Opacus' DPMultiheadAttention (ModuleValidator.fix), whose per-example gradients Opacus can
   compute, as the sequence task does with its GRU.
 
+Frozen embedding (model.frozen_embedding = true, either model): the token table is a fixed
+random one (``FrozenEmbedding``), drawn from the study's seed and the table's shape alone, so
+every site, the coordinator and a served model rebuild the same table bit for bit without it
+ever being sent. It is not trained: only the layers after it learn. Why: under DP-SGD every
+trained weight gets Gaussian noise at every step, and the bag model's 4,000 x 64 table is 99 %
+of its weights while each text touches a few hundred of its rows; ~600 texts per site cannot
+pay for that noise (docs/benchmarks.md, "Text"). A fixed table costs no privacy (it depends on
+no data), and the mean of its rows over a text is a random projection of the text's token
+counts, which a linear head can still read topics from. It is a non-persistent buffer: not in
+the state_dict, so it never travels, is never averaged (an average of identical tables is not
+always bit-exact, and FedAdam would turn rounding into steps), is never checkpointed and is not
+in the weights file; the model card records its seed and SHA-256 instead, and loading a
+model checks the rebuilt table against that hash.
+
 No BatchNorm (it mixes examples; DP-SGD refuses it). FedBN keeps the Transformer's LayerNorms
 at the sites; the bag model has no normalization layer, so FedBN is refused for it.
 
@@ -29,8 +43,10 @@ logit(text) - logit(empty text) (up to the quadrature error: ``explain_tokens`` 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,10 +80,84 @@ def _keep(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (~_padding(ids)).to(dtype)
 
 
+def frozen_table(vocabulary: int, width: int, seed: int) -> torch.Tensor:
+    """(vocabulary, width) float32 entries drawn from N(0, 1), a pure function of its arguments.
+
+    numpy's legacy RandomState, not torch's or numpy's newer generators: its stream is frozen
+    by numpy's compatibility policy (NEP 19), so a model served years later, on another
+    machine, rebuilds the very table it was trained with. The seed is hashed with a label so
+    the table's draws are not the ones any other use of the study's seed makes. Unit-variance
+    entries, not the 1/sqrt(width) of a trained table's init: a text's mean row is then long
+    (about 2 at width 256, 9 at 4,096 on the medical abstracts), so the head's per-text
+    gradients exceed DP-SGD's clip (max_grad_norm = 1) and every text contributes a full-size,
+    clipped direction instead of a small one that the noise would drown.
+    """
+    return torch.from_numpy(_frozen_draws(vocabulary, width, seed).copy())
+
+
+@functools.lru_cache(maxsize=4)
+def _frozen_draws(vocabulary: int, width: int, seed: int) -> np.ndarray:
+    """The draws, made once per process: a site builds its model every round, and 4,000 x
+    4,096 normal draws take ~2 s (2-core machine); the copy each model gets, ~20 ms.
+    Read-only, so no caller can change what later models get."""
+    digest = hashlib.sha256(f"fedmed/frozen-embedding/{seed}".encode()).digest()
+    rng = np.random.RandomState(int.from_bytes(digest[:4], "little"))
+    draws = rng.standard_normal((vocabulary, width)).astype(np.float32)
+    draws.flags.writeable = False
+    return draws
+
+
+class FrozenEmbedding(nn.Module):
+    """A fixed token table (``frozen_table``), held as a buffer left out of the state_dict.
+
+    No parameter: optimizers, Opacus (no per-text gradient, no noise), aggregation, checkpoints
+    and weight files never see it, and every process that builds the model rebuilds it.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, vocabulary: int, width: int, seed: int) -> None:
+        super().__init__()
+        self.seed = seed
+        self.register_buffer("weight", frozen_table(vocabulary, width, seed), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
+
+    def mean(self, ids: torch.Tensor) -> torch.Tensor:
+        """(texts, width) ``masked_mean`` of each text's rows, summed straight from the table."""
+        keep = _keep(ids, self.weight.dtype)
+        summed = nn.functional.embedding_bag(ids, self.weight, per_sample_weights=keep, mode="sum")
+        return summed / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+    def record(self) -> dict[str, Any]:
+        """What the model card says of the table: how to rebuild it, and how to check that."""
+        table = self.weight.detach().cpu().contiguous().numpy()
+        return {
+            "seed": self.seed,
+            "shape": list(table.shape),
+            "sha256": hashlib.sha256(table.tobytes()).hexdigest(),
+        }
+
+
+def token_embedding(
+    vocabulary: int, width: int, cfg: ModelConfig, seed: int
+) -> nn.Embedding | FrozenEmbedding:
+    """The model's token table: trained (nn.Embedding), or fixed if model.frozen_embedding."""
+    if cfg.frozen_embedding:
+        return FrozenEmbedding(vocabulary, width, seed)
+    return nn.Embedding(vocabulary, width)
+
+
+def frozen_embedding_of(model: nn.Module) -> FrozenEmbedding | None:
+    """The model's frozen token table, if it has one (wrapped by Opacus or not)."""
+    return next((m for m in model.modules() if isinstance(m, FrozenEmbedding)), None)
+
+
 class _TextModel(nn.Module):
     """Token ids -> embeddings -> ``from_embeddings``, which explanations call directly."""
 
-    embed: nn.Embedding
+    embed: nn.Embedding | FrozenEmbedding
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(ids)
@@ -80,12 +170,21 @@ class _TextModel(nn.Module):
 class BagOfEmbeddings(_TextModel):
     """Mean of the text's token embeddings -> dropout -> one logit per class."""
 
-    def __init__(self, vocabulary: int, classes: int, cfg: ModelConfig) -> None:
+    def __init__(self, vocabulary: int, classes: int, cfg: ModelConfig, seed: int) -> None:
         super().__init__()
         width = cfg.hidden[0]
-        self.embed = nn.Embedding(vocabulary, width)
+        self.embed = token_embedding(vocabulary, width, cfg, seed)
         self.dropout = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(width, classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``from_embeddings`` on the text's embeddings; with a frozen table, without holding
+        them all at once: it can be wide (4,096), and (texts, tokens, width) floats would take
+        a gigabyte per batch. (A trained table goes through its nn.Embedding module, whose
+        per-text gradients Opacus computes.)"""
+        if not isinstance(self.embed, FrozenEmbedding):
+            return super().forward(ids)
+        return self.head(self.dropout(self.embed.mean(ids)))
 
     def from_embeddings(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The model on token embeddings (texts, tokens, width), each weighted by ``keep``."""
@@ -113,10 +212,12 @@ class EncoderLayer(nn.Module):
 class TextTransformer(_TextModel):
     """Token + position embeddings -> encoder layers -> LayerNorm -> mean -> logits."""
 
-    def __init__(self, vocabulary: int, classes: int, max_tokens: int, cfg: ModelConfig) -> None:
+    def __init__(
+        self, vocabulary: int, classes: int, max_tokens: int, cfg: ModelConfig, seed: int
+    ) -> None:
         super().__init__()
         width = cfg.hidden[0]
-        self.embed = nn.Embedding(vocabulary, width)
+        self.embed = token_embedding(vocabulary, width, cfg, seed)
         self.position = nn.Embedding(max_tokens, width)
         self.layers = nn.ModuleList(
             EncoderLayer(width, cfg.heads, cfg.dropout) for _ in range(len(cfg.hidden))
@@ -154,12 +255,15 @@ COMPLETENESS_TOL = 1e-3
 
 
 def build_text_model(
-    vocabulary: int, classes: int, max_tokens: int, cfg: ModelConfig
+    vocabulary: int, classes: int, max_tokens: int, cfg: ModelConfig, *, seed: int
 ) -> BagOfEmbeddings | TextTransformer:
-    """A text model of these sizes: a study builds it from its config, a server from the card."""
+    """A text model of these sizes: a study builds it from its config, a server from the card.
+
+    ``seed`` (the study's) draws the frozen token table when model.frozen_embedding is set.
+    """
     if cfg.kind == "transformer":
-        return TextTransformer(vocabulary, classes, max_tokens, cfg)
-    return BagOfEmbeddings(vocabulary, classes, cfg)
+        return TextTransformer(vocabulary, classes, max_tokens, cfg, seed)
+    return BagOfEmbeddings(vocabulary, classes, cfg, seed)
 
 
 def token_attributions(
@@ -336,7 +440,9 @@ class TextClassification:
                 "the text model is sized by data.text.vocabulary, which is empty; the study "
                 "builds it from the sites' word counts before round 1 (fedmed simulate / run)"
             )
-        return build_text_model(vocabulary, len(text.classes), text.max_tokens, cfg.model)
+        return build_text_model(
+            vocabulary, len(text.classes), text.max_tokens, cfg.model, seed=cfg.seed
+        )
 
     def build_model(self, n_inputs: int, cfg: ModelConfig) -> nn.Module:
         """Not enough to size a text model (classes, token length): use ``build_for``."""

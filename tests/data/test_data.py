@@ -88,7 +88,7 @@ def test_table_sites_refuse_a_validation_split_they_would_ignore(tmp_path: Path)
     df, origin = _frame(tmp_path, "age,bp,smoker,outcome\n" + _good_rows())
     schema = replace(SCHEMA, validation_fraction=0.2)
 
-    with pytest.raises(ConfigError, match="validation_fraction is implemented for image and"):
+    with pytest.raises(ConfigError, match="implemented for image, series and text sites"):
         validate_table("s", df, schema, origin)
 
 

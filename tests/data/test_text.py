@@ -5,6 +5,7 @@ texts, truncation, and the Medical Abstracts file's conflicting labels."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +245,23 @@ def test_repeated_texts_keep_one_copy_and_drop_conflicting_labels(tmp_path: Path
     with pytest.raises(DataError, match=r"6 rows repeat another row's text .*duplicates = 'drop'"):
         read_text_table(*_one(tmp_path, frame, duplicates="error"))
     assert read_text_table(*_one(tmp_path, frame, duplicates="keep")).duplicates_dropped == 0
+
+
+def test_a_validation_split_is_carved_from_train_texts_and_never_shows_test(
+    tmp_path: Path,
+) -> None:
+    cfg, site = _one(tmp_path, site_texts(0, n=80))
+    tuning = cfg.replace(data=replace(cfg.data, schema=replace(cfg.data.schema, **VALIDATION)))
+
+    full, carved = read_text_table(cfg, site), read_text_table(tuning, site)
+
+    assert sorted(carved.texts_train + carved.texts_test) == sorted(full.texts_train)
+    assert not set(carved.texts_test) & set(full.texts_test)
+    assert not set(carved.texts_test) & set(carved.texts_train)  # nor counted for the vocabulary
+    assert len(carved.texts_test) == round(0.25 * len(full.texts_train))
+
+
+VALIDATION = {"validation_fraction": 0.25}
 
 
 def _one(tmp_path: Path, frame: pd.DataFrame, **text: object) -> tuple:

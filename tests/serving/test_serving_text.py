@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedmed.cli.main import main
 from fedmed.config import RunConfig, parse_run_config
@@ -61,10 +62,12 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _cfg(tmp_path: Path, kind: str = "bag", private: bool = False) -> RunConfig:
+def _cfg(
+    tmp_path: Path, kind: str = "bag", private: bool = False, frozen: bool = False
+) -> RunConfig:
     """A two-site text study whose vocabulary is built as the coordinator builds it."""
     raw = text_study(tmp_path, [site_texts(0, n=60), site_texts(1, n=45)], min_count=3)
-    raw["model"] = {"kind": kind, "hidden": [8], "heads": 2}
+    raw["model"] = {"kind": kind, "hidden": [8], "heads": 2, "frozen_embedding": frozen}
     cfg = parse_run_config(raw)
     tables = [read_text_table(cfg, site) for site in cfg.sites]
     counts = [shared_word_counts(t, cfg.data.text.min_count) for t in tables]
@@ -75,9 +78,11 @@ def _cfg(tmp_path: Path, kind: str = "bag", private: bool = False) -> RunConfig:
     return cfg
 
 
-def _trained(tmp_path: Path, kind: str = "bag") -> tuple[torch.nn.Module, RunConfig, Path]:
+def _trained(
+    tmp_path: Path, kind: str = "bag", frozen: bool = False
+) -> tuple[torch.nn.Module, RunConfig, Path]:
     """A model trained for a few full-batch Adam steps (under a second), exported and signed."""
-    cfg = _cfg(tmp_path, kind)
+    cfg = _cfg(tmp_path, kind, frozen=frozen)
     tables = [read_text_table(cfg, site) for site in cfg.sites]
     texts = tuple(t for table in tables for t in table.texts_train)
     ids, _ = encode(texts, cfg.data.text.vocabulary, cfg.data.text.max_tokens)
@@ -169,9 +174,11 @@ def test_explanations_over_http_add_up_to_the_logit_difference_from_an_empty_tex
         assert TEXTS[i][first["start"] : first["end"]] == ["The", "Tumor", "seizure", "Cérébral"][i]
 
 
-@pytest.mark.parametrize("kind", ["bag", "transformer"])
-def test_explanations_add_up_for_both_models(tmp_path: Path, kind: str) -> None:
-    model, cfg, weights = _trained(tmp_path, kind)
+@pytest.mark.parametrize(
+    ("kind", "frozen"), [("bag", False), ("transformer", False), ("bag", True)]
+)
+def test_explanations_add_up_for_both_models(tmp_path: Path, kind: str, frozen: bool) -> None:
+    model, cfg, weights = _trained(tmp_path, kind, frozen)
     served = ServedText(weights)
 
     predictions = served.predict(TEXTS, explain=True)
@@ -206,6 +213,29 @@ def test_a_private_transformer_loads_with_opacus_attention(tmp_path: Path) -> No
         loaded(torch.from_numpy(encode(tuple(TEXTS), cfg.data.text.vocabulary, 24)[0])),
         _in_process(model, cfg, TEXTS),
     )
+
+
+def test_a_frozen_table_is_rebuilt_from_the_card_and_checked_against_its_hash(
+    tmp_path: Path,
+) -> None:
+    model, cfg, weights = _trained(tmp_path, frozen=True)
+    card_path = weights.with_name("model.card.json")
+
+    loaded, card = load_model(weights)
+
+    assert torch.equal(loaded.embed.weight, model.embed.weight)  # not in the weights file ...
+    assert "embed.weight" not in load_file(str(weights))
+    torch.testing.assert_close(loaded(_ids(cfg)), _in_process(model, cfg, TEXTS), rtol=0, atol=0)
+    # ... so a table this fedmed would draw differently is refused, naming the version to use.
+    card["frozen_embedding"]["sha256"] = "0" * 64
+    del card["signature"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ConfigError, match=r"frozen token embedding rebuilt from seed 0 does not"):
+        load_model(weights, require_signature=False)
+
+
+def _ids(cfg: RunConfig) -> torch.Tensor:
+    return torch.from_numpy(encode(tuple(TEXTS), cfg.data.text.vocabulary, 24)[0])
 
 
 def test_a_tampered_tokenizer_file_is_refused(trained) -> None:

@@ -5,6 +5,7 @@ whose vocabulary is built over Flower messages and saved with the model as token
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import replace
@@ -20,9 +21,9 @@ from sklearn.metrics import f1_score, roc_auc_score
 from fedmed.cli.main import main
 from fedmed.config import ModelConfig, RunConfig, parse_run_config
 from fedmed.errors import ConfigError
-from fedmed.tasks import build_model, get_task
+from fedmed.tasks import build_model, get_task, load_site_table
 from fedmed.tasks.local_layers import check_model
-from fedmed.tasks.text import BagOfEmbeddings, TextTransformer
+from fedmed.tasks.text import BagOfEmbeddings, TextTransformer, frozen_table
 from tests.data.test_text import PLANTED, site_texts, text_study
 from tests.tasks.test_imaging import _to_toml
 
@@ -135,6 +136,14 @@ def test_what_cannot_work_is_refused_with_the_fix(tmp_path: Path) -> None:
         task.check(cfg.replace(data=replace(cfg.data, schema=replace(cfg.data.schema, time="t"))))
 
 
+def test_a_frozen_embedding_outside_a_text_study_is_refused(demo_config: RunConfig) -> None:
+    frozen = demo_config.replace(model=replace(demo_config.model, frozen_embedding=True))
+
+    with pytest.raises(ConfigError, match="task 'tabular-classification' has none: remove it"):
+        load_site_table(frozen, frozen.sites[0])
+    assert load_site_table(demo_config, demo_config.sites[0]).y_train.size  # the rest is fine
+
+
 def test_the_vocabulary_is_left_out_of_the_hashes_and_kept_by_the_checkpoint(
     tmp_path: Path,
 ) -> None:
@@ -218,6 +227,111 @@ def test_a_private_text_study_spends_epsilon_and_pooled_uses_the_same_vocabulary
     data = json.loads((pooled / "metrics.json").read_text())["config"]["data"]
     assert data["text"]["vocabulary"][:2] == ["[PAD]", "[UNK]"]  # built the same way ...
     assert PLANTED.lower() not in data["text"]["vocabulary"]  # ... with the same threshold
+
+
+# SHA-256 of frozen_table(10, 4, seed=0)'s bytes. A served model rebuilds its table from the
+# seed on its card: were the drawing to change, every frozen-embedding model ever exported
+# would meet another table (loading refuses it, by the card's hash; this catches it first).
+FROZEN_10x4_SEED0 = "f32a6b0b620660f4345d777c00ff62e1cbe2bf2dcb2ecc4b0d106935c2bc27b5"
+
+
+@pytest.mark.parametrize("kind", ["bag", "transformer"])
+def test_a_frozen_table_comes_from_the_seed_and_only_the_rest_trains_under_dp(
+    tmp_path: Path, kind: str
+) -> None:
+    cfg = _cfg(tmp_path, kind=kind, frozen_embedding=True).replace(seed=7)
+    private = cfg.replace(privacy=replace(cfg.privacy, enabled=True))
+    torch.manual_seed(0)
+    model = build_model(private)
+    torch.manual_seed(1)  # the table does not depend on torch's generator ...
+    twin = build_model(private)
+
+    table = model.embed.weight.clone()
+    assert torch.equal(table, twin.embed.weight) and torch.equal(table, frozen_table(32, 8, 7))
+    assert not torch.equal(table, build_model(cfg.replace(seed=8)).embed.weight)  # ... but the seed
+    assert hashlib.sha256(frozen_table(10, 4, 0).numpy().tobytes()).hexdigest() == FROZEN_10x4_SEED0
+    # Not a weight: nothing sends, averages, checkpoints or saves it.
+    assert not [k for k in model.state_dict() if k.startswith("embed")]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, y = _ids(), torch.arange(12) % 3
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=6)
+    engine = PrivacyEngine()
+    dp_model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=loader,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    xb, yb = next(iter(loader))
+    get_task(cfg.task).loss(dp_model(xb), yb).backward()
+    optimizer.step()
+    after = model.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert torch.equal(model.embed.weight, table)  # no noise, no step
+    if kind == "bag":  # only the head learns: 3 classes x 8 + 3
+        assert sum(p.numel() for p in model.parameters()) == 27
+
+
+def test_a_frozen_bag_reads_the_same_mean_as_its_explanations(tmp_path: Path) -> None:
+    model = build_model(_cfg(tmp_path, frozen_embedding=True, hidden=[16])).eval()
+    ids = _ids()
+    ids[0] = 0  # an empty text pools to 0, as on an explanation's path
+
+    with torch.no_grad():  # forward sums rows from the table; explanations pass embeddings
+        summed = model(ids)
+        embedded = model.from_embeddings(model.embed(ids), (ids != 0).float())
+
+    torch.testing.assert_close(summed, embedded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(summed[0], model.head.bias)
+
+
+def test_a_frozen_table_is_the_same_at_every_site_and_in_the_served_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedmed.site.app
+    from fedmed.serving.export import load_model
+
+    monkeypatch.setenv("FEDMED_SIM_WORKERS", "1")  # sites in this process: their models are seen
+    built: list[torch.nn.Module] = []
+    original = fedmed.site.app.build_model
+
+    def spy(run: RunConfig) -> torch.nn.Module:  # every model a site trains or evaluates
+        built.append(original(run))
+        return built[-1]
+
+    monkeypatch.setattr(fedmed.site.app, "build_model", spy)
+    private = {"enabled": True, "target_epsilon": 5.0}
+    toml = _write_study(tmp_path, model={"kind": "bag", "hidden": [8], "frozen_embedding": True},
+                        privacy=private)  # fmt: skip
+
+    assert main(["simulate", str(toml), "--quiet"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+
+    served, card = load_model(run_dir / "model.safetensors")
+    table = served.embed.weight
+    assert len(built) >= 4  # 2 sites x (train + evaluate), DP-SGD steps taken in each round
+    assert all(torch.equal(model.embed.weight, table) for model in built)
+    assert card["frozen_embedding"]["sha256"] == hashlib.sha256(table.numpy().tobytes()).hexdigest()
+    assert (
+        card["model"]["frozen_embedding"]
+        and card["frozen_embedding"]["seed"] == card["study"]["seed"]
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert all(0 < s["epsilon"] <= 5.0 + 1e-6 for s in metrics["final"]["sites"].values())
+
+
+def test_the_private_text_study_is_the_text_study_with_dp_and_a_frozen_table() -> None:
+    from fedmed.config import load_run_config
+
+    shipped = Path(__file__).parents[2] / "simulations"
+    plain = load_run_config(shipped / "clinical_text.toml")
+    private = load_run_config(shipped / "clinical_text-dp.toml")
+
+    assert private.data == plain.data and private.sites == plain.sites  # same texts, same split
+    assert private.privacy.enabled and private.privacy.target_epsilon == 8.0
+    assert private.model.frozen_embedding and private.model.hidden == (4096,)
+    assert (private.train.batch_size, private.train.local_epochs) == (64, 2)
 
 
 def test_model_sizes_follow_the_study(tmp_path: Path) -> None:
