@@ -503,6 +503,36 @@ def test_a_study_must_ask_for_the_registered_cohort(
         site_view(wider, ds, "a")
 
 
+def test_a_deployed_site_trains_only_on_the_registered_cohort(
+    synthetic_duckdb: tuple[str, dict], tmp_path: Path
+) -> None:
+    """The site's message path (fedmed.site.inputs) verifies the cohort on every message."""
+    from flwr.app import Context, RecordDict
+
+    from fedmed.protocol import SITE_CONFIG_KEY
+    from fedmed.site.inputs import site_inputs
+
+    _, tables = synthetic_duckdb
+    db = tmp_path / "cdm.duckdb"
+    write_database(duckdb, db, tables)
+    study = _study_toml(tmp_path / "s.toml", SYNTHETIC, [{"name": "st-marys"}, {"name": "b"}])
+    registry = DatasetRegistry(tmp_path / "state")
+    registry.add_omop("icu", f"duckdb:///{db}", SYNTHETIC)
+    text = load_run_config(study).to_json()
+    context = Context(1, 1, {SITE_CONFIG_KEY: str(_site_toml(tmp_path))}, RecordDict(), {})
+    before = site_inputs(text, context).data
+
+    with duckdb.connect(str(db)) as con:  # a new person enters the cohort
+        con.execute("UPDATE person SET year_of_birth = 1990 WHERE year_of_birth < 1930")
+        con.execute("UPDATE person SET year_of_birth = 1960")
+    with pytest.raises(DataError, match="changed since it was registered"):
+        site_inputs(text, context)
+    registry.add_omop("icu", f"duckdb:///{db}", SYNTHETIC, replace=True)
+    after = site_inputs(text, context).data
+
+    assert before.n_train + len(before.y_test) < after.n_train + len(after.y_test)
+
+
 @pytest.mark.postgres
 def test_postgres_registration_keeps_no_password(
     synthetic_postgres: tuple[str, str],

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmed.config import OmopConfig, OmopFeature, echo, plain
+from fedmed.config import OmopConfig, OmopFeature, echo, parse_omop, plain
 from fedmed.errors import ConfigError, DataError
 
 # The URL schemes a site may register -> the SQLAlchemy driver that reads them.
@@ -575,8 +575,12 @@ def long_table(extraction: Extraction, omop: OmopConfig) -> pd.DataFrame:
 
 
 def definition(omop: OmopConfig) -> dict[str, Any]:
-    """The cohort definition as plain JSON values (what a registration records)."""
-    return plain(omop)
+    """The cohort definition as plain JSON values (what a registration records).
+
+    Canonical: passed through the config parser once, so a definition built in code (48, an
+    int) and the same one read from TOML (48.0, the field's float) are the same definition.
+    """
+    return plain(parse_omop(plain(omop)))
 
 
 def fingerprint(extraction: Extraction, omop: OmopConfig) -> str:
@@ -607,9 +611,7 @@ def summary(extraction: Extraction, omop: OmopConfig) -> tuple[int, int]:
 
 def same_definition(registered: dict[str, Any], omop: OmopConfig) -> bool:
     """Whether a study's [data.omop] is the cohort definition a site registered."""
-    return json.loads(json.dumps(registered, sort_keys=True)) == json.loads(
-        json.dumps(definition(omop), sort_keys=True)
-    )
+    return definition(parse_omop(registered)) == definition(omop)
 
 
 __all__ = [
