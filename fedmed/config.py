@@ -565,8 +565,12 @@ class TextConfig(_Frozen):
 # then quoted by SQLAlchemy, never formatted into SQL (fedmed.data.omop.cohort).
 SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 CREDENTIALS = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]{0,127}|file:.+)$")
-OMOP_AGGREGATES = ("last", "first", "mean", "min", "max", "count")
-OMOP_PERSON_VALUES = ("age", "male")
+# What a feature of each CDM domain may summarize (OmopFeature.aggregate).
+OMOP_AGGREGATES = {
+    "measurement": ("last", "first", "mean", "min", "max", "count"),
+    "condition": ("presence",),
+    "person": ("age", "male"),
+}
 
 
 @dataclass(frozen=True)
@@ -576,14 +580,19 @@ class OmopFeature(_Frozen):
     ``domain = "measurement"``: the rows of ``measurement`` with one of ``concept_ids`` and a
     numeric value, from ``start_hours`` to ``end_hours`` after the index visit's start (end 0 =
     data.omop.window_hours), summarized by ``aggregate`` (last, first, mean, min, max, count) for
-    a table; a sequence study reads every one of them, at its minute. ``domain = "person"``:
-    ``aggregate = "age"`` (years at the index visit) or ``"male"`` (1 for gender concept 8507,
-    0 for 8532, missing otherwise). ``name`` is the column (and the sequence's variable) the
-    study uses; it never enters SQL.
+    a table; a sequence study reads every one of them, at its minute. ``domain = "condition"``
+    (``aggregate = "presence"``): 1 if ``condition_occurrence`` has one of ``concept_ids``
+    starting in the window (a negative ``start_hours`` looks back before the index, e.g. -8760
+    for the year before), else 0; a sequence study sees a 1 at its minute. ``domain =
+    "person"``: ``aggregate = "age"`` (years at the index visit) or ``"male"`` (1 for gender
+    concept 8507, 0 for 8532, missing otherwise). ``name`` is the column (and the sequence's
+    variable) the study uses; it never enters SQL.
     """
 
     name: str
-    domain: str = field(default="measurement", metadata=_choices("measurement", "person"))
+    domain: str = field(
+        default="measurement", metadata=_choices("measurement", "condition", "person")
+    )
     concept_ids: tuple[int, ...] = ()
     aggregate: str = "last"
     start_hours: float = 0.0
@@ -594,23 +603,28 @@ class OmopFeature(_Frozen):
         where = f"data.omop.features '{self.name}'"
         if not isinstance(self.name, str) or not self.name.strip():
             raise ConfigError('data.omop.features: every feature needs a name = "..."')
-        allowed = OMOP_AGGREGATES if self.domain == "measurement" else OMOP_PERSON_VALUES
+        if self.domain not in OMOP_AGGREGATES:
+            raise ConfigError(
+                f"{where}: domain = {echo(self.domain)} is not one of: {', '.join(OMOP_AGGREGATES)}"
+            )
+        allowed = OMOP_AGGREGATES[self.domain]
         if self.aggregate not in allowed:
             raise ConfigError(
                 f"{where}: aggregate = {echo(self.aggregate)} is not valid for domain "
                 f"'{self.domain}'; choose one of: {', '.join(allowed)}"
             )
-        if self.domain == "measurement" and not self.concept_ids:
-            raise ConfigError(f"{where}: list its concept_ids (the measurement concepts to read)")
+        if self.domain != "person" and not self.concept_ids:
+            raise ConfigError(f"{where}: list its concept_ids (the {self.domain} concepts to read)")
         if self.domain == "person" and self.concept_ids:
             raise ConfigError(f"{where}: a person feature reads no concept_ids; remove them")
         if any(isinstance(c, bool) or not isinstance(c, int) for c in self.concept_ids):
             raise ConfigError(f"{where}: concept_ids must be whole numbers (OMOP concept ids)")
-        end = self.end_hours
-        if self.start_hours < 0 or end < 0 or (end and end <= self.start_hours):
+        start, end = self.start_hours, self.end_hours
+        if end and end <= start:
             raise ConfigError(
-                f"{where}: the window start_hours = {self.start_hours:g} .. end_hours = "
-                f"{self.end_hours:g} must have 0 <= start < end (end 0 = data.omop.window_hours)"
+                f"{where}: the window start_hours = {start:g} .. end_hours = {end:g} must "
+                "have start < end (hours from the index visit's start; end 0 = "
+                "data.omop.window_hours)"
             )
 
 
@@ -623,9 +637,10 @@ class OmopConfig(_Frozen):
 
     Cohort: each person's first visit with one of ``visit_concept_ids`` (the index visit),
     kept if the person's age that year is within ``min_age`` .. ``max_age`` and an observation
-    period covers the visit's start with ``prior_observation_days`` before it. Outcome
-    (``outcome = "death"``): a death dated on or after the index date and at most
-    ``horizon_days`` after it (0 = any recorded death); a survival study reads the days to it,
+    period covers the visit's start with ``prior_observation_days`` before it. Outcome: a
+    death (``outcome = "death"``), or the first condition with one of
+    ``outcome_concept_ids`` (``outcome = "condition"``), dated on or after the index date and
+    at most ``horizon_days`` after it (0 = no limit); a survival study reads the days to it,
     censored at the end of the observation period (or at the horizon). ``features`` are the
     inputs (OmopFeature), in order. ``schema`` is the CDM schema ("" = the connection's
     default: DuckDB's main, PostgreSQL's search_path).
@@ -637,7 +652,8 @@ class OmopConfig(_Frozen):
     max_age: int = 150
     prior_observation_days: int = 0
     window_hours: float = 48.0
-    outcome: str = field(default="death", metadata=_choices("death"))
+    outcome: str = field(default="death", metadata=_choices("death", "condition"))
+    outcome_concept_ids: tuple[int, ...] = ()
     horizon_days: int = 0
     features: tuple[OmopFeature, ...] = ()
 
@@ -659,6 +675,20 @@ class OmopConfig(_Frozen):
         _in_range("data.omop.prior_observation_days", self.prior_observation_days, 0, 36_500)
         _in_range("data.omop.window_hours", self.window_hours, 0, 24 * 36_500, low_open=True)
         _in_range("data.omop.horizon_days", self.horizon_days, 0, 36_500, fix="0 = any death")
+        for f in self.features:
+            if not f.end_hours and f.start_hours >= self.window_hours:
+                raise ConfigError(
+                    f"data.omop.features '{f.name}': start_hours = {f.start_hours:g} is not "
+                    f"before its window's end (data.omop.window_hours = {self.window_hours:g}); "
+                    "give it an end_hours"
+                )
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.outcome_concept_ids):
+            raise ConfigError("data.omop.outcome_concept_ids must be whole numbers (concept ids)")
+        if (self.outcome == "condition") != bool(self.outcome_concept_ids):
+            raise ConfigError(
+                'data.omop.outcome_concept_ids go with outcome = "condition" (the conditions '
+                'that are the outcome); set both, or neither for outcome = "death"'
+            )
         names = [f.name for f in self.features]
         twice = sorted(n for n, k in Counter(names).items() if k > 1)
         if twice:

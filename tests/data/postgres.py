@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedmed.data.omop.schema import columns_of, create_statements
+from fedmed.data.omop.schema import OPTIONAL_TABLES, columns_of, create_statements
 
 
 def _bin(name: str) -> str | None:
@@ -69,7 +69,8 @@ class Server:
         with self.admin(database) as con:
             con.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
             con.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
-            for statement in create_statements():
+            optional = tuple(name for name in tables if name in OPTIONAL_TABLES)
+            for statement in create_statements(optional):
                 con.execute(statement)
             for name, frame in tables.items():
                 columns = [c for c in columns_of(name) if c in frame.columns]

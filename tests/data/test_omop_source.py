@@ -37,6 +37,7 @@ pytest.importorskip("duckdb_engine", reason="OMOP databases are the optional 'om
 
 ROOT = Path(__file__).resolve().parents[2]
 HR, TEMP, BUN = 3027018, 3020891, 3013682
+DIABETES, SEPSIS, AKI = 201826, 132797, 197320
 ICU, INPATIENT = 32037, 9201
 LIMIT = 100  # PhysioNet stays per ICU type: every site has deaths in both splits
 
@@ -85,7 +86,34 @@ def synthetic_cdm(seed: int = 0, n: int = 90) -> dict[str, pd.DataFrame]:
     )  # fmt: skip
     measurement.insert(0, "measurement_id", np.arange(1, len(measurement) + 1))
     measurement["measurement_type_concept_id"] = 32817
+    conditions = []  # their own generator: the rows above stay as they were
+    crng = np.random.default_rng(seed + 1)
+    for pid in range(1, n + 1):
+        first = min(v[3] for v in visits if v[1] == pid)
+        for _ in range(int(crng.integers(0, 5))):
+            day = first + timedelta(days=int(crng.integers(-300, 240)))
+            when = datetime.combine(day, datetime.min.time()) + timedelta(
+                hours=int(crng.integers(0, 24))
+            )
+            concept = int(crng.choice([DIABETES, SEPSIS, AKI]))
+            timed = when if crng.random() > 0.3 else None
+            conditions.append((len(conditions) + 1, pid, concept, day, timed, 32817))
+        if crng.random() < 0.4:  # sepsis around the first visit: inside some 48 h windows
+            day = first + timedelta(days=int(crng.integers(0, 3)))
+            when = datetime.combine(day, datetime.min.time()) + timedelta(hours=12)
+            conditions.append((len(conditions) + 1, pid, SEPSIS, day, when, 32817))
     return {
+        "condition_occurrence": pd.DataFrame(
+            conditions,
+            columns=[
+                "condition_occurrence_id",
+                "person_id",
+                "condition_concept_id",
+                "condition_start_date",
+                "condition_start_datetime",
+                "condition_type_concept_id",
+            ],
+        ),
         "person": pd.DataFrame(
             persons,
             columns=[
@@ -264,6 +292,61 @@ def test_feature_aggregates_equal_a_pandas_computation(
             got[name].to_numpy(float), expected[name].to_numpy(float), rtol=1e-12, err_msg=name
         )
     assert expected["hr_max_6_12h"].isna().any() and expected["labs_count"].gt(0).any()
+
+
+CONDITIONS = replace(
+    SYNTHETIC,
+    outcome="condition",
+    outcome_concept_ids=(AKI,),
+    horizon_days=45,
+    features=(
+        OmopFeature("diabetes_history", domain="condition", concept_ids=(DIABETES,),
+                    aggregate="presence", start_hours=-24 * 365, end_hours=0),
+        OmopFeature("sepsis_48h", domain="condition", concept_ids=(SEPSIS, AKI),
+                    aggregate="presence"),
+        OmopFeature("hr_mean_24h", concept_ids=(HR,), aggregate="mean", end_hours=24),
+    ),
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_condition_features_and_outcome_equal_a_pandas_computation(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    url, credentials, omop, tables = _backend(request, monkeypatch, backend)
+    omop = replace(CONDITIONS, schema=omop.schema)
+    ref = expected_cohort(tables, omop)
+    c = tables["condition_occurrence"].merge(ref[["person_id", "start", "date"]], on="person_id")
+    when = pd.to_datetime(c["condition_start_datetime"]).fillna(
+        pd.to_datetime(c["condition_start_date"])
+    )
+    c["hours"] = (when - c["start"]).dt.total_seconds() / 3600
+    expected = {}
+    for f in omop.features[:2]:
+        low, high = f.start_hours, f.end_hours or omop.window_hours
+        hit = c[c["condition_concept_id"].isin(f.concept_ids) & c["hours"].between(low, high)]
+        expected[f.name] = ref["person_id"].isin(hit["person_id"]).astype(float).tolist()
+    later = c[(c["condition_concept_id"] == AKI) & (pd.to_datetime(c["condition_start_date"])
+                                                     >= c["date"])]  # fmt: skip
+    first = ref["person_id"].map(
+        pd.to_datetime(later.groupby("person_id")["condition_start_date"].min())
+    )
+    days = (first.fillna(ref["end"]) - ref["date"]).dt.days
+    event = first.notna() & (days <= 45)
+
+    got = cohort.extract(url, credentials, omop)
+    table = cohort.wide_table(got, omop, {"time": "days", "event": "aki"})
+
+    for name, values in expected.items():
+        assert table[name].tolist() == values, name
+        assert 0 < sum(values) < len(values), name  # present for some, absent for others
+    assert table["aki"].tolist() == event.astype(int).tolist()
+    assert table["days"].tolist() == days.clip(upper=45).astype(float).tolist()
+    assert cohort.labels(got, omop).tolist() == event.astype(int).tolist()
+    assert 0 < event.sum() < first.notna().sum()  # the horizon cut some outcomes
+    long = cohort.long_table(got, omop)
+    sepsis = long[long["variable"] == "sepsis_48h"]
+    assert set(sepsis["value"]) == {1.0} and sepsis["time"].between(0, 48 * 60).all()
 
 
 @pytest.mark.postgres

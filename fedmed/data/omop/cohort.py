@@ -228,6 +228,15 @@ def cdm_tables(schema: str = "") -> dict[str, Any]:
             sa.Column("person_id", sa.BigInteger),
             sa.Column("death_date", date),
         ),
+        "condition_occurrence": sa.Table(
+            "condition_occurrence",
+            meta,
+            sa.Column("condition_occurrence_id", sa.BigInteger),
+            sa.Column("person_id", sa.BigInteger),
+            sa.Column("condition_concept_id", integer),
+            sa.Column("condition_start_date", date),
+            sa.Column("condition_start_datetime", stamp),
+        ),
     }
 
 
@@ -309,45 +318,86 @@ def window(feature: OmopFeature, omop: OmopConfig) -> tuple[float, float]:
     return feature.start_hours, feature.end_hours or omop.window_hours
 
 
-def measurement_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
-    """Every numeric measurement of the features' concepts inside the widest feature window.
+# Per feature domain: the CDM table, and its concept, time, value and row-id columns. A
+# condition's value is 1 (it is present); a measurement's is value_as_number, when it has one.
+DOMAINS = {
+    "measurement": (
+        "measurement",
+        "measurement_concept_id",
+        ("measurement_datetime", "measurement_date"),
+        "value_as_number",
+        "measurement_id",
+    ),
+    "condition": (
+        "condition_occurrence",
+        "condition_concept_id",
+        ("condition_start_datetime", "condition_start_date"),
+        None,
+        "condition_occurrence_id",
+    ),
+}
+
+
+def event_query(domain: str, omop: OmopConfig, tables: dict[str, Any]) -> Any:
+    """Every row of ``domain`` with a feature's concept inside the widest feature window.
 
     Joined to the cohort (as a subquery, so the same bound criteria apply); ordered by person,
-    time and measurement_id, the order a site's sums are taken in.
+    time and row id, the order a site's sums are taken in (for set A: its row order).
     """
     sa = _sqlalchemy()
+    name, concept, (stamp, day), value, row_id = DOMAINS[domain]
     cohort = cohort_query(omop, tables).subquery("cohort")
-    m = tables["measurement"]
-    when = sa.func.coalesce(m.c.measurement_datetime, sa.cast(m.c.measurement_date, sa.DateTime))
-    return (
-        sa.select(
-            m.c.person_id,
-            m.c.measurement_concept_id.label("concept_id"),
-            when.label("time"),
-            sa.cast(m.c.value_as_number, sa.Double).label("value"),
-            m.c.measurement_id,
-        )
-        .join(cohort, cohort.c.person_id == m.c.person_id)
+    t = tables[name]
+    when = sa.func.coalesce(t.c[stamp], sa.cast(t.c[day], sa.DateTime))
+    number = (
+        sa.cast(t.c[value], sa.Double) if value else sa.cast(sa.literal(1.0), sa.Double)
+    ).label("value")
+    query = (
+        sa.select(t.c.person_id, t.c[concept].label("concept_id"), when.label("time"), number)
+        .join(cohort, cohort.c.person_id == t.c.person_id)
         .where(
-            m.c.measurement_concept_id.in_(sa.bindparam("feature_concepts", expanding=True)),
-            m.c.value_as_number.is_not(None),
-            when >= cohort.c.index_start + sa.bindparam("window_from", type_=sa.Interval),
-            when <= cohort.c.index_start + sa.bindparam("window_to", type_=sa.Interval),
+            t.c[concept].in_(sa.bindparam(f"{domain}_concepts", expanding=True)),
+            when >= cohort.c.index_start + sa.bindparam(f"{domain}_from", type_=sa.Interval),
+            when <= cohort.c.index_start + sa.bindparam(f"{domain}_to", type_=sa.Interval),
         )
-        .order_by(m.c.person_id, when, m.c.measurement_id)
+        .order_by(t.c.person_id, when, t.c[row_id])
     )
+    return query.where(t.c[value].is_not(None)) if value else query
 
 
-def death_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
-    """The earliest recorded death of each person in the cohort."""
+def event_parameters(domain: str, omop: OmopConfig) -> dict[str, Any]:
+    """The bound values of ``event_query(domain)``: its features' concepts and widest window."""
+    features = [f for f in omop.features if f.domain == domain]
+    windows = [window(f, omop) for f in features]
+    return {
+        f"{domain}_concepts": sorted({int(c) for f in features for c in f.concept_ids}),
+        f"{domain}_from": timedelta(hours=min(w[0] for w in windows)),
+        f"{domain}_to": timedelta(hours=max(w[1] for w in windows)),
+    }
+
+
+def outcome_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
+    """Each cohort person's outcome date: the earliest recorded death (any date; checked
+    against the index later), or the earliest condition of ``outcome_concept_ids`` on or after
+    the index date."""
     sa = _sqlalchemy()
     cohort = cohort_query(omop, tables).subquery("cohort")
-    d = tables["death"]
+    if omop.outcome == "death":
+        d = tables["death"]
+        person, when, where = d.c.person_id, d.c.death_date, ()
+    else:
+        c = tables["condition_occurrence"]
+        person, when = c.c.person_id, c.c.condition_start_date
+        where = (
+            c.c.condition_concept_id.in_(sa.bindparam("outcome_concepts", expanding=True)),
+            when >= cohort.c.index_date,
+        )
     return (
-        sa.select(d.c.person_id, sa.func.min(d.c.death_date).label("death_date"))
-        .join(cohort, cohort.c.person_id == d.c.person_id)
-        .group_by(d.c.person_id)
-        .order_by(d.c.person_id)
+        sa.select(person.label("person_id"), sa.func.min(when).label("outcome_date"))
+        .join(cohort, cohort.c.person_id == person)
+        .where(*where)
+        .group_by(person)
+        .order_by(person)
     )
 
 
@@ -356,9 +406,9 @@ class Extraction:
     """What a cohort definition yields from one database (docs/omop.md).
 
     ``cohort``: person_id, index_start, index_date, age, male (1/0/NaN), observation_end,
-    death_date (NaT: none). ``observations``: person_id, feature, time (minutes since the index
-    visit's start), value: the measurement features' rows, ordered by person, time and
-    measurement_id, each row once per feature it belongs to.
+    outcome_date (NaT: none). ``observations``: person_id, feature, time (minutes since the
+    index visit's start), value: the measurement and condition features' rows, ordered by
+    person, time and row id within each domain, each row once per feature it belongs to.
     """
 
     origin: str
@@ -372,35 +422,35 @@ def extract(url: str, credentials: str, omop: OmopConfig) -> Extraction:
     engine = connect(url, credentials)
     tables = cdm_tables(omop.schema)
     params = cohort_parameters(omop)
-    measured = [f for f in omop.features if f.domain == "measurement"]
-    concepts = sorted({int(c) for f in measured for c in f.concept_ids})
-    windows = [window(f, omop) for f in measured] or [(0.0, 0.0)]
-    params |= {
-        "feature_concepts": concepts,
-        "window_from": timedelta(hours=min(w[0] for w in windows)),
-        "window_to": timedelta(hours=max(w[1] for w in windows)),
-    }
+    params["outcome_concepts"] = [int(c) for c in omop.outcome_concept_ids]
+    domains = [d for d in DOMAINS if any(f.domain == d for f in omop.features)]
     try:
         with engine.connect() as connection:
             cohort = _frame(connection.execute(cohort_query(omop, tables), params))
-            deaths = _frame(connection.execute(death_query(omop, tables), params))
-            rows = (
-                _frame(connection.execute(measurement_query(omop, tables), params))
-                if concepts
-                else pd.DataFrame(columns=["person_id", "concept_id", "time", "value"])
-            )
+            outcomes = _frame(connection.execute(outcome_query(omop, tables), params))
+            rows = {
+                domain: _frame(
+                    connection.execute(
+                        event_query(domain, omop, tables),
+                        params | event_parameters(domain, omop),
+                    )
+                )
+                for domain in domains
+            }
     except sa.exc.SQLAlchemyError as exc:
+        needed = ["person", "visit_occurrence", "observation_period"]
+        needed += [DOMAINS[d][0] for d in domains]
+        needed.append("death" if omop.outcome == "death" else "condition_occurrence")
         raise DataError(
             f"{shown(url)}: reading the OMOP cohort failed ({_reason(exc)}); check that the "
-            "database holds the CDM v5.4 tables (person, visit_occurrence, observation_period, "
-            "measurement, death) in schema "
+            f"database holds the CDM v5.4 tables {', '.join(dict.fromkeys(needed))} in schema "
             f"{echo(omop.schema or 'the default')} and that this user may read them"
         ) from None
     finally:
         engine.dispose()
-    origin = shown(url)
-    cohort = _cohort_frame(cohort, deaths)
-    return Extraction(origin, cohort, _observations(rows, cohort, measured, omop))
+    cohort = _cohort_frame(cohort, outcomes, omop)
+    observations = _observations(rows, cohort, omop)
+    return Extraction(shown(url), cohort, observations)
 
 
 def _reason(exc: Exception) -> str:
@@ -414,8 +464,8 @@ def _frame(result: Any) -> pd.DataFrame:
     return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
 
-def _cohort_frame(cohort: pd.DataFrame, deaths: pd.DataFrame) -> pd.DataFrame:
-    """Typed cohort rows with each person's death date; a death before the index is refused.
+def _cohort_frame(cohort: pd.DataFrame, outcomes: pd.DataFrame, omop: OmopConfig) -> pd.DataFrame:
+    """Typed cohort rows with each person's outcome date; a death before the index is refused.
 
     Such a person cannot be at risk at the index visit: the record is inconsistent, and
     reading it as "no death" or "death at 0" would both be a guess.
@@ -430,10 +480,10 @@ def _cohort_frame(cohort: pd.DataFrame, deaths: pd.DataFrame) -> pd.DataFrame:
             "observation_end": pd.to_datetime(cohort["observation_end"]),
         }
     )
-    died = deaths.set_index(deaths["person_id"].astype(np.int64))["death_date"]
-    out["death_date"] = pd.to_datetime(out["person_id"].map(died))
-    early = out["death_date"] < out["index_date"]
-    if early.any():
+    dates = outcomes.set_index(outcomes["person_id"].astype(np.int64))["outcome_date"]
+    out["outcome_date"] = pd.to_datetime(out["person_id"].map(dates))
+    early = out["outcome_date"] < out["index_date"]
+    if early.any():  # only a death can be (the condition query starts at the index date)
         person = int(out["person_id"][early].iloc[0])
         raise DataError(
             f"person {person} has a death dated before the index visit ({int(early.sum())} "
@@ -443,55 +493,61 @@ def _cohort_frame(cohort: pd.DataFrame, deaths: pd.DataFrame) -> pd.DataFrame:
 
 
 def _observations(
-    rows: pd.DataFrame, cohort: pd.DataFrame, features: list[OmopFeature], omop: OmopConfig
+    rows: dict[str, pd.DataFrame], cohort: pd.DataFrame, omop: OmopConfig
 ) -> pd.DataFrame:
-    """The measurement rows labelled with each feature they belong to (concept and window)."""
-    start = rows["person_id"].map(cohort.set_index("person_id")["index_start"])
-    minutes = (pd.to_datetime(rows["time"]) - pd.to_datetime(start)) / MINUTE
-    base = pd.DataFrame(
-        {
-            "person_id": rows["person_id"].astype(np.int64),
-            "time": minutes.astype(np.float64),
-            "value": rows["value"].astype(np.float64),
-            "concept_id": rows["concept_id"].astype(np.int64),
-        }
-    )
+    """Each domain's rows labelled with every feature they belong to (concept and window)."""
+    starts = cohort.set_index("person_id")["index_start"]
     parts = []
-    for feature in features:
-        low, high = window(feature, omop)
-        mask = (
-            base["concept_id"].isin([int(c) for c in feature.concept_ids])
-            & (base["time"] >= low * 60)
-            & (base["time"] <= high * 60)
+    for domain, found in rows.items():
+        minutes = (pd.to_datetime(found["time"]) - found["person_id"].map(starts)) / MINUTE
+        base = pd.DataFrame(
+            {
+                "person_id": found["person_id"].astype(np.int64),
+                "time": minutes.astype(np.float64),
+                "value": found["value"].astype(np.float64),
+                "concept_id": found["concept_id"].astype(np.int64),
+            }
         )
-        part = base[mask].drop(columns="concept_id")
-        part.insert(1, "feature", feature.name)
-        parts.append(part)
+        for feature in omop.features:
+            if feature.domain != domain:
+                continue
+            low, high = window(feature, omop)
+            mask = (
+                base["concept_id"].isin([int(c) for c in feature.concept_ids])
+                & (base["time"] >= low * 60)
+                & (base["time"] <= high * 60)
+            )
+            part = base[mask].drop(columns="concept_id")
+            part.insert(1, "feature", feature.name)
+            part.insert(0, "domain", list(DOMAINS).index(domain))
+            parts.append(part)
     if not parts:
         return pd.DataFrame(columns=["person_id", "feature", "time", "value"])
-    return pd.concat(parts).sort_index(kind="stable").reset_index(drop=True)
-
-
-# -- what the tasks read -----------------------------------------------------------------------
+    # Within a domain, the query's order (person, time, row id); each row's features together.
+    merged = pd.concat(parts).rename_axis("row").reset_index()
+    merged = merged.sort_values(["domain", "row"], kind="stable").drop(columns=["domain", "row"])
+    return merged.reset_index(drop=True)
 
 
 def labels(extraction: Extraction, omop: OmopConfig) -> pd.Series:
-    """Death within ``horizon_days`` of the index date (0 = any recorded death), per person."""
+    """The outcome within ``horizon_days`` of the index date (0 = any time after), per person."""
     cohort = extraction.cohort
-    died = cohort["death_date"].notna()
+    event = cohort["outcome_date"].notna()
     if omop.horizon_days:
-        died &= cohort["death_date"] <= cohort["index_date"] + pd.Timedelta(days=omop.horizon_days)
-    return pd.Series(died.astype(np.int64).to_numpy(), index=cohort["person_id"].to_numpy())
+        limit = cohort["index_date"] + pd.Timedelta(days=omop.horizon_days)
+        event &= cohort["outcome_date"] <= limit
+    return pd.Series(event.astype(np.int64).to_numpy(), index=cohort["person_id"].to_numpy())
 
 
 def survival(extraction: Extraction, omop: OmopConfig) -> pd.DataFrame:
-    """Days from the index date to death (event 1) or to the end of observation (0).
+    """Days from the index date to the outcome (event 1) or to the end of observation (0).
 
-    With ``horizon_days`` a later death, or a longer observation, is censored at the horizon.
+    With ``horizon_days`` a later outcome, or a longer observation, is censored at the horizon.
+    An outcome after the end of the observation period still counts (the CDM recorded it).
     """
     cohort = extraction.cohort
-    end = cohort["death_date"].fillna(cohort["observation_end"])
-    event = cohort["death_date"].notna()
+    end = cohort["outcome_date"].fillna(cohort["observation_end"])
+    event = cohort["outcome_date"].notna()
     days = (end - cohort["index_date"]).dt.days.astype(np.float64)
     if omop.horizon_days:
         event &= days <= omop.horizon_days
@@ -515,7 +571,8 @@ def wide_table(extraction: Extraction, omop: OmopConfig, outcome: dict[str, str]
             table[feature.name] = cohort[feature.aggregate].to_numpy()
             continue
         values = _aggregate(grouped, feature).reindex(ids)
-        table[feature.name] = values.fillna(0.0) if feature.aggregate == "count" else values
+        counted = feature.aggregate in ("count", "presence")
+        table[feature.name] = values.fillna(0.0) if counted else values
     if "target" in outcome:
         table[outcome["target"]] = labels(extraction, omop).to_numpy()
     else:
@@ -528,11 +585,13 @@ def wide_table(extraction: Extraction, omop: OmopConfig, outcome: dict[str, str]
 def _aggregate(grouped: Any, feature: OmopFeature) -> pd.Series:
     """One feature's per-person summary (rows arrive in time order, so last = the latest)."""
     how = {"mean": "mean", "min": "min", "max": "max", "count": "count"}
-    how |= {"last": "last", "first": "first"}
+    how |= {"last": "last", "first": "first", "presence": "count"}
     try:
         summary = grouped.agg(how[feature.aggregate]).loc[feature.name]
     except KeyError:  # no person has an observation of it
         return pd.Series(dtype=np.float64)
+    if feature.aggregate == "presence":
+        summary = summary > 0
     return summary.astype(np.float64)
 
 
@@ -605,7 +664,7 @@ def fingerprint(extraction: Extraction, omop: OmopConfig) -> str:
 
 
 def summary(extraction: Extraction, omop: OmopConfig) -> tuple[int, int]:
-    """(persons, deaths within the horizon): what a data steward checks first."""
+    """(persons, outcomes within the horizon): what a data steward checks first."""
     return len(extraction.cohort), int(labels(extraction, omop).sum())
 
 
