@@ -442,6 +442,16 @@ def test_connections_are_read_only(
     assert len(cohort.extract(url, credentials, omop).cohort) > 0
 
 
+def test_url_parameters_cannot_undo_the_read_only_session() -> None:
+    url = "postgresql://reader@/cdm?host=/tmp&options=-c%20default_transaction_read_only%3Doff"
+    with pytest.raises(ConfigError, match="parameter 'options' is not allowed"):
+        cohort.connect(url)
+    with pytest.raises(ConfigError, match="parameter 'access_mode' is not allowed"):
+        cohort.connect("duckdb:///cdm.duckdb?access_mode=read_write")
+    kept = cohort.database_url("postgresql://r@db/cdm?sslmode=verify-full&port=5433")
+    assert kept.query == {"sslmode": "verify-full", "port": "5433"}  # where and how: allowed
+
+
 def test_a_password_in_the_url_is_refused_and_never_echoed() -> None:
     with pytest.raises(ConfigError, match="carries a password") as err:
         cohort.database_url("postgresql://reader:hunter2@db.example/omop")

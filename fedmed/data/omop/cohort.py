@@ -47,6 +47,12 @@ DRIVERS = {
     "postgresql": "postgresql+psycopg",
     "postgresql+psycopg": "postgresql+psycopg",
 }
+# The libpq connection parameters a URL may carry (where the server is and how TLS is checked);
+# anything else, "options" above all, could undo the read-only session fedmed sets.
+POSTGRES_PARAMETERS = (
+    "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl",
+    "connect_timeout", "application_name", "target_session_attrs",
+)  # fmt: skip
 MALE, FEMALE = 8507, 8532
 MINUTE = pd.Timedelta(minutes=1)
 
@@ -87,6 +93,13 @@ def database_url(url: str) -> Any:
             "the database URL carries a password; remove it from the URL and keep it in an "
             "environment variable (--password-env NAME) or a file only you can read "
             "(--password-file PATH, chmod 600)"
+        )
+    allowed = () if parsed.drivername == "duckdb" else POSTGRES_PARAMETERS
+    extra = sorted(set(parsed.query) - set(allowed))
+    if extra:
+        raise ConfigError(
+            f"database URL parameter '{extra[0]}' is not allowed (fedmed sets the session's "
+            f"options itself: read-only); remove it, keeping only: {', '.join(allowed) or 'none'}"
         )
     return parsed.set(drivername=DRIVERS[parsed.drivername])
 
