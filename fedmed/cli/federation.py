@@ -588,6 +588,11 @@ def _site_data_add_omop(registry, args: argparse.Namespace) -> int:
 
     if args.path is not None:
         raise ConfigError(f"give either PATH ({args.path}) or --omop URL, not both")
+    if args.kind or args.outcomes:
+        raise ConfigError(
+            "--kind and --outcomes describe files; an OMOP database's cohort, features and "
+            "outcome come from the study's [data.omop] (--config): drop them"
+        )
     if not args.config:
         raise ConfigError(
             "--omop needs the study that defines the cohort: --config STUDY.toml (its "

@@ -253,7 +253,7 @@ def cdm_tables(schema: str = "") -> dict[str, Any]:
     }
 
 
-def cohort_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
+def cohort_query(tables: dict[str, Any]) -> Any:
     """One row per person: the first visit of the index concepts, if it passes the criteria.
 
     Entry: each person's earliest visit with ``visit_concept_id`` in the bound list (by start,
@@ -359,7 +359,7 @@ def event_query(domain: str, omop: OmopConfig, tables: dict[str, Any]) -> Any:
     """
     sa = _sqlalchemy()
     name, concept, (stamp, day), value, row_id = DOMAINS[domain]
-    cohort = cohort_query(omop, tables).subquery("cohort")
+    cohort = cohort_query(tables).subquery("cohort")
     t = tables[name]
     when = sa.func.coalesce(t.c[stamp], sa.cast(t.c[day], sa.DateTime))
     number = (
@@ -394,7 +394,7 @@ def outcome_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
     against the index later), or the earliest condition of ``outcome_concept_ids`` on or after
     the index date."""
     sa = _sqlalchemy()
-    cohort = cohort_query(omop, tables).subquery("cohort")
+    cohort = cohort_query(tables).subquery("cohort")
     if omop.outcome == "death":
         d = tables["death"]
         person, when, where = d.c.person_id, d.c.death_date, ()
@@ -439,7 +439,7 @@ def extract(url: str, credentials: str, omop: OmopConfig) -> Extraction:
     domains = [d for d in DOMAINS if any(f.domain == d for f in omop.features)]
     try:
         with engine.connect() as connection:
-            cohort = _frame(connection.execute(cohort_query(omop, tables), params))
+            cohort = _frame(connection.execute(cohort_query(tables), params))
             outcomes = _frame(connection.execute(outcome_query(omop, tables), params))
             rows = {
                 domain: _frame(
