@@ -799,7 +799,9 @@ def test_physionet_sequence_study_from_omop_equals_the_long_csv(
 
 @pytest.mark.postgres
 @needs_shared_data
-def test_physionet_from_postgres_equals_duckdb(physionet: Path, server: postgres.Server) -> None:
+def test_physionet_from_postgres_equals_duckdb(
+    physionet: Path, server: postgres.Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
     site = SITES[0]
     with duckdb.connect(str(physionet / f"{site.name}.duckdb"), read_only=True) as con:
         tables = {
@@ -809,15 +811,11 @@ def test_physionet_from_postgres_equals_duckdb(physionet: Path, server: postgres
     server.create_cdm("physionet_ccu", tables, "cdm")
     cfg = load_run_config(_omop_study(physionet))
     pg = cfg.replace(data=replace(cfg.data, omop=replace(cfg.data.omop, schema="cdm")))
-    os.environ["OMOP_PG_ADMIN"] = server.password
-    try:
-        spec = SiteSpec(
-            site.name, path=server.url("physionet_ccu"), credentials="env:OMOP_PG_ADMIN"
-        )
-        from_pg = load_site_data(pg, spec)
-    finally:
-        del os.environ["OMOP_PG_ADMIN"]
-    from_duckdb = load_site_data(cfg, cfg.sites[0])
+    monkeypatch.setenv("OMOP_PG_ADMIN", server.password)
+    spec = SiteSpec(site.name, path=server.url("physionet_ccu"), credentials="env:OMOP_PG_ADMIN")
 
-    np.testing.assert_array_equal(from_pg.x_train, from_duckdb.x_train)
-    np.testing.assert_array_equal(from_pg.y_test, from_duckdb.y_test)
+    from_pg, from_duckdb = load_site_data(pg, spec), load_site_data(cfg, cfg.sites[0])
+
+    assert from_pg.n_train + len(from_pg.y_test) == LIMIT
+    for part in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(from_pg, part), getattr(from_duckdb, part))
