@@ -700,6 +700,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "federation each site registers its own (`fedmed site data add SITE_CONFIG NAME "
             "LONG.csv --outcomes OUTCOMES.csv` for a series): drop them from the study"
         )
+    placed = [s.name for s in cfg.sites if s.path or s.credentials]
+    if cfg.data.omop.active and placed:
+        raise ConfigError(
+            f"site '{placed[0]}' has a path or credentials: in a federation each site "
+            "registers its own database (`fedmed site data add SITE_CONFIG NAME --omop URL "
+            "--config STUDY`); drop them from the study's [[sites]]"
+        )
     if not cfg.data.schema.features:
         raise ConfigError(
             "list data.schema.features: the coordinator cannot see the sites' tables to infer them"

@@ -626,6 +626,16 @@ def test_a_deployed_site_trains_only_on_the_registered_cohort(
     assert before.n_train + len(before.y_test) < after.n_train + len(after.y_test)
 
 
+def test_a_federation_plan_names_no_database(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sites = [{"name": "a", "path": "duckdb:///a.duckdb"}, {"name": "b"}]
+    study = _study_toml(tmp_path / "s.toml", SYNTHETIC, sites)
+
+    code = main(["run", str(study)])
+
+    assert code == 2
+    assert "site 'a' has a path or credentials" in capsys.readouterr().err
+
+
 @pytest.mark.postgres
 def test_postgres_registration_keeps_no_password(
     synthetic_postgres: tuple[str, str],
