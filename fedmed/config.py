@@ -578,15 +578,15 @@ class OmopFeature(_Frozen):
     """One model input read from a site's OMOP CDM database (docs/omop.md).
 
     ``domain = "measurement"``: the rows of ``measurement`` with one of ``concept_ids`` and a
-    numeric value, from ``start_hours`` to ``end_hours`` after the index visit's start (end 0 =
-    data.omop.window_hours), summarized by ``aggregate`` (last, first, mean, min, max, count) for
-    a table; a sequence study reads every one of them, at its minute. ``domain = "condition"``
-    (``aggregate = "presence"``): 1 if ``condition_occurrence`` has one of ``concept_ids``
-    starting in the window (a negative ``start_hours`` looks back before the index, e.g. -8760
-    for the year before), else 0; a sequence study sees a 1 at its minute. ``domain =
-    "person"``: ``aggregate = "age"`` (years at the index visit) or ``"male"`` (1 for gender
-    concept 8507, 0 for 8532, missing otherwise). ``name`` is the column (and the sequence's
-    variable) the study uses; it never enters SQL.
+    numeric value, from ``start_hours`` to ``end_hours`` after the index visit's start (no
+    end_hours: data.omop.window_hours), summarized by ``aggregate`` (last, first, mean, min,
+    max, count) for a table; a sequence study reads every one of them, at its minute.
+    ``domain = "condition"`` (``aggregate = "presence"``): 1 if ``condition_occurrence`` has
+    one of ``concept_ids`` starting in the window (a negative ``start_hours`` looks back
+    before the index, e.g. -8760 for the year before), else 0; a sequence study sees a 1 at
+    its minute. ``domain = "person"``: ``aggregate = "age"`` (years at the index visit) or
+    ``"male"`` (1 for gender concept 8507, 0 for 8532, missing otherwise). ``name`` is the
+    column (and the sequence's variable) the study uses; it never enters SQL.
     """
 
     name: str
@@ -596,7 +596,7 @@ class OmopFeature(_Frozen):
     concept_ids: tuple[int, ...] = ()
     aggregate: str = "last"
     start_hours: float = 0.0
-    end_hours: float = 0.0
+    end_hours: float | None = None  # None: data.omop.window_hours
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -620,10 +620,10 @@ class OmopFeature(_Frozen):
         if any(isinstance(c, bool) or not isinstance(c, int) for c in self.concept_ids):
             raise ConfigError(f"{where}: concept_ids must be whole numbers (OMOP concept ids)")
         start, end = self.start_hours, self.end_hours
-        if end and end <= start:
+        if end is not None and end <= start:
             raise ConfigError(
                 f"{where}: the window start_hours = {start:g} .. end_hours = {end:g} must "
-                "have start < end (hours from the index visit's start; end 0 = "
+                "have start < end (hours from the index visit's start; without end_hours: "
                 "data.omop.window_hours)"
             )
 
@@ -676,7 +676,7 @@ class OmopConfig(_Frozen):
         _in_range("data.omop.window_hours", self.window_hours, 0, 24 * 36_500, low_open=True)
         _in_range("data.omop.horizon_days", self.horizon_days, 0, 36_500, fix="0 = any death")
         for f in self.features:
-            if not f.end_hours and f.start_hours >= self.window_hours:
+            if f.end_hours is None and f.start_hours >= self.window_hours:
                 raise ConfigError(
                     f"data.omop.features '{f.name}': start_hours = {f.start_hours:g} is not "
                     f"before its window's end (data.omop.window_hours = {self.window_hours:g}); "

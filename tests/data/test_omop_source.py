@@ -209,7 +209,7 @@ def expected_features(tables: dict[str, pd.DataFrame], ref: pd.DataFrame, omop: 
     genders = ref.set_index("person_id")["gender_concept_id"]
     out["male"] = genders.map({8507: 1.0, 8532: 0.0})
     for f in omop.features[2:]:
-        end = f.end_hours or omop.window_hours
+        end = omop.window_hours if f.end_hours is None else f.end_hours
         rows = m[m["measurement_concept_id"].isin(f.concept_ids)]
         rows = rows[(rows["hours"] >= f.start_hours) & (rows["hours"] <= end)]
         agg = rows.groupby("person_id")["value_as_number"].agg(f.aggregate)
@@ -323,7 +323,7 @@ def test_condition_features_and_outcome_equal_a_pandas_computation(
     c["hours"] = (when - c["start"]).dt.total_seconds() / 3600
     expected = {}
     for f in omop.features[:2]:
-        low, high = f.start_hours, f.end_hours or omop.window_hours
+        low, high = f.start_hours, omop.window_hours if f.end_hours is None else f.end_hours
         hit = c[c["condition_concept_id"].isin(f.concept_ids) & c["hours"].between(low, high)]
         expected[f.name] = ref["person_id"].isin(hit["person_id"]).astype(float).tolist()
     later = c[(c["condition_concept_id"] == AKI) & (pd.to_datetime(c["condition_start_date"])
@@ -505,6 +505,7 @@ def _study_toml(path: Path, omop: OmopConfig, sites: list[dict]) -> Path:
         + ", ".join(
             f"{k} = {json.dumps(v if not isinstance(v, tuple) else list(v))}"
             for k, v in f.__dict__.items()
+            if v is not None  # TOML has no null: a default left out
         )
         + " }"
         for f in omop.features

@@ -327,8 +327,9 @@ def cohort_parameters(omop: OmopConfig) -> dict[str, Any]:
 
 
 def window(feature: OmopFeature, omop: OmopConfig) -> tuple[float, float]:
-    """A feature's window in hours after the index visit's start (end 0 = window_hours)."""
-    return feature.start_hours, feature.end_hours or omop.window_hours
+    """A feature's window in hours after the index visit's start (no end: window_hours)."""
+    end = feature.end_hours if feature.end_hours is not None else omop.window_hours
+    return feature.start_hours, end
 
 
 # Per feature domain: the CDM table, and its concept, time, value and row-id columns. A
