@@ -275,6 +275,11 @@ def test_cohort_and_outcomes_equal_a_pandas_computation(
     days = (ref["death"].fillna(ref["end"]) - ref["date"]).dt.days.clip(upper=30)
     assert times["time"].tolist() == days.astype(float).tolist()
     assert times["event"].tolist() == in_horizon.astype(int).tolist()
+    # Each rule matters here: without the age window, or the prior observation, more persons.
+    for looser in (replace(omop, min_age=0, max_age=150), replace(omop, prior_observation_days=0)):
+        wider = expected_cohort(tables, looser)["person_id"].tolist()
+        assert len(wider) > len(ref)
+        assert cohort.extract(url, credentials, looser).cohort["person_id"].tolist() == wider
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
