@@ -566,6 +566,145 @@ class TextConfig(_Frozen):
         _in_range("data.text.vocab_size", self.vocab_size, 16, 1_000_000)
 
 
+# A database identifier a config may name (the CDM schema): checked against this pattern and
+# then quoted by SQLAlchemy, never formatted into SQL (fedmed.data.omop.cohort).
+SQL_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+CREDENTIALS = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]{0,127}|file:.+)$")
+# What a feature of each CDM domain may summarize (OmopFeature.aggregate).
+OMOP_AGGREGATES = {
+    "measurement": ("last", "first", "mean", "min", "max", "count"),
+    "condition": ("presence",),
+    "person": ("age", "male"),
+}
+
+
+@dataclass(frozen=True)
+class OmopFeature(_Frozen):
+    """One model input read from a site's OMOP CDM database (docs/omop.md).
+
+    ``domain = "measurement"``: the rows of ``measurement`` with one of ``concept_ids`` and a
+    numeric value, from ``start_hours`` to ``end_hours`` after the index visit's start (no
+    end_hours: data.omop.window_hours), summarized by ``aggregate`` (last, first, mean, min,
+    max, count) for a table; a sequence study reads every one of them, at its minute.
+    ``domain = "condition"`` (``aggregate = "presence"``): 1 if ``condition_occurrence`` has
+    one of ``concept_ids`` starting in the window (a negative ``start_hours`` looks back
+    before the index, e.g. -8760 for the year before), else 0; a sequence study sees a 1 at
+    its minute. ``domain = "person"``: ``aggregate = "age"`` (years at the index visit) or
+    ``"male"`` (1 for gender concept 8507, 0 for 8532, missing otherwise). ``name`` is the
+    column (and the sequence's variable) the study uses; it never enters SQL.
+    """
+
+    name: str
+    domain: str = field(
+        default="measurement", metadata=_choices("measurement", "condition", "person")
+    )
+    concept_ids: tuple[int, ...] = ()
+    aggregate: str = "last"
+    start_hours: float = 0.0
+    end_hours: float | None = None  # None: data.omop.window_hours
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = f"data.omop.features '{self.name}'"
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError('data.omop.features: every feature needs a name = "..."')
+        if self.domain not in OMOP_AGGREGATES:
+            raise ConfigError(
+                f"{where}: domain = {echo(self.domain)} is not one of: {', '.join(OMOP_AGGREGATES)}"
+            )
+        allowed = OMOP_AGGREGATES[self.domain]
+        if self.aggregate not in allowed:
+            raise ConfigError(
+                f"{where}: aggregate = {echo(self.aggregate)} is not valid for domain "
+                f"'{self.domain}'; choose one of: {', '.join(allowed)}"
+            )
+        if self.domain != "person" and not self.concept_ids:
+            raise ConfigError(f"{where}: list its concept_ids (the {self.domain} concepts to read)")
+        if self.domain == "person" and self.concept_ids:
+            raise ConfigError(f"{where}: a person feature reads no concept_ids; remove them")
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.concept_ids):
+            raise ConfigError(f"{where}: concept_ids must be whole numbers (OMOP concept ids)")
+        start, end = self.start_hours, self.end_hours
+        if end is not None and end <= start:
+            raise ConfigError(
+                f"{where}: the window start_hours = {start:g} .. end_hours = {end:g} must "
+                "have start < end (hours from the index visit's start; without end_hours: "
+                "data.omop.window_hours)"
+            )
+
+
+@dataclass(frozen=True)
+class OmopConfig(_Frozen):
+    """A study's cohort, features and outcome, read from each site's OMOP CDM v5.4 database.
+
+    Active when ``visit_concept_ids`` is set: each [[sites]] path (or each site's registered
+    dataset) is then a database URL, ``duckdb:///FILE`` or ``postgresql://USER@HOST/DB``.
+
+    Cohort: each person's first visit with one of ``visit_concept_ids`` (the index visit),
+    kept if the person's age that year is within ``min_age`` .. ``max_age`` and an observation
+    period covers the visit's start with ``prior_observation_days`` before it. Outcome: a
+    death (``outcome = "death"``), or the first condition with one of
+    ``outcome_concept_ids`` (``outcome = "condition"``), dated on or after the index date and
+    at most ``horizon_days`` after it (0 = no limit); a survival study reads the days to it,
+    censored at the end of the observation period (or at the horizon). ``features`` are the
+    inputs (OmopFeature), in order. ``schema`` is the CDM schema ("" = the connection's
+    default: DuckDB's main, PostgreSQL's search_path).
+    """
+
+    schema: str = ""
+    visit_concept_ids: tuple[int, ...] = ()
+    min_age: int = 0
+    max_age: int = 150
+    prior_observation_days: int = 0
+    window_hours: float = 48.0
+    outcome: str = field(default="death", metadata=_choices("death", "condition"))
+    outcome_concept_ids: tuple[int, ...] = ()
+    horizon_days: int = 0
+    features: tuple[OmopFeature, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.visit_concept_ids)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.schema and not SQL_IDENTIFIER.match(self.schema):
+            raise ConfigError(
+                f"data.omop.schema = {echo(self.schema)} is not a plain schema name; use letters, "
+                "digits and '_' (e.g. cdm), at most 63 characters"
+            )
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.visit_concept_ids):
+            raise ConfigError("data.omop.visit_concept_ids must be whole numbers (concept ids)")
+        _in_range("data.omop.min_age", self.min_age, 0, 150)
+        _in_range("data.omop.max_age", self.max_age, self.min_age, 150)
+        _in_range("data.omop.prior_observation_days", self.prior_observation_days, 0, 36_500)
+        _in_range("data.omop.window_hours", self.window_hours, 0, 24 * 36_500, low_open=True)
+        _in_range("data.omop.horizon_days", self.horizon_days, 0, 36_500, fix="0 = any death")
+        for f in self.features:
+            if f.end_hours is None and f.start_hours >= self.window_hours:
+                raise ConfigError(
+                    f"data.omop.features '{f.name}': start_hours = {f.start_hours:g} is not "
+                    f"before its window's end (data.omop.window_hours = {self.window_hours:g}); "
+                    "give it an end_hours"
+                )
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.outcome_concept_ids):
+            raise ConfigError("data.omop.outcome_concept_ids must be whole numbers (concept ids)")
+        if (self.outcome == "condition") != bool(self.outcome_concept_ids):
+            raise ConfigError(
+                'data.omop.outcome_concept_ids go with outcome = "condition" (the conditions '
+                'that are the outcome); set both, or neither for outcome = "death"'
+            )
+        names = [f.name for f in self.features]
+        twice = sorted(n for n, k in Counter(names).items() if k > 1)
+        if twice:
+            raise ConfigError(f"data.omop.features: '{twice[0]}' is named twice; rename one")
+        if self.features and not self.active:
+            raise ConfigError(
+                "data.omop.features are read from the cohort's index visits: set "
+                "data.omop.visit_concept_ids (e.g. [32037] for Intensive Care)"
+            )
+
+
 @dataclass(frozen=True)
 class DataConfig(_Frozen):
     """Where the sites' tables come from.
@@ -591,6 +730,8 @@ class DataConfig(_Frozen):
     images: ImageConfig = field(default_factory=ImageConfig)
     series: SeriesConfig = field(default_factory=SeriesConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    # The cohort a site's OMOP CDM database yields (docs/omop.md); inactive by default.
+    omop: OmopConfig = field(default_factory=OmopConfig)
 
 
 @dataclass(frozen=True)
@@ -606,10 +747,19 @@ class SiteSpec(_Frozen):
     # The site's own cap on ε for its dataset, over all studies (see fedmed.ledger). In a
     # deployment it comes from the site's own config, never from the coordinator.
     epsilon_cap: float | None = None
+    # OMOP sites on a database server: where the password comes from, "env:VARIABLE" or
+    # "file:PATH" (a file only its owner may read), never the password itself. In a deployment
+    # it comes from the site's registered dataset, never from the coordinator.
+    credentials: str = ""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_name("sites.name", self.name)
+        if self.credentials and not CREDENTIALS.match(self.credentials):
+            raise ConfigError(
+                f'site \'{self.name}\': credentials must be "env:VARIABLE" or "file:PATH" (where '
+                "the database password is kept), never the password itself"
+            )
 
 
 @dataclass(frozen=True)
@@ -649,6 +799,11 @@ class RunConfig(_Frozen):
         # Added with the text task: left off at their defaults for the same reason.
         if self.data.text == TextConfig():
             del out["data"]["text"]
+        if self.data.omop == OmopConfig():  # added with OMOP sites: likewise
+            del out["data"]["omop"]
+        for site in out["sites"]:
+            if not site["credentials"]:
+                del site["credentials"]
         if self.model.heads == ModelConfig.heads:
             del out["model"]["heads"]
         if not self.model.frozen_embedding:  # added for DP text models, same reason
@@ -839,6 +994,8 @@ def _check_run(cfg: RunConfig) -> None:
         if not schema.categorical[col]:
             raise ConfigError(f"data.schema.categorical.{col} lists no categories")
     _check_site_column(cfg)
+    if cfg.data.omop.active:
+        _check_omop(cfg)
 
 
 def _check_site_column(cfg: RunConfig) -> None:
@@ -866,6 +1023,33 @@ def _check_site_column(cfg: RunConfig) -> None:
                     f"'{owner[value]}' and '{site.name}'; give each value to one site"
                 )
             owner[value] = site.name
+
+
+OMOP_TASKS = ("tabular-classification", "survival", "sequence-classification")
+
+
+def _check_omop(cfg: RunConfig) -> None:
+    """A cohort from OMOP databases: a task that reads it, features, and no other data source."""
+    omop, data = cfg.data.omop, cfg.data
+    if cfg.task not in OMOP_TASKS:
+        raise ConfigError(
+            f"data.omop yields a table or a series; task '{cfg.task}' reads neither: use one of "
+            f"{', '.join(OMOP_TASKS)}, or remove [data.omop]"
+        )
+    if data.builtin or data.partition_file or data.site_column:
+        raise ConfigError(
+            "with [data.omop] each site is its own database: remove data.builtin, "
+            "data.partition_file and data.site_column"
+        )
+    if not omop.features:
+        raise ConfigError("data.omop lists no features: add [[data.omop.features]] entries")
+    names = {f.name for f in omop.features}
+    unknown = [f for f in data.schema.features if f not in names]
+    if unknown:
+        raise ConfigError(
+            f"data.schema.features names '{unknown[0]}', which is not a data.omop feature "
+            f"(features: {', '.join(f.name for f in omop.features)}); add it or remove it"
+        )
 
 
 def _check_horizons(cfg: RunConfig) -> None:
@@ -994,6 +1178,11 @@ def parse_run_config(raw: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, raw, "")
 
 
+def parse_omop(raw: dict[str, Any]) -> OmopConfig:
+    """A cohort definition ([data.omop]) from plain values, e.g. as a site registered it."""
+    return _build(OmopConfig, raw, "data.omop.")
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'config'} must be a table, got {type(raw).__name__}")
@@ -1029,8 +1218,8 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple[str, ...] | None) -> A
     if origin is tuple:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key} must be a list, got {echo(value)}")
-        if args and args[0] is SiteSpec:
-            return tuple(_build(SiteSpec, v, f"{key}[{i}].") for i, v in enumerate(value))
+        if args and dataclasses.is_dataclass(args[0]):  # [[sites]], [[data.omop.features]]
+            return tuple(_build(args[0], v, f"{key}[{i}].") for i, v in enumerate(value))
         item = args[0] if args and args[0] is not Any else None
         return tuple(
             _coerce(item, v, f"{key}[{i}]", None) if item else v for i, v in enumerate(value)

@@ -121,11 +121,36 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
         help="register a table, images or a series under a name studies use",
         description="PATH is a CSV/Parquet table; a .npz of images (MedMNIST format), a labels "
         "CSV listing PNGs (--kind images) or the folder holding it; or a long table of "
-        "observations with --outcomes (a series). Every file is fingerprinted.",
+        "observations with --outcomes (a series). Every file is fingerprinted. Or, with "
+        "--omop URL --config STUDY instead of PATH, an OMOP CDM v5.4 database (duckdb:///FILE "
+        "or postgresql://USER@HOST/DB, no password in it): the study's [data.omop] cohort is "
+        "extracted (read-only) and fingerprinted (docs/omop.md).",
     )
     p.add_argument("site_config", type=Path)
     p.add_argument("name")
-    p.add_argument("path", type=Path)
+    p.add_argument("path", type=Path, nargs="?", default=None)
+    p.add_argument(
+        "--omop",
+        metavar="URL",
+        default=None,
+        help="an OMOP CDM database instead of a file: duckdb:///FILE or postgresql://USER@HOST/DB",
+    )
+    p.add_argument(
+        "--config", default=None, help="with --omop: the study whose [data.omop] is the cohort"
+    )
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument(
+        "--password-env",
+        metavar="VARIABLE",
+        default=None,
+        help="with --omop: the environment variable holding the database password",
+    )
+    secret.add_argument(
+        "--password-file",
+        type=Path,
+        default=None,
+        help="with --omop: a file holding the database password (chmod 600)",
+    )
     p.add_argument("--replace", action="store_true", help="point an existing name elsewhere")
     p.add_argument(
         "--kind",
@@ -526,7 +551,18 @@ def _site_data(site, args: argparse.Namespace) -> int:
     from fedmed.data.registry import DatasetRegistry
 
     registry = DatasetRegistry(site.state_path)
+    if args.data_action == "add" and args.omop is not None:
+        return _site_data_add_omop(registry, args)
     if args.data_action == "add":
+        if args.path is None:
+            raise ConfigError(
+                "give the PATH of the data to register (or --omop URL --config STUDY for an "
+                "OMOP database)"
+            )
+        if args.config or args.password_env or args.password_file:
+            raise ConfigError(
+                "--config, --password-env and --password-file belong to --omop URL; drop them"
+            )
         ds = registry.add(
             args.name,
             args.path,
@@ -544,6 +580,35 @@ def _site_data(site, args: argparse.Namespace) -> int:
             print(f"{ds.name}\t{ds.summary()}\t{ds.sha256}\t{where}")
         return 0
     return _site_data_check(site, registry, args)
+
+
+def _site_data_add_omop(registry, args: argparse.Namespace) -> int:
+    """Register an OMOP database with the cohort of the study given by --config."""
+    from fedmed.config import load_run_config, resolve_config_path
+
+    if args.path is not None:
+        raise ConfigError(f"give either PATH ({args.path}) or --omop URL, not both")
+    if args.kind or args.outcomes:
+        raise ConfigError(
+            "--kind and --outcomes describe files; an OMOP database's cohort, features and "
+            "outcome come from the study's [data.omop] (--config): drop them"
+        )
+    if not args.config:
+        raise ConfigError(
+            "--omop needs the study that defines the cohort: --config STUDY.toml (its "
+            "[data.omop] section)"
+        )
+    credentials = ""
+    if args.password_env:
+        credentials = f"env:{args.password_env}"
+    elif args.password_file:
+        credentials = f"file:{args.password_file.expanduser().resolve()}"
+    run = load_run_config(resolve_config_path(args.config))
+    ds = registry.add_omop(
+        args.name, args.omop, run.data.omop, credentials=credentials, replace=args.replace
+    )
+    print(f"registered '{ds.name}': {ds.summary()} from {ds.path}, {ds.sha256}")
+    return 0
 
 
 def _layout(args: argparse.Namespace) -> dict[str, str]:
@@ -634,6 +699,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "data.partition_file and data.series.outcomes are files of a simulation; in a "
             "federation each site registers its own (`fedmed site data add SITE_CONFIG NAME "
             "LONG.csv --outcomes OUTCOMES.csv` for a series): drop them from the study"
+        )
+    placed = [s.name for s in cfg.sites if s.path or s.credentials]
+    if cfg.data.omop.active and placed:
+        raise ConfigError(
+            f"site '{placed[0]}' has a path or credentials: in a federation each site "
+            "registers its own database (`fedmed site data add SITE_CONFIG NAME --omop URL "
+            "--config STUDY`); drop them from the study's [[sites]]"
         )
     if not cfg.data.schema.features:
         raise ConfigError(

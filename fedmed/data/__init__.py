@@ -55,6 +55,10 @@ def read_site_table(
     cfg: RunConfig, site: SiteSpec, target: str
 ) -> SiteTable | ArrayTable | TextTable:
     """One site's rows for an outcome of kind ``target`` (raw units, split into train/test)."""
+    if cfg.data.omop.active:  # the site's path is an OMOP CDM database
+        from fedmed.data.omop.source import read_omop_site
+
+        return read_omop_site(cfg, site, target)
     if target not in OUTCOMES:  # images, series: their own reader
         return readers()[target](cfg, site)
     frame, origin = load_site_frame(cfg, site)

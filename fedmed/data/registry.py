@@ -12,7 +12,12 @@ Three kinds, one per way a hospital exports data (KINDS):
 - ``images``: a MedMNIST-format .npz, or a labels CSV listing PNG files (or the folder holding
   that CSV), for imaging studies;
 - ``series``: a long table of observations (id, time, variable, value) plus the site's OWN
-  outcomes table, for sequence studies.
+  outcomes table, for sequence studies;
+- ``omop``: an OMOP CDM v5.4 database (a DuckDB file or a PostgreSQL server) and the cohort
+  definition of a study's [data.omop] (tabular, survival and sequence studies). Its fingerprint
+  is that of the cohort it yields (fedmed.data.omop.cohort.fingerprint), checked like a file's;
+  a study must ask for exactly the registered cohort. The entry keeps the URL without any
+  password and, for a server, where the password is kept ("env:NAME" / "file:PATH").
 
 The registry also records the site's own file layout (which column lists the PNGs, what the
 series columns are called): in a federation the site reads its files with that layout
@@ -34,7 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmed.config import RunConfig, SchemaConfig, SeriesConfig, SiteSpec
+from fedmed.config import (
+    CREDENTIALS,
+    OmopConfig,
+    RunConfig,
+    SchemaConfig,
+    SeriesConfig,
+    SiteSpec,
+    parse_omop,
+)
 from fedmed.data.sources import read_table
 from fedmed.errors import ConfigError, DataError
 from fedmed.io import atomic_write, read_state_json
@@ -76,11 +89,15 @@ class Dataset:
     files: dict[str, str] = field(default_factory=dict)
     # The site's own file layout: images {"column"}, series {"id_column", ..., "outcome_id_column"}.
     layout: dict[str, str] = field(default_factory=dict)
+    # omop: the registered cohort definition ([data.omop] as plain JSON values).
+    cohort: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        unit = {"table": "rows", "images": "images", "series": "patients"}[self.kind]
-        what = {"table": "columns", "images": "channels", "series": "variables"}[self.kind]
-        return f"{self.kind}, {self.rows} {unit}, {len(self.columns)} {what}"
+        unit = {"table": "rows", "images": "images", "series": "patients", "omop": "persons"}
+        what = {"table": "columns", "images": "channels", "series": "variables"}
+        return f"{self.kind}, {self.rows} {unit[self.kind]}, {len(self.columns)} " + what.get(
+            self.kind, "features"
+        )
 
 
 def _dataset(name: str, entry: dict[str, Any]) -> Dataset:
@@ -309,9 +326,76 @@ class DatasetRegistry:
         atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
         return _dataset(name, entry)
 
+    def add_omop(
+        self,
+        name: str,
+        url: str,
+        omop: OmopConfig,
+        *,
+        credentials: str = "",
+        replace: bool = False,
+    ) -> Dataset:
+        """Register an OMOP CDM database with the cohort ``omop`` yields, and its fingerprint.
+
+        The cohort is extracted once (it must be readable and not empty); the entry records the
+        URL (a DuckDB path made absolute; never a password), where a server's password is kept
+        (``credentials``), the cohort definition, and the fingerprint of the rows it yields.
+        """
+        from fedmed.data.omop import cohort
+
+        self._check_new(name, replace)
+        if not omop.active:
+            raise ConfigError(
+                "the study has no [data.omop] cohort (data.omop.visit_concept_ids); register the "
+                "database with the study that defines its cohort: --config STUDY.toml"
+            )
+        if credentials and not CREDENTIALS.match(credentials):
+            raise ConfigError('credentials must be "env:VARIABLE" or "file:PATH"')
+        parsed = cohort.database_url(url)
+        if parsed.drivername == "duckdb" and parsed.database:
+            parsed = parsed.set(database=str(Path(parsed.database).expanduser().resolve()))
+        url = parsed.render_as_string(hide_password=True)
+        extraction = cohort.extract(url, credentials, omop)
+        if extraction.cohort.empty:
+            raise DataError(
+                f"{extraction.origin}: the cohort is empty (no first visit of concepts "
+                f"{list(omop.visit_concept_ids)} meets the study's criteria); check [data.omop]"
+            )
+        entry: dict[str, Any] = {
+            "path": url,
+            "columns": [f.name for f in omop.features],
+            "rows": len(extraction.cohort),
+            "sha256": cohort.fingerprint(extraction, omop),
+            "added": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "kind": "omop",
+            "cohort": cohort.definition(omop),
+        }
+        if credentials:
+            entry["layout"] = {"credentials": credentials}
+        data = self._read()
+        data["datasets"][name] = entry
+        atomic_write(self.path, (json.dumps(data, indent=1) + "\n").encode())
+        return _dataset(name, entry)
+
+    def _check_new(self, name: str, replace: bool) -> None:
+        if not NAME.match(name):
+            raise ConfigError(
+                f"dataset name '{name}' is not allowed; use letters, digits, '.', '-' and '_'"
+            )
+        if name in self._read()["datasets"] and not replace:
+            raise ConfigError(
+                f"dataset '{name}' is already registered; pass --replace to point it at new "
+                "data (privacy spent on the old data stays in the ledger)"
+            )
+
     def verify(self, name: str) -> Dataset:
-        """The entry, if every file on disk is still the one registered (else DataError)."""
+        """The entry, if every file on disk is still the one registered (else DataError).
+
+        An OMOP database: if the cohort it yields today has the registered fingerprint.
+        """
         ds = self.get(name)
+        if ds.kind == "omop":
+            return _verify_omop(ds)
         files = ds.files or {ds.path: ds.sha256}
         fix = (
             f"check the new export, then re-register it: fedmed site data add SITE_CONFIG {name} "
@@ -328,6 +412,54 @@ class DatasetRegistry:
         return ds
 
 
+def _verify_omop(ds: Dataset) -> Dataset:
+    """Extract the registered cohort again; a different fingerprint is refused with the fix."""
+    from fedmed.data.omop import cohort
+
+    omop = parse_omop(ds.cohort)
+    extraction = cohort.extract(ds.path, ds.layout.get("credentials", ""), omop)
+    if cohort.fingerprint(extraction, omop) != ds.sha256:
+        raise DataError(
+            f"dataset '{ds.name}': the cohort {ds.path} yields changed since it was registered "
+            f"({ds.added}); check the database, then re-register it: fedmed site data add "
+            f"SITE_CONFIG {ds.name} --omop URL --config STUDY --replace"
+        )
+    return ds
+
+
+OMOP_TARGETS = ("binary", "survival", "series")
+
+
+def _omop_view(
+    run: RunConfig, ds: Dataset, site: str, epsilon_cap: float | None, target: str
+) -> tuple[RunConfig, SiteSpec]:
+    """An OMOP dataset serves a study that asks for exactly the cohort registered with it."""
+    from fedmed.data.omop import cohort
+
+    if target not in OMOP_TARGETS:
+        raise DataError(
+            f"dataset '{ds.name}' is an OMOP database but task '{run.task}' reads neither a "
+            "table nor a series from it; register the study's data under another name"
+        )
+    if not run.data.omop.active or not cohort.same_definition(ds.cohort, run.data.omop):
+        raise DataError(
+            f"dataset '{ds.name}': the study's [data.omop] cohort is not the one registered "
+            f"with it ({ds.added}); review the study's cohort, then register it: fedmed site "
+            f"data add SITE_CONFIG {ds.name} --omop URL --config STUDY --replace"
+        )
+    local = run.replace(
+        data=dataclasses.replace(run.data, builtin="", partition_file="", site_column=""),
+        sites=tuple(SiteSpec(s.name) for s in run.sites),
+    )
+    spec = SiteSpec(
+        site,
+        path=ds.path,
+        credentials=ds.layout.get("credentials", ""),
+        epsilon_cap=epsilon_cap,
+    )
+    return local, spec
+
+
 def site_view(
     run: RunConfig, ds: Dataset, site: str, epsilon_cap: float | None = None, *, target: str
 ) -> tuple[RunConfig, SiteSpec]:
@@ -338,7 +470,15 @@ def site_view(
     column names) replaces the study's. A dataset of the wrong kind for the task's outcome
     ``target`` is refused (fedmed.tasks.site_view passes the study task's target).
     """
+    if ds.kind == "omop":
+        return _omop_view(run, ds, site, epsilon_cap, target)
     wanted = KIND_OF_TARGET[target]
+    if run.data.omop.active:
+        raise DataError(
+            f"dataset '{ds.name}' is registered as {ds.kind} but the study reads an OMOP "
+            "cohort ([data.omop]); register the site's database: fedmed site data add "
+            "SITE_CONFIG NAME --omop URL --config STUDY"
+        )
     if ds.kind != wanted:
         raise DataError(
             f"dataset '{ds.name}' is registered as {ds.kind} but task '{run.task}' reads "

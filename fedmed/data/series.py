@@ -115,14 +115,19 @@ def read_outcome_ids(path: str, id_column: str) -> np.ndarray:
     return pd.read_csv(path, usecols=[id_column])[id_column].to_numpy()
 
 
-def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
-    """One site's patients: binned, masked, split, standardized on its own train patients."""
-    series, schema = cfg.data.series, cfg.data.schema
-    if not schema.features:
+def require_variables(cfg: RunConfig) -> None:
+    """The variables must be declared: every site builds the same input layout from them."""
+    if not cfg.data.schema.features:
         raise ConfigError(
             "task 'sequence-classification' needs data.schema.features: the variables to use, "
             "in the same order at every site"
         )
+
+
+def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
+    """One site's patients: binned, masked, split, standardized on its own train patients."""
+    series, schema = cfg.data.series, cfg.data.schema
+    require_variables(cfg)
     path = resolve_site_path(site.path)
     long = load_long(path, series)
     outcomes_path = resolve_site_path(site.outcomes or series.outcomes)
@@ -142,10 +147,21 @@ def read_series_site(cfg: RunConfig, site: SiteSpec) -> ArrayTable:
             f"{unlabeled[0]}); add their outcomes or remove their observations"
         )
     y = outcomes.loc[ids].to_numpy(np.float32)
+    return series_table(cfg, site, long[long["id"].isin(ids)], ids, y, origin)
+
+
+def series_table(
+    cfg: RunConfig, site: SiteSpec, obs: pd.DataFrame, ids: np.ndarray, y: np.ndarray, origin: str
+) -> ArrayTable:
+    """Patients ``ids`` (sorted) with labels ``y``: split, binned and standardized.
+
+    ``obs`` is the long table (id, time, variable, value) of those patients, from a file or
+    from an OMOP database (fedmed.data.omop.source): the same steps follow either way.
+    """
+    schema, series = cfg.data.schema, cfg.data.series
     id_tr, y_tr, id_te, y_te = split_checked(ids, y, schema, origin)
     order_tr, order_te = np.argsort(id_tr), np.argsort(id_te)  # bin_means needs sorted ids
     id_tr, y_tr, id_te, y_te = id_tr[order_tr], y_tr[order_tr], id_te[order_te], y_te[order_te]
-    obs = long[long["id"].isin(ids)]
     x_tr, x_te, stats = bin_and_scale(obs, id_tr, id_te, schema.features, series)
     data = SiteData(
         name=site.name,

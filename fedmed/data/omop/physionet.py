@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from fedmed.config import data_dir, echo
-from fedmed.data.omop.schema import TABLES, create_statements
+from fedmed.data.omop.schema import OPTIONAL_TABLES, TABLES, create_statements
 from fedmed.data.series import read_header
 from fedmed.errors import ConfigError, DataError
 
@@ -443,10 +443,11 @@ def write_database(duckdb: Any, path: Path, tables: dict[str, pd.DataFrame]) -> 
     """
     connection = duckdb.connect(str(path))
     try:
-        for statement in create_statements():
+        optional = tuple(name for name in tables if name in OPTIONAL_TABLES)
+        for statement in create_statements(optional):
             connection.execute(statement)
         for name, frame in tables.items():
-            if name not in TABLES:
+            if name not in TABLES and name not in OPTIONAL_TABLES:
                 raise ValueError(f"{name} is not a CDM table of fedmed.data.omop.schema")
             connection.register("frame", frame)
             connection.execute(f"INSERT INTO {name} BY NAME SELECT * FROM frame")

@@ -120,12 +120,36 @@ TABLES: dict[str, str] = {
         invalid_reason varchar(1) NULL""",
 }
 
+# CDM tables the PhysioNet demo does not fill (set A has no diagnoses), created only when a
+# database is written with rows for them (the tests' synthetic CDM): same source and rules.
+OPTIONAL_TABLES: dict[str, str] = {
+    "condition_occurrence": """
+        condition_occurrence_id integer NOT NULL,
+        person_id integer NOT NULL,
+        condition_concept_id integer NOT NULL,
+        condition_start_date date NOT NULL,
+        condition_start_datetime TIMESTAMP NULL,
+        condition_end_date date NULL,
+        condition_end_datetime TIMESTAMP NULL,
+        condition_type_concept_id integer NOT NULL,
+        condition_status_concept_id integer NULL,
+        stop_reason varchar(20) NULL,
+        provider_id integer NULL,
+        visit_occurrence_id integer NULL,
+        visit_detail_id integer NULL,
+        condition_source_value varchar(50) NULL,
+        condition_source_concept_id integer NULL,
+        condition_status_source_value varchar(50) NULL""",
+}
 
-def create_statements() -> list[str]:
-    """One CREATE TABLE per CDM table, in TABLES' order."""
-    return [f"CREATE TABLE {name} ({columns}\n)" for name, columns in TABLES.items()]
+
+def create_statements(optional: tuple[str, ...] = ()) -> list[str]:
+    """One CREATE TABLE per CDM table, in TABLES' order, then the ``optional`` ones named."""
+    chosen = {**TABLES, **{name: OPTIONAL_TABLES[name] for name in optional}}
+    return [f"CREATE TABLE {name} ({columns}\n)" for name, columns in chosen.items()]
 
 
 def columns_of(table: str) -> list[str]:
     """The CDM column names of ``table``, in order (what a frame must hold to be inserted)."""
-    return [line.split()[0] for line in TABLES[table].strip().splitlines()]
+    ddl = TABLES.get(table) or OPTIONAL_TABLES[table]
+    return [line.split()[0] for line in ddl.strip().splitlines()]
