@@ -77,16 +77,18 @@ class RunPlan:
         )
 
 
-def new_run_dir(cfg: RunConfig) -> Path:
+def new_run_dir(cfg: RunConfig, kind: str = "") -> Path:
     """runs/<name>-<mode>[-<strategy>]-s<seed>-<timestamp>[-N]; never reuses an earlier run.
 
     The strategy (federated runs) and the seed are in the name so that a sweep's folders tell
     runs apart without opening metrics.json. mkdir without exist_ok is the lock: two runs
-    started in the same second get -2, -3, ...
+    started in the same second get -2, -3, ... ``kind`` replaces mode and strategy for runs
+    that train nothing (``fedmed stats``: runs/<name>-stats-s<seed>-<timestamp>).
     """
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     strategy = f"-{cfg.strategy.name}" if cfg.mode == "federated" else ""
-    base = Path(cfg.output_dir) / f"{cfg.name}-{cfg.mode}{strategy}-s{cfg.seed}-{stamp}"
+    label = kind or f"{cfg.mode}{strategy}"
+    base = Path(cfg.output_dir) / f"{cfg.name}-{label}-s{cfg.seed}-{stamp}"
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")
