@@ -76,20 +76,26 @@ def encode_stats(
     cells: dict[str, list[int | None]],
     sums: dict[str, list[float] | None] | None = None,
     epsilon: float = 0.0,
+    min_cell: int = 1,
 ) -> str:
-    """A site's statistics reply as JSON (sorted keys: the same release, the same bytes)."""
-    body = {"cells": cells, "sums": sums or {}, "epsilon": float(epsilon)}
+    """A site's statistics reply as JSON (sorted keys: the same release, the same bytes):
+    its counts, sums, the ε it has spent on the study's statistics and the minimum cell count
+    it applied (a deployed site's own may be above the plan's)."""
+    body = {"cells": cells, "sums": sums or {}, "epsilon": float(epsilon), "min_cell": min_cell}
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 
 def decode_stats(text: str, shape: Callable[[str], int | None]) -> dict[str, Any]:
     """A site's statistics reply, checked: a ValueError unless every vector is one the
     coordinator asked for (``shape(key)``: its length, None = not asked for), every count a
-    whole number in [0, 1e9] or None, every sum pair finite (sum of squares >= 0) and ε >= 0."""
+    whole number in [0, 1e9] or None, every sum pair finite (sum of squares >= 0), ε >= 0 and
+    the site's minimum cell count a whole number >= 1."""
     body = json.loads(text)
-    if not isinstance(body, dict) or set(body) != {"cells", "sums", "epsilon"}:
-        raise ValueError("a statistics reply is an object of cells, sums and epsilon")
-    cells, sums, epsilon = body["cells"], body["sums"], body["epsilon"]
+    if not isinstance(body, dict) or set(body) != {"cells", "sums", "epsilon", "min_cell"}:
+        raise ValueError("a statistics reply is an object of cells, sums, epsilon and min_cell")
+    cells, sums, epsilon, min_cell = body["cells"], body["sums"], body["epsilon"], body["min_cell"]
+    if not _count(min_cell) or min_cell < 1:
+        raise ValueError("min_cell must be a whole number >= 1")
     if not isinstance(cells, dict) or not isinstance(sums, dict) or len(cells) > MAX_STATS_VECTORS:
         raise ValueError("cells and sums must be objects of at most 10,000 vectors")
     for key, values in cells.items():
@@ -110,7 +116,7 @@ def decode_stats(text: str, shape: Callable[[str], int | None]) -> dict[str, Any
             raise ValueError(f"sums of {name[:80]!r} must be [sum, sum of squares] or null")
     if not _finite(epsilon) or epsilon < 0:
         raise ValueError("epsilon must be a finite number >= 0")
-    return {"cells": cells, "sums": sums, "epsilon": float(epsilon)}
+    return {"cells": cells, "sums": sums, "epsilon": float(epsilon), "min_cell": min_cell}
 
 
 def _count(value: object) -> bool:

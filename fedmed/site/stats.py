@@ -101,7 +101,7 @@ def statistics_reply(
         return site, encode_stats(
             out, publishable_sums(sums, first, min_cell, bool(epsilon)), spent
         )
-    return site, encode_stats(out, {}, spent)
+    return site, encode_stats(out, {}, spent, min_cell)
 
 
 def _noise_seed(run: RunConfig, site: SiteSpec, release: str, own: SiteConfig | None) -> str:

@@ -212,10 +212,12 @@ def summarize(
     two = {s: second.get(s, {"cells": {}, "sums": {}}) for s in sites}
     numeric, categorical = feature_kinds(cfg)
     cohort = {s: one[s]["cohort"][0] for s in sites}
+    # The largest minimum any site applied: what a suppressed count may have been below.
+    min_cell = max([cfg.stats.min_cell, *(first[s]["min_cell"] for s in sites)])
     out: dict[str, Any] = {
         "study": cfg.name,
         "task": cfg.task,
-        "min_cell": cfg.stats.min_cell,
+        "min_cell": min_cell,
         "sites": sites,
         "refused": refused,
         "epsilon": {
@@ -230,7 +232,7 @@ def summarize(
         "categories": {},
     }
     for name in numeric:
-        out["features"][name] = _feature(name, sites, one, two, edges, cohort, cfg.stats.min_cell)
+        out["features"][name] = _feature(name, sites, one, two, edges, cohort, min_cell)
     for name, levels in categorical.items():
         vectors = {s: one[s][f"category/{name}"] for s in sites}
         total, hidden = pool(list(vectors.values()))
@@ -247,7 +249,7 @@ def summarize(
                 s: one[s]["outcome"][2] if one[s]["outcome"][2] is not None else cohort[s]
                 for s in sites
             },
-            cfg.stats.min_cell,
+            min_cell,
         )
 
     return out
