@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedmed.cli.display import _fmt, _load, _print_summary, _Progress
+from fedmed.cli.display import _fmt, _load, _print_stats, _print_summary, _Progress
 
 # Offline by default: no telemetry, no update checks, no per-run dependency installs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -284,41 +284,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(plan.run_dir / "stats.md")
     print(plan.run_dir)
     return 0
-
-
-def _print_stats(stats: dict) -> None:
-    """Cohort and outcome per site and pooled; the rest is in stats.md."""
-    from rich.console import Console
-    from rich.table import Table
-
-    outcome = stats["outcome"]
-    table = Table(title=f"federated statistics · {stats['study']} (min cell {stats['min_cell']})")
-    for col in ("site", "cohort", *(f"outcome {x}" for x in outcome["labels"]), "rate", "ε"):
-        table.add_column(col, justify="left" if col == "site" else "right")
-
-    def cell(value: object) -> str:
-        return "·" if value is None else _fmt(value)
-
-    for site in stats["sites"]:
-        table.add_row(
-            site,
-            cell(stats["cohort"]["sites"][site]),
-            *map(cell, outcome["sites"][site]),
-            cell(outcome["rate"]["sites"][site]),
-            _fmt(stats["epsilon"][site]),
-        )
-    pooled = [stats["cohort"]["pooled"], *outcome["pooled"]]
-    table.add_row(
-        "pooled",
-        *(("≥" if c["partial"] else "") + str(c["count"]) for c in pooled),
-        cell(outcome["rate"]["pooled"]),
-        "",
-    )
-    Console(file=sys.stderr, width=120).print(table)
-    print(
-        "· = suppressed at the site; ≥ = a pooled count some site suppressed part of",
-        file=sys.stderr,
-    )
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:

@@ -273,6 +273,11 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
+        if the_plan.stats:  # `fedmed run --stats`: the deployed app serves both
+            from fedmed.coordinator.stats import federated_statistics
+
+            federated_statistics(grid, the_plan)
+            return
         run_federated(grid, context, the_plan, on_round)
 
     return app

@@ -83,7 +83,8 @@ def build_stats_app(plan: RunPlan | None = None, progress: Progress | None = Non
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
-        federated_statistics(grid, the_plan, progress)
+        federated_statistics(
+            grid, plan or RunPlan.from_run_config(dict(context.run_config)), progress
+        )
 
     return app

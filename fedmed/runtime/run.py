@@ -161,7 +161,8 @@ def plan_stats(cfg: RunConfig, *, engine: str = "inprocess") -> RunPlan:
         raise ConfigError(f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}")
     cfg, _ = preflight(cfg)
     read_site_rows(cfg, cfg.sites[0], get_task(cfg.task).target)  # a task it cannot describe
-    return RunPlan(cfg.replace(mode="federated"), new_run_dir(cfg, "stats"), engine=engine)
+    run_dir = new_run_dir(cfg, "stats")
+    return RunPlan(cfg.replace(mode="federated"), run_dir, engine=engine, stats=True)
 
 
 def run_stats(

@@ -24,6 +24,7 @@ RUN_DIR_KEY = "fedmed-run-dir"
 ENGINE_KEY = "fedmed-engine"
 RESUME_KEY = "fedmed-resume"
 NODES_KEY = "fedmed-nodes"
+STATS_KEY = "fedmed-stats"  # "1": run the federated statistics queries, not training rounds
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,12 @@ class RunPlan:
     # --engine ray: the address of an existing Ray cluster to run the sites on ("" = a Ray of the
     # run's own on this machine). Read by the runtime only; never sent to the ServerApp or sites.
     ray_address: str = ""
+    # `fedmed stats` / `fedmed run --stats`: the ServerApp asks the sites for their statistics
+    # (fedmed.coordinator.stats) instead of training.
+    stats: bool = False
 
     def to_run_config(self) -> dict[str, str]:
-        return {
+        config = {
             CONFIG_KEY: self.config.to_json(),
             RUN_DIR_KEY: str(self.run_dir),
             ENGINE_KEY: self.engine,
@@ -52,6 +56,9 @@ class RunPlan:
             RESUME_KEY: "1" if self.resume else "",
             NODES_KEY: self.nodes,
         }
+        if self.stats:  # only then: a training run's app declares the keys it always did
+            config[STATS_KEY] = "1"
+        return config
 
     def site_nodes(self) -> dict[int, str]:
         """Flower node id -> site name, for the sites this study lists."""
@@ -74,6 +81,7 @@ class RunPlan:
             str(run_config.get(SERVING_KEY, "")),
             bool(run_config.get(RESUME_KEY, "")),
             str(run_config.get(NODES_KEY, "")),
+            stats=bool(run_config.get(STATS_KEY, "")),
         )
 
 
