@@ -75,7 +75,11 @@ def statistics_reply(
         cells, sums = second_pass(rows, edges["features"], edges["km"])
     spent = 0.0
     if epsilon:
-        release = hashlib.sha256(f"{phase}/{edges_json}/{inputs.plan.digest}".encode()).hexdigest()
+        # What is released: this pass, its edges, the plan, and the data itself (data
+        # registered anew is a new release with new noise: two releases of different counts
+        # under the same noise would give their difference away exactly).
+        what = f"{phase}/{edges_json}/{inputs.plan.digest}/{inputs.ledger_key}"
+        release = hashlib.sha256(what.encode()).hexdigest()
         delta = site_delta(own.delta if own else None, rows.n)
         z = noise_multiplier(epsilon, delta)
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
