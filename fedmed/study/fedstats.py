@@ -244,10 +244,11 @@ def summarize(
     if edges["km"] is not None:
         out["km"] = kaplan_meier(
             edges["km"],
-            {s: two[s]["cells"] for s in sites},
+            {s: two[s]["cells"] for s in sites if "km/at_risk" in two[s]["cells"]},
             {
                 s: one[s]["outcome"][2] if one[s]["outcome"][2] is not None else cohort[s]
                 for s in sites
+                if "km/at_risk" in two[s]["cells"]
             },
             min_cell,
         )
@@ -527,7 +528,10 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
                 _row(
                     [
                         _fmt(t, 6),
-                        *(_fmt(km["sites"][s][k]) for s in sites),
+                        *(
+                            _fmt(km["sites"][s][k]) if s in km["sites"] else "no reply"
+                            for s in sites
+                        ),
                         _approx(km["pooled"]["survival"][k], km["pooled"]["approximate"][k]),
                         band,
                     ]

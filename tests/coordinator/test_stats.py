@@ -14,7 +14,13 @@ import pytest
 from flwr.app import Context, Message
 from flwr.common.serde import message_to_proto
 
-from fedmed.config import PrivacyConfig, RunConfig, parse_run_config
+from fedmed.config import (
+    PrivacyConfig,
+    RunConfig,
+    load_run_config,
+    parse_run_config,
+    resolve_config_path,
+)
 from fedmed.coordinator.stats import build_stats_app
 from fedmed.errors import StudyFailed
 from fedmed.privacy.accounting import epsilon_spent, site_delta
@@ -194,3 +200,22 @@ def test_every_site_refusing_is_one_error_naming_why(tmp_path: Path) -> None:
 
     with pytest.raises(StudyFailed, match="no site sent statistics.*privacy budget exhausted"):
         _run(cfg)
+
+
+def test_a_site_that_answers_pass_one_but_refuses_pass_two_is_kept_where_it_answered(
+    tmp_path: Path,
+) -> None:
+    # Two releases at ε = 1 cost 0.68 then 1.0: inst-other's cap of 0.8 admits only pass 1.
+    cfg = load_run_config(resolve_config_path("lung"), ["stats.epsilon=1.0"])
+    sites = tuple(replace(s, epsilon_cap=0.8) if s.name == "inst-other" else s for s in cfg.sites)
+    cfg = cfg.replace(output_dir=str(tmp_path / "runs"), sites=sites)
+
+    run_dir, stats = _run(cfg)
+
+    assert "inst-other" in stats["sites"]  # its pass-1 counts are in the tables
+    assert "privacy budget exhausted" in stats["refused"]["inst-other"]
+    assert stats["cohort"]["sites"]["inst-other"] is not None
+    assert set(stats["km"]["sites"]) == set(cfg.site_names) - {"inst-other"}
+    assert stats["features"]["age"]["histogram"]["sites"]["inst-other"] is None
+    assert stats["epsilon"]["inst-other"] == pytest.approx(0.68, abs=0.01)
+    assert (run_dir / "km.png").is_file()
