@@ -197,11 +197,12 @@ def _print_stats(stats: dict) -> None:
     table.add_row(
         "pooled",
         *(("≥" if c["partial"] else "") + str(c["count"]) for c in pooled),
-        cell(outcome["rate"]["pooled"]),
+        cell(outcome["rate"]["pooled"]) + ("*" if outcome["rate"]["pooled_partial"] else ""),
         "",
     )
     Console(file=sys.stderr, width=120).print(table)
     print(
-        "· = suppressed at the site; ≥ = a pooled count some site suppressed part of",
+        "· = suppressed at the site; ≥ = a pooled count some site suppressed part of; "
+        "* = a rate over the sites that published it",
         file=sys.stderr,
     )
