@@ -74,14 +74,15 @@ MAX_STATS_COUNT = 10**9  # no site holds more patients than this
 
 def encode_stats(
     cells: dict[str, list[int | None]],
-    sums: dict[str, list[float] | None] | None = None,
-    epsilon: float = 0.0,
-    min_cell: int = 1,
+    sums: dict[str, list[float] | None],
+    *,
+    epsilon: float,
+    min_cell: int,
 ) -> str:
     """A site's statistics reply as JSON (sorted keys: the same release, the same bytes):
     its counts, sums, the ε it has spent on the study's statistics and the minimum cell count
     it applied (a deployed site's own may be above the plan's)."""
-    body = {"cells": cells, "sums": sums or {}, "epsilon": float(epsilon), "min_cell": min_cell}
+    body = {"cells": cells, "sums": sums, "epsilon": float(epsilon), "min_cell": min_cell}
     return json.dumps(body, sort_keys=True, separators=(",", ":"))
 
 

@@ -171,7 +171,10 @@ def test_a_sites_statistics_round_trip() -> None:
     from fedmed.protocol import decode_stats, encode_stats
 
     text = encode_stats(
-        {"cohort": [40], "bins/age": [0, None, 30, 10]}, {"age": [2.0, 9.0]}, 0.5, 10
+        {"cohort": [40], "bins/age": [0, None, 30, 10]},
+        {"age": [2.0, 9.0]},
+        epsilon=0.5,
+        min_cell=10,
     )
 
     body = decode_stats(text, _stats_shape)
@@ -196,7 +199,7 @@ def test_a_statistics_reply_that_is_not_counts_is_refused(cells: dict) -> None:
     from fedmed.protocol import decode_stats, encode_stats
 
     with pytest.raises(ValueError):
-        decode_stats(encode_stats(cells, {}, 0.0, 10), _stats_shape)
+        decode_stats(encode_stats(cells, {}, epsilon=0.0, min_cell=10), _stats_shape)
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def publishable_sums(
     both the cohort and the feature's missing count (``first``: pass 1 as this site sent it)
     with at least ``min_cell`` values present. The receiver divides by cohort - missing, so a
     sum never discloses a count that pass 1 suppressed."""
-    if noisy:
+    if noisy or not sums:
         return dict.fromkeys(sums)
     out: dict[str, list[float] | None] = {}
     cohort = first["cohort"][0]

@@ -100,12 +100,10 @@ def statistics_reply(
         spent = ledger.spending(inputs.ledger_key, privacy, study)[0]
         log.info("site %s: statistics %s with noise σ=%.2f, ε=%.3f", site.name, phase, sigma, spent)
     out: dict[str, Any] = suppress(cells, min_cell)
-    if sums:  # pass 1 as this site sent it (no noise: sums are never sent with noise)
-        first = suppress(first_pass(rows), min_cell) if not epsilon else {}
-        return site, encode_stats(
-            out, publishable_sums(sums, first, min_cell, bool(epsilon)), spent
-        )
-    return site, encode_stats(out, {}, spent, min_cell)
+    # Pass 1 as this site sent it decides which sums may go (never any under noise).
+    first = suppress(first_pass(rows), min_cell) if sums and not epsilon else {}
+    shown = publishable_sums(sums, first, min_cell, bool(epsilon))
+    return site, encode_stats(out, shown, epsilon=spent, min_cell=min_cell)
 
 
 def _noise_seed(run: RunConfig, site: SiteSpec, release: str, own: SiteConfig | None) -> str:

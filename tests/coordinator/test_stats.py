@@ -86,10 +86,12 @@ class Wire:
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.replies: list[dict[str, Any]] = []
 
     def __call__(self, msg: Message, context: Context) -> Message:
         reply = site_app(msg, context)
         self.sent.append(message_to_proto(reply).SerializeToString())
+        self.replies.append(json.loads(str(reply.content["site"]["stats"])))
         return reply
 
 
@@ -150,6 +152,7 @@ def test_no_byte_any_site_sends_holds_a_row_value(tmp_path: Path) -> None:
     _, stats = _run(cfg, wire)
 
     assert len(wire.sent) == 2 * len(cfg.sites)  # two passes, every site answered
+    assert [r["min_cell"] for r in wire.replies] == [cfg.stats.min_cell] * len(wire.sent)
     sent = b"".join(wire.sent)
     for form in (repr(CANARY), f"{CANARY:g}", "987654", "9.87654"):
         assert form.encode() not in sent, form
