@@ -311,7 +311,7 @@ def _feature(
         if moments is not None:
             exact.append(moments)
             row["n"], (row["mean"], row["sd"]) = moments[0], _mean_sd(*moments)
-            row["moments"] = "exact"
+            row["moments"] = "sums (winsorized at the edges)"
         elif hist is not None and None not in hist:
             approx = _histogram_moments(hist, feature_edges)
             if approx is not None:
@@ -329,7 +329,7 @@ def _feature(
     if exact and len(exact) == len(sites):
         n, total_sum, squares = (sum(m[i] for m in exact) for i in range(3))
         pooled["n"], (pooled["mean"], pooled["sd"]) = n, _mean_sd(n, total_sum, squares)
-        pooled["moments"] = "exact"
+        pooled["moments"] = "sums (winsorized at the edges)"
     elif counts:
         approx = _histogram_moments(counts, feature_edges)
         if approx is not None:
@@ -505,7 +505,8 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
             )
     lines += [
         "",
-        "`~`: from the histogram (bin midpoints), not exact sums. `≈`: some bin was "
+        "Means and sds are of the values winsorized at the shared edges (`~`: from the histogram's "
+        "bin midpoints, where a site sent no sums). `≈`: some bin was "
         "suppressed and its count estimated (the site's unexplained remainder spread over its "
         "suppressed bins). A quantile in an open tail, or a statistic the site suppressed, "
         "shows `<suppressed>`.",
