@@ -19,6 +19,7 @@ from flwr.app import Context
 from fedmed.config import PrivacyConfig, RunConfig, SiteConfig, SiteSpec
 from fedmed.data.summary import first_pass, read_site_rows, second_pass, sensitivity
 from fedmed.errors import FedmedError, PolicyViolation
+from fedmed.io import file_lock, read_state_json, write_json
 from fedmed.privacy.accounting import site_delta
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.privacy.release import (
@@ -73,13 +74,15 @@ def statistics_reply(
         if unknown or (edges["km"] is not None and rows.time is None):
             raise PolicyViolation("the statistics query asks for features this study lacks")
         cells, sums = second_pass(rows, edges["features"], edges["km"])
+    # What is released: this pass, its edges, the plan, and the data itself (data registered
+    # anew is a new release with new noise: two releases of different counts under the same
+    # noise would give their difference away exactly).
+    what = f"{phase}/{edges_json}/{inputs.plan.digest}/{inputs.ledger_key}"
+    release = hashlib.sha256(what.encode()).hexdigest()
+    if own is not None:
+        _answer_once(own, inputs.ledger_key, inputs.plan.digest, phase, release)
     spent = 0.0
     if epsilon:
-        # What is released: this pass, its edges, the plan, and the data itself (data
-        # registered anew is a new release with new noise: two releases of different counts
-        # under the same noise would give their difference away exactly).
-        what = f"{phase}/{edges_json}/{inputs.plan.digest}/{inputs.ledger_key}"
-        release = hashlib.sha256(what.encode()).hexdigest()
         delta = site_delta(own.delta if own else None, rows.n)
         z = noise_multiplier(epsilon, delta)
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
@@ -104,6 +107,34 @@ def statistics_reply(
     first = suppress(first_pass(rows), min_cell) if sums and not epsilon else {}
     shown = publishable_sums(sums, first, min_cell, bool(epsilon))
     return site, encode_stats(out, shown, epsilon=spent, min_cell=min_cell)
+
+
+ANSWERED = "statistics.json"  # in a deployed site's state_dir: what each pass released
+ANSWERED_FORMAT = "fedmed-statistics-answered/1"
+
+
+def _answer_once(own: SiteConfig, dataset: str, plan: str, phase: str, release: str) -> None:
+    """A deployed site answers each pass of an approved plan on a dataset with ONE release.
+
+    Suppression protects one table, not two: asked again with shifted edges, a site's counts
+    could be differenced down to a single patient. The shared edges follow from the pooled
+    pass-1 counts, so rerunning the same plan asks the same question (a replay, answered
+    again); other edges for the same plan and data are refused, and a new question needs a new
+    plan, which the steward approves by hash.
+    """
+    path = own.state_path / ANSWERED
+    empty = {"format": ANSWERED_FORMAT, "answered": {}}
+    with file_lock(path):
+        state = read_state_json(path, ANSWERED_FORMAT, empty, "restore it from backup")
+        key = f"{dataset}/{plan}/{phase}"
+        if state["answered"].get(key, release) != release:
+            raise PolicyViolation(
+                "this site already answered these statistics for this plan with other edges; "
+                "a new question needs a newly approved plan"
+            )
+        if key not in state["answered"]:
+            state["answered"][key] = release
+            write_json(path, state)
 
 
 def _noise_seed(run: RunConfig, site: SiteSpec, release: str, own: SiteConfig | None) -> str:

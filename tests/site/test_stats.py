@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
@@ -14,12 +15,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedmed.config import RunConfig, SiteConfig, StatsConfig, parse_run_config
 from fedmed.coordinator.app import build_server_app
 from fedmed.data.registry import DatasetRegistry
+from fedmed.errors import PolicyViolation
 from fedmed.privacy.ledger import PrivacyLedger
-from fedmed.protocol import SITE_CONFIG_KEY
+from fedmed.protocol import SITE_CONFIG_KEY, STATS_PASSES, encode_edges
 from fedmed.runtime.inprocess import RUN_ID
 from fedmed.security.policy import plan_hash
 from fedmed.site.app import app as client_app
-from fedmed.site.stats import controls
+from fedmed.site.stats import controls, statistics_reply
 from fedmed.study.plan import RunPlan, new_run_dir
 from tests.conftest import write_site_csv
 from tests.site.test_site_daemon import CANARY, RecordingGrid
@@ -126,3 +128,30 @@ def test_deployed_sites_apply_their_own_minimum_noise_and_consent(tmp_path: Path
     wire = b"".join(grid.sent)
     for needle in (str(CANARY).encode(), struct.pack("<d", CANARY), str(tmp_path).encode()):
         assert needle not in wire
+
+
+def test_a_deployed_site_answers_a_plan_once_and_refuses_other_edges(tmp_path: Path) -> None:
+    cfg = parse_run_config(
+        {
+            "name": "cohort",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"dataset": "cohort", "schema": {"target": "outcome", "features": ["age"]}},
+            "sites": [{"name": n} for n in ("alpha", "beta")],
+        }
+    )
+    approved = plan_hash(cfg)
+    share = "share_statistics = true\n"
+    sites = [
+        _site(tmp_path, n, approved, write_site_csv(tmp_path / f"{n}.csv", 80, seed=i), share)
+        for i, n in enumerate(("alpha", "beta"))
+    ]
+    _, first_run = _deployed_stats(cfg, sites)
+
+    _, again = _deployed_stats(cfg, sites)  # the same plan asks the same question: a replay
+    context = Context(RUN_ID, 1001, {SITE_CONFIG_KEY: str(sites[0])}, RecordDict(), {})
+    shifted = encode_edges({"features": {"age": [40.0, 41.0, 80.0]}, "km": None})
+
+    assert json.loads((again / "stats.json").read_text())["sites"] == ["alpha", "beta"]
+    with pytest.raises(PolicyViolation, match="already answered these statistics"):
+        statistics_reply(cfg.to_json(), context, STATS_PASSES[1], "probe", shifted)
+    assert first_run != again
