@@ -83,13 +83,16 @@ def statistics_reply(
         _answer_once(own, inputs.ledger_key, inputs.plan.digest, phase, release)
     spent = 0.0
     if epsilon:
+        # Charged under the plan it answers, not the run that asked: another run of the plan
+        # asks the same question, draws the same noise, learns nothing new and pays nothing.
+        charged = f"statistics {inputs.plan.digest[:16]}"
         delta = site_delta(own.delta if own else None, rows.n)
         z = noise_multiplier(epsilon, delta)
         ledger = PrivacyLedger(site.name, own.state_path / "ledger" if own else None)
         privacy = PrivacyConfig(enabled=True, delta=delta)
         held = ledger.reserve(
             inputs.ledger_key,
-            study,
+            charged,
             STATS_ROUND,
             ledger_entry(z),
             privacy,
@@ -100,8 +103,15 @@ def statistics_reply(
             ledger.settle(held, ledger_entry(z))
         sigma = z * sensitivity(cells)
         cells = add_noise(cells, sigma, noise_generator(_noise_seed(run, site, release, own)))
-        spent = ledger.spending(inputs.ledger_key, privacy, study)[0]
-        log.info("site %s: statistics %s with noise σ=%.2f, ε=%.3f", site.name, phase, sigma, spent)
+        spent = ledger.spending(inputs.ledger_key, privacy, charged)[0]
+        log.info(
+            "site %s: statistics %s of %s with noise σ=%.2f, ε=%.3f",
+            site.name,
+            phase,
+            study,
+            sigma,
+            spent,
+        )
     out: dict[str, Any] = suppress(cells, min_cell)
     # Pass 1 as this site sent it decides which sums may go (never any under noise).
     first = suppress(first_pass(rows), min_cell) if sums and not epsilon else {}

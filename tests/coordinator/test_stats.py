@@ -166,13 +166,13 @@ def test_no_byte_any_site_sends_holds_a_row_value(tmp_path: Path) -> None:
 def test_noise_is_recorded_in_each_sites_ledger(tmp_path: Path, _private_ledger: Path) -> None:
     cfg = _study(tmp_path, {"epsilon": 1.0})
 
-    run_dir, stats = _run(cfg)
+    _, stats = _run(cfg)
 
     assert stats["epsilon"] == pytest.approx({s: 1.0 for s in cfg.site_names}, abs=0.02)
     for site in cfg.sites:
-        ledger = PrivacyLedger(site.name, _private_ledger)
-        rows = [r for r in ledger.records(_dataset_key(ledger), run_dir.name)]
-        assert len(rows) == 2  # one release per pass
+        rows = _charged(site.name, _private_ledger)
+        assert len(rows) == 2  # one release per pass, charged under the plan it answers
+        assert rows[0]["study"] == rows[1]["study"] and rows[0]["study"].startswith("statistics ")
         delta = site_delta(None, stats["cohort"]["sites"][site.name] or 90)
         z = noise_multiplier(1.0, delta)
         assert [r["steps"] for r in rows] == [[[z, 1.0, 1]]] * 2
@@ -180,6 +180,16 @@ def test_noise_is_recorded_in_each_sites_ledger(tmp_path: Path, _private_ledger:
         assert epsilon_spent([(z, 1.0, 2)], privacy) == pytest.approx(1.0, abs=0.02)
     features = stats["features"]["age"]
     assert features["pooled"]["moments"] == "from histogram"  # no exact sums under noise
+    # Another run of the same plan asks the same question: the same noise, charged once.
+    _, again = _run(cfg)
+    assert again["cohort"] == stats["cohort"]
+    assert [len(_charged(s, _private_ledger)) for s in cfg.site_names] == [2, 2, 2]
+
+
+def _charged(site: str, folder: Path) -> list[dict[str, Any]]:
+    """The releases that count against ``site``'s dataset in its ledger."""
+    ledger = PrivacyLedger(site, folder)
+    return ledger.records(_dataset_key(ledger))
 
 
 def _dataset_key(ledger: PrivacyLedger) -> str:
