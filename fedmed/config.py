@@ -433,6 +433,31 @@ class SimulationConfig(_Frozen):
 
 
 @dataclass(frozen=True)
+class StatsConfig(_Frozen):
+    """``fedmed stats``: federated descriptive statistics before any training (docs/statistics.md).
+
+    Simulated sites take their privacy controls from here; a deployed site applies its own
+    (SiteConfig.statistics_min_cell / statistics_epsilon), never less strict than these.
+    """
+
+    # A count (cohort, missing, category, bin, outcome, Kaplan-Meier step) from 1 to
+    # min_cell - 1 leaves a site as null, never as the number.
+    min_cell: int = 10
+    # Gaussian noise on every released count, calibrated so the whole release costs this ε at
+    # the site's δ (recorded in the site's privacy ledger); 0 = no noise.
+    epsilon: float = 0.0
+    bins: int = 20  # histogram bins between the shared edges (plus two open tails)
+    km_bins: int = 12  # Kaplan-Meier time intervals (survival studies)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _in_range("stats.min_cell", self.min_cell, 1, 1_000_000, fix="10 = the default")
+        _in_range("stats.epsilon", self.epsilon, 0, 1000, fix="0 = no noise")
+        _in_range("stats.bins", self.bins, 2, 1000)
+        _in_range("stats.km_bins", self.km_bins, 2, 1000)
+
+
+@dataclass(frozen=True)
 class SchemaConfig(_Frozen):
     """What a site's table looks like and how it becomes tensors.
 
@@ -781,6 +806,7 @@ class RunConfig(_Frozen):
     data: DataConfig = field(default_factory=DataConfig)
     sites: tuple[SiteSpec, ...] = ()
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -796,6 +822,8 @@ class RunConfig(_Frozen):
         out = plain(self)
         if self.simulation == SimulationConfig():
             del out["simulation"]
+        if self.stats == StatsConfig():  # added with `fedmed stats`: the same reason
+            del out["stats"]
         # Added with the text task: left off at their defaults for the same reason.
         if self.data.text == TextConfig():
             del out["data"]["text"]
@@ -873,9 +901,18 @@ class SiteConfig(_Frozen):
     # even if approved by hash: one approval slip must not send single-patient words (a name, a
     # record number) to the coordinator.
     min_word_count: int = 5
+    # Federated statistics (`fedmed run --stats`, docs/statistics.md): a count from 1 to
+    # statistics_min_cell - 1 is sent as null (a plan asking for a larger minimum gets it), and
+    # with statistics_epsilon every count gets Gaussian noise costing that ε at the site's δ,
+    # recorded in its privacy ledger against epsilon_cap. Also gated by share_statistics.
+    statistics_min_cell: int = 10
+    statistics_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _in_range("statistics_min_cell", self.statistics_min_cell, 1, 1_000_000)
+        if self.statistics_epsilon is not None:
+            _in_range("statistics_epsilon", self.statistics_epsilon, 0, 1000, low_open=True)
 
         check_site_name(self.name)
         if self.min_word_count < 1:

@@ -6,10 +6,13 @@ of it on either side. It holds no logic beyond encoding and decoding what crosse
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +58,98 @@ def decode_word_counts(text: str, min_count: int) -> dict[str, int]:
         if count < min_count:
             raise ValueError(f"a word counted {count} times is below min_count = {min_count}")
     return counts
+
+
+# --- federated statistics before training (fedmed stats; docs/statistics.md) --------------------
+# Two queries to every site: "query.stats_cells" (pass 1: counts on public coarse edges) and
+# "query.stats_histograms" (pass 2: counts on the study's shared edges, carried under
+# STATS_EDGES_KEY). Replies carry only counts (None = suppressed at the site) and sums.
+STATS_PASSES = ("stats_cells", "stats_histograms")
+STATS_KEY = "stats"  # reply ConfigRecord entry: {"cells", "sums", "epsilon"} as JSON
+STATS_EDGES_KEY = "fedmed.stats-edges"  # pass 2: {"features": {name: edges}, "km": starts}
+MAX_STATS_VECTORS = 10_000  # count vectors in one reply (features x kinds)
+MAX_STATS_CELLS = 1_002  # cells in one vector (edges + tails)
+MAX_STATS_COUNT = 10**9  # no site holds more patients than this
+
+
+def encode_stats(
+    cells: dict[str, list[int | None]],
+    sums: dict[str, list[float] | None],
+    *,
+    epsilon: float,
+    min_cell: int,
+) -> str:
+    """A site's statistics reply as JSON (sorted keys: the same release, the same bytes):
+    its counts, sums, the ε it has spent on the study's statistics and the minimum cell count
+    it applied (a deployed site's own may be above the plan's)."""
+    body = {"cells": cells, "sums": sums, "epsilon": float(epsilon), "min_cell": min_cell}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"))
+
+
+def decode_stats(text: str, shape: Callable[[str], int | None]) -> dict[str, Any]:
+    """A site's statistics reply, checked: a ValueError unless every vector is one the
+    coordinator asked for (``shape(key)``: its length, None = not asked for), every count a
+    whole number in [0, 1e9] or None, every sum pair finite (sum of squares >= 0), ε >= 0 and
+    the site's minimum cell count a whole number >= 1."""
+    body = json.loads(text)
+    if not isinstance(body, dict) or set(body) != {"cells", "sums", "epsilon", "min_cell"}:
+        raise ValueError("a statistics reply is an object of cells, sums, epsilon and min_cell")
+    cells, sums, epsilon, min_cell = body["cells"], body["sums"], body["epsilon"], body["min_cell"]
+    if not _count(min_cell) or min_cell < 1:
+        raise ValueError("min_cell must be a whole number >= 1")
+    if not isinstance(cells, dict) or not isinstance(sums, dict) or len(cells) > MAX_STATS_VECTORS:
+        raise ValueError("cells and sums must be objects of at most 10,000 vectors")
+    for key, values in cells.items():
+        length = shape(key)
+        if length is None or not isinstance(values, list) or len(values) != length:
+            raise ValueError(f"count vector {key[:80]!r} was not asked for in this shape")
+        if not all(v is None or _count(v) for v in values):
+            raise ValueError(f"count vector {key[:80]!r} holds a value that is not a count")
+    for name, pair in sums.items():
+        if shape(f"bins/{name}") is None:
+            raise ValueError(f"sums of {name[:80]!r} were not asked for")
+        if pair is not None and not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(_finite(v) for v in pair)
+            and pair[1] >= 0
+        ):
+            raise ValueError(f"sums of {name[:80]!r} must be [sum, sum of squares] or null")
+    if not _finite(epsilon) or epsilon < 0:
+        raise ValueError("epsilon must be a finite number >= 0")
+    return {"cells": cells, "sums": sums, "epsilon": float(epsilon), "min_cell": min_cell}
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_STATS_COUNT
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def encode_edges(edges: dict[str, Any]) -> str:
+    """The shared edges of pass 2, as the coordinator sends them."""
+    return json.dumps(edges, sort_keys=True, separators=(",", ":"))
+
+
+def decode_edges(text: str) -> dict[str, Any]:
+    """Pass 2's edges, checked at the site: finite, strictly increasing, at most 1,001 each."""
+    body = json.loads(text)
+    if not isinstance(body, dict) or set(body) != {"features", "km"}:
+        raise ValueError("stats edges are an object of features and km")
+    features, km = body["features"], body["km"]
+    if not isinstance(features, dict) or len(features) > MAX_STATS_VECTORS:
+        raise ValueError("stats edges: features must be an object")
+    for edges in [*features.values(), *([km] if km is not None else [])]:
+        if not (
+            isinstance(edges, list)
+            and 2 <= len(edges) < MAX_STATS_CELLS
+            and all(_finite(v) for v in edges)
+            and all(a < b for a, b in itertools.pairwise(edges))
+        ):
+            raise ValueError("stats edges must be 2 to 1,001 finite, increasing numbers")
+    return body
 
 
 # --- why a site did not contribute -------------------------------------------------------------

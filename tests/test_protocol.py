@@ -158,3 +158,80 @@ def test_a_failing_site_handler_replies_with_a_code_and_says_little(
     reply = fail_closed_mod(asked, context, handler)
     # The message carries no plan, so the site cannot tell its name: the coordinator names it.
     assert read_error(_over_the_wire(reply.error)) == SiteFailure(None, code, detail)
+
+
+# -- federated statistics replies ------------------------------------------------------------
+
+
+def _stats_shape(key: str) -> int | None:
+    return {"cohort": 1, "outcome": 3, "bins/age": 4}.get(key)
+
+
+def test_a_sites_statistics_round_trip() -> None:
+    from fedmed.protocol import decode_stats, encode_stats
+
+    text = encode_stats(
+        {"cohort": [40], "bins/age": [0, None, 30, 10]},
+        {"age": [2.0, 9.0]},
+        epsilon=0.5,
+        min_cell=10,
+    )
+
+    body = decode_stats(text, _stats_shape)
+
+    assert body["cells"]["bins/age"] == [0, None, 30, 10]
+    assert body["sums"] == {"age": [2.0, 9.0]} and body["epsilon"] == 0.5 and body["min_cell"] == 10
+
+
+@pytest.mark.parametrize(
+    "cells",
+    [
+        {"rows": [1]},  # a vector nobody asked for
+        {"cohort": [1, 2]},  # another shape
+        {"cohort": [1.5]},  # not a count
+        {"cohort": [-1]},
+        {"cohort": [True]},
+        {"cohort": ["40"]},
+        {"cohort": [10**12]},
+    ],
+)
+def test_a_statistics_reply_that_is_not_counts_is_refused(cells: dict) -> None:
+    from fedmed.protocol import decode_stats, encode_stats
+
+    with pytest.raises(ValueError):
+        decode_stats(encode_stats(cells, {}, epsilon=0.0, min_cell=10), _stats_shape)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"cells": {}, "sums": {"age": [1.0, -1.0]}, "epsilon": 0.0, "min_cell": 10},
+        {"cells": {}, "sums": {"bp": [1.0, 1.0]}, "epsilon": 0.0, "min_cell": 10},
+        {"cells": {}, "sums": {"age": [float("nan"), 1.0]}, "epsilon": 0.0, "min_cell": 10},
+        {"cells": {}, "sums": {}, "epsilon": -1.0, "min_cell": 10},
+        {"cells": {}, "sums": {}, "epsilon": 0.0, "min_cell": 0},
+        {"cells": {}, "sums": {}, "epsilon": 0.0, "min_cell": 10, "rows": [[1, 2]]},
+    ],
+)
+def test_a_statistics_reply_with_bad_sums_or_extra_fields_is_refused(body: dict) -> None:
+    from fedmed.protocol import decode_stats
+
+    with pytest.raises(ValueError):
+        decode_stats(json.dumps(body), _stats_shape)
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        {"features": {"age": [1.0, 1.0]}, "km": None},  # not increasing
+        {"features": {"age": [1.0]}, "km": None},
+        {"features": {"age": [0.0, float("inf")]}, "km": None},
+        {"features": {}, "km": list(range(2000))},
+        {"features": {}},
+    ],
+)
+def test_a_site_refuses_edges_that_are_not_edges(edges: dict) -> None:
+    from fedmed.protocol import decode_edges
+
+    with pytest.raises(ValueError):
+        decode_edges(json.dumps(edges))

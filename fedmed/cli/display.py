@@ -170,3 +170,39 @@ class _Progress:
 
     def close(self) -> None:
         self.progress.stop()
+
+
+def _print_stats(stats: dict) -> None:
+    """Cohort and outcome per site and pooled; the rest is in stats.md."""
+    from rich.console import Console
+    from rich.table import Table
+
+    outcome = stats["outcome"]
+    table = Table(title=f"federated statistics · {stats['study']} (min cell {stats['min_cell']})")
+    for col in ("site", "cohort", *(f"outcome {x}" for x in outcome["labels"]), "rate", "ε"):
+        table.add_column(col, justify="left" if col == "site" else "right")
+
+    def cell(value: object) -> str:
+        return "·" if value is None else _fmt(value)
+
+    for site in stats["sites"]:
+        table.add_row(
+            site,
+            cell(stats["cohort"]["sites"][site]),
+            *map(cell, outcome["sites"][site]),
+            cell(outcome["rate"]["sites"][site]),
+            _fmt(stats["epsilon"][site]),
+        )
+    pooled = [stats["cohort"]["pooled"], *outcome["pooled"]]
+    table.add_row(
+        "pooled",
+        *(("≥" if c["partial"] else "") + str(c["count"]) for c in pooled),
+        cell(outcome["rate"]["pooled"]) + ("*" if outcome["rate"]["pooled_partial"] else ""),
+        "",
+    )
+    Console(file=sys.stderr, width=120).print(table)
+    print(
+        "· = suppressed at the site; ≥ = a pooled count some site suppressed part of; "
+        "* = a rate over the sites that published it",
+        file=sys.stderr,
+    )

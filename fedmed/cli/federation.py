@@ -85,6 +85,13 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: Callable) -> 
     _operator_arg(run)
     run.add_argument("--quiet", action="store_true")
     run.add_argument("--timeout", type=float, default=3600, help="give up after SECONDS")
+    run.add_argument(
+        "--stats",
+        action="store_true",
+        help="no training: ask every site for its federated statistics (counts only, each "
+        "site's own minimum cell count and noise; docs/statistics.md) and write stats.json, "
+        "stats.md and plots",
+    )
 
     site = _group(sub, "site", "run a hospital's site daemon and manage its data and audit log")
     p = site.add_parser("init", help="write a site config (sites/NAME.toml) to review and edit")
@@ -723,7 +730,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             "with `fedmed coordinator start` (it registers the sites in its --pki), or admit "
             "them with `fedmed coordinator register NAME node.pub --operator DIR`"
         )
-    plan = RunPlan(cfg, new_run_dir(cfg), engine="deployment", nodes=json.dumps(nodes))
+    run_dir = new_run_dir(cfg, "stats" if args.stats else "")
+    plan = RunPlan(cfg, run_dir, engine="deployment", nodes=json.dumps(nodes), stats=args.stats)
     online = dep.online_sites(c)
     run_id = dep.submit(c, plan)
     print(
@@ -738,6 +746,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         dep.stop_run(c, run_id)
         print(f"run {run_id} stopped on the coordinator", file=sys.stderr)
         raise
+    if args.stats:
+        return _stats_done(plan.run_dir, run_id, status, args.quiet)
     metrics = plan.run_dir / "metrics.json"
     if not metrics.is_file():
         raise FedmedError(
@@ -758,6 +768,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats_done(run_dir: Path, run_id: int, status: str, quiet: bool) -> int:
+    """The end of `fedmed run --stats`: the summary table, the report, the run folder."""
+    from fedmed.cli.display import _print_stats
+
+    stats = run_dir / "stats.json"
+    if not stats.is_file():
+        raise FedmedError(
+            f"run {run_id} ended ({status}) without statistics; see the coordinator's output "
+            "(every site may have refused: share_statistics, plan approval, ε cap)"
+        )
+    if not quiet:
+        _print_stats(json.loads(stats.read_text()))
+    print(run_dir / "stats.md")
+    print(run_dir)
+    return 0
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -774,7 +801,7 @@ def _follow(c, run_id: int, run_dir: Path, quiet: bool, timeout: float) -> str:
         # Asking Flower costs a `flwr` process (~1 s of CPU): do it every 5 s, or when the run
         # has written its final metrics. Asked before the rounds are read, so that the last
         # round written just before the run ended is still shown.
-        finished = (run_dir / "metrics.json").is_file()
+        finished = (run_dir / "metrics.json").is_file() or (run_dir / "stats.json").is_file()
         if finished or time.monotonic() >= next_status:
             status = dep.run_status(c, run_id)
             next_status = time.monotonic() + 5.0

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedmed.cli.display import _fmt, _load, _print_summary, _Progress
+from fedmed.cli.display import _fmt, _load, _print_stats, _print_summary, _Progress
 
 # Offline by default: no telemetry, no update checks, no per-run dependency installs.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -104,6 +104,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue a killed federated run from its last completed round (same config)",
     )
+
+    sta = sub.add_parser(
+        "stats",
+        help="federated statistics before any training: per site and pooled, no row leaves a site",
+        description="Ask every simulated site for counts only (cohort, missing values, "
+        "histograms on shared edges, outcome rates, Kaplan-Meier life tables), pool them and "
+        "write runs/<name>-stats-<timestamp>/ (stats.json, stats.md, plots); prints its path "
+        "last. A count from 1 to --min-cell - 1 is suppressed at the site (docs/statistics.md).",
+    )
+    _add_config_args(sta)
+    sta.add_argument(
+        "--min-cell",
+        type=int,
+        default=None,
+        metavar="N",
+        help="smallest count a site releases (default: the study's stats.min_cell, 10)",
+    )
+    sta.add_argument(
+        "--epsilon",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="Gaussian noise on every count, costing EPS per site (recorded in each site's "
+        "privacy ledger); default: the study's stats.epsilon, 0 = no noise",
+    )
+    sta.add_argument(
+        "--bins", type=int, default=None, help="histogram bins between the shared edges"
+    )
+    sta.add_argument("--engine", choices=ENGINES, default="inprocess", help="as for simulate")
+    sta.add_argument("--output-dir", default=None, help="parent folder of the run directory")
+    sta.add_argument("--quiet", action="store_true", help="no progress or summary")
+    sta.add_argument("--verbose", action="store_true", help="show Flower's own logs")
 
     chk = sub.add_parser(
         "check-data",
@@ -226,6 +258,30 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             )
     if not args.quiet:
         _print_summary(payload)
+    print(plan.run_dir)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from fedmed.runtime.run import plan_stats, run_stats
+
+    cfg = _load(args)
+    chosen = {"min_cell": args.min_cell, "epsilon": args.epsilon, "bins": args.bins}
+    stats = replace(cfg.stats, **{k: v for k, v in chosen.items() if v is not None})
+    plan = plan_stats(cfg.replace(stats=stats), engine=args.engine)
+    if not args.verbose:
+        logging.getLogger("flwr").addFilter(lambda record: record.levelno >= logging.WARNING)
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"fedmed stats: {line}", file=sys.stderr)
+
+    result = run_stats(plan, progress=say, verbose=args.verbose)
+    if not args.quiet:
+        _print_stats(result)
+    print(plan.run_dir / "stats.md")
     print(plan.run_dir)
     return 0
 
@@ -380,6 +436,7 @@ def cmd_show_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "simulate": cmd_simulate,
+    "stats": cmd_stats,
     "check-data": cmd_check_data,
     "audit-privacy": cmd_audit_privacy,
     "dashboard": cmd_dashboard,

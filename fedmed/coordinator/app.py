@@ -127,10 +127,10 @@ def ask_statistics(
     grid: Grid, plan: RunPlan, history: RunHistory, rnd: int
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """Each site's fitted statistics by site name, and the refusals (site -> reason)."""
-    return _ask_sites(grid, plan, history, rnd, "statistics", STATISTICS_KEY, json.loads)
+    return ask_sites(grid, plan, history, rnd, "statistics", STATISTICS_KEY, json.loads)
 
 
-def _ask_sites(
+def ask_sites(
     grid: Grid,
     plan: RunPlan,
     history: RunHistory,
@@ -138,10 +138,14 @@ def _ask_sites(
     phase: str,
     key: str,
     decode: Callable[[str], Any],
+    extra: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Send every site the query ``query.<phase>``; (decoded ``key`` of each reply by site name,
-    the refusals: who -> reason). A reply that does not decode counts as a refusal."""
-    study = ConfigRecord({RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name})
+    """Send every site the query ``query.<phase>`` (with ``extra`` config entries); (decoded
+    ``key`` of each reply by site name, the refusals: who -> reason). A reply that does not
+    decode counts as a refusal."""
+    study = ConfigRecord(
+        {RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name, **(extra or {})}
+    )
     messages = [
         grid.create_message(RecordDict({"config": study}), f"query.{phase}", node, group_id=phase)
         for node in site_nodes(grid, len(plan.config.sites), QUERY_TIMEOUT)
@@ -240,7 +244,7 @@ def consortium_vocabulary(grid: Grid, plan: RunPlan, history: RunHistory) -> Run
         text = replace(cfg.data.text, vocabulary=vocabulary)
         return replace(plan, config=cfg.replace(data=replace(cfg.data, text=text)))
     min_count = cfg.data.text.min_count
-    sites, refused = _ask_sites(
+    sites, refused = ask_sites(
         grid, plan, history, 0, "vocabulary", WORDS_KEY, lambda t: decode_word_counts(t, min_count)
     )
     _every_site(
@@ -269,6 +273,11 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         the_plan = plan or RunPlan.from_run_config(dict(context.run_config))
+        if the_plan.stats:  # `fedmed run --stats`: the deployed app serves both
+            from fedmed.coordinator.stats import federated_statistics
+
+            federated_statistics(grid, the_plan)
+            return
         run_federated(grid, context, the_plan, on_round)
 
     return app

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,24 +151,47 @@ def run_study(cfg: RunConfig, **options: Any) -> tuple[Path, dict[str, Any]]:
     return plan.run_dir, run(plan, **options)
 
 
-def _execute(plan: RunPlan, on_round: RoundCallback | None, verbose: bool) -> dict[str, Any]:
+def plan_stats(cfg: RunConfig, *, engine: str = "inprocess") -> RunPlan:
+    """``fedmed stats``: check every site's data (one error naming each failing site and its
+    fix) and make the run folder, runs/<name>-stats-s<seed>-<timestamp>."""
+    from fedmed.data.summary import read_site_rows
+    from fedmed.tasks import get_task
+
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine '{engine}'; valid engines: {', '.join(ENGINES)}")
+    cfg, _ = preflight(cfg)
+    read_site_rows(cfg, cfg.sites[0], get_task(cfg.task).target)  # a task it cannot describe
+    run_dir = new_run_dir(cfg, "stats")
+    return RunPlan(cfg.replace(mode="federated"), run_dir, engine=engine, stats=True)
+
+
+def run_stats(
+    plan: RunPlan, *, progress: Callable[[str], None] | None = None, verbose: bool = False
+) -> dict[str, Any]:
+    """Federated statistics of a planned study (no training); returns stats.json's contents.
+
+    The same apps as a study: the coordinator's statistics ServerApp and the sites' ClientApp,
+    on the in-process or Ray runtime, so a site answers exactly as it would in a federation.
+    """
+    from fedmed.coordinator.stats import build_stats_app
+    from fedmed.site.app import app as client_app
+
+    try:
+        _run_apps(plan, build_stats_app(plan, progress), client_app, verbose)
+    except BaseException as exc:
+        _mark_failed(plan.run_dir, exc)
+        raise
+    stats = plan.run_dir / "stats.json"
+    if not stats.is_file():
+        raise FedmedError(
+            "the statistics queries ended without results; rerun with --verbose to see Flower's log"
+        )
+    return json.loads(stats.read_text())
+
+
+def _run_apps(plan: RunPlan, server_app: Any, client_app: Any, verbose: bool) -> None:
+    """Run a ServerApp against the plan's simulated sites on the plan's runtime."""
     cfg = plan.config
-    if cfg.mode == "pooled":
-        from fedmed.study.baselines import run_pooled
-
-        return run_pooled(plan, on_round)
-    if cfg.mode == "local":
-        from fedmed.study.baselines import run_local
-
-        return run_local(plan, on_round)
-    from fedmed.coordinator.app import build_server_app
-
-    if cfg.strategy.secure_aggregation:
-        from fedmed.site.secure_app import client_app
-    else:
-        from fedmed.site.app import app as client_app
-
-    server_app = build_server_app(plan, on_round)
     if plan.engine == "ray":
         from fedmed.runtime.ray import run_ray
         from fedmed.site.fedbn import simulation_state_dir
@@ -186,6 +210,26 @@ def _execute(plan: RunPlan, on_round: RoundCallback | None, verbose: bool) -> di
         from fedmed.runtime.inprocess import run_inprocess
 
         run_inprocess(server_app, client_app, len(cfg.sites), plan.to_run_config())
+
+
+def _execute(plan: RunPlan, on_round: RoundCallback | None, verbose: bool) -> dict[str, Any]:
+    cfg = plan.config
+    if cfg.mode == "pooled":
+        from fedmed.study.baselines import run_pooled
+
+        return run_pooled(plan, on_round)
+    if cfg.mode == "local":
+        from fedmed.study.baselines import run_local
+
+        return run_local(plan, on_round)
+    from fedmed.coordinator.app import build_server_app
+
+    if cfg.strategy.secure_aggregation:
+        from fedmed.site.secure_app import client_app
+    else:
+        from fedmed.site.app import app as client_app
+
+    _run_apps(plan, build_server_app(plan, on_round), client_app, verbose)
     metrics = plan.run_dir / "metrics.json"
     if not metrics.is_file():
         raise FedmedError(

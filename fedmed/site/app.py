@@ -25,8 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedmed.config import RunConfig, SiteSpec, plan_from_json
 from fedmed.data.table import SiteData
-from fedmed.errors import DataError, FedmedError, PolicyViolation, PrivacyBudgetExceeded
-from fedmed.io import private_secret
+from fedmed.errors import DataError, PolicyViolation, PrivacyBudgetExceeded
 from fedmed.privacy.accounting import at_site_delta, planned_round, site_delta
 from fedmed.privacy.dpsgd import train_private
 from fedmed.privacy.ledger import LedgerDamaged, PrivacyLedger, fingerprint
@@ -34,6 +33,9 @@ from fedmed.protocol import (
     RUN_KEY,
     SITE_KEY,
     STATISTICS_KEY,
+    STATS_EDGES_KEY,
+    STATS_KEY,
+    STATS_PASSES,
     STUDY_KEY,
     WORDS_KEY,
     SiteReason,
@@ -48,8 +50,9 @@ from fedmed.site.fedbn import (
     simulation_state_dir,
     site_model_state,
 )
-from fedmed.site.inputs import site_inputs, site_of
+from fedmed.site.inputs import NOISE_KEY, site_inputs, site_of, site_secret  # noqa: F401 (NOISE_KEY: its old home)
 from fedmed.site.personalize import personalize
+from fedmed.site.stats import statistics_reply
 from fedmed.tasks import build_model, get_task
 from fedmed.tasks.local_layers import local_keys, split
 from fedmed.train import derive_seed, evaluate, resolve_device, train_plain
@@ -192,9 +195,6 @@ def _local_layers(
     return LocalLayers(run, site, context, str(config.get(STUDY_KEY, "unnamed")))
 
 
-NOISE_KEY = "noise.key"  # in a deployed site's state_dir: the secret part of its training seeds
-
-
 def _training_seed(seed: int, context: Context) -> int:
     """The seed a site trains with: ``seed`` (from the plan) keyed by the site's own secret.
 
@@ -209,10 +209,7 @@ def _training_seed(seed: int, context: Context) -> int:
     own = site_config(context)
     if own is None:
         return seed
-    path = own.state_path / NOISE_KEY
-    secret = private_secret(path)
-    if len(secret) < 32:
-        raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
+    secret = site_secret(own)
     digest = hmac.new(secret, str(seed).encode(), hashlib.sha256).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -442,3 +439,32 @@ def shared_words(msg: Message, context: Context) -> Message:
     log.info("site %s shares %d words for the text vocabulary", site.name, len(counts))
     record = ConfigRecord({"name": site.name, WORDS_KEY: encode_word_counts(counts)})
     return Message(RecordDict({SITE_KEY: record}), reply_to=msg)
+
+
+def _statistics_pass(msg: Message, context: Context, phase: str) -> Message:
+    """One pass of the study's federated statistics (fedmed.site.stats): counts only."""
+    config = msg.content["config"]
+    site, reply = statistics_reply(
+        str(config[RUN_KEY]),
+        context,
+        phase,
+        str(config.get(STUDY_KEY, "unnamed")),
+        str(config.get(STATS_EDGES_KEY, "")),
+    )
+    return Message(
+        RecordDict({SITE_KEY: ConfigRecord({"name": site.name, STATS_KEY: reply})}), reply_to=msg
+    )
+
+
+@app.query(STATS_PASSES[0])
+@_fail_closed
+def stats_cells(msg: Message, context: Context) -> Message:
+    """Pass 1: cohort, missing, categories, outcome and coarse cells (public edges)."""
+    return _statistics_pass(msg, context, STATS_PASSES[0])
+
+
+@app.query(STATS_PASSES[1])
+@_fail_closed
+def stats_histograms(msg: Message, context: Context) -> Message:
+    """Pass 2: histograms on the study's shared edges and the life table (survival)."""
+    return _statistics_pass(msg, context, STATS_PASSES[1])

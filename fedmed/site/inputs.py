@@ -42,16 +42,25 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
-from fedmed.config import RunConfig, SiteSpec, cache_dir, data_dir, plain, plan_from_json
+from fedmed.config import (
+    RunConfig,
+    SiteConfig,
+    SiteSpec,
+    cache_dir,
+    data_dir,
+    plain,
+    plan_from_json,
+)
 from fedmed.data import clear_file_caches
 from fedmed.data.table import SiteData
 from fedmed.errors import FedmedError, PolicyViolation
-from fedmed.io import atomic_write
+from fedmed.io import atomic_write, private_secret
 from fedmed.privacy.ledger import fingerprint
 from fedmed.security.policy import site_config
 from fedmed.tasks import load_site_data
 
 PLANS_KEPT = 2  # plans whose sites' data are kept (see the module docstring)
+NOISE_KEY = "noise.key"  # in a deployed site's state_dir: the secret part of its noise seeds
 log = logging.getLogger("fedmed.site")
 
 
@@ -253,3 +262,14 @@ def simulated_key(run: RunConfig, site: SiteSpec, data: SiteData) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def site_secret(own: SiteConfig) -> bytes:
+    """The deployed site's 256-bit secret (created 0600 in its state_dir on first use) that keys
+    every noise it draws: DP-SGD's seeds (fedmed.site.app) and its statistics' noise
+    (fedmed.site.stats), so no one who knows the plan can regenerate and subtract the noise."""
+    path = own.state_path / NOISE_KEY
+    secret = private_secret(path)
+    if len(secret) < 32:
+        raise FedmedError(f"{path} is damaged; delete it (a new secret is made) and retry")
+    return secret

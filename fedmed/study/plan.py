@@ -24,6 +24,7 @@ RUN_DIR_KEY = "fedmed-run-dir"
 ENGINE_KEY = "fedmed-engine"
 RESUME_KEY = "fedmed-resume"
 NODES_KEY = "fedmed-nodes"
+STATS_KEY = "fedmed-stats"  # "1": run the federated statistics queries, not training rounds
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,12 @@ class RunPlan:
     # --engine ray: the address of an existing Ray cluster to run the sites on ("" = a Ray of the
     # run's own on this machine). Read by the runtime only; never sent to the ServerApp or sites.
     ray_address: str = ""
+    # `fedmed stats` / `fedmed run --stats`: the ServerApp asks the sites for their statistics
+    # (fedmed.coordinator.stats) instead of training.
+    stats: bool = False
 
     def to_run_config(self) -> dict[str, str]:
-        return {
+        config = {
             CONFIG_KEY: self.config.to_json(),
             RUN_DIR_KEY: str(self.run_dir),
             ENGINE_KEY: self.engine,
@@ -52,6 +56,9 @@ class RunPlan:
             RESUME_KEY: "1" if self.resume else "",
             NODES_KEY: self.nodes,
         }
+        if self.stats:  # only then: a training run's app declares the keys it always did
+            config[STATS_KEY] = "1"
+        return config
 
     def site_nodes(self) -> dict[int, str]:
         """Flower node id -> site name, for the sites this study lists."""
@@ -74,19 +81,22 @@ class RunPlan:
             str(run_config.get(SERVING_KEY, "")),
             bool(run_config.get(RESUME_KEY, "")),
             str(run_config.get(NODES_KEY, "")),
+            stats=bool(run_config.get(STATS_KEY, "")),
         )
 
 
-def new_run_dir(cfg: RunConfig) -> Path:
+def new_run_dir(cfg: RunConfig, kind: str = "") -> Path:
     """runs/<name>-<mode>[-<strategy>]-s<seed>-<timestamp>[-N]; never reuses an earlier run.
 
     The strategy (federated runs) and the seed are in the name so that a sweep's folders tell
     runs apart without opening metrics.json. mkdir without exist_ok is the lock: two runs
-    started in the same second get -2, -3, ...
+    started in the same second get -2, -3, ... ``kind`` replaces mode and strategy for runs
+    that train nothing (``fedmed stats``: runs/<name>-stats-s<seed>-<timestamp>).
     """
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     strategy = f"-{cfg.strategy.name}" if cfg.mode == "federated" else ""
-    base = Path(cfg.output_dir) / f"{cfg.name}-{cfg.mode}{strategy}-s{cfg.seed}-{stamp}"
+    label = kind or f"{cfg.mode}{strategy}"
+    base = Path(cfg.output_dir) / f"{cfg.name}-{label}-s{cfg.seed}-{stamp}"
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         path = base if n == 1 else base.with_name(f"{base.name}-{n}")

@@ -243,6 +243,18 @@ def test_real_federation_over_tls(federation) -> None:
     scored = fedmed("predict", str(run_dir), "tables/lakeview.csv", "--output", "s.csv", cwd=root)
     assert scored.returncode == 0, scored.stderr
 
+    # -- the same plan's federated statistics: only st-marys shares them ------------------------
+    res = fedmed("run", "study.toml", "--stats", *OPERATOR, cwd=root, timeout=300)
+    assert res.returncode == 0, res.stderr + daemons.log("coordinator")[-3000:]
+    stats_dir = Path(res.stdout.strip().splitlines()[-1])
+    assert stats_dir.name.startswith("federation-stats-")
+    stats = json.loads((stats_dir / "stats.json").read_text())
+    assert stats["sites"] == ["st-marys"]
+    assert "does not share statistics" in stats["refused"]["riverside"], stats["refused"]
+    assert "not approved" in stats["refused"]["northgate"], stats["refused"]
+    assert stats["cohort"]["sites"]["st-marys"] >= 10
+    assert (stats_dir / "stats.md").is_file() and (stats_dir / "histograms.png").is_file()
+
     # -- a key the coordinator never registered is refused ---------------------------------------
     rogue_bundle = root / "rogue"
     from fedmed.security.pki import make_node_key
