@@ -60,8 +60,11 @@ class SiteRows:
 
 def read_site_rows(cfg: RunConfig, site: SiteSpec, target: str) -> SiteRows:
     """The rows ``fedmed stats`` counts at ``site``, for an outcome of kind ``target``."""
+    if cfg.data.omop.active and (target in OUTCOMES or target == "series"):
+        return _omop_rows(cfg, site, target)
     if target in OUTCOMES:
-        return _table_rows(cfg, site, target)
+        frame, origin = load_site_frame(cfg, site)
+        return _table_rows(cfg, site, target, frame, origin)
     if target == "series":
         return _series_rows(cfg, site)
     raise ConfigError(
@@ -70,9 +73,31 @@ def read_site_rows(cfg: RunConfig, site: SiteSpec, target: str) -> SiteRows:
     )
 
 
-def _table_rows(cfg: RunConfig, site: SiteSpec, target: str) -> SiteRows:
+def _omop_rows(cfg: RunConfig, site: SiteSpec, target: str) -> SiteRows:
+    """The same rows from the site's OMOP database: the cohort its [data.omop] section defines,
+    as the tabular/survival tasks (wide table) or the sequence task (long table) read it."""
+    from fedmed.data.omop import cohort
+    from fedmed.data.omop.source import extracted
+
+    omop, schema = cfg.data.omop, cfg.data.schema
+    extraction = extracted(cfg, site)
+    if target == "series":
+        ids = extraction.cohort["person_id"].to_numpy(np.int64)
+        label = cohort.labels(extraction, omop).loc[ids].to_numpy(np.float64)
+        return _stay_means(cfg, site, cohort.long_table(extraction, omop), ids, label)
+    columns = (
+        {"time": schema.time, "event": schema.event}
+        if target == "survival"
+        else {"target": schema.target}
+    )
+    frame = cohort.wide_table(extraction, omop, columns)
+    return _table_rows(cfg, site, target, frame, extraction.origin)
+
+
+def _table_rows(
+    cfg: RunConfig, site: SiteSpec, target: str, frame: pd.DataFrame, origin: str
+) -> SiteRows:
     schema = cfg.data.schema
-    frame, origin = load_site_frame(cfg, site)
     frame = frame.drop(columns=[c for c in schema.drop_columns if c in frame.columns])
     numeric: dict[str, np.ndarray] = {}
     categorical: dict[str, tuple[pd.Series, tuple]] = {}
@@ -107,9 +132,8 @@ def _series_rows(cfg: RunConfig, site: SiteSpec) -> SiteRows:
     code (PhysioNet: -1) is not an observation; log_variables are not logged (raw units read
     better in a table, and the histogram edges do not need the log).
     """
-    from dataclasses import replace
 
-    from fedmed.data.series import bin_means, load_long, load_outcomes
+    from fedmed.data.series import load_long, load_outcomes
 
     series, schema = cfg.data.series, cfg.data.schema
     long = load_long(resolve_site_path(site.path), series)
@@ -121,13 +145,24 @@ def _series_rows(cfg: RunConfig, site: SiteSpec) -> SiteRows:
     else:
         ids = long["id"].unique()
     ids = np.sort(ids)
-    obs = long[long["id"].isin(ids)]
+    label = outcomes.reindex(ids).to_numpy(dtype=np.float64)
+    return _stay_means(cfg, site, long[long["id"].isin(ids)], ids, label)
+
+
+def _stay_means(
+    cfg: RunConfig, site: SiteSpec, obs: pd.DataFrame, ids: np.ndarray, label: np.ndarray
+) -> SiteRows:
+    """Per stay, each variable's mean over the study window (NaN when never observed)."""
+    from dataclasses import replace
+
+    from fedmed.data.series import bin_means
+
+    series, schema = cfg.data.series, cfg.data.schema
     sums, counts = bin_means(obs, ids, schema.features, replace(series, log_variables=()), 1)
     means = np.divide(
         sums[:, 0], counts[:, 0], out=np.full(sums[:, 0].shape, np.nan), where=counts[:, 0] > 0
     )
     numeric = {name: means[:, i] for i, name in enumerate(schema.features)}
-    label = outcomes.reindex(ids).to_numpy(dtype=np.float64)
     return SiteRows(site.name, len(ids), numeric, {}, "binary", label=label)
 
 

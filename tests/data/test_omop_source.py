@@ -835,3 +835,22 @@ def test_physionet_from_postgres_equals_duckdb(
     assert from_pg.n_train + len(from_pg.y_test) == LIMIT
     for part in ("x_train", "y_train", "x_test", "y_test"):
         np.testing.assert_array_equal(getattr(from_pg, part), getattr(from_duckdb, part))
+
+
+@needs_shared_data
+def test_federated_statistics_from_omop_equal_those_from_the_long_csv(
+    physionet: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`fedmed stats` reads a site's cohort from its OMOP database as training does: the same
+    counts, histograms and pooled tables as from the long CSV on the same stays."""
+    released = {}
+    for kind, study in (("omop", _omop_study(physionet)), ("csv", _csv_study(physionet))):
+        out = ["--output-dir", str(physionet / f"stats-{kind}")]
+        assert main(["stats", str(study), *out]) == 0, capsys.readouterr().err
+        run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        released[kind] = json.loads((run_dir / "stats.json").read_text())
+    for report in released.values():
+        report.pop("study"), report.pop("seconds")
+
+    assert released["omop"] == released["csv"]
+    assert released["omop"]["cohort"]["pooled"]["count"] == 400  # 100 stays per ICU type

@@ -22,20 +22,8 @@ from fedmed.errors import ConfigError, DataError
 
 def read_omop_site(cfg: RunConfig, site: SiteSpec, target: str) -> SiteTable | ArrayTable:
     """One site's cohort as the task of outcome kind ``target`` reads it."""
-    url = resolve_site_path(site.path)
-    if not cohort.is_database_url(url):
-        raise ConfigError(
-            f"site '{site.name}': with [data.omop] its path is a database URL "
-            f"(duckdb:///FILE.duckdb or postgresql://USER@HOST/DB), not {site.path!r}"
-        )
     omop = cfg.data.omop
-    extraction = cohort.extract(url, site.credentials, omop)
-    if extraction.cohort.empty:
-        raise DataError(
-            f"{extraction.origin}: the cohort is empty (no first visit of concepts "
-            f"{list(omop.visit_concept_ids)} meets data.omop's age and observation criteria); "
-            "check the concept ids and criteria"
-        )
+    extraction = extracted(cfg, site)
     schema = cfg.data.schema
     if target == "series":
         from fedmed.data.series import require_variables, series_table
@@ -51,3 +39,23 @@ def read_omop_site(cfg: RunConfig, site: SiteSpec, target: str) -> SiteTable | A
         columns = {"target": schema.target}
     table = cohort.wide_table(extraction, omop, columns)
     return validate_table(site.name, table, schema, extraction.origin, target=target)
+
+
+def extracted(cfg: RunConfig, site: SiteSpec) -> cohort.Extraction:
+    """The site's cohort (a non-empty extraction), from the database URL that is its path;
+    what training and ``fedmed stats`` both start from."""
+    url = resolve_site_path(site.path)
+    if not cohort.is_database_url(url):
+        raise ConfigError(
+            f"site '{site.name}': with [data.omop] its path is a database URL "
+            f"(duckdb:///FILE.duckdb or postgresql://USER@HOST/DB), not {site.path!r}"
+        )
+    omop = cfg.data.omop
+    extraction = cohort.extract(url, site.credentials, omop)
+    if extraction.cohort.empty:
+        raise DataError(
+            f"{extraction.origin}: the cohort is empty (no first visit of concepts "
+            f"{list(omop.visit_concept_ids)} meets data.omop's age and observation criteria); "
+            "check the concept ids and criteria"
+        )
+    return extraction
