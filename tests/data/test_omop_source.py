@@ -545,6 +545,50 @@ def test_a_condition_index_cohort_equals_a_pandas_computation(
         assert cohort.extract(url, credentials, looser).cohort["person_id"].tolist() == wider
 
 
+def test_a_condition_index_sequence_study_bins_minutes_from_the_diagnosis(
+    synthetic_duckdb: tuple[str, dict],
+) -> None:
+    """The sequence task's minute 0 is the diagnosis's start: every variable's observed
+    (person, bin) cells equal pandas' on the rows from it to data.series.hours (a look-back
+    window's rows, at negative minutes, are not binned)."""
+    url, tables = synthetic_duckdb
+    keep = ("age", "hr_last_before", "hr_max_after", "sepsis_30d", "pain_mean")
+    omop = replace(CONDITION_INDEX, features=tuple(
+        f for f in CONDITION_INDEX.features if f.name in keep))  # fmt: skip
+    hours, bin_minutes = 24 * 400, 60 * 24 * 20  # 20 bins of 20 days
+    cfg = parse_run_config(
+        {
+            "task": "sequence-classification",
+            "mode": "local",
+            "model": {"kind": "gru", "hidden": [8]},
+            "data": {
+                "schema": {"target": "aki", "features": list(keep), "min_rows": 5},
+                "series": {"hours": hours, "bin_minutes": bin_minutes},
+                "omop": cohort.definition(omop),
+            },
+            "sites": [{"name": "a", "path": url}],
+        }
+    )
+    ref = expected_cohort(tables, omop)
+    n_bins = hours * 60 // bin_minutes
+    cells = {"age": len(ref)}  # every age, at minute 0
+    for f in omop.features[1:]:
+        rows = expected_rows(tables, ref, omop, f)
+        minutes = rows["hours"] * 60
+        rows = rows[(minutes >= 0) & (minutes <= hours * 60)]
+        bins = np.minimum(rows["hours"] * 60 // bin_minutes, n_bins - 1)
+        cells[f.name] = len(set(zip(rows["person_id"], bins, strict=True)))
+
+    data = load_site_data(cfg, cfg.sites[0])
+
+    assert data.n_train + len(data.y_test) == len(ref)
+    mask = np.concatenate([data.x_train, data.x_test])[:, :, len(keep) : 2 * len(keep)]
+    observed = dict(zip(keep, mask.sum(axis=(0, 1)).astype(int).tolist(), strict=True))
+    assert observed == cells
+    assert cells["hr_last_before"] == 0 < cells["hr_max_after"]  # only before the diagnosis
+    assert cells["sepsis_30d"] > 0 and cells["pain_mean"] > 0
+
+
 def test_a_death_before_the_index_condition_is_refused_naming_the_person(
     synthetic_duckdb: tuple[str, dict],
 ) -> None:
@@ -558,6 +602,16 @@ def test_a_death_before_the_index_condition_is_refused_naming_the_person(
         cohort.extract(url, "", omop)
 
     assert f"person {early['person_id'].iloc[0]} " in str(err.value)
+
+
+def test_an_empty_condition_cohort_names_its_entry(
+    synthetic_duckdb: tuple[str, dict], tmp_path: Path
+) -> None:
+    url, _ = synthetic_duckdb
+    nobody = replace(CONDITION_INDEX, condition_concept_ids=(4000001,))
+
+    with pytest.raises(DataError, match=r"no first condition of concepts \[4000001\]"):
+        DatasetRegistry(tmp_path / "state").add_omop("icu", url, nobody)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
