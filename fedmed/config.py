@@ -598,6 +598,7 @@ CREDENTIALS = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]{0,127}|file:.+)$")
 # What a feature of each CDM domain may summarize (OmopFeature.aggregate).
 OMOP_AGGREGATES = {
     "measurement": ("last", "first", "mean", "min", "max", "count"),
+    "observation": ("last", "first", "mean", "min", "max", "count"),
     "condition": ("presence",),
     "person": ("age", "male"),
 }
@@ -608,20 +609,26 @@ class OmopFeature(_Frozen):
     """One model input read from a site's OMOP CDM database (docs/omop.md).
 
     ``domain = "measurement"``: the rows of ``measurement`` with one of ``concept_ids`` and a
-    numeric value, from ``start_hours`` to ``end_hours`` after the index visit's start (no
-    end_hours: data.omop.window_hours), summarized by ``aggregate`` (last, first, mean, min,
-    max, count) for a table; a sequence study reads every one of them, at its minute.
-    ``domain = "condition"`` (``aggregate = "presence"``): 1 if ``condition_occurrence`` has
-    one of ``concept_ids`` starting in the window (a negative ``start_hours`` looks back
-    before the index, e.g. -8760 for the year before), else 0; a sequence study sees a 1 at
-    its minute. ``domain = "person"``: ``aggregate = "age"`` (years at the index visit) or
-    ``"male"`` (1 for gender concept 8507, 0 for 8532, missing otherwise). ``name`` is the
-    column (and the sequence's variable) the study uses; it never enters SQL.
+    numeric value, from ``start_hours`` to ``end_hours`` after the index time (the index
+    visit's or condition's start; no end_hours: data.omop.window_hours), summarized by
+    ``aggregate`` (last, first, mean, min, max, count) for a table; a sequence study reads
+    every one of them, at its minute. ``domain = "observation"``: the same from the
+    ``observation`` table's value_as_number, except that ``count`` counts every row of the
+    concepts in the window, with a number or not (an observation is often a coded fact
+    without one); the other aggregates, and a sequence study, read the rows that have a
+    number. ``domain = "condition"`` (``aggregate = "presence"``): 1 if
+    ``condition_occurrence`` has one of ``concept_ids`` starting in the window (a negative
+    ``start_hours`` looks back before the index, e.g. -8760 for the year before), else 0; a
+    sequence study sees a 1 at its minute. ``domain = "person"``: ``aggregate = "age"``
+    (years at the index date) or ``"male"`` (1 for gender concept 8507, 0 for 8532, missing
+    otherwise). ``name`` is the column (and the sequence's variable) the study uses; it
+    never enters SQL.
     """
 
     name: str
     domain: str = field(
-        default="measurement", metadata=_choices("measurement", "condition", "person")
+        default="measurement",
+        metadata=_choices("measurement", "observation", "condition", "person"),
     )
     concept_ids: tuple[int, ...] = ()
     aggregate: str = "last"
@@ -653,7 +660,7 @@ class OmopFeature(_Frozen):
         if end is not None and end <= start:
             raise ConfigError(
                 f"{where}: the window start_hours = {start:g} .. end_hours = {end:g} must "
-                "have start < end (hours from the index visit's start; without end_hours: "
+                "have start < end (hours from the index's start; without end_hours: "
                 "data.omop.window_hours)"
             )
 
@@ -662,18 +669,22 @@ class OmopFeature(_Frozen):
 class OmopConfig(_Frozen):
     """A study's cohort, features and outcome, read from each site's OMOP CDM v5.4 database.
 
-    Active when ``visit_concept_ids`` is set: each [[sites]] path (or each site's registered
-    dataset) is then a database URL, ``duckdb:///FILE`` or ``postgresql://USER@HOST/DB``.
+    Active when the index concepts are set (``visit_concept_ids``, or ``condition_concept_ids``
+    with ``index = "condition"``): each [[sites]] path (or each site's registered dataset) is
+    then a database URL, ``duckdb:///FILE`` or ``postgresql://USER@HOST/DB``.
 
-    Cohort: each person's first visit with one of ``visit_concept_ids`` (the index visit),
-    kept if the person's age that year is within ``min_age`` .. ``max_age`` and an observation
-    period covers the visit's start with ``prior_observation_days`` before it. Outcome: a
-    death (``outcome = "death"``), or the first condition with one of
-    ``outcome_concept_ids`` (``outcome = "condition"``), dated on or after the index date and
-    at most ``horizon_days`` after it (0 = no limit); a survival study reads the days to it,
-    censored at the end of the observation period (or at the horizon). ``features`` are the
-    inputs (OmopFeature), in order. ``schema`` is the CDM schema ("" = the connection's
-    default: DuckDB's main, PostgreSQL's search_path).
+    Cohort: each person's first index event, ``index = "visit"`` (the default) a visit with one
+    of ``visit_concept_ids``, ``index = "condition"`` a condition_occurrence with one of
+    ``condition_concept_ids``; its start (datetime, else 00:00 of its date) is the index time
+    every feature window counts hours from and the sequence task's minute 0. The person is kept
+    if the age that year is within ``min_age`` .. ``max_age`` and an observation period covers
+    the index date with ``prior_observation_days`` before it. Outcome: a death
+    (``outcome = "death"``), or the first condition with one of ``outcome_concept_ids``
+    (``outcome = "condition"``), dated on or after the index date and at most
+    ``horizon_days`` after it (0 = no limit); a survival study reads the days to it, censored
+    at the end of the observation period (or at the horizon). ``features`` are the inputs
+    (OmopFeature), in order. ``schema`` is the CDM schema ("" = the connection's default:
+    DuckDB's main, PostgreSQL's search_path).
     """
 
     schema: str = ""
@@ -686,10 +697,19 @@ class OmopConfig(_Frozen):
     outcome_concept_ids: tuple[int, ...] = ()
     horizon_days: int = 0
     features: tuple[OmopFeature, ...] = ()
+    # Added with condition indexes: left out of the plan and of a registered definition when
+    # unused (OMOP_ADDED), so a visit-indexed study keeps its hashes and registrations.
+    index: str = field(default="visit", metadata=_choices("visit", "condition"))
+    condition_concept_ids: tuple[int, ...] = ()
 
     @property
     def active(self) -> bool:
-        return bool(self.visit_concept_ids)
+        return bool(self.visit_concept_ids or self.condition_concept_ids)
+
+    @property
+    def index_concept_ids(self) -> tuple[int, ...]:
+        """The concepts whose first occurrence is each person's index event."""
+        return self.condition_concept_ids if self.index == "condition" else self.visit_concept_ids
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -698,8 +718,10 @@ class OmopConfig(_Frozen):
                 f"data.omop.schema = {echo(self.schema)} is not a plain schema name; use letters, "
                 "digits and '_' (e.g. cdm), at most 63 characters"
             )
-        if any(isinstance(c, bool) or not isinstance(c, int) for c in self.visit_concept_ids):
-            raise ConfigError("data.omop.visit_concept_ids must be whole numbers (concept ids)")
+        for key in ("visit_concept_ids", "condition_concept_ids"):
+            if any(isinstance(c, bool) or not isinstance(c, int) for c in getattr(self, key)):
+                raise ConfigError(f"data.omop.{key} must be whole numbers (concept ids)")
+        self._check_index()
         _in_range("data.omop.min_age", self.min_age, 0, 150)
         _in_range("data.omop.max_age", self.max_age, self.min_age, 150)
         _in_range("data.omop.prior_observation_days", self.prior_observation_days, 0, 36_500)
@@ -725,9 +747,56 @@ class OmopConfig(_Frozen):
             raise ConfigError(f"data.omop.features: '{twice[0]}' is named twice; rename one")
         if self.features and not self.active:
             raise ConfigError(
-                "data.omop.features are read from the cohort's index visits: set "
-                "data.omop.visit_concept_ids (e.g. [32037] for Intensive Care)"
+                "data.omop.features are read from the cohort's index events: set "
+                "data.omop.visit_concept_ids (e.g. [32037] for Intensive Care), or index = "
+                '"condition" with data.omop.condition_concept_ids'
             )
+
+    def _check_index(self) -> None:
+        """One kind of index event, and its concepts: a visit's or a condition's, not both."""
+        if self.index not in ("visit", "condition"):
+            raise ConfigError(
+                f"data.omop.index = {echo(self.index)} is not valid; choose one of: visit, "
+                "condition"
+            )
+        if self.index == "condition":
+            if self.visit_concept_ids:
+                raise ConfigError(
+                    'data.omop.index = "condition" enters each person at a condition, not a '
+                    "visit: remove data.omop.visit_concept_ids"
+                )
+            if not self.condition_concept_ids:
+                raise ConfigError(
+                    'data.omop.index = "condition" needs the conditions that enter a person: set '
+                    "data.omop.condition_concept_ids (e.g. [201826] for type 2 diabetes)"
+                )
+            shared = sorted(set(self.condition_concept_ids) & set(self.outcome_concept_ids))
+            if shared:
+                raise ConfigError(
+                    f"data.omop.outcome_concept_ids share concept {shared[0]} with the index's "
+                    "condition_concept_ids: every person would have the outcome at the index; "
+                    "choose another outcome"
+                )
+        elif self.condition_concept_ids:
+            raise ConfigError(
+                'data.omop.condition_concept_ids go with index = "condition" (the cohort\'s '
+                'entry); set index = "condition", or remove them for a visit index'
+            )
+
+
+# Keys of [data.omop] added after it first shipped, with their defaults as plain JSON: left
+# out of a plan (RunConfig.to_dict) and of a registered cohort definition when at the default,
+# so a study that does not use them keeps its plan hash and a site's registration still holds.
+OMOP_ADDED: dict[str, Any] = {"index": "visit", "condition_concept_ids": []}
+
+
+def omop_dict(omop: OmopConfig) -> dict[str, Any]:
+    """[data.omop] as plain JSON values, without the added keys left at their defaults."""
+    out = plain(omop)
+    for key, default in OMOP_ADDED.items():
+        if out[key] == default:
+            del out[key]
+    return out
 
 
 @dataclass(frozen=True)
@@ -829,6 +898,8 @@ class RunConfig(_Frozen):
             del out["data"]["text"]
         if self.data.omop == OmopConfig():  # added with OMOP sites: likewise
             del out["data"]["omop"]
+        else:
+            out["data"]["omop"] = omop_dict(self.data.omop)
         for site in out["sites"]:
             if not site["credentials"]:
                 del site["credentials"]

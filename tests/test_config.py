@@ -312,3 +312,76 @@ def test_a_site_parses_and_hashes_a_plan_once_however_many_messages(
         with pytest.raises(ConfigError, match="roundz"):
             config.plan_from_json('{"roundz": 1}')
     assert config.plan_from_json.cache_info().currsize == 1
+
+
+def test_an_omop_visit_study_keeps_its_plan_when_condition_indexes_exist() -> None:
+    """[data.omop] grew index and condition_concept_ids: a study that leaves them alone sends
+    the plan (and so the hash a site approved) it sent before they existed."""
+    from fedmed.security.policy import plan_hash
+
+    cfg = load_run_config(resolve_config_path("physionet2012-omop"))
+    text = cfg.to_json()
+
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "cfaaa3b33119cfde73dc3c3734fa51c49689dfb597912bcde17dc2aec37517ca"
+    )
+    assert plan_hash(cfg) == (
+        "sha256:94e964e07742ee1ee47ddb3fe550979501fb94492cadeceed0da3dfe54b9a3a9"
+    )
+    assert not {"index", "condition_concept_ids"} & set(cfg.to_dict()["data"]["omop"])
+
+
+def test_an_omop_condition_index_travels_in_the_plan_and_changes_its_hash() -> None:
+    from fedmed.security.policy import plan_hash
+
+    visit = load_run_config(resolve_config_path("physionet2012-omop"))
+    omop = dataclasses.replace(
+        visit.data.omop, visit_concept_ids=(), index="condition", condition_concept_ids=(201826,)
+    )
+    cfg = visit.replace(data=dataclasses.replace(visit.data, omop=omop))
+
+    sent = cfg.to_dict()["data"]["omop"]
+    assert sent["index"] == "condition" and sent["condition_concept_ids"] == [201826]
+    assert RunConfig.from_json(cfg.to_json()) == cfg
+    assert plan_hash(cfg) != plan_hash(visit)
+    assert cfg.data.omop.active and cfg.data.omop.index_concept_ids == (201826,)
+
+
+@pytest.mark.parametrize(
+    ("omop", "message"),
+    [
+        ({"index": "condition"}, "set data.omop.condition_concept_ids"),
+        (
+            {"index": "condition", "condition_concept_ids": [201826], "visit_concept_ids": [9201]},
+            "remove data.omop.visit_concept_ids",
+        ),
+        ({"condition_concept_ids": [201826], "visit_concept_ids": [9201]}, 'set index = "cond'),
+        ({"index": "drug", "condition_concept_ids": [1]}, "choose one of: visit, condition"),
+        ({"index": "condition", "condition_concept_ids": ["201826) OR (1=1"]}, "an integer"),
+        (
+            {"index": "condition", "condition_concept_ids": [201826], "outcome": "condition",
+             "outcome_concept_ids": [197320, 201826]},
+            "share concept 201826",
+        ),
+        (
+            {"visit_concept_ids": [9201],
+             "features": [{"name": "smoker", "domain": "observation", "aggregate": "presence",
+                           "concept_ids": [1]}]},
+            "choose one of: last, first, mean, min, max, count",
+        ),
+        (
+            {"visit_concept_ids": [9201],
+             "features": [{"name": "smoker", "domain": "observation", "aggregate": "count"}]},
+            "list its concept_ids",
+        ),
+    ],
+)  # fmt: skip
+def test_omop_index_and_observation_mistakes_name_the_fix(
+    omop: dict[str, Any], message: str
+) -> None:
+    raw = {"mode": "local", "sites": [{"name": "a", "path": "duckdb:///a.duckdb"}]}
+    raw["data"] = {"omop": {"features": [{"name": "age", "domain": "person",
+                                          "aggregate": "age"}]} | omop}  # fmt: skip
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_run_config(raw)

@@ -346,8 +346,9 @@ class DatasetRegistry:
         self._check_new(name, replace)
         if not omop.active:
             raise ConfigError(
-                "the study has no [data.omop] cohort (data.omop.visit_concept_ids); register the "
-                "database with the study that defines its cohort: --config STUDY.toml"
+                "the study has no [data.omop] cohort (data.omop.visit_concept_ids or "
+                "condition_concept_ids); register the database with the study that defines its "
+                "cohort: --config STUDY.toml"
             )
         if credentials and not CREDENTIALS.match(credentials):
             raise ConfigError('credentials must be "env:VARIABLE" or "file:PATH"')
@@ -358,8 +359,8 @@ class DatasetRegistry:
         extraction = cohort.extract(url, credentials, omop)
         if extraction.cohort.empty:
             raise DataError(
-                f"{extraction.origin}: the cohort is empty (no first visit of concepts "
-                f"{list(omop.visit_concept_ids)} meets the study's criteria); check [data.omop]"
+                f"{extraction.origin}: the cohort is empty (no {cohort.describe_index(omop)} "
+                "meets the study's criteria); check [data.omop]"
             )
         entry: dict[str, Any] = {
             "path": url,

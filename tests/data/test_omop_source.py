@@ -38,6 +38,9 @@ pytest.importorskip("duckdb_engine", reason="OMOP databases are the optional 'om
 ROOT = Path(__file__).resolve().parents[2]
 HR, TEMP, BUN = 3027018, 3020891, 3013682
 DIABETES, SEPSIS, AKI = 201826, 132797, 197320
+# Two observation concepts of the synthetic CDM: a score recorded with a number (sometimes
+# without), and a fact recorded without one (as a smoking status usually is).
+PAIN, SMOKER = 43055141, 4298794
 ICU, INPATIENT = 32037, 9201
 LIMIT = 100  # PhysioNet stays per ICU type: every site has deaths in both splits
 
@@ -48,7 +51,9 @@ LIMIT = 100  # PhysioNet stays per ICU type: every site has deaths in both split
 def synthetic_cdm(seed: int = 0, n: int = 90) -> dict[str, pd.DataFrame]:
     """Persons with 1-3 visits (ICU or inpatient; some without a start time), one observation
     period (some start too late, some persons have none), measurements around the visits
-    (some without a value) and deaths on or after the last visit."""
+    (some without a value), deaths on or after the last visit, conditions around the first
+    visit (some without a time) and observations around the first condition or visit (some
+    without a number or a time)."""
     rng = np.random.default_rng(seed)
     persons, visits, periods, rows, deaths = [], [], [], [], []
     for pid in range(1, n + 1):
@@ -102,7 +107,44 @@ def synthetic_cdm(seed: int = 0, n: int = 90) -> dict[str, pd.DataFrame]:
             day = first + timedelta(days=int(crng.integers(0, 3)))
             when = datetime.combine(day, datetime.min.time()) + timedelta(hours=12)
             conditions.append((len(conditions) + 1, pid, SEPSIS, day, when, 32817))
+    for pid in range(3, n + 1, 6):  # two diagnoses on one day, the later one written first:
+        day = min(v[3] for v in visits if v[1] == pid) - timedelta(days=40)  # ties need times
+        for hour in (18, 6):
+            when = datetime.combine(day, datetime.min.time()) + timedelta(hours=hour)
+            conditions.append((len(conditions) + 1, pid, DIABETES, day, when, 32817))
+    observations = []  # their own generator too: the rows above stay as they were
+    orng = np.random.default_rng(seed + 2)
+    for pid in range(1, n + 1):
+        mine = [c[4] or datetime.combine(c[3], datetime.min.time())
+                for c in conditions if c[1] == pid]  # fmt: skip
+        anchor = (
+            min(mine)
+            if mine
+            else datetime.combine(min(v[3] for v in visits if v[1] == pid), datetime.min.time())
+        )
+        for _ in range(int(orng.integers(0, 9))):
+            when = anchor + timedelta(minutes=int(orng.integers(-5 * 24 * 60, 10 * 24 * 60)))
+            concept = PAIN if orng.random() < 0.6 else SMOKER
+            value = round(float(orng.integers(0, 11)), 3) if concept == PAIN else None
+            if concept == PAIN and orng.random() < 0.15:
+                value = None  # a pain score recorded without its number
+            timed = when if orng.random() > 0.2 else None
+            observations.append(
+                (len(observations) + 1, pid, concept, when.date(), timed, value, 32817)
+            )
     return {
+        "observation": pd.DataFrame(
+            observations,
+            columns=[
+                "observation_id",
+                "person_id",
+                "observation_concept_id",
+                "observation_date",
+                "observation_datetime",
+                "value_as_number",
+                "observation_type_concept_id",
+            ],
+        ),
         "condition_occurrence": pd.DataFrame(
             conditions,
             columns=[
@@ -173,15 +215,18 @@ SYNTHETIC = OmopConfig(
 
 
 def expected_cohort(tables: dict[str, pd.DataFrame], omop: OmopConfig) -> pd.DataFrame:
-    """The cohort by hand: first index visit per person, then the age and observation rules."""
-    v = tables["visit_occurrence"].copy()
-    v = v[v["visit_concept_id"].isin(omop.visit_concept_ids)]
-    v["start"] = pd.to_datetime(v["visit_start_datetime"]).fillna(
-        pd.to_datetime(v["visit_start_date"])
+    """The cohort by hand: first index event per person (a visit, or a condition with
+    index = "condition"), then the age and observation rules."""
+    kind = "condition" if omop.index == "condition" else "visit"
+    table, row_id = f"{kind}_occurrence", f"{kind}_occurrence_id"
+    v = tables[table].copy()
+    v = v[v[f"{kind}_concept_id"].isin(omop.index_concept_ids)]
+    v["start"] = pd.to_datetime(v[f"{kind}_start_datetime"]).fillna(
+        pd.to_datetime(v[f"{kind}_start_date"])
     )
-    v = v.sort_values(["person_id", "start", "visit_occurrence_id"]).groupby("person_id").head(1)
+    v = v.sort_values(["person_id", "start", row_id]).groupby("person_id").head(1)
     v = v.merge(tables["person"], on="person_id")
-    v["date"] = pd.to_datetime(v["visit_start_date"])
+    v["date"] = pd.to_datetime(v[f"{kind}_start_date"])
     v["age"] = v["date"].dt.year - v["year_of_birth"]
     v = v[(v["age"] >= omop.min_age) & (v["age"] <= omop.max_age)]
     op = tables["observation_period"].merge(v[["person_id", "date"]], on="person_id")
@@ -354,18 +399,289 @@ def test_condition_features_and_outcome_equal_a_pandas_computation(
     assert set(sepsis["value"]) == {1.0} and sepsis["time"].between(0, 48 * 60).all()
 
 
+# --- a condition as the index, observation features --------------------------------------------
+
+CONDITION_INDEX = OmopConfig(
+    index="condition",
+    condition_concept_ids=(DIABETES,),
+    min_age=18,
+    max_age=85,
+    prior_observation_days=30,
+    outcome="condition",
+    outcome_concept_ids=(AKI,),
+    horizon_days=180,
+    features=(
+        OmopFeature("age", domain="person", aggregate="age"),
+        OmopFeature("male", domain="person", aggregate="male"),
+        OmopFeature("hr_last_before", concept_ids=(HR,), aggregate="last", start_hours=-24 * 400,
+                    end_hours=0),
+        OmopFeature("hr_max_after", concept_ids=(HR,), aggregate="max", end_hours=24 * 400),
+        OmopFeature("sepsis_30d", domain="condition", concept_ids=(SEPSIS,),
+                    aggregate="presence", end_hours=24 * 30),
+        OmopFeature("pain_mean", domain="observation", concept_ids=(PAIN,), aggregate="mean",
+                    start_hours=-24 * 5, end_hours=24 * 10),
+        OmopFeature("smoker_count", domain="observation", concept_ids=(SMOKER,),
+                    aggregate="count", start_hours=-24 * 5, end_hours=24 * 10),
+    ),
+)  # fmt: skip
+
+OBSERVATIONS = replace(
+    SYNTHETIC,
+    features=(
+        OmopFeature("pain_last", domain="observation", concept_ids=(PAIN,), aggregate="last",
+                    start_hours=-24 * 400, end_hours=24 * 400),
+        OmopFeature("pain_first", domain="observation", concept_ids=(PAIN,), aggregate="first",
+                    start_hours=-24 * 400, end_hours=24 * 400),
+        OmopFeature("pain_mean", domain="observation", concept_ids=(PAIN,), aggregate="mean",
+                    start_hours=-24 * 60, end_hours=24 * 60),
+        OmopFeature("pain_min", domain="observation", concept_ids=(PAIN,), aggregate="min",
+                    start_hours=-24 * 400),
+        OmopFeature("pain_max", domain="observation", concept_ids=(PAIN,), aggregate="max",
+                    end_hours=24 * 400),
+        OmopFeature("pain_count", domain="observation", concept_ids=(PAIN,), aggregate="count",
+                    start_hours=-24 * 400, end_hours=24 * 400),
+        OmopFeature("smoker_count", domain="observation", concept_ids=(SMOKER,),
+                    aggregate="count", start_hours=-24 * 400, end_hours=24 * 400),
+        OmopFeature("hr_mean_24h", concept_ids=(HR,), aggregate="mean", end_hours=24),
+    ),
+)  # fmt: skip
+
+# domain -> (table, concept, datetime, date, value (None: 1), row id) for the pandas reference
+REFERENCE = {
+    "measurement": ("measurement", "measurement_concept_id", "measurement_datetime",
+                    "measurement_date", "value_as_number", "measurement_id"),
+    "condition": ("condition_occurrence", "condition_concept_id", "condition_start_datetime",
+                  "condition_start_date", None, "condition_occurrence_id"),
+    "observation": ("observation", "observation_concept_id", "observation_datetime",
+                    "observation_date", "value_as_number", "observation_id"),
+}  # fmt: skip
+
+
+def expected_rows(
+    tables: dict[str, pd.DataFrame], ref: pd.DataFrame, omop: OmopConfig, feature: OmopFeature
+) -> pd.DataFrame:
+    """One feature's rows by hand: its concepts in its window (hours from each person's index
+    time), in time then row-id order; a measurement needs a number, and so does an
+    observation unless the feature counts rows."""
+    table, concept, stamp, day, value, row_id = REFERENCE[feature.domain]
+    rows = tables[table].merge(ref[["person_id", "start"]], on="person_id")
+    rows["when"] = pd.to_datetime(rows[stamp]).fillna(pd.to_datetime(rows[day]))
+    rows["hours"] = (rows["when"] - rows["start"]).dt.total_seconds() / 3600
+    rows["value"] = rows[value].astype(float) if value else 1.0
+    end = omop.window_hours if feature.end_hours is None else feature.end_hours
+    rows = rows[rows[concept].isin(feature.concept_ids)
+                & rows["hours"].between(feature.start_hours, end)]  # fmt: skip
+    if feature.domain == "measurement" or feature.aggregate != "count":
+        rows = rows[rows["value"].notna()]
+    return rows.sort_values(["person_id", "when", row_id])
+
+
+def expected_table(
+    tables: dict[str, pd.DataFrame], ref: pd.DataFrame, omop: OmopConfig
+) -> pd.DataFrame:
+    """Every feature per person, by hand (count and presence: 0 without a row)."""
+    ids = ref["person_id"]
+    out = pd.DataFrame(index=ids)
+    for f in omop.features:
+        if f.domain == "person":
+            source = ref.set_index("person_id")
+            male = source["gender_concept_id"].map({8507: 1.0, 8532: 0.0})
+            out[f.name] = source["age"].astype(float) if f.aggregate == "age" else male
+            continue
+        rows = expected_rows(tables, ref, omop, f)
+        how = {"count": "size", "presence": "size"}.get(f.aggregate, f.aggregate)
+        agg = rows.groupby("person_id")["value"].agg(how).reindex(ids).astype(float)
+        if f.aggregate == "presence":
+            agg = (agg > 0).astype(float)
+        out[f.name] = agg.fillna(0.0) if f.aggregate in ("count", "presence") else agg
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_condition_index_cohort_equals_a_pandas_computation(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    url, credentials, schema_omop, tables = _backend(request, monkeypatch, backend)
+    omop = replace(CONDITION_INDEX, schema=schema_omop.schema)
+    ref = expected_cohort(tables, omop)
+    c = tables["condition_occurrence"].merge(ref[["person_id", "date"]], on="person_id")
+    later = c[(c["condition_concept_id"] == AKI)
+              & (pd.to_datetime(c["condition_start_date"]) >= c["date"])]  # fmt: skip
+    first = ref["person_id"].map(
+        pd.to_datetime(later.groupby("person_id")["condition_start_date"].min())
+    )
+    days = (first.fillna(ref["end"]) - ref["date"]).dt.days
+    event = first.notna() & (days <= omop.horizon_days)
+    expected = expected_table(tables, ref, omop)
+
+    got = cohort.extract(url, credentials, omop)
+    table = cohort.wide_table(got, omop, {"time": "days", "event": "aki"})
+
+    assert 15 < len(ref) < 80  # the rules removed persons and kept enough to mean something
+    assert got.cohort["person_id"].tolist() == ref["person_id"].tolist()
+    # Minute 0 is the condition's start: its datetime, else 00:00 of its date (both occur).
+    assert got.cohort["index_start"].tolist() == ref["start"].tolist()
+    assert (ref["start"] == ref["date"]).any() and (ref["start"] != ref["date"]).any()
+    assert got.cohort["observation_end"].tolist() == ref["end"].tolist()
+    assert got.cohort["age"].tolist() == ref["age"].astype(float).tolist()
+    for name in expected.columns:
+        np.testing.assert_allclose(
+            table[name].to_numpy(float), expected[name].to_numpy(float), rtol=1e-12, err_msg=name
+        )
+        assert expected[name].nunique() > 1, name  # the feature tells persons apart
+    assert table["aki"].tolist() == event.astype(int).tolist()
+    assert table["days"].tolist() == days.clip(upper=omop.horizon_days).astype(float).tolist()
+    # The sequence task's rows: minutes since the condition's start, each feature's window.
+    long = cohort.long_table(got, omop)
+    hr = expected_rows(tables, ref, omop, omop.features[2])
+    mine = long[long["variable"] == "hr_last_before"]
+    assert mine["id"].tolist() == hr["person_id"].tolist()
+    np.testing.assert_allclose(mine["time"], hr["hours"] * 60, rtol=0, atol=1e-9)
+    assert (mine["time"] <= 0).all() and mine["id"].nunique() > 5
+    # Each rule matters: without the age window, or the prior observation, more persons.
+    for looser in (replace(omop, min_age=0, max_age=150), replace(omop, prior_observation_days=0)):
+        wider = expected_cohort(tables, looser)["person_id"].tolist()
+        assert len(wider) > len(ref)
+        assert cohort.extract(url, credentials, looser).cohort["person_id"].tolist() == wider
+
+
+def test_a_condition_index_sequence_study_bins_minutes_from_the_diagnosis(
+    synthetic_duckdb: tuple[str, dict],
+) -> None:
+    """The sequence task's minute 0 is the diagnosis's start: every variable's observed
+    (person, bin) cells equal pandas' on the rows from it to data.series.hours (a look-back
+    window's rows, at negative minutes, are not binned)."""
+    url, tables = synthetic_duckdb
+    keep = ("age", "hr_last_before", "hr_max_after", "sepsis_30d", "pain_mean")
+    omop = replace(CONDITION_INDEX, features=tuple(
+        f for f in CONDITION_INDEX.features if f.name in keep))  # fmt: skip
+    hours, bin_minutes = 24 * 400, 60 * 24 * 20  # 20 bins of 20 days
+    cfg = parse_run_config(
+        {
+            "task": "sequence-classification",
+            "mode": "local",
+            "model": {"kind": "gru", "hidden": [8]},
+            "data": {
+                "schema": {"target": "aki", "features": list(keep), "min_rows": 5},
+                "series": {"hours": hours, "bin_minutes": bin_minutes},
+                "omop": cohort.definition(omop),
+            },
+            "sites": [{"name": "a", "path": url}],
+        }
+    )
+    ref = expected_cohort(tables, omop)
+    n_bins = hours * 60 // bin_minutes
+    cells = {"age": len(ref)}  # every age, at minute 0
+    for f in omop.features[1:]:
+        rows = expected_rows(tables, ref, omop, f)
+        minutes = rows["hours"] * 60
+        rows = rows[(minutes >= 0) & (minutes <= hours * 60)]
+        bins = np.minimum(rows["hours"] * 60 // bin_minutes, n_bins - 1)
+        cells[f.name] = len(set(zip(rows["person_id"], bins, strict=True)))
+
+    data = load_site_data(cfg, cfg.sites[0])
+
+    assert data.n_train + len(data.y_test) == len(ref)
+    mask = np.concatenate([data.x_train, data.x_test])[:, :, len(keep) : 2 * len(keep)]
+    observed = dict(zip(keep, mask.sum(axis=(0, 1)).astype(int).tolist(), strict=True))
+    assert observed == cells
+    assert cells["hr_last_before"] == 0 < cells["hr_max_after"]  # only before the diagnosis
+    assert cells["sepsis_30d"] > 0 and cells["pain_mean"] > 0
+
+
+def test_a_death_before_the_index_condition_is_refused_naming_the_person(
+    synthetic_duckdb: tuple[str, dict],
+) -> None:
+    url, tables = synthetic_duckdb
+    omop = replace(CONDITION_INDEX, outcome="death", outcome_concept_ids=())
+    ref = expected_cohort(tables, omop)
+    early = ref[ref["death"] < ref["date"]]
+    assert len(early) > 0  # the synthetic CDM has diagnoses dated after a recorded death
+
+    with pytest.raises(DataError, match="before the index condition") as err:
+        cohort.extract(url, "", omop)
+
+    assert f"person {early['person_id'].iloc[0]} " in str(err.value)
+
+
+def test_an_empty_condition_cohort_names_its_entry(
+    synthetic_duckdb: tuple[str, dict], tmp_path: Path
+) -> None:
+    url, _ = synthetic_duckdb
+    nobody = replace(CONDITION_INDEX, condition_concept_ids=(4000001,))
+
+    with pytest.raises(DataError, match=r"no first condition of concepts \[4000001\]"):
+        DatasetRegistry(tmp_path / "state").add_omop("icu", url, nobody)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_observation_features_equal_a_pandas_computation(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    url, credentials, schema_omop, tables = _backend(request, monkeypatch, backend)
+    omop = replace(OBSERVATIONS, schema=schema_omop.schema)
+    ref = expected_cohort(tables, omop)
+    expected = expected_table(tables, ref, omop)
+
+    got = cohort.extract(url, credentials, omop)
+    table = cohort.wide_table(got, omop, {"target": "died"})
+
+    assert list(table.columns) == [*expected.columns, "died"]
+    for name in expected.columns:
+        np.testing.assert_allclose(
+            table[name].to_numpy(float), expected[name].to_numpy(float), rtol=1e-12, err_msg=name
+        )
+    assert expected["smoker_count"].gt(0).any()  # counted although no row has a number
+    with_number = expected_rows(tables, ref, omop, replace(omop.features[5], aggregate="last"))
+    assert (
+        expected["pain_count"]
+        > with_number.groupby("person_id").size().reindex(expected.index).fillna(0)
+    ).any()  # a pain score without its number still counts
+    assert expected["pain_mean"].isna().any() and expected["pain_mean"].notna().any()
+    # The sequence task reads numbers: no smoker row, no pain row without one.
+    long = cohort.long_table(got, omop)
+    assert "smoker_count" not in set(long["variable"]) and long["value"].notna().all()
+    pain = long[long["variable"] == "pain_last"]
+    assert len(pain) == len(with_number)
+    np.testing.assert_allclose(pain["value"], with_number["value"])
+
+
 @pytest.mark.postgres
+@pytest.mark.parametrize("study", ["visit", "condition"])
 def test_duckdb_and_postgres_yield_the_same_fingerprint(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, study: str
 ) -> None:
     url, _, omop, _ = _backend(request, monkeypatch, "duckdb")
     pg_url, credentials, pg_omop, _ = _backend(request, monkeypatch, "postgres")
+    if study == "condition":  # a condition index with observation features (some valueless)
+        names = {f.name for f in CONDITION_INDEX.features}
+        more = tuple(f for f in OBSERVATIONS.features if f.name not in names)
+        omop = replace(CONDITION_INDEX, features=CONDITION_INDEX.features + more)
+        pg_omop = replace(omop, schema="cdm")
 
     a, b = cohort.extract(url, "", omop), cohort.extract(pg_url, credentials, pg_omop)
 
     pd.testing.assert_frame_equal(a.observations, b.observations)
+    pd.testing.assert_frame_equal(a.cohort, b.cohort)
     same_schema = replace(pg_omop, schema="")
     assert cohort.fingerprint(b, same_schema) == cohort.fingerprint(a, omop)
+
+
+def test_a_visit_cohort_registered_before_condition_indexes_keeps_its_fingerprint(
+    synthetic_duckdb: tuple[str, dict],
+) -> None:
+    """index and condition_concept_ids are left out of a visit study's definition, so a site's
+    registration from before they existed still verifies (value computed before the change)."""
+    url, _ = synthetic_duckdb
+
+    got = cohort.extract(url, "", SYNTHETIC)
+
+    assert not {"index", "condition_concept_ids"} & set(cohort.definition(SYNTHETIC))
+    assert cohort.fingerprint(got, SYNTHETIC) == (
+        "sha256:ab59e8dc9a7839a90e2b7f449bc1bc895581b0393a369320d0bf7db2aa69ccf0"
+    )
+    condition = cohort.definition(CONDITION_INDEX)
+    assert condition["index"] == "condition" and condition["condition_concept_ids"] == [DIABETES]
 
 
 # --- SQL injection, read-only connections, credentials -----------------------------------------
@@ -414,9 +730,40 @@ def test_config_values_never_enter_sql(
     )  # person is still there
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_condition_index_and_observation_features_send_values_only_as_parameters(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    url, credentials, schema_omop, tables = _backend(request, monkeypatch, backend)
+    hostile = replace(
+        CONDITION_INDEX,
+        schema=schema_omop.schema,
+        features=(
+            OmopFeature(HOSTILE, domain="observation", concept_ids=(PAIN,), aggregate="count",
+                        start_hours=-24 * 5, end_hours=24 * 10),
+        ),
+    )  # fmt: skip
+    sent = _recorded(monkeypatch)
+
+    got = cohort.extract(url, credentials, hostile)
+    table = cohort.wide_table(got, hostile, {"target": "y"})
+
+    assert list(table.columns) == [HOSTILE, "y"] and table[HOSTILE].gt(0).any()
+    assert sent and all(HOSTILE not in sql and "DROP" not in sql for sql, _ in sent)
+    for literal in (str(DIABETES), str(PAIN), str(AKI), "85", "180"):
+        assert not any(literal in sql for sql, _ in sent), literal
+    bound = " ".join(repr(params) for _, params in sent)
+    assert str(DIABETES) in bound and str(PAIN) in bound and str(AKI) in bound
+    assert len(got.cohort) == len(expected_cohort(tables, hostile))  # person is intact
+
+
 def test_hostile_values_are_refused_before_any_sql() -> None:
     with pytest.raises(ConfigError, match="not a plain schema name"):
         OmopConfig(schema="cdm; DROP TABLE person", visit_concept_ids=(ICU,))
+    with pytest.raises(ConfigError, match="choose one of: visit, condition"):
+        OmopConfig(index="condition_occurrence; DROP TABLE person", condition_concept_ids=(1,))
+    with pytest.raises(ConfigError, match="condition_concept_ids must be whole numbers"):
+        OmopConfig(index="condition", condition_concept_ids=("201826) OR (1=1",))
     raw = {
         "task": "tabular-classification",
         "sites": [{"name": "a", "path": "duckdb:///a.duckdb"}],

@@ -9,15 +9,17 @@ pandas columns after the rows came back). Connections are read-only (DuckDB
 ``read_only=True``; PostgreSQL ``default_transaction_read_only=on``), so even a bug here
 cannot change a hospital's database.
 
-The database yields an ``Extraction``: one row per person of the cohort (index visit, age,
+The database yields an ``Extraction``: one row per person of the cohort (index time, age,
 gender, death, end of observation) and the feature observations in the window (person,
-feature, minutes since the index visit's start, value). Everything a task reads is derived
-from it: the table of the tabular and survival tasks (``wide_table``: one aggregate per
-feature plus the outcome) and the long table of the sequence task (``long_table`` and
-``labels``), so every task sees the same cohort. Its ``fingerprint`` (SHA-256 of the cohort
-definition and of every extracted row, in canonical order) is what a site registers: a
-changed cohort is refused until the data steward registers it again
-(fedmed.data.registry).
+feature, minutes since the index time, value). The index is each person's first visit of
+the study's visit concepts or, with ``index = "condition"``, first condition of its
+condition concepts; its start is minute 0 of every window and of the sequence task.
+Everything a task reads is derived from it: the table of the tabular and survival tasks
+(``wide_table``: one aggregate per feature plus the outcome) and the long table of the
+sequence task (``long_table`` and ``labels``), so every task sees the same cohort. Its
+``fingerprint`` (SHA-256 of the cohort definition and of every extracted row, in canonical
+order) is what a site registers: a changed cohort is refused until the data steward
+registers it again (fedmed.data.registry).
 
 Credentials: a URL must not carry a password; a server's password comes from an environment
 variable or a file only its owner can read (``SiteSpec.credentials``: "env:NAME" or
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedmed.config import OmopConfig, OmopFeature, echo, parse_omop, plain
+from fedmed.config import OmopConfig, OmopFeature, echo, omop_dict, parse_omop, plain
 from fedmed.errors import ConfigError, DataError
 
 # The URL schemes a site may register -> the SQLAlchemy driver that reads them.
@@ -250,37 +252,69 @@ def cdm_tables(schema: str = "") -> dict[str, Any]:
             sa.Column("condition_start_date", date),
             sa.Column("condition_start_datetime", stamp),
         ),
+        "observation": sa.Table(
+            "observation",
+            meta,
+            sa.Column("observation_id", sa.BigInteger),
+            sa.Column("person_id", sa.BigInteger),
+            sa.Column("observation_concept_id", integer),
+            sa.Column("observation_date", date),
+            sa.Column("observation_datetime", stamp),
+            sa.Column("value_as_number", sa.Numeric),
+        ),
     }
 
 
-def cohort_query(tables: dict[str, Any]) -> Any:
-    """One row per person: the first visit of the index concepts, if it passes the criteria.
+# Per kind of index event: the CDM table, and its id, concept, start date and start datetime
+# columns. The event's start (its datetime, else 00:00 of its date) is the index time.
+INDEX_EVENTS = {
+    "visit": (
+        "visit_occurrence",
+        "visit_occurrence_id",
+        "visit_concept_id",
+        "visit_start_date",
+        "visit_start_datetime",
+    ),
+    "condition": (
+        "condition_occurrence",
+        "condition_occurrence_id",
+        "condition_concept_id",
+        "condition_start_date",
+        "condition_start_datetime",
+    ),
+}
 
-    Entry: each person's earliest visit with ``visit_concept_id`` in the bound list (by start,
-    then visit id). Kept if the age that year (year - year_of_birth) is in [min_age, max_age]
-    and an observation period covers the index date with ``prior_observation_days`` before it;
-    its end (the latest such period's) is where a survival time without death is censored.
+
+def describe_index(omop: OmopConfig) -> str:
+    """The cohort's entry in words, for messages (e.g. an empty cohort)."""
+    return f"first {omop.index} of concepts {list(omop.index_concept_ids)}"
+
+
+def cohort_query(tables: dict[str, Any], omop: OmopConfig) -> Any:
+    """One row per person: the first index event, if it passes the criteria.
+
+    Entry: each person's earliest visit (or, with ``index = "condition"``, condition) with a
+    concept in the bound list (by start, then row id). Kept if the age that year
+    (year - year_of_birth) is in [min_age, max_age] and an observation period covers the index
+    date with ``prior_observation_days`` before it; its end (the latest such period's) is where
+    a survival time without death is censored. Only the table read depends on ``omop.index``
+    (a choice of two constants); every value is a bound parameter.
     """
     sa = _sqlalchemy()
-    visit, person, period = (
-        tables["visit_occurrence"],
-        tables["person"],
-        tables["observation_period"],
-    )
-    start = sa.func.coalesce(
-        visit.c.visit_start_datetime, sa.cast(visit.c.visit_start_date, sa.DateTime)
-    )
+    name, row_id, concept, day, stamp = INDEX_EVENTS[omop.index]
+    event, person, period = tables[name], tables["person"], tables["observation_period"]
+    start = sa.func.coalesce(event.c[stamp], sa.cast(event.c[day], sa.DateTime))
     ranked = (
         sa.select(
-            visit.c.person_id,
-            visit.c.visit_occurrence_id,
+            event.c.person_id,
+            event.c[row_id].label("index_event_id"),
             start.label("index_start"),
-            visit.c.visit_start_date.label("index_date"),
+            event.c[day].label("index_date"),
             sa.func.row_number()
-            .over(partition_by=visit.c.person_id, order_by=(start, visit.c.visit_occurrence_id))
+            .over(partition_by=event.c.person_id, order_by=(start, event.c[row_id]))
             .label("entry"),
         )
-        .where(visit.c.visit_concept_id.in_(sa.bindparam("visit_concepts", expanding=True)))
+        .where(event.c[concept].in_(sa.bindparam("index_concepts", expanding=True)))
         .subquery("entry_events")
     )
     age = sa.extract("year", ranked.c.index_date) - person.c.year_of_birth
@@ -297,7 +331,7 @@ def cohort_query(tables: dict[str, Any]) -> Any:
     chosen = (
         sa.select(
             ranked.c.person_id,
-            ranked.c.visit_occurrence_id,
+            ranked.c.index_event_id,
             ranked.c.index_start,
             ranked.c.index_date,
             age.label("age"),
@@ -319,7 +353,7 @@ def cohort_query(tables: dict[str, Any]) -> Any:
 def cohort_parameters(omop: OmopConfig) -> dict[str, Any]:
     """The cohort query's bound values (only ever passed as parameters)."""
     return {
-        "visit_concepts": [int(c) for c in omop.visit_concept_ids],
+        "index_concepts": [int(c) for c in omop.index_concept_ids],
         "prior_days": int(omop.prior_observation_days),
         "min_age": int(omop.min_age),
         "max_age": int(omop.max_age),
@@ -327,27 +361,53 @@ def cohort_parameters(omop: OmopConfig) -> dict[str, Any]:
 
 
 def window(feature: OmopFeature, omop: OmopConfig) -> tuple[float, float]:
-    """A feature's window in hours after the index visit's start (no end: window_hours)."""
+    """A feature's window in hours after the index time (no end: window_hours)."""
     end = feature.end_hours if feature.end_hours is not None else omop.window_hours
     return feature.start_hours, end
 
 
-# Per feature domain: the CDM table, and its concept, time, value and row-id columns. A
-# condition's value is 1 (it is present); a measurement's is value_as_number, when it has one.
+@dataclass(frozen=True)
+class Domain:
+    """Where a feature domain's rows are: the CDM table and its concept, time, value and
+    row-id columns. ``value`` None: the row's value is 1 (a condition is present). ``valueless``:
+    rows without a number are read too (an observation is often a coded fact without one, and
+    ``count`` counts it); a measurement without a value is not read at all."""
+
+    table: str
+    concept: str
+    stamp: str
+    day: str
+    value: str | None
+    row_id: str
+    valueless: bool = False
+
+
+# In this order: each domain's rows come back in it (measurement first, as set A's rows).
 DOMAINS = {
-    "measurement": (
+    "measurement": Domain(
         "measurement",
         "measurement_concept_id",
-        ("measurement_datetime", "measurement_date"),
+        "measurement_datetime",
+        "measurement_date",
         "value_as_number",
         "measurement_id",
     ),
-    "condition": (
+    "condition": Domain(
         "condition_occurrence",
         "condition_concept_id",
-        ("condition_start_datetime", "condition_start_date"),
+        "condition_start_datetime",
+        "condition_start_date",
         None,
         "condition_occurrence_id",
+    ),
+    "observation": Domain(
+        "observation",
+        "observation_concept_id",
+        "observation_datetime",
+        "observation_date",
+        "value_as_number",
+        "observation_id",
+        valueless=True,
     ),
 }
 
@@ -359,24 +419,24 @@ def event_query(domain: str, omop: OmopConfig, tables: dict[str, Any]) -> Any:
     time and row id, the order a site's sums are taken in (for set A: its row order).
     """
     sa = _sqlalchemy()
-    name, concept, (stamp, day), value, row_id = DOMAINS[domain]
-    cohort = cohort_query(tables).subquery("cohort")
-    t = tables[name]
-    when = sa.func.coalesce(t.c[stamp], sa.cast(t.c[day], sa.DateTime))
+    d = DOMAINS[domain]
+    cohort = cohort_query(tables, omop).subquery("cohort")
+    t = tables[d.table]
+    when = sa.func.coalesce(t.c[d.stamp], sa.cast(t.c[d.day], sa.DateTime))
     number = (
-        sa.cast(t.c[value], sa.Double) if value else sa.cast(sa.literal(1.0), sa.Double)
+        sa.cast(t.c[d.value], sa.Double) if d.value else sa.cast(sa.literal(1.0), sa.Double)
     ).label("value")
     query = (
-        sa.select(t.c.person_id, t.c[concept].label("concept_id"), when.label("time"), number)
+        sa.select(t.c.person_id, t.c[d.concept].label("concept_id"), when.label("time"), number)
         .join(cohort, cohort.c.person_id == t.c.person_id)
         .where(
-            t.c[concept].in_(sa.bindparam(f"{domain}_concepts", expanding=True)),
+            t.c[d.concept].in_(sa.bindparam(f"{domain}_concepts", expanding=True)),
             when >= cohort.c.index_start + sa.bindparam(f"{domain}_from", type_=sa.Interval),
             when <= cohort.c.index_start + sa.bindparam(f"{domain}_to", type_=sa.Interval),
         )
-        .order_by(t.c.person_id, when, t.c[row_id])
+        .order_by(t.c.person_id, when, t.c[d.row_id])
     )
-    return query.where(t.c[value].is_not(None)) if value else query
+    return query.where(t.c[d.value].is_not(None)) if d.value and not d.valueless else query
 
 
 def event_parameters(domain: str, omop: OmopConfig) -> dict[str, Any]:
@@ -395,7 +455,7 @@ def outcome_query(omop: OmopConfig, tables: dict[str, Any]) -> Any:
     against the index later), or the earliest condition of ``outcome_concept_ids`` on or after
     the index date."""
     sa = _sqlalchemy()
-    cohort = cohort_query(tables).subquery("cohort")
+    cohort = cohort_query(tables, omop).subquery("cohort")
     if omop.outcome == "death":
         d = tables["death"]
         person, when, where = d.c.person_id, d.c.death_date, ()
@@ -421,8 +481,9 @@ class Extraction:
 
     ``cohort``: person_id, index_start, index_date, age, male (1/0/NaN), observation_end,
     outcome_date (NaT: none). ``observations``: person_id, feature, time (minutes since the
-    index visit's start), value: the measurement and condition features' rows, ordered by
-    person, time and row id within each domain, each row once per feature it belongs to.
+    index time), value (NaN: an observation without a number, kept for a count): the
+    measurement, condition and observation features' rows, ordered by person, time and row id
+    within each domain, each row once per feature it belongs to.
     """
 
     origin: str
@@ -440,7 +501,7 @@ def extract(url: str, credentials: str, omop: OmopConfig) -> Extraction:
     domains = [d for d in DOMAINS if any(f.domain == d for f in omop.features)]
     try:
         with engine.connect() as connection:
-            cohort = _frame(connection.execute(cohort_query(tables), params))
+            cohort = _frame(connection.execute(cohort_query(tables, omop), params))
             outcomes = _frame(connection.execute(outcome_query(omop, tables), params))
             rows = {
                 domain: _frame(
@@ -452,8 +513,8 @@ def extract(url: str, credentials: str, omop: OmopConfig) -> Extraction:
                 for domain in domains
             }
     except sa.exc.SQLAlchemyError as exc:
-        needed = ["person", "visit_occurrence", "observation_period"]
-        needed += [DOMAINS[d][0] for d in domains]
+        needed = ["person", INDEX_EVENTS[omop.index][0], "observation_period"]
+        needed += [DOMAINS[d].table for d in domains]
         needed.append("death" if omop.outcome == "death" else "condition_occurrence")
         raise DataError(
             f"{shown(url)}: reading the OMOP cohort failed ({_reason(exc)}); check that the "
@@ -481,7 +542,7 @@ def _frame(result: Any) -> pd.DataFrame:
 def _cohort_frame(cohort: pd.DataFrame, outcomes: pd.DataFrame, omop: OmopConfig) -> pd.DataFrame:
     """Typed cohort rows with each person's outcome date; a death before the index is refused.
 
-    Such a person cannot be at risk at the index visit: the record is inconsistent, and
+    Such a person cannot be at risk at the index date: the record is inconsistent, and
     reading it as "no death" or "death at 0" would both be a guess.
     """
     out = pd.DataFrame(
@@ -500,8 +561,8 @@ def _cohort_frame(cohort: pd.DataFrame, outcomes: pd.DataFrame, omop: OmopConfig
     if early.any():  # only a death can be (the condition query starts at the index date)
         person = int(out["person_id"][early].iloc[0])
         raise DataError(
-            f"person {person} has a death dated before the index visit ({int(early.sum())} "
-            "persons); fix the death or visit dates in the CDM"
+            f"person {person} has a death dated before the index {omop.index} "
+            f"({int(early.sum())} persons); fix the death or {omop.index} dates in the CDM"
         )
     return out.reset_index(drop=True)
 
@@ -509,7 +570,11 @@ def _cohort_frame(cohort: pd.DataFrame, outcomes: pd.DataFrame, omop: OmopConfig
 def _observations(
     rows: dict[str, pd.DataFrame], cohort: pd.DataFrame, omop: OmopConfig
 ) -> pd.DataFrame:
-    """Each domain's rows labelled with every feature they belong to (concept and window)."""
+    """Each domain's rows labelled with every feature they belong to (concept and window).
+
+    A row without a number (an observation's) is kept only for a ``count``: the other
+    aggregates, and the sequence task, read numbers.
+    """
     starts = cohort.set_index("person_id")["index_start"]
     parts = []
     for domain, found in rows.items():
@@ -531,6 +596,8 @@ def _observations(
                 & (base["time"] >= low * 60)
                 & (base["time"] <= high * 60)
             )
+            if feature.aggregate != "count":
+                mask &= base["value"].notna()
             part = base[mask].drop(columns="concept_id")
             part.insert(1, "feature", feature.name)
             part.insert(0, "domain", list(DOMAINS).index(domain))
@@ -598,8 +665,9 @@ def wide_table(extraction: Extraction, omop: OmopConfig, outcome: dict[str, str]
 
 def _aggregate(grouped: Any, feature: OmopFeature) -> pd.Series:
     """One feature's per-person summary (rows arrive in time order, so last = the latest)."""
-    how = {"mean": "mean", "min": "min", "max": "max", "count": "count"}
-    how |= {"last": "last", "first": "first", "presence": "count"}
+    # count: rows (an observation without a number counts; a measurement always has one).
+    how = {"mean": "mean", "min": "min", "max": "max", "count": "size"}
+    how |= {"last": "last", "first": "first", "presence": "size"}
     try:
         summary = grouped.agg(how[feature.aggregate]).loc[feature.name]
     except KeyError:  # no person has an observation of it
@@ -613,7 +681,8 @@ def long_table(extraction: Extraction, omop: OmopConfig) -> pd.DataFrame:
     """The sequence task's long table: id, time (minutes), variable, value.
 
     Person features are observations at minute 0 (as PhysioNet's descriptors); a person
-    without a value (unknown gender) has no row. Measurement rows keep their order.
+    without a value (unknown gender) has no row, nor has an observation without a number (a
+    count's). Measurement rows keep their order.
     """
     cohort = extraction.cohort
     parts = []
@@ -631,6 +700,7 @@ def long_table(extraction: Extraction, omop: OmopConfig) -> pd.DataFrame:
                 )
             )
     obs = extraction.observations
+    obs = obs[obs["value"].notna()]
     parts.append(
         pd.DataFrame(
             {
@@ -651,9 +721,11 @@ def definition(omop: OmopConfig) -> dict[str, Any]:
     """The cohort definition as plain JSON values (what a registration records).
 
     Canonical: passed through the config parser once, so a definition built in code (48, an
-    int) and the same one read from TOML (48.0, the field's float) are the same definition.
+    int) and the same one read from TOML (48.0, the field's float) are the same definition;
+    keys added later are left out at their defaults (config.omop_dict), so a registration made
+    before they existed still matches its study.
     """
-    return plain(parse_omop(plain(omop)))
+    return omop_dict(parse_omop(plain(omop)))
 
 
 def fingerprint(extraction: Extraction, omop: OmopConfig) -> str:
@@ -692,6 +764,7 @@ __all__ = [
     "connect",
     "database_url",
     "definition",
+    "describe_index",
     "extract",
     "fingerprint",
     "is_database_url",

@@ -120,8 +120,9 @@ TABLES: dict[str, str] = {
         invalid_reason varchar(1) NULL""",
 }
 
-# CDM tables the PhysioNet demo does not fill (set A has no diagnoses), created only when a
-# database is written with rows for them (the tests' synthetic CDM): same source and rules.
+# CDM tables the PhysioNet demo does not fill (set A has no diagnoses or observations),
+# created only when a database is written with rows for them (the tests' synthetic CDM): same
+# source and rules.
 OPTIONAL_TABLES: dict[str, str] = {
     "condition_occurrence": """
         condition_occurrence_id integer NOT NULL,
@@ -140,6 +141,28 @@ OPTIONAL_TABLES: dict[str, str] = {
         condition_source_value varchar(50) NULL,
         condition_source_concept_id integer NULL,
         condition_status_source_value varchar(50) NULL""",
+    "observation": """
+        observation_id integer NOT NULL,
+        person_id integer NOT NULL,
+        observation_concept_id integer NOT NULL,
+        observation_date date NOT NULL,
+        observation_datetime TIMESTAMP NULL,
+        observation_type_concept_id integer NOT NULL,
+        value_as_number NUMERIC NULL,
+        value_as_string varchar(60) NULL,
+        value_as_concept_id integer NULL,
+        qualifier_concept_id integer NULL,
+        unit_concept_id integer NULL,
+        provider_id integer NULL,
+        visit_occurrence_id integer NULL,
+        visit_detail_id integer NULL,
+        observation_source_value varchar(50) NULL,
+        observation_source_concept_id integer NULL,
+        unit_source_value varchar(50) NULL,
+        qualifier_source_value varchar(50) NULL,
+        value_source_value varchar(50) NULL,
+        observation_event_id integer NULL,
+        obs_event_field_concept_id integer NULL""",
 }
 
 

@@ -54,8 +54,7 @@ def extracted(cfg: RunConfig, site: SiteSpec) -> cohort.Extraction:
     extraction = cohort.extract(url, site.credentials, omop)
     if extraction.cohort.empty:
         raise DataError(
-            f"{extraction.origin}: the cohort is empty (no first visit of concepts "
-            f"{list(omop.visit_concept_ids)} meets data.omop's age and observation criteria); "
-            "check the concept ids and criteria"
+            f"{extraction.origin}: the cohort is empty (no {cohort.describe_index(omop)} "
+            "meets data.omop's age and observation criteria); check the concept ids and criteria"
         )
     return extraction
