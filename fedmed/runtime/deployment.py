@@ -520,7 +520,8 @@ def submit(c: Coordinator, plan: RunPlan) -> int:
     """Start ``plan`` on the coordinator; returns Flower's run id."""
     with tempfile.TemporaryDirectory(prefix="fedmed-app-") as tmp:
         values = {**plan.to_run_config(), ENGINE_KEY: "deployment"}
-        secure = plan.config.strategy.secure_aggregation
+        cfg = plan.config
+        secure = cfg.strategy.secure_aggregation or (plan.stats and cfg.secure_statistics)
         app = write_app(Path(tmp) / "app", sorted(values), secure=secure)
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))

@@ -1,4 +1,5 @@
-"""A site's SecAgg+ ClientApp: the same local round, masked by Flower's secaggplus_mod."""
+"""A site's SecAgg+ ClientApp: the same local round (or a pass of the study's statistics,
+fedmed.site.stats.masked_statistics), masked by Flower's secaggplus_mod."""
 
 from __future__ import annotations
 
@@ -14,9 +15,18 @@ from flwr.common import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedmed.protocol import RUN_KEY, SITE_KEY, to_state
+from fedmed.protocol import (
+    RUN_KEY,
+    SITE_KEY,
+    STATS_EDGES_KEY,
+    STATS_LAYOUT_KEY,
+    STATS_PASS_KEY,
+    STUDY_KEY,
+    to_state,
+)
 from fedmed.security.policy import site_audit_mod, site_policy_mod
 from fedmed.site.app import fail_closed_mod, local_evaluate, local_round
+from fedmed.site.stats import masked_statistics
 
 
 class SiteClient(NumPyClient):
@@ -29,6 +39,16 @@ class SiteClient(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         run_json = str(config[RUN_KEY])
+        if STATS_PASS_KEY in config:  # a pass of the study's statistics: counts, not a model
+            site, vector, numbers = masked_statistics(
+                run_json,
+                self.context,
+                str(config[STATS_PASS_KEY]),
+                str(config.get(STUDY_KEY, "")),
+                str(config.get(STATS_EDGES_KEY, "")),
+                str(config[STATS_LAYOUT_KEY]),
+            )
+            return [vector], 1, {**numbers, SITE_KEY: site.name}  # weight 1: Flower sums exactly
         keys = str(config["keys"]).split(",")
         site, state, metrics = local_round(
             run_json, self.context, to_state(keys, parameters), config

@@ -205,9 +205,13 @@ def summarize(
     second: dict[str, dict[str, Any]],
     edges: dict[str, Any],
     refused: dict[str, str],
+    sites: list[str] | None = None,
 ) -> dict[str, Any]:
-    """stats.json: per site and pooled, from what the sites sent (``first``, ``second``)."""
-    sites = [s for s in cfg.site_names if s in first]
+    """stats.json: per site and pooled, from what the sites sent (``first``, ``second``).
+
+    ``sites``: the replies' names in report order (default: the study's sites that answered;
+    a secure report has one, the SecAgg+ sum)."""
+    sites = [s for s in (sites or cfg.site_names) if s in first]
     one = {s: first[s]["cells"] for s in sites}
     two = {s: second.get(s, {"cells": {}, "sums": {}}) for s in sites}
     numeric, categorical = feature_kinds(cfg)
@@ -448,6 +452,15 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
         "marked ≥ is partial (some site suppressed its part). No row left any site.",
         "",
     ]
+    secure = stats.get("secure_aggregation")
+    if secure:
+        summed = ", ".join(next(iter(secure["passes"].values())))
+        lines += [
+            f"Summed under SecAgg+ ({summed}): the coordinator saw only the pooled counts, and "
+            f"a pooled count from 1 to {secure['min_cell'] - 1} is suppressed in this report; "
+            "no site's own counts are known, so the site rows are the sum.",
+            "",
+        ]
     noisy = {s: e for s, e in stats["epsilon"].items() if e}
     if noisy:
         spent = ", ".join(f"{s} ε={e:.3g}" for s, e in noisy.items())
