@@ -38,6 +38,7 @@ from flwr.server import ClientManager, LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
 from fedmed.coordinator.secure import PlanStampingGrid, SecureRoundLost, SecureRounds, _site_reasons
@@ -80,8 +81,15 @@ def secure_pass(
     phase: str,
     shapes: dict[str, int],
     extra: dict[str, str] | None = None,
+    same_as: list[str] | None = None,
 ) -> SecurePass:
-    """Pass ``phase`` as one SecAgg+ round: the sum of every answering site's counts."""
+    """Pass ``phase`` as one SecAgg+ round: the sum of every answering site's counts.
+
+    ``same_as``: the sites an earlier pass summed. Where both passes count the same rows (a
+    histogram adds up to a feature's present values, its open tails are coarse cells), sums
+    over two different sets of sites would give the difference away: one site's counts. So
+    the pass is unmasked only if exactly those sites sent masked vectors, and is lost
+    otherwise (the sites' vectors stay masked)."""
     cfg = plan.config
     if not 2 <= len(cfg.sites) <= SECURE_STATS_MAX_SITES:
         raise ConfigError(
@@ -102,7 +110,8 @@ def secure_pass(
         context, config=ServerConfig(num_rounds=1, round_timeout=QUERY_TIMEOUT), strategy=strategy
     )
     workflow = DefaultWorkflow(
-        fit_workflow=SecureRounds(
+        fit_workflow=_SameSites(
+            same_as=None if same_as is None else set(same_as),
             judge=strategy.judge,
             num_shares=1.0,  # every site is every other's neighbour
             # A dropped site's masks are rebuilt from the shares of all but one of the others:
@@ -117,6 +126,26 @@ def secure_pass(
     )
     workflow(PlanStampingGrid(grid, study, QUERY_TIMEOUT), legacy)
     return result
+
+
+class SitesChanged(RuntimeError):
+    """A pass's masked vectors came from other sites than the earlier pass summed."""
+
+
+class _SameSites(SecureRounds):
+    """SecAgg+ that unmasks the sum only if the sites in it are ``same_as`` (None: any)."""
+
+    def __init__(self, *, same_as: set[str] | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.same_as = same_as
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        summed = {str(res.metrics[SITE_KEY]) for _, res in state.legacy_results}
+        if self.same_as is not None and summed != self.same_as:
+            changed = ", ".join(sorted(summed ^ self.same_as))
+            state.failures.append(SitesChanged(f"{changed} in one pass but not the other"))
+            return False
+        return super().unmask_stage(grid, context, state)
 
 
 class _PassStrategy(Strategy):
@@ -166,11 +195,15 @@ class _PassStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         names = [str(res.metrics[SITE_KEY]) for _, res in results]
         lost = any(isinstance(f, SecureRoundLost) for f in failures)
+        changed = [str(f) for f in failures if isinstance(f, SitesChanged)]
         reasons = _site_reasons(failures)
         for site in self.sites:
             if site not in names or lost:
                 generic = (
-                    "secure statistics lost: too few sites completed SecAgg+"
+                    f"{self.phase} not unmasked: {changed[0]} (the difference of the two sums "
+                    "would be a site's counts)"
+                    if changed
+                    else "secure statistics lost: too few sites completed SecAgg+"
                     if lost
                     else f"no masked {self.phase} counts (dropped out, refused or timed out)"
                 )

@@ -125,6 +125,7 @@ def _secure_statistics(
         STATS_PASSES[1],
         second_shape,
         extra={STATS_EDGES_KEY: encode_edges(edges)},
+        same_as=first.sites,
     )
     two = {POOLED: _pooled_reply(second, min_cell)} if second.pooled is not None else {}
     stats = summarize(cfg, one, two, edges, _refusals(history), sites=[POOLED])

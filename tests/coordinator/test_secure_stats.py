@@ -23,6 +23,7 @@ from fedmed.protocol import (
     SECURE_STATS_MAX_SITES,
     SECURE_STATS_MODULUS,
     SECURE_STATS_QUANTIZATION,
+    STATS_PASS_KEY,
     STATS_PASSES,
     flatten_counts,
     unflatten_sum,
@@ -161,6 +162,34 @@ def test_a_site_dropping_out_mid_protocol_is_left_out_of_the_sum_and_named(
     assert stats["cohort"]["pooled"]["count"] == 150 + 120
     assert "gamma" in stats["refused"]
     assert stats["secure_aggregation"]["passes"][STATS_PASSES[1]] == ["alpha", "beta"]
+
+
+class DropsInPassTwo(SiteClient):
+    """gamma answers pass 1 and loses its connection in pass 2."""
+
+    def fit(self, parameters: Any, config: Any) -> Any:
+        gamma = self.context.node_config["partition-id"] == 2
+        if gamma and config[STATS_PASS_KEY] == STATS_PASSES[1]:
+            raise RuntimeError("connection lost")
+        return super().fit(parameters, config)
+
+
+def test_a_pass_summing_other_sites_than_the_first_is_not_unmasked(tmp_path: Path) -> None:
+    """Pass 2's histograms add up to what pass 1 counted (present values, the open tails are
+    coarse cells): a sum over alpha + beta against pass 1's alpha + beta + gamma would be
+    gamma's counts. The coordinator does not unmask it."""
+    cfg = _secure(tmp_path)
+    app = ClientApp(client_fn=lambda context: DropsInPassTwo(context).to_client(), mods=SITE_MODS)
+
+    stats, passes = _run(cfg, app)
+
+    assert passes[0].sites == ["alpha", "beta", "gamma"]
+    assert passes[1].pooled is None and passes[1].sites == []
+    assert stats["cohort"]["pooled"]["count"] == 360  # pass 1 is reported
+    assert all(
+        "histogram" not in f or not f["histogram"]["pooled"] for f in stats["features"].values()
+    )
+    assert "not unmasked: gamma in one pass but not the other" in stats["refused"]["alpha"]
 
 
 def test_noise_is_added_by_each_site_before_masking_and_charged_to_its_ledger(
