@@ -13,6 +13,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.serde import message_to_proto
+from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedmed.config import RunConfig
 from fedmed.coordinator import secure_stats
@@ -190,6 +191,20 @@ def test_a_pass_summing_other_sites_than_the_first_is_not_unmasked(tmp_path: Pat
         "histogram" not in f or not f["histogram"]["pooled"] for f in stats["features"].values()
     )
     assert "not unmasked: gamma in one pass but not the other" in stats["refused"]["alpha"]
+
+
+def test_the_sites_refuse_to_unmask_it_for_a_coordinator_that_skips_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _secure(tmp_path)
+    app = ClientApp(client_fn=lambda context: DropsInPassTwo(context).to_client(), mods=SITE_MODS)
+    monkeypatch.setattr(secure_stats._SameSites, "unmask_stage", SecAggPlusWorkflow.unmask_stage)
+
+    stats, passes = _run(cfg, app)
+
+    assert passes[1].pooled is None  # alpha and beta kept their shares: nothing was unmasked
+    for site in ("alpha", "beta"):
+        assert "only for the sites the first pass summed" in stats["refused"][site]
 
 
 def test_noise_is_added_by_each_site_before_masking_and_charged_to_its_ledger(
