@@ -14,7 +14,8 @@ What the coordinator still sees in the clear, beside each masked vector: the sit
 to apply. A site that drops out after sharing its keys is handled as Flower's SecAgg+ handles
 it: its vector stays out of the sum and its pairwise masks are removed with its neighbours'
 shares, while at least ``reconstruction_threshold`` of them answer (here: every site but one,
-and at least 2); below that the pass is lost and every site is named.
+and at least 2, so a pass survives one dropout); below that the pass is lost and every site is
+named.
 """
 
 from __future__ import annotations
@@ -114,8 +115,9 @@ def secure_pass(
             same_as=None if same_as is None else set(same_as),
             judge=strategy.judge,
             num_shares=1.0,  # every site is every other's neighbour
-            # A dropped site's masks are rebuilt from the shares of all but one of the others:
-            # a coordinator must hold every other site's shares to unmask anyone alone.
+            # Shares of every site but one: a pass survives one dropout, and a sum with a site
+            # left out needs the shares of EVERY remaining site, so one that refuses (a site's
+            # same_sum_mod) keeps it masked.
             reconstruction_threshold=max(2, len(cfg.sites) - 1),
             max_weight=1.0,  # weight 1 for every site: Flower's scaling factor is exactly 1
             clipping_range=float(SECURE_STATS_CLIPPING),

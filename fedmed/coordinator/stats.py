@@ -127,7 +127,8 @@ def _secure_statistics(
         extra={STATS_EDGES_KEY: encode_edges(edges)},
         same_as=first.sites,
     )
-    two = {POOLED: _pooled_reply(second, min_cell)} if second.pooled is not None else {}
+    lost = second.pooled is None and not second.error  # named in the history
+    two = {} if lost else {POOLED: _pooled_reply(second, min_cell)}
     stats = summarize(cfg, one, two, edges, _refusals(history), sites=[POOLED])
     spent = {s: c["epsilon"] for s, c in first.clear.items()}
     for site, clear in second.clear.items():
