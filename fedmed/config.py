@@ -448,6 +448,10 @@ class StatsConfig(_Frozen):
     epsilon: float = 0.0
     bins: int = 20  # histogram bins between the shared edges (plus two open tails)
     km_bins: int = 12  # Kaplan-Meier time intervals (survival studies)
+    # Sum the sites' counts under SecAgg+: the coordinator sees only pooled counts, and the
+    # minimum cell count applies to the pooled cell. Also on when strategy.secure_aggregation
+    # is (RunConfig.secure_statistics): a study whose sites mask their updates masks its counts.
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -922,6 +926,11 @@ class RunConfig(_Frozen):
     @property
     def site_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.sites)
+
+    @property
+    def secure_statistics(self) -> bool:
+        """Whether `fedmed stats` sums the sites' counts under SecAgg+ (docs/statistics.md)."""
+        return self.stats.secure_aggregation or self.strategy.secure_aggregation
 
 
 @functools.lru_cache(maxsize=8)

@@ -152,6 +152,59 @@ def decode_edges(text: str) -> dict[str, Any]:
     return body
 
 
+# --- federated statistics under SecAgg+ (docs/statistics.md) ------------------------------------
+# Each pass is one round of Flower's SecAgg+ workflow: a site's FitIns carries the pass and the
+# layout of the count vectors (STATS_LAYOUT_KEY: {key: length}); it replies with ONE float
+# vector, its unsuppressed counts in that layout (sorted keys), weight 1. Flower quantizes
+# x -> (clip(x, -C, C) + C) * T / (2C) with stochastic rounding; with T = 2C (a step of 1) an
+# integer count lands exactly on the lattice, so the unmasked sum is exact while every site's
+# |count| <= C and the sum of the shifted counts stays below the modulus (n * 2C < 2^32).
+STATS_PASS_KEY = "fedmed.stats-pass"  # FitIns config: which pass (STATS_PASSES) to mask
+STATS_LAYOUT_KEY = "fedmed.stats-layout"  # FitIns config: {vector key: length}, as JSON
+SECURE_STATS_CLIPPING = 2**24  # C: the largest |count| a site may mask (16,777,216)
+SECURE_STATS_QUANTIZATION = 2 * SECURE_STATS_CLIPPING  # T = 2C: quantizer 1, counts stay exact
+SECURE_STATS_MODULUS = 2**32  # Flower's largest modulus
+SECURE_STATS_MAX_SITES = SECURE_STATS_MODULUS // SECURE_STATS_QUANTIZATION - 1  # 127
+
+
+def encode_layout(shapes: dict[str, int]) -> str:
+    """The count vectors a secure pass asks for, as the coordinator sends them."""
+    return json.dumps(dict(sorted(shapes.items())), separators=(",", ":"))
+
+
+def flatten_counts(cells: dict[str, list[int]], layout_json: str) -> np.ndarray:
+    """A site's counts as the one vector it masks: ValueError unless ``cells`` has exactly the
+    vectors and lengths the layout asks for, each count an integer with |count| <= C."""
+    layout = json.loads(layout_json)
+    if not isinstance(layout, dict) or {k: len(v) for k, v in cells.items()} != layout:
+        raise ValueError("the secure statistics query asks for vectors this site does not count")
+    flat = [int(c) for key in sorted(layout) for c in cells[key]]
+    if any(abs(c) > SECURE_STATS_CLIPPING for c in flat):
+        raise ValueError(
+            f"a count above {SECURE_STATS_CLIPPING:,} cannot be summed exactly under SecAgg+; "
+            "split the site's dataset or set [stats] secure_aggregation = false"
+        )
+    return np.asarray(flat, dtype=np.float64)
+
+
+def unflatten_sum(mean: np.ndarray, sites: int, shapes: dict[str, int]) -> dict[str, list[int]]:
+    """The pooled counts from Flower's unmasked aggregate (the mean of ``sites`` weight-1
+    vectors): each the sum, an integer. ValueError if a cell is off the integer lattice (a
+    site masked something other than counts), so a corrupted sum is never reported."""
+    total = np.asarray(mean, dtype=np.float64).ravel() * sites
+    if total.size != sum(shapes.values()):
+        raise ValueError("the unmasked sum does not have the layout the pass asked for")
+    counts = np.rint(total)
+    if not np.all(np.abs(total - counts) < 1e-3):
+        raise ValueError("the unmasked sum is not a vector of whole counts")
+    out: dict[str, list[int]] = {}
+    start = 0
+    for key in sorted(shapes):
+        out[key] = [int(c) for c in counts[start : start + shapes[key]]]
+        start += shapes[key]
+    return out
+
+
 # --- why a site did not contribute -------------------------------------------------------------
 
 

@@ -185,24 +185,36 @@ def _print_stats(stats: dict) -> None:
     def cell(value: object) -> str:
         return "·" if value is None else _fmt(value)
 
-    for site in stats["sites"]:
-        table.add_row(
-            site,
-            cell(stats["cohort"]["sites"][site]),
-            *map(cell, outcome["sites"][site]),
-            cell(outcome["rate"]["sites"][site]),
-            _fmt(stats["epsilon"][site]),
-        )
-    pooled = [stats["cohort"]["pooled"], *outcome["pooled"]]
+    secure = "secure_aggregation" in stats
+    if secure:  # SecAgg+: no site's counts are known, only the ε each spent
+        for site, spent in stats["epsilon"].items():
+            table.add_row(site, *["masked"] * (len(outcome["labels"]) + 2), _fmt(spent))
+    else:
+        for site in stats["sites"]:
+            table.add_row(
+                site,
+                cell(stats["cohort"]["sites"][site]),
+                *map(cell, outcome["sites"][site]),
+                cell(outcome["rate"]["sites"][site]),
+                _fmt(stats["epsilon"][site]),
+            )
+
+    def pooled(c: dict) -> str:
+        if secure and c["partial"]:
+            return "·"
+        return ("≥" if c["partial"] else "") + str(c["count"])
+
     table.add_row(
         "pooled",
-        *(("≥" if c["partial"] else "") + str(c["count"]) for c in pooled),
+        *map(pooled, [stats["cohort"]["pooled"], *outcome["pooled"]]),
         cell(outcome["rate"]["pooled"]) + ("*" if outcome["rate"]["pooled_partial"] else ""),
         "",
     )
     Console(file=sys.stderr, width=120).print(table)
-    print(
-        "· = suppressed at the site; ≥ = a pooled count some site suppressed part of; "
-        "* = a rate over the sites that published it",
-        file=sys.stderr,
+    note = (
+        "masked = summed under SecAgg+; · = a pooled count below the minimum"
+        if secure
+        else "· = suppressed at the site; ≥ = a pooled count some site suppressed part of; "
+        "* = a rate over the sites that published it"
     )
+    print(note, file=sys.stderr)

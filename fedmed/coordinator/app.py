@@ -276,7 +276,7 @@ def build_server_app(
         if the_plan.stats:  # `fedmed run --stats`: the deployed app serves both
             from fedmed.coordinator.stats import federated_statistics
 
-            federated_statistics(grid, the_plan)
+            federated_statistics(grid, the_plan, context=context)
             return
         run_federated(grid, context, the_plan, on_round)
 

@@ -23,6 +23,7 @@ A site's statistics release (fedmed.data.summary) is a set of count vectors. Bef
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -51,11 +52,18 @@ def noise_generator(material: str) -> np.random.Generator:
 
 
 def add_noise(
-    cells: dict[str, list[int]], sigma: float, rng: np.random.Generator
+    cells: dict[str, list[int]],
+    sigma: float,
+    rng: np.random.Generator,
+    *,
+    floor: int | None = 0,
 ) -> dict[str, list[int]]:
-    """Every count plus N(0, sigma²), rounded and clipped at 0."""
+    """Every count plus N(0, sigma²), rounded and clipped at ``floor`` (None: not clipped, for
+    counts summed under SecAgg+, where the pooled sum is clipped instead: clipping each site's
+    part first would bias the sum upward)."""
+    low = -math.inf if floor is None else floor
     return {
-        key: [max(0, round(c + rng.normal(0.0, sigma))) for c in values]
+        key: [int(max(low, round(c + rng.normal(0.0, sigma)))) for c in values]
         for key, values in cells.items()
     }
 

@@ -516,12 +516,18 @@ def write_app(folder: Path, keys: list[str], secure: bool = False) -> Path:
     return folder
 
 
+def ships_secure_app(plan: RunPlan) -> bool:
+    """Whether the sites run the SecAgg+ ClientApp: a secure study, or statistics masked
+    under SecAgg+ (``fedmed run --stats`` of a plan with stats.secure_aggregation)."""
+    cfg = plan.config
+    return cfg.strategy.secure_aggregation or (plan.stats and cfg.secure_statistics)
+
+
 def submit(c: Coordinator, plan: RunPlan) -> int:
     """Start ``plan`` on the coordinator; returns Flower's run id."""
     with tempfile.TemporaryDirectory(prefix="fedmed-app-") as tmp:
         values = {**plan.to_run_config(), ENGINE_KEY: "deployment"}
-        secure = plan.config.strategy.secure_aggregation
-        app = write_app(Path(tmp) / "app", sorted(values), secure=secure)
+        app = write_app(Path(tmp) / "app", sorted(values), secure=ships_secure_app(plan))
         overrides = Path(tmp) / "run-config.toml"
         overrides.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
         res = flwr_cli(

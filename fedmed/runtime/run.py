@@ -174,7 +174,11 @@ def run_stats(
     on the in-process or Ray runtime, so a site answers exactly as it would in a federation.
     """
     from fedmed.coordinator.stats import build_stats_app
-    from fedmed.site.app import app as client_app
+
+    if plan.config.secure_statistics:  # the counts are masked by the sites' SecAgg+ ClientApp
+        from fedmed.site.secure_app import client_app
+    else:
+        from fedmed.site.app import app as client_app
 
     try:
         _run_apps(plan, build_stats_app(plan, progress), client_app, verbose)

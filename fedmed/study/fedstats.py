@@ -205,9 +205,13 @@ def summarize(
     second: dict[str, dict[str, Any]],
     edges: dict[str, Any],
     refused: dict[str, str],
+    sites: list[str] | None = None,
 ) -> dict[str, Any]:
-    """stats.json: per site and pooled, from what the sites sent (``first``, ``second``)."""
-    sites = [s for s in cfg.site_names if s in first]
+    """stats.json: per site and pooled, from what the sites sent (``first``, ``second``).
+
+    ``sites``: the replies' names in report order (default: the study's sites that answered;
+    a secure report has one, the SecAgg+ sum)."""
+    sites = [s for s in (sites or cfg.site_names) if s in first]
     one = {s: first[s]["cells"] for s in sites}
     two = {s: second.get(s, {"cells": {}, "sums": {}}) for s in sites}
     numeric, categorical = feature_kinds(cfg)
@@ -439,13 +443,30 @@ def _pooled(cell: dict[str, Any]) -> str:
 
 def markdown(stats: dict[str, Any], plots: list[str]) -> str:
     """The report: per-site and pooled tables, then the plots."""
-    sites = stats["sites"]
+    secure = stats.get("secure_aggregation")
+    # Under SecAgg+ the one reply is the sum: its rows would repeat the pooled ones.
+    sites = [] if secure else stats["sites"]
+    if secure:
+        summed = next(iter(secure["passes"].values()))
+        about = (
+            f"{len(summed)} sites summed under SecAgg+ ({', '.join(summed)}): the coordinator "
+            f"saw only the pooled counts, and a pooled count from 1 to {secure['min_cell'] - 1} "
+            "is suppressed in this report (`<suppressed>`). No site's own counts left it."
+        )
+    else:
+        about = (
+            f"{len(sites)} sites. A count from 1 to {stats['min_cell'] - 1} is suppressed at the "
+            "site (`<suppressed>`); a pooled count marked ≥ is partial (some site suppressed its "
+            "part). No row left any site."
+        )
+
+    def pooled(cell: dict[str, Any]) -> str:
+        return "<suppressed>" if secure and cell["partial"] else _pooled(cell)
+
     lines = [
         f"# Federated statistics: {stats['study']}",
         "",
-        f"Task `{stats['task']}`, {len(sites)} sites. A count from 1 to "
-        f"{stats['min_cell'] - 1} is suppressed at the site (`<suppressed>`); a pooled count "
-        "marked ≥ is partial (some site suppressed its part). No row left any site.",
+        f"Task `{stats['task']}`, {about}",
         "",
     ]
     noisy = {s: e for s, e in stats["epsilon"].items() if e}
@@ -474,8 +495,8 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
         _row(
             [
                 "**pooled**",
-                _pooled(stats["cohort"]["pooled"]),
-                *map(_pooled, outcome["pooled"]),
+                pooled(stats["cohort"]["pooled"]),
+                *map(pooled, outcome["pooled"]),
                 pooled_rate,
             ]
         )
@@ -488,13 +509,13 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
             row = entry.get("pooled" if s == "pooled" else "sites", {})
             row = row if s == "pooled" else row.get(s, {})
             missing = entry["missing"]["pooled"] if s == "pooled" else None
-            shown_missing = _pooled(missing) if missing else _fmt(entry["missing"]["sites"][s])
+            shown_missing = pooled(missing) if missing else _fmt(entry["missing"]["sites"][s])
             q = row.get("quantiles", {})
             mean = _fmt(row.get("mean")) + ("~" if row.get("moments") == "from histogram" else "")
             lines.append(
                 _row(
                     [
-                        name if s == sites[0] else "",
+                        name if s == [*sites, "pooled"][0] else "",
                         f"**{s}**" if s == "pooled" else s,
                         shown_missing,
                         mean,
@@ -518,7 +539,7 @@ def markdown(stats: dict[str, Any], plots: list[str]) -> str:
             head = ["site", *entry["levels"]]
             lines += [f"**{name}**", "", _row(head), _row(["---"] * len(head))]
             lines += [_row([s, *map(_fmt, entry["sites"][s])]) for s in sites]
-            lines += [_row(["**pooled**", *map(_pooled, entry["pooled"])]), ""]
+            lines += [_row(["**pooled**", *map(pooled, entry["pooled"])]), ""]
     if "km" in stats:
         km = stats["km"]
         head = ["time", *sites, "pooled", "pooled band"]

@@ -92,3 +92,21 @@ def test_a_minimum_cell_below_one_is_one_line(
     code, _, err = _stats(["demo", "--min-cell", "0"], capsys)
 
     assert code == 2 and "stats.min_cell" in err and len(err.strip().splitlines()) == 1
+
+
+@needs_shared_data
+def test_a_secure_report_shows_only_pooled_counts_and_each_sites_epsilon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDMED_SIM_WORKERS", "1")
+    argv = ["lung", "--output-dir", str(tmp_path), "--set", "stats.secure_aggregation=true"]
+
+    code, out, err = _stats(argv, capsys)
+
+    assert code == 0, err
+    stats = json.loads((Path(out.strip().splitlines()[-1]) / "stats.json").read_text())
+    assert stats["cohort"]["pooled"]["count"] == 227  # R's lung table, every row summed
+    assert len(stats["secure_aggregation"]["passes"]["stats_cells"]) == 6
+    assert err.count("masked") >= 6 and "pass 1 under SecAgg+" in err
+    # Exact pooled life table where the small sites publish no interval's events in the clear.
+    assert not stats["km"]["pooled"]["approximate"][0]

@@ -9,19 +9,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.config import RunConfig, SiteConfig, StatsConfig, parse_run_config
 from fedmed.coordinator.app import build_server_app
 from fedmed.data.registry import DatasetRegistry
-from fedmed.errors import PolicyViolation
+from fedmed.errors import PolicyViolation, StudyFailed
 from fedmed.privacy.ledger import PrivacyLedger
 from fedmed.protocol import SITE_CONFIG_KEY, STATS_PASSES, encode_edges
 from fedmed.runtime.inprocess import RUN_ID
 from fedmed.security.policy import plan_hash
 from fedmed.site.app import app as client_app
-from fedmed.site.stats import controls, statistics_reply
+from fedmed.site.secure_app import client_app as secure_app
+from fedmed.site.stats import ANSWERED, controls, statistics_reply
 from fedmed.study.plan import RunPlan, new_run_dir
 from tests.conftest import write_site_csv
 from tests.site.test_site_daemon import CANARY, RecordingGrid
@@ -55,10 +57,12 @@ def _site(tmp_path: Path, name: str, approved: str, table: Path, extra: str) -> 
     return path
 
 
-def _deployed_stats(cfg: RunConfig, site_files: list[Path]) -> tuple[RecordingGrid, Path]:
+def _deployed_stats(
+    cfg: RunConfig, site_files: list[Path], app: ClientApp = client_app
+) -> tuple[RecordingGrid, Path]:
     """The deployed ServerApp (`fedmed run --stats`) over sites that each read their own TOML."""
     plan = RunPlan(cfg, new_run_dir(cfg, "stats"), engine="deployment", stats=True)
-    grid = RecordingGrid(client_app, len(site_files), plan.to_run_config())
+    grid = RecordingGrid(app, len(site_files), plan.to_run_config())
     for context, site_file in zip(grid.contexts.values(), site_files, strict=True):
         context.node_config = {SITE_CONFIG_KEY: str(site_file)}
     TaskIdentity.run_id, TaskIdentity.task_id = RUN_ID, 1
@@ -156,3 +160,64 @@ def test_a_deployed_site_answers_a_plan_once_and_refuses_other_edges(tmp_path: P
     with pytest.raises(PolicyViolation, match="already answered these statistics"):
         statistics_reply(cfg.to_json(), context, STATS_PASSES[1], "probe", shifted)
     assert first_run != again
+
+
+def _cohort_plan(tmp_path: Path, **strategy: object) -> RunConfig:
+    return parse_run_config(
+        {
+            "name": "cohort",
+            "output_dir": str(tmp_path / "runs"),
+            "data": {"dataset": "cohort", "schema": {"target": "outcome", "features": ["age"]}},
+            "strategy": {"min_sites": 2, **strategy},
+            "sites": [{"name": n} for n in ("alpha", "beta", "gamma")],
+        }
+    )
+
+
+def test_a_site_that_requires_secure_aggregation_releases_no_statistics_in_clear(
+    tmp_path: Path,
+) -> None:
+    cfg = _cohort_plan(tmp_path)
+    table = write_site_csv(tmp_path / "alpha.csv", 80, seed=1)
+    extra = "share_statistics = true\nrequire_secure_aggregation = true\n"
+    site = _site(tmp_path, "alpha", plan_hash(cfg), table, extra)
+    context = Context(RUN_ID, 1001, {SITE_CONFIG_KEY: str(site)}, RecordDict(), {})
+
+    with pytest.raises(PolicyViolation, match="only under SecAgg"):
+        statistics_reply(cfg.to_json(), context, STATS_PASSES[0], "probe")
+    assert not (tmp_path / "state" / "alpha" / ANSWERED).exists()  # refused before counting
+
+
+def test_a_plan_that_masks_its_statistics_is_not_answered_in_clear(tmp_path: Path) -> None:
+    cfg = _cohort_plan(tmp_path).replace(stats=StatsConfig(secure_aggregation=True))
+    context = Context(RUN_ID, 1001, {}, RecordDict(), {})  # a simulated site
+
+    with pytest.raises(PolicyViolation, match="not sent in clear"):
+        statistics_reply(cfg.to_json(), context, STATS_PASSES[0], "probe")
+
+
+def test_deployed_sites_that_require_secure_aggregation_answer_a_secure_plan_masked(
+    tmp_path: Path,
+) -> None:
+    cfg = _cohort_plan(tmp_path, secure_aggregation=True, validate_updates=False)
+    approved = plan_hash(cfg)
+    rows = {"alpha": 80, "beta": 70, "gamma": 60}
+    extra = "share_statistics = true\nrequire_secure_aggregation = true\n"
+    sites = [
+        _site(tmp_path, n, approved, write_site_csv(tmp_path / f"{n}.csv", k, seed=i), extra)
+        for i, (n, k) in enumerate(rows.items())
+    ]
+
+    grid, run_dir = _deployed_stats(cfg, sites, secure_app)
+
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["refused"] == {}
+    assert stats["secure_aggregation"]["passes"]["stats_cells"] == ["alpha", "beta", "gamma"]
+    assert stats["cohort"]["pooled"]["count"] == sum(rows.values())
+    assert set(stats["epsilon"].values()) == {0.0}
+    wire = b"".join(grid.sent)
+    assert b'"cohort"' not in wire  # no clear statistics reply (the vectors: test_secure_stats)
+    assert str(tmp_path).encode() not in wire
+    # A second sum could be differenced against the first (one site left out): no rerun.
+    with pytest.raises(StudyFailed, match="already answered these statistics under SecAgg"):
+        _deployed_stats(cfg, sites, secure_app)
