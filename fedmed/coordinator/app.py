@@ -124,10 +124,10 @@ def personalize_sites(grid: Grid, plan: RunPlan, arrays: ArrayRecord, history: R
 
 
 def ask_statistics(
-    grid: Grid, plan: RunPlan, history: RunHistory, rnd: int
+    grid: Grid, plan: RunPlan, history: RunHistory, rnd: int, *, wait: bool = True
 ) -> tuple[dict[str, dict], dict[str, str]]:
     """Each site's fitted statistics by site name, and the refusals (site -> reason)."""
-    return ask_sites(grid, plan, history, rnd, "statistics", STATISTICS_KEY, json.loads)
+    return ask_sites(grid, plan, history, rnd, "statistics", STATISTICS_KEY, json.loads, wait=wait)
 
 
 def ask_sites(
@@ -139,16 +139,24 @@ def ask_sites(
     key: str,
     decode: Callable[[str], Any],
     extra: dict[str, str] | None = None,
+    *,
+    wait: bool = True,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Send every site the query ``query.<phase>`` (with ``extra`` config entries); (decoded
     ``key`` of each reply by site name, the refusals: who -> reason). A reply that does not
-    decode counts as a refusal."""
+    decode counts as a refusal.
+
+    ``wait``: first wait (up to QUERY_TIMEOUT) until every site's node is listed, as a query
+    before round 1 must (site_nodes). A query after the rounds, or a second pass, asks the
+    nodes there now: waiting then only waits out a site that died (QUERY_TIMEOUT, 5 minutes).
+    """
+    nodes = site_nodes(grid, len(plan.config.sites), QUERY_TIMEOUT) if wait else grid.get_node_ids()
     study = ConfigRecord(
         {RUN_KEY: plan.config.to_json(), STUDY_KEY: plan.run_dir.name, **(extra or {})}
     )
     messages = [
         grid.create_message(RecordDict({"config": study}), f"query.{phase}", node, group_id=phase)
-        for node in site_nodes(grid, len(plan.config.sites), QUERY_TIMEOUT)
+        for node in nodes
     ]
     sites, refused = {}, {}
     for reply in grid.send_and_receive(messages, timeout=QUERY_TIMEOUT):
@@ -183,7 +191,7 @@ def site_nodes(grid: Grid, sites: int, timeout: float) -> list[int]:
 
 def collect_statistics(grid: Grid, plan: RunPlan, history: RunHistory) -> str:
     """Serving preprocessing from the sites that opted in (share_statistics); "" if none did."""
-    sites, _ = ask_statistics(grid, plan, history, history.last_round())
+    sites, _ = ask_statistics(grid, plan, history, history.last_round(), wait=False)
     return combine_site_statistics([sites[name] for name in sorted(sites)])
 
 

@@ -87,6 +87,7 @@ def _clear_statistics(
         STATS_KEY,
         lambda t: decode_stats(t, second_shape.get),
         extra={STATS_EDGES_KEY: encode_edges(edges)},
+        wait=False,  # pass 1 waited for the sites
     )
     return summarize(cfg, first, second, edges, _refusals(history))
 
