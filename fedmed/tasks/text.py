@@ -43,6 +43,7 @@ logit(text) - logit(empty text) (up to the quadrature error: ``explain_tokens`` 
 
 from __future__ import annotations
 
+import abc
 import functools
 import hashlib
 import math
@@ -154,7 +155,7 @@ def frozen_embedding_of(model: nn.Module) -> FrozenEmbedding | None:
     return next((m for m in model.modules() if isinstance(m, FrozenEmbedding)), None)
 
 
-class _TextModel(nn.Module):
+class _TextModel(nn.Module, abc.ABC):
     """Token ids -> embeddings -> ``from_embeddings``, which explanations call directly."""
 
     embed: nn.Embedding | FrozenEmbedding
@@ -163,8 +164,9 @@ class _TextModel(nn.Module):
         tokens = self.embed(ids)
         return self.from_embeddings(tokens, _keep(ids, tokens.dtype))
 
+    @abc.abstractmethod
     def from_embeddings(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits from (texts, tokens, width) embeddings and the 0/1 mask of real tokens."""
 
 
 class BagOfEmbeddings(_TextModel):
