@@ -45,14 +45,10 @@ def _ids(n: int = 12, tokens: int = 24, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("kind", ["bag", "transformer"])
-def test_each_model_takes_a_dp_sgd_step_with_opacus(tmp_path: Path, kind: str) -> None:
-    cfg = _cfg(tmp_path, kind=kind, hidden=[8, 8] if kind == "transformer" else [8])
-    private = cfg.replace(privacy=replace(cfg.privacy, enabled=True))
-    torch.manual_seed(0)
-    model = build_model(private)
-    if kind == "transformer":  # nn.MultiheadAttention was swapped for Opacus' own
-        assert sum(isinstance(m, DPMultiheadAttention) for m in model.modules()) == 2
+def _one_dp_step(model: torch.nn.Module, cfg: RunConfig):
+    """One Opacus DP-SGD step of ``model`` on 6 of 12 random texts: (engine, the wrapped model,
+    the batch's labels, its weights before the step). The backward pass is done; the caller
+    looks at the per-text gradients, then calls ``optimizer.step()``."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ids, y = _ids(), torch.arange(12) % 3
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=6)
@@ -65,8 +61,19 @@ def test_each_model_takes_a_dp_sgd_step_with_opacus(tmp_path: Path, kind: str) -
         max_grad_norm=1.0,
     )
     xb, yb = next(iter(loader))
-    loss = get_task(cfg.task).loss(dp_model(xb), yb)
-    loss.backward()
+    get_task(cfg.task).loss(dp_model(xb), yb).backward()
+    return engine, dp_model, optimizer, yb, before
+
+
+@pytest.mark.parametrize("kind", ["bag", "transformer"])
+def test_each_model_takes_a_dp_sgd_step_with_opacus(tmp_path: Path, kind: str) -> None:
+    cfg = _cfg(tmp_path, kind=kind, hidden=[8, 8] if kind == "transformer" else [8])
+    private = cfg.replace(privacy=replace(cfg.privacy, enabled=True))
+    torch.manual_seed(0)
+    model = build_model(private)
+    if kind == "transformer":  # nn.MultiheadAttention was swapped for Opacus' own
+        assert sum(isinstance(m, DPMultiheadAttention) for m in model.modules()) == 2
+    engine, dp_model, optimizer, yb, before = _one_dp_step(model, cfg)
     for name, param in dp_model.named_parameters():  # per-text gradients for every weight
         assert param.grad_sample is not None and param.grad_sample.shape[0] == len(yb), name
     optimizer.step()
@@ -252,19 +259,7 @@ def test_a_frozen_table_comes_from_the_seed_and_only_the_rest_trains_under_dp(
     assert hashlib.sha256(frozen_table(10, 4, 0).numpy().tobytes()).hexdigest() == FROZEN_10x4_SEED0
     # Not a weight: nothing sends, averages, checkpoints or saves it.
     assert not [k for k in model.state_dict() if k.startswith("embed")]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, y = _ids(), torch.arange(12) % 3
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, y), batch_size=6)
-    engine = PrivacyEngine()
-    dp_model, optimizer, loader = engine.make_private(
-        module=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-        data_loader=loader,
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-    )
-    xb, yb = next(iter(loader))
-    get_task(cfg.task).loss(dp_model(xb), yb).backward()
+    _, _, optimizer, _, before = _one_dp_step(model, cfg)
     optimizer.step()
     after = model.state_dict()
     assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
